@@ -1,0 +1,38 @@
+# mailsync — the two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit install test-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make demo: a host and two stations syncing the sample data over local mailboxes
+demo: $(STAMP)
+	$(VENV)/bin/mailsync demo mailsync-demo
+
+## make test: installs test servers where missing, then lint, types and the whole suite
+test: $(STAMP) test-deps lint typecheck unit
+
+test-deps:
+	bash scripts/install-test-deps.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mailsync tests samples
+	$(VENV)/bin/ruff format --check mailsync tests samples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) mailsync-demo .pytest_cache .mypy_cache .ruff_cache

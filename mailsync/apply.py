@@ -1,0 +1,183 @@
+"""Applying a received changeset: one transaction with the link's sequence.
+
+The rows, the link's new inbound sequence number and the removal of the
+buffered envelope commit together, so a crash leaves all or nothing and a
+changeset is never applied twice. Captured changes made while applying are
+tagged with the peer as origin (the dialect's flag), so they are relayed to
+other stations but never echoed back.
+
+A node applies only what its rules allow: a remote the host's *down*
+operations, the host a station's *up* operations. Anything else is refused
+and counted, not applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from mailsync import capture
+from mailsync.build import Direction, key_filter
+from mailsync.changeset import Control, RowBatch, TableDef, read_changeset
+from mailsync.db import reflect
+from mailsync.dialects import dialect_for
+from mailsync.envelope import Codec
+from mailsync.errors import ApplyError, MailsyncError, SchemaError
+from mailsync.rules import Rule, replace_rules
+from mailsync.schema import inbox, links, now
+
+
+@dataclass
+class Applied:
+    """What one changeset did."""
+
+    peer: str
+    seq: int
+    rows: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    rules_received: bool = False
+
+
+RulesFor = Callable[[Connection], dict[str, Rule]]
+
+
+class _Target:
+    """A local table matched against the sender's declaration."""
+
+    def __init__(self, table: Table, tdef: TableDef) -> None:
+        local = {c.name for c in table.columns}
+        missing = [c for c in tdef.column_names if c not in local]
+        if missing:
+            raise SchemaError(
+                f"table {tdef.name!r} here lacks column(s) {', '.join(missing)} "
+                "that the sender has",
+                hint="bring this database's schema up to the sender's",
+            )
+        pk = tuple(c.name for c in table.primary_key.columns)
+        if pk != tdef.pk:
+            raise SchemaError(
+                f"table {tdef.name!r}: primary key here is ({', '.join(pk)}), "
+                f"the sender's is ({', '.join(tdef.pk)})"
+            )
+        self.table = table
+        self.tdef = tdef
+        names = tdef.column_names
+        self._update = (
+            update(table)
+            .where(*[table.c[k] == bindparam(f"k_{k}") for k in pk])
+            .values({c: bindparam(f"v_{c}") for c in names if c not in pk})
+        )
+        self._names = names
+        self._pk = pk
+
+    def upsert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        dialect_for(conn).upsert(
+            conn, self.table, [dict(zip(self._names, r, strict=True)) for r in rows]
+        )
+
+    def update(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        if len(self._names) == len(self._pk):
+            return  # nothing but the key: an update changes nothing
+        params = []
+        for row in rows:
+            values = dict(zip(self._names, row, strict=True))
+            params.append(
+                {
+                    **{f"v_{c}": v for c, v in values.items() if c not in self._pk},
+                    **{f"k_{k}": values[k] for k in self._pk},
+                }
+            )
+        conn.execute(self._update, params)
+
+    def delete(self, conn: Connection, keys: list[tuple[Any, ...]]) -> None:
+        conn.execute(delete(self.table).where(key_filter(self.table, keys)))
+
+
+def apply_buffered(
+    engine: Engine,
+    codec: Codec,
+    *,
+    me: str,
+    peer: str,
+    seq: int,
+    blob: bytes,
+    direction: Direction,
+    rules_for: RulesFor,
+    accept_rules: bool,
+) -> Applied:
+    """Apply the buffered envelope ``seq`` from ``peer`` in one transaction.
+
+    ``direction`` is the direction the changeset travelled (``down`` when a
+    remote applies the host's changes), which picks the operations allowed.
+    Raises ApplyError (the envelope stays buffered, the link waits).
+    """
+    origin = f"changeset #{seq} from {peer}"
+    result = Applied(peer, seq)
+    table_name = "-"
+    try:
+        with engine.begin() as conn:
+            dialect = dialect_for(conn)
+            dialect.begin_apply(conn, peer)
+            header, stream = codec.open(blob, origin)
+            if header.sender != peer or header.recipient != me or header.seq != seq:
+                raise ApplyError(f"{origin}: header does not match the buffered entry")
+            rules = rules_for(conn)
+            targets: dict[int, _Target | None] = {}
+            for record in read_changeset(stream, origin=origin):
+                if isinstance(record, Control):
+                    if record.kind == "rules" and accept_rules:
+                        received = [Rule.from_wire(r) for r in record.payload]
+                        tables = replace_rules(conn, received)
+                        capture.ensure_capture(conn, tables)
+                        rules = rules_for(conn)
+                        result.rules_received = True
+                    continue
+                if isinstance(record, TableDef):
+                    table_name = record.name
+                    allowed = _ops(rules, record.name, direction)
+                    targets[record.index] = (
+                        _Target(reflect(conn, record.name), record) if allowed else None
+                    )
+                    continue
+                assert isinstance(record, RowBatch)
+                table_name = record.table.name
+                target = targets.get(record.table.index)
+                allowed = _ops(rules, table_name, direction)
+                if target is None or record.op not in allowed:
+                    key = f"{table_name}:{record.op}"
+                    result.refused[key] = result.refused.get(key, 0) + len(record.rows)
+                    continue
+                if record.op == "D":
+                    target.delete(conn, record.rows)
+                elif record.op == "I" or "I" in allowed:
+                    target.upsert(conn, record.rows)
+                else:
+                    target.update(conn, record.rows)
+                result.rows += len(record.rows)
+            conn.execute(
+                update(links).where(links.c.peer == peer).values(in_seq=seq, last_contact=now())
+            )
+            conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq == seq))
+            dialect.end_apply(conn)
+    except ApplyError:
+        raise
+    except MailsyncError as exc:
+        raise ApplyError(f"{origin}: {exc}", hint=exc.hint) from exc
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", exc)).strip().splitlines()
+        raise ApplyError(
+            f"{origin}: table {table_name}: {detail[0] if detail else type(exc).__name__}",
+            hint="fix the cause; the changeset stays buffered and is applied next cycle",
+        ) from exc
+    return result
+
+
+def _ops(rules: dict[str, Rule], table: str, direction: Direction) -> str:
+    rule = rules.get(table)
+    if rule is None:
+        return ""
+    return rule.down if direction == "down" else rule.up

@@ -1,0 +1,302 @@
+"""Building the outgoing changeset of one link: route, coalesce, read, pack.
+
+For a link to peer P, the changes logged since the link's cursor (up to the
+dialect's safe horizon) are routed — never P's own changes back to P, on a
+remote only local changes — and coalesced per primary key in SQL: only the
+first operation of a key in the window matters, because the row's *current*
+values are read now. A key whose row exists travels as an insert (if its
+first operation was one) or an update; a key whose row is gone travels as a
+tombstone, unless it was also born in this window.
+
+Everything happens in one transaction with the outbox insert and the cursor
+move, so a crash leaves either a complete outbox entry or none. Upserts are
+written parents first, tombstones children first, so foreign keys hold at
+every step on the receiver.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Date,
+    DateTime,
+    Engine,
+    Row,
+    Table,
+    Time,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
+
+from mailsync.changeset import ChangesetWriter, Op, TableDef
+from mailsync.db import dependency_order, reflect
+from mailsync.envelope import Codec, Header
+from mailsync.rules import Rule
+from mailsync.schema import changes, links, loads, now, outbox
+
+Direction = Literal["down", "up"]
+
+
+@dataclass
+class LinkPlan:
+    """What may travel on one link in this build."""
+
+    me: str
+    peer: str
+    direction: Direction
+    rules: dict[str, Rule]
+    send_rules: bool = False
+    rules_hash: str | None = None
+    initial_loads: list[str] = field(default_factory=list)
+
+    def ops(self, table: str) -> str:
+        rule = self.rules.get(table)
+        if rule is None:
+            return ""
+        return rule.down if self.direction == "down" else rule.up
+
+    def row_filter(self, table: str) -> str | None:
+        rule = self.rules.get(table)
+        return rule.row_filter if rule is not None and self.direction == "down" else None
+
+
+@dataclass(frozen=True)
+class Built:
+    """An outbox entry that was just created."""
+
+    peer: str
+    seq: int
+    rows: int
+    raw_size: int
+    size: int
+
+
+class _CountingSink:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.count = 0
+
+    def write(self, data: bytes, /) -> int:
+        self.count += len(data)
+        return int(self.inner.write(data))
+
+
+def type_name(column: Column[Any], engine: Engine) -> str:
+    try:
+        return str(column.type.compile(dialect=engine.dialect))
+    except Exception:  # a type the dialect cannot render: the class name will do
+        return type(column.type).__name__
+
+
+def coerce_key(values: Sequence[Any], columns: Sequence[Column[Any]]) -> tuple[Any, ...]:
+    """Key values from the change log's JSON back to the column's Python type."""
+    out = []
+    for value, column in zip(values, columns, strict=True):
+        if isinstance(value, str):
+            ctype = column.type
+            if isinstance(ctype, DateTime):
+                value = dt.datetime.fromisoformat(value.replace(" ", "T"))
+            elif isinstance(ctype, Date):
+                value = dt.date.fromisoformat(value)
+            elif isinstance(ctype, Time):
+                value = dt.time.fromisoformat(value)
+        out.append(value)
+    return tuple(out)
+
+
+def key_filter(table: Table, keys: Sequence[tuple[Any, ...]]) -> Any:
+    pk = list(table.primary_key.columns)
+    if len(pk) == 1:
+        return pk[0].in_([k[0] for k in keys])
+    return tuple_(*pk).in_(keys)
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _Builder:
+    def __init__(
+        self, conn: Connection, engine: Engine, plan: LinkPlan, writer: ChangesetWriter, batch: int
+    ) -> None:
+        self.conn = conn
+        self.engine = engine
+        self.plan = plan
+        self.writer = writer
+        self.batch = batch
+        self.tables: dict[str, Table] = {}
+        self.defs: dict[str, TableDef] = {}
+        self.deletes: dict[str, list[tuple[Any, ...]]] = {}
+
+    def table(self, name: str) -> Table:
+        if name not in self.tables:
+            self.tables[name] = reflect(self.conn, name)
+        return self.tables[name]
+
+    def tdef(self, name: str) -> TableDef:
+        if name not in self.defs:
+            table = self.table(name)
+            self.defs[name] = self.writer.table(
+                name,
+                [(c.name, type_name(c, self.engine)) for c in table.columns],
+                [c.name for c in table.primary_key.columns],
+            )
+        return self.defs[name]
+
+    def scoped_select(self, table: Table, name: str) -> Any:
+        """SELECT the columns plus an in-scope flag from the row filter."""
+        row_filter = self.plan.row_filter(name)
+        flag: Any
+        if row_filter:
+            flag = case((text(f"({row_filter})").bindparams(station=self.plan.peer), 1), else_=0)
+        else:
+            flag = literal(1)
+        return select(*table.columns, flag.label("mailsync_in_scope"))
+
+    def write(self, name: str, op: Op, rows: list[Row[Any]]) -> None:
+        if rows:
+            self.writer.rows(self.tdef(name), op, [tuple(r)[:-1] for r in rows])
+
+    def initial_load(self, name: str) -> None:
+        table = self.table(name)
+        order = list(table.primary_key.columns)
+        query = self.scoped_select(table, name).order_by(*order)
+        result = self.conn.execution_options(yield_per=self.batch).execute(query)
+        for part in result.partitions():
+            self.write(name, "I", [r for r in part if r[-1]])
+
+    def changes(self, name: str, horizon: int, cursor: int) -> None:
+        table = self.table(name)
+        pk_cols = list(table.primary_key.columns)
+        ops = self.plan.ops(name)
+        origin = changes.c.origin
+        routed: Any
+        if self.plan.direction == "up":
+            routed = origin.is_(None)
+        else:
+            routed = or_(origin.is_(None), origin != self.plan.peer)
+        first = (
+            select(func.min(changes.c.id).label("first"))
+            .where(
+                changes.c.tbl == name,
+                changes.c.id > cursor,
+                changes.c.id <= horizon,
+                routed,
+            )
+            .group_by(changes.c.pk)
+            .subquery()
+        )
+        query = (
+            select(changes.c.pk, changes.c.op)
+            .join(first, changes.c.id == first.c.first)
+            .order_by(changes.c.id)
+        )
+        result = self.conn.execution_options(yield_per=self.batch).execute(query)
+        for part in _chunks(iter(result), self.batch):
+            keyed = [
+                (coerce_key(json.loads(pk, parse_float=Decimal), pk_cols), op) for pk, op in part
+            ]
+            rows = self.conn.execute(
+                self.scoped_select(table, name).where(key_filter(table, [k for k, _ in keyed]))
+            ).all()
+            found = {_key_of(r, table): r for r in rows}
+            inserts: list[Row[Any]] = []
+            updates: list[Row[Any]] = []
+            for key, first_op in keyed:
+                row = found.get(key)
+                if row is not None:
+                    if not row[-1]:
+                        continue  # outside the station's row filter
+                    if first_op == "I":
+                        if "I" in ops:
+                            inserts.append(row)
+                    elif "U" in ops:
+                        updates.append(row)
+                elif first_op != "I" and "D" in ops:
+                    self.deletes.setdefault(name, []).append(key)
+            self.write(name, "I", inserts)
+            self.write(name, "U", updates)
+
+
+def _key_of(row: Row[Any], table: Table) -> tuple[Any, ...]:
+    mapping = row._mapping
+    return tuple(mapping[c.name] for c in table.primary_key.columns)
+
+
+def build_for_link(
+    engine: Engine,
+    codec: Codec,
+    plan: LinkPlan,
+    horizon: int,
+    batch_rows: int,
+) -> Built | None:
+    """Build, pack and queue the next changeset for ``plan.peer``.
+
+    Returns None when there is nothing to send (the cursor still advances).
+    """
+    with engine.begin() as conn:
+        link = conn.execute(select(links).where(links.c.peer == plan.peer)).one()
+        cursor = int(link.change_cursor)
+        buffer = io.BytesIO()
+        compressed = codec.body_writer(buffer)
+        counter = _CountingSink(compressed)
+        writer = ChangesetWriter(counter, {"from": plan.me, "to": plan.peer})
+        builder = _Builder(conn, engine, plan, writer, batch_rows)
+        if plan.send_rules:
+            writer.control("rules", [r.to_wire() for r in plan.rules.values()])
+        names = [n for n in plan.rules if plan.ops(n)]
+        ordered = dependency_order(conn, names) if names else []
+        for name in ordered:
+            if name in plan.initial_loads:
+                builder.initial_load(name)
+                conn.execute(loads.insert().values(station=plan.peer, tbl=name, loaded_at=now()))
+            builder.changes(name, horizon, cursor)
+        for name in reversed(ordered):
+            for chunk in _chunks(iter(builder.deletes.get(name, [])), batch_rows):
+                writer.rows(builder.tdef(name), "D", chunk)
+        values: dict[str, Any] = {"change_cursor": max(cursor, horizon)}
+        if plan.send_rules:
+            values["rules_hash"] = plan.rules_hash
+        if writer.summary.records <= 1:
+            conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
+            return None
+        summary = writer.close()
+        compressed.close()  # type: ignore[no-untyped-call]  # ends the zstd frame; the buffer stays open
+        seq = int(link.out_seq) + 1
+        header = Header(sender=plan.me, recipient=plan.peer, seq=seq, ack=int(link.in_seq))
+        blob = codec.pack(header, buffer.getvalue())
+        conn.execute(
+            outbox.insert().values(
+                peer=plan.peer,
+                seq=seq,
+                blob=blob,
+                rows=summary.rows,
+                raw_size=counter.count,
+                created_at=now(),
+            )
+        )
+        values["out_seq"] = seq
+        conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
+        return Built(plan.peer, seq, summary.rows, counter.count, len(blob))

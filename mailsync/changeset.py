@@ -1,0 +1,298 @@
+"""The changeset body: a versioned, self-describing, streamable record format.
+
+A changeset is a sequence of msgpack objects, written and read one at a time
+so that a million-row initial load never has to sit in memory whole::
+
+    ["mailsync-changeset", VERSION, {meta}]          header, always first
+    ["T", idx, name, [[column, type], ...], [pk]]    declares a table
+    ["R", idx, op, [[values of column 0], ...]]      a batch of rows, columnar
+    ["C", kind, payload]                             control (rules, ...)
+    ["E", {"rows": n, "records": m}]                 trailer: detects truncation
+
+Rows are stored column by column (columnar batches compress ~20 % better than
+row-wise ones under zstd, see PERF-FACTS). ``op`` is ``"I"`` (insert),
+``"U"`` (update) or ``"D"`` (delete); insert and update batches carry every
+declared column, delete batches (tombstones) only the primary-key columns.
+
+Values carry their own type, so a reader needs no schema to decode them
+exactly: msgpack's native types hold NULL, bool, 64-bit integers, float64,
+text and bytes; extension types hold the rest losslessly — Decimal (with its
+scale, and NaN/Infinity), integers beyond 64 bits, date, time and datetime
+(naive or with a UTC offset). A zone-aware value keeps its offset, not its
+zone name, as every SQL database does.
+
+This module does no I/O of its own: it writes to any object with
+``write(bytes)`` and reads from any object with ``read(n)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal, Protocol
+
+import msgpack
+
+from mailsync.errors import MessageError
+
+MAGIC = "mailsync-changeset"
+VERSION = 1
+
+Op = Literal["I", "U", "D"]
+OPS: tuple[Op, ...] = ("I", "U", "D")
+
+_EXT_DECIMAL = 1
+_EXT_DATE = 2
+_EXT_TIME = 3
+_EXT_DATETIME = 4
+_EXT_BIGINT = 5
+
+#: Bound on one decoded msgpack object; a batch is far smaller than this.
+_MAX_BUFFER = 256 * 1024 * 1024
+
+
+class Source(Protocol):
+    """Anything a changeset can be read from (a file, a decompressor, BytesIO)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class Sink(Protocol):
+    """Anything a changeset can be written to (a file, a compressor, BytesIO)."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
+def _encode_value(value: Any) -> msgpack.ExtType | bytes:
+    """msgpack ``default`` hook: the types msgpack does not carry natively."""
+    if isinstance(value, Decimal):
+        return msgpack.ExtType(_EXT_DECIMAL, str(value).encode("ascii"))
+    if isinstance(value, dt.datetime):
+        return msgpack.ExtType(_EXT_DATETIME, value.isoformat().encode("ascii"))
+    if isinstance(value, dt.date):
+        return msgpack.ExtType(_EXT_DATE, value.isoformat().encode("ascii"))
+    if isinstance(value, dt.time):
+        return msgpack.ExtType(_EXT_TIME, value.isoformat().encode("ascii"))
+    if isinstance(value, int):  # beyond 64 bits: msgpack overflowed and asks us
+        return msgpack.ExtType(_EXT_BIGINT, str(value).encode("ascii"))
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    raise TypeError(f"a value of type {type(value).__name__} cannot travel in a changeset")
+
+
+def _decode_ext(code: int, data: bytes) -> Any:
+    """msgpack ``ext_hook``: the inverse of :func:`_encode_value`."""
+    text = data.decode("ascii")
+    if code == _EXT_DECIMAL:
+        return Decimal(text)
+    if code == _EXT_DATETIME:
+        return dt.datetime.fromisoformat(text)
+    if code == _EXT_DATE:
+        return dt.date.fromisoformat(text)
+    if code == _EXT_TIME:
+        return dt.time.fromisoformat(text)
+    if code == _EXT_BIGINT:
+        return int(text)
+    raise ValueError(f"unknown value type {code}")
+
+
+def pack(obj: Any) -> bytes:
+    """One msgpack object with mailsync's value types (used for control data)."""
+    return msgpack.packb(obj, default=_encode_value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes) -> Any:
+    """Inverse of :func:`pack`."""
+    return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False, strict_map_key=False)
+
+
+@dataclass(frozen=True)
+class TableDef:
+    """A table as the sender declares it: columns (name, type name) and key."""
+
+    index: int
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    pk: tuple[str, ...]
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """Rows of one table and one operation, as tuples in declared column order
+    (primary-key order for deletes)."""
+
+    table: TableDef
+    op: Op
+    rows: list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class Control:
+    """A non-row record: rules for a station, range grants, acks, ..."""
+
+    kind: str
+    payload: Any
+
+
+Record = TableDef | RowBatch | Control
+
+
+@dataclass
+class Summary:
+    """What a changeset holds, counted while it is written or read."""
+
+    rows: int = 0
+    records: int = 0
+    per_table: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, table: str, op: str, n: int) -> None:
+        ops = self.per_table.setdefault(table, {"I": 0, "U": 0, "D": 0})
+        ops[op] += n
+        self.rows += n
+
+
+class ChangesetWriter:
+    """Writes a changeset record by record to a sink.
+
+    Declare a table once with :meth:`table`, then hand it batches of rows with
+    :meth:`rows`; :meth:`close` writes the trailer. Nothing but the current
+    batch is held in memory.
+    """
+
+    def __init__(self, sink: Sink, meta: dict[str, Any] | None = None) -> None:
+        self._sink = sink
+        self._packer = msgpack.Packer(default=_encode_value, use_bin_type=True)
+        self._tables: list[TableDef] = []
+        self.summary = Summary()
+        self._closed = False
+        self._write([MAGIC, VERSION, meta or {}])
+
+    def _write(self, obj: Any) -> None:
+        self._sink.write(self._packer.pack(obj))
+        self.summary.records += 1
+
+    def table(self, name: str, columns: Sequence[tuple[str, str]], pk: Sequence[str]) -> TableDef:
+        """Declare a table; the returned definition is passed to :meth:`rows`."""
+        tdef = TableDef(len(self._tables), name, tuple(columns), tuple(pk))
+        self._tables.append(tdef)
+        self._write(["T", tdef.index, name, [list(c) for c in tdef.columns], list(tdef.pk)])
+        return tdef
+
+    def rows(self, table: TableDef, op: Op, rows: Sequence[Sequence[Any]]) -> None:
+        """Write one batch; rows hold all columns (I, U) or the key (D)."""
+        if not rows:
+            return
+        width = len(table.pk) if op == "D" else len(table.columns)
+        for row in rows:
+            if len(row) != width:
+                raise ValueError(f"{table.name}: a {op} row needs {width} values, got {len(row)}")
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        self._write(["R", table.index, op, columns])
+        self.summary.count(table.name, op, len(rows))
+
+    def control(self, kind: str, payload: Any) -> None:
+        """Write a control record (applied before the rows that follow it)."""
+        self._write(["C", kind, payload])
+
+    def close(self) -> Summary:
+        """Write the trailer; a reader treats a changeset without one as truncated."""
+        if not self._closed:
+            self._closed = True
+            self._sink.write(
+                self._packer.pack(
+                    ["E", {"rows": self.summary.rows, "records": self.summary.records}]
+                )
+            )
+        return self.summary
+
+
+def read_changeset(source: Source, *, origin: str = "changeset") -> Iterator[Record]:
+    """Yield the records of a changeset in order, checking its structure.
+
+    Raises :class:`MessageError` (naming ``origin``) for anything malformed:
+    a wrong magic or version, an undeclared table, a batch of the wrong width,
+    a missing trailer (truncation) or counts that disagree with the trailer.
+    """
+    unpacker = msgpack.Unpacker(
+        source,
+        ext_hook=_decode_ext,
+        raw=False,
+        strict_map_key=False,
+        max_buffer_size=_MAX_BUFFER,
+    )
+    tables: dict[int, TableDef] = {}
+    summary = Summary()
+    ended = False
+    try:
+        first = True
+        for obj in unpacker:
+            if ended:
+                raise MessageError(f"{origin}: data after the end of the changeset")
+            if first:
+                first = False
+                if not (isinstance(obj, list) and len(obj) == 3 and obj[0] == MAGIC):
+                    raise MessageError(f"{origin}: not a mailsync changeset")
+                if obj[1] != VERSION:
+                    raise MessageError(
+                        f"{origin}: changeset format version {obj[1]} is not supported "
+                        f"(this mailsync reads version {VERSION})",
+                        hint="upgrade mailsync on this node",
+                    )
+                summary.records += 1
+                continue
+            if not isinstance(obj, list) or not obj:
+                raise MessageError(f"{origin}: malformed record")
+            kind = obj[0]
+            if kind == "E":
+                trailer = obj[1] if len(obj) == 2 and isinstance(obj[1], dict) else {}
+                if trailer.get("rows") != summary.rows or trailer.get("records") != summary.records:
+                    raise MessageError(f"{origin}: changeset counts do not match its trailer")
+                ended = True
+                continue
+            summary.records += 1
+            yield _record(obj, tables, summary, origin)
+    except MessageError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MessageError(f"{origin}: changeset is corrupt ({exc})") from exc
+    if not ended:
+        raise MessageError(f"{origin}: changeset is truncated (no trailer)")
+
+
+def _record(obj: list[Any], tables: dict[int, TableDef], summary: Summary, origin: str) -> Record:
+    kind = obj[0]
+    if kind == "T" and len(obj) == 5:
+        _, index, name, columns, pk = obj
+        cols = tuple((str(c[0]), str(c[1])) for c in columns)
+        names = {c for c, _ in cols}
+        if not isinstance(name, str) or not pk or any(p not in names for p in pk):
+            raise MessageError(f"{origin}: bad table declaration for {name!r}")
+        tdef = TableDef(int(index), name, cols, tuple(str(p) for p in pk))
+        tables[tdef.index] = tdef
+        return tdef
+    if kind == "R" and len(obj) == 4:
+        _, index, op, columns = obj
+        declared = tables.get(index)
+        if declared is None:
+            raise MessageError(f"{origin}: rows for an undeclared table #{index}")
+        tdef = declared
+        if op not in OPS:
+            raise MessageError(f"{origin}: unknown operation {op!r} for table {tdef.name}")
+        width = len(tdef.pk) if op == "D" else len(tdef.columns)
+        if not isinstance(columns, list) or len(columns) != width:
+            raise MessageError(f"{origin}: {tdef.name} {op} batch has the wrong number of columns")
+        lengths = {len(c) for c in columns}
+        if len(lengths) != 1:
+            raise MessageError(f"{origin}: {tdef.name} {op} batch has ragged columns")
+        rows = list(zip(*columns, strict=True))
+        summary.count(tdef.name, op, len(rows))
+        return RowBatch(tdef, op, rows)
+    if kind == "C" and len(obj) == 3 and isinstance(obj[1], str):
+        return Control(obj[1], obj[2])
+    raise MessageError(f"{origin}: unknown record {str(kind)[:20]!r}")

@@ -1,0 +1,68 @@
+"""The ``mailsync`` command: arguments in, library calls, results out.
+
+Each command module turns options into one call of the library and prints
+the result; :func:`main` turns a :class:`~mailsync.errors.MailsyncError` into
+a one-line message, a hint and a non-zero exit code — never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from mailsync.cli import admin, demo_cmd, node_cmds
+from mailsync.cli.common import State
+from mailsync.errors import MailsyncError
+
+app = typer.Typer(
+    name="mailsync",
+    help="Keep database tables in step between a host and its stations, by e-mail.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # never print a password from a local
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        envvar="MAILSYNC_CONFIG",
+        help="The node's config file [default: ./mailsync.toml].",
+        show_envvar=True,
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step to stderr."),
+) -> None:
+    """mailsync: store-and-forward database sync over ordinary mailboxes."""
+    ctx.obj = State(config=config)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+node_cmds.register(app)
+app.add_typer(admin.station_app, name="station")
+app.add_typer(admin.table_app, name="table")
+demo_cmd.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except MailsyncError as exc:
+        err = Console(stderr=True, highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        if exc.hint:
+            err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,148 @@
+"""Host administration: ``mailsync station ...`` and ``mailsync table ...``."""
+
+from __future__ import annotations
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mailsync.cli.common import console, open_node
+from mailsync.rules import describe_ops, parse_ops
+
+station_app = typer.Typer(help="Define the remote stations (host only).", no_args_is_help=True)
+table_app = typer.Typer(
+    help="Define which tables sync and which operations travel (host only).",
+    no_args_is_help=True,
+)
+
+OPS_HELP = "Comma list of insert, update, delete; or all / none."
+
+
+@station_app.command("add")
+def station_add(
+    ctx: typer.Context,
+    station_id: str = typer.Argument(..., help="The station's node id, e.g. koeln."),
+    email: str = typer.Option(..., "--email", help="The station's mailbox address."),
+    label: str = typer.Option("", "--label", help="A name for people, e.g. 'Filiale Köln'."),
+) -> None:
+    """Add a station; it gets its rules and an initial load with the next sync."""
+    with open_node(ctx) as node:
+        station = node.add_station(station_id, email, label)
+    console.print(f"station [bold]{escape(station.id)}[/] <{escape(station.email)}> added")
+
+
+@station_app.command("list")
+def station_list(ctx: typer.Context) -> None:
+    """List the stations with their last contact."""
+    from mailsync.cli.common import when
+
+    with open_node(ctx) as node:
+        stations = node.stations()
+        contact = {link.peer: link for link in node.status().links}
+    if not stations:
+        console.print("no stations yet: `mailsync station add ID --email ADDRESS`")
+        return
+    table = Table(show_edge=False)
+    for col in ("id", "label", "email", "last contact", "out #", "in #"):
+        table.add_column(col)
+    for st in stations:
+        link = contact.get(st.id)
+        table.add_row(
+            st.id,
+            st.label,
+            st.email,
+            when(link.last_contact if link else None),
+            str(link.out_seq if link else 0),
+            str(link.in_seq if link else 0),
+        )
+    console.print(table)
+
+
+@station_app.command("show")
+def station_show(
+    ctx: typer.Context, station_id: str = typer.Argument(..., help="The station's id.")
+) -> None:
+    """Show a station and the table rules that govern it."""
+    with open_node(ctx) as node:
+        station, rules = node.station(station_id)
+    console.print(
+        f"station [bold]{escape(station.id)}[/] {escape(station.label)} <{escape(station.email)}>"
+    )
+    _print_rules(list(rules.values()), empty="no table rules apply to this station yet")
+
+
+@station_app.command("remove")
+def station_remove(
+    ctx: typer.Context,
+    station_id: str = typer.Argument(..., help="The station's id."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Remove a station, its own rules and its unsent outbox."""
+    if not yes:
+        typer.confirm(f"Remove station {station_id} and everything queued for it?", abort=True)
+    with open_node(ctx) as node:
+        node.remove_station(station_id)
+    console.print(f"station {escape(station_id)} removed")
+
+
+def _print_rules(rules: list, empty: str) -> None:  # type: ignore[type-arg]
+    if not rules:
+        console.print(empty)
+        return
+    table = Table(show_edge=False)
+    for col in ("table", "station", "down (host → remote)", "up (remote → host)", "row filter"):
+        table.add_column(col)
+    for r in rules:
+        table.add_row(r.table, r.station, describe_ops(r.down), describe_ops(r.up), r.row_filter or "")
+    console.print(table)
+
+
+@table_app.command("add")
+def table_add(
+    ctx: typer.Context,
+    table: str = typer.Argument(..., help="The table's name in the host database."),
+    down: str = typer.Option("all", "--down", help=f"Host → remote operations. {OPS_HELP}"),
+    up: str = typer.Option("none", "--up", help=f"Remote → host operations. {OPS_HELP}"),
+    station: str | None = typer.Option(
+        None, "--station", help="Only for this station (default: all stations)."
+    ),
+    row_filter: str | None = typer.Option(
+        None,
+        "--filter",
+        help="Down direction only: SQL predicate a row must match; :station is the station id.",
+    ),
+) -> None:
+    """Sync a table (or change its rule); the capture triggers are installed now."""
+    down_ops = parse_ops(down, "--down")
+    up_ops = parse_ops(up, "--up")
+    with open_node(ctx) as node:
+        rule, warnings = node.add_rule(
+            table, down=down_ops, up=up_ops, station=station, row_filter=row_filter
+        )
+    scope = f"station {rule.station}" if station else "all stations"
+    console.print(
+        f"table [bold]{escape(table)}[/] ({escape(scope)}): down {describe_ops(rule.down)}, "
+        f"up {describe_ops(rule.up)}"
+    )
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+@table_app.command("list")
+def table_list(ctx: typer.Context) -> None:
+    """List the table rules."""
+    with open_node(ctx) as node:
+        rules = node.rules()
+    _print_rules(rules, empty="no tables sync yet: `mailsync table add TABLE`")
+
+
+@table_app.command("remove")
+def table_remove(
+    ctx: typer.Context,
+    table: str = typer.Argument(..., help="The table's name."),
+    station: str | None = typer.Option(None, "--station", help="Remove only this station's rule."),
+) -> None:
+    """Stop syncing a table (for all stations, or drop one station's own rule)."""
+    with open_node(ctx) as node:
+        node.remove_rule(table, station)
+    console.print(f"rule for {escape(table)} removed")

@@ -1,0 +1,128 @@
+"""``mailsync init``, ``sync`` and ``status``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mailsync.cli.common import State, console, open_node, when
+from mailsync.config import config_path
+from mailsync.node import init_node
+
+
+class RoleChoice(StrEnum):
+    host = "host"
+    remote = "remote"
+
+
+def init(
+    ctx: typer.Context,
+    role: RoleChoice = typer.Argument(..., help="host (headquarters) or remote (a station)."),
+    node_id: str = typer.Option(..., "--id", help="This node's id, e.g. hq or koeln."),
+    db: str = typer.Option(
+        ..., "--db", help="Application database (SQLAlchemy URL), e.g. sqlite:///shop.db."
+    ),
+    address: str = typer.Option(..., "--address", help="This node's e-mail address."),
+    mail: str = typer.Option(
+        "maildir:mail",
+        "--mail",
+        help="Mailbox URL for sending and receiving; maildir:PATH is a local post office.",
+    ),
+    host_id: str | None = typer.Option(None, "--host-id", help="Remote only: the host's id."),
+    host_address: str | None = typer.Option(
+        None, "--host-address", help="Remote only: the host's e-mail address."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing config file."),
+) -> None:
+    """Create a node: write its config and the mailsync tables in its database."""
+    state: State = ctx.obj
+    path = config_path(state.config)
+    cfg = init_node(
+        path,
+        role=role.value,  # type: ignore[arg-type]
+        node_id=node_id,
+        database=db,
+        address=address,
+        mail=mail,
+        host_id=host_id,
+        host_address=host_address,
+        force=force,
+    )
+    console.print(f"{cfg.role} [bold]{escape(cfg.node_id)}[/] created: config {escape(str(path))}")
+    if cfg.role == "host":
+        console.print("next: `mailsync station add ...` and `mailsync table add ...`")
+    else:
+        console.print(
+            f"next: on the host, `mailsync station add {escape(cfg.node_id)} "
+            f"--email {escape(cfg.mailbox.address)}`; then `mailsync sync` here"
+        )
+
+
+def sync(ctx: typer.Context) -> None:
+    """Run one sync cycle: receive, apply, capture, send."""
+    with open_node(ctx) as node:
+        report = node.sync()
+    console.print(
+        f"received {report.received} message(s)"
+        + (f" ({report.duplicates} duplicate)" if report.duplicates else "")
+        + f", applied {len(report.applied)} changeset(s) / {report.rows_applied} row(s), "
+        f"queued {len(report.built)} changeset(s) / {report.rows_sent} row(s), "
+        f"sent {report.sent} message(s)"
+    )
+    if report.set_aside:
+        console.print(f"[yellow]{report.set_aside} message(s) set aside as unrecognized[/]")
+    for error in report.errors:
+        console.print(f"[bold red]error:[/] {escape(error)}")
+    if report.errors:
+        raise typer.Exit(5)
+
+
+def status(ctx: typer.Context) -> None:
+    """Show role, peers, last contact, pending changes, outbox and problems."""
+    with open_node(ctx) as node:
+        st = node.status()
+    console.print(
+        f"[bold]{escape(st.node_id)}[/] ({st.role}) <{escape(st.address)}>  "
+        f"database {escape(st.database)}"
+    )
+    console.print(f"tables synced: {', '.join(st.tables) or 'none yet'}")
+    table = Table(title="links" if st.links else None, show_edge=False)
+    numeric = ("out #", "acked #", "in #", "pending", "outbox", "unacked", "buffered")
+    for col in ("peer", "address", "last contact", "last sent", *numeric):
+        table.add_column(col, justify="right" if col in numeric else "left")
+    for link in st.links:
+        table.add_row(
+            link.peer,
+            link.address,
+            when(link.last_contact),
+            when(link.last_sent),
+            str(link.out_seq),
+            str(link.acked_seq),
+            str(link.in_seq),
+            str(link.pending_changes),
+            str(link.unsent),
+            str(link.unacked),
+            str(link.buffered),
+        )
+    if st.links:
+        console.print(table)
+    else:
+        console.print("no peers yet" + (" (add stations)" if st.role == "host" else ""))
+    if st.capture_missing:
+        console.print(
+            f"[bold red]capture triggers missing or altered:[/] {', '.join(st.capture_missing)}"
+            " (the next sync reinstalls them)"
+        )
+    if st.set_aside:
+        console.print(f"[yellow]{st.set_aside} message(s) set aside as unrecognized[/] (see log)")
+    if st.errors:
+        console.print(f"[bold red]{st.errors} changeset(s) failed to apply[/] (see log)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    app.command()(sync)
+    app.command()(status)

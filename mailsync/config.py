@@ -1,0 +1,222 @@
+"""The node configuration file (TOML): local settings only.
+
+Everything mailsync must *remember* lives in the database; the config file
+says who this node is and where things are: node id and role, database URL,
+mailbox URLs and address, and (on a remote) the host's id and address.
+Relative paths (a SQLite file, a ``maildir:`` post office) are resolved from
+the folder that holds the config file, so a node folder can be moved whole.
+
+``--config FILE`` selects a node, else ``$MAILSYNC_CONFIG``, else
+``./mailsync.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from mailsync.errors import ConfigError
+
+DEFAULT_CONFIG = "mailsync.toml"
+CONFIG_ENV = "MAILSYNC_CONFIG"
+DEFAULT_COMPRESSION_LEVEL = 3
+DEFAULT_BATCH_ROWS = 5000
+
+Role = Literal["host", "remote"]
+_NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_EMAIL = re.compile(r"^[^@\s/]+@[^@\s/]+$")
+
+
+def check_node_id(value: str, what: str = "node id") -> str:
+    """Node ids travel in subjects, file names and SQL: keep them plain."""
+    if not _NODE_ID.match(value):
+        raise ConfigError(
+            f"{what} {value!r} is not valid: use 1-64 of a-z, 0-9, '-' and '_' "
+            "(starting with a letter or digit)"
+        )
+    return value
+
+
+def check_email(value: str, what: str = "address") -> str:
+    if not _EMAIL.match(value):
+        raise ConfigError(f"{what} {value!r} is not an e-mail address")
+    return value
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    address: str
+    send: str
+    receive: str
+    keep_processed: bool = True
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    path: Path
+    node_id: str
+    role: Role
+    database: str
+    mailbox: MailboxConfig
+    host_id: str | None = None
+    host_address: str | None = None
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL
+    batch_rows: int = DEFAULT_BATCH_ROWS
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """Which config file a command means."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else Path(DEFAULT_CONFIG)
+
+
+def resolve_database(url: str, base_dir: Path) -> str:
+    """A SQLite path relative to the config file's folder, made absolute."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"database URL {url!r} is not valid") from exc
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_absolute():
+            return parsed.set(database=str((base_dir / db).resolve())).render_as_string(
+                hide_password=False
+            )
+    return url
+
+
+def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}: missing setting {key!r}")
+        return default
+    value = table[key]
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be a whole number")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Read and check a node config; ConfigError names the file and the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no config file at {path}",
+            hint="run `mailsync init host|remote ...` here, or pass --config FILE",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    base = path.resolve().parent
+    node = data.get("node")
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: missing [node] section")
+    where = f"{path} [node]"
+    node_id = check_node_id(_get(node, "id", str, where), f"{where} id")
+    role = _get(node, "role", str, where)
+    if role not in ("host", "remote"):
+        raise ConfigError(f"{where}: role must be 'host' or 'remote', not {role!r}")
+    database = resolve_database(_get(node, "database", str, where), base)
+    level = _get(node, "compression_level", int, where, DEFAULT_COMPRESSION_LEVEL)
+    if not 1 <= level <= 22:
+        raise ConfigError(f"{where}: compression_level must be 1-22, not {level}")
+    batch = _get(node, "batch_rows", int, where, DEFAULT_BATCH_ROWS)
+    if batch < 1:
+        raise ConfigError(f"{where}: batch_rows must be at least 1")
+
+    box = data.get("mailbox")
+    if not isinstance(box, dict):
+        raise ConfigError(f"{path}: missing [mailbox] section")
+    where = f"{path} [mailbox]"
+    mailbox = MailboxConfig(
+        address=check_email(_get(box, "address", str, where), f"{where} address"),
+        send=_get(box, "send", str, where),
+        receive=_get(box, "receive", str, where),
+        keep_processed=_get(box, "keep_processed", bool, where, True),
+    )
+    host_id = host_address = None
+    if role == "remote":
+        host = data.get("host")
+        if not isinstance(host, dict):
+            raise ConfigError(f"{path}: a remote needs a [host] section (id, address)")
+        where = f"{path} [host]"
+        host_id = check_node_id(_get(host, "id", str, where), f"{where} id")
+        host_address = check_email(_get(host, "address", str, where), f"{where} address")
+    return NodeConfig(
+        path=path,
+        node_id=node_id,
+        role=role,
+        database=database,
+        mailbox=mailbox,
+        host_id=host_id,
+        host_address=host_address,
+        compression_level=level,
+        batch_rows=batch,
+    )
+
+
+def _q(value: str) -> str:
+    """A TOML basic string (JSON's escapes are a subset TOML accepts)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_config(
+    *,
+    node_id: str,
+    role: Role,
+    database: str,
+    address: str,
+    mail: str,
+    host_id: str | None = None,
+    host_address: str | None = None,
+) -> str:
+    """The text of a new, commented config file."""
+    lines = [
+        "# mailsync node configuration. Local settings only: everything mailsync",
+        "# remembers (stations, rules, sequence numbers) lives in the database.",
+        "# Relative paths are taken from the folder that holds this file.",
+        "",
+        "[node]",
+        f"id = {_q(node_id)}",
+        f"role = {_q(role)}            # host | remote",
+        f"database = {_q(database)}    # any SQLAlchemy URL",
+        f"compression_level = {DEFAULT_COMPRESSION_LEVEL}   # zstd level, 1-22",
+        f"batch_rows = {DEFAULT_BATCH_ROWS}          # rows per batch when building/applying",
+        "",
+        "[mailbox]",
+        f"address = {_q(address)}   # this node's e-mail address",
+        "# maildir:PATH is a local post office: one Maildir per address under PATH.",
+        f"send = {_q(mail)}",
+        f"receive = {_q(mail)}",
+        "keep_processed = true    # move processed mail to .Processed (false: delete)",
+    ]
+    if role == "remote":
+        lines += [
+            "",
+            "[host]",
+            f"id = {_q(host_id or '')}",
+            f"address = {_q(host_address or '')}",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,150 @@
+"""``mailsync demo``: a host and two stations syncing the sample data.
+
+Builds three nodes in one folder — ``hq`` with the generated sample
+invoicing data, ``koeln`` and ``berlin`` with the empty schema — joined by a
+local post office (``mail/``, one Maildir per address). It syncs the initial
+loads, makes an edit on each node (a new customer at a station, a price
+change and a delete at the host, an e-mail change at the other station),
+syncs again and compares every table's row count and checksum across the
+three databases. Needs no server; leaves everything in the folder to look at.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+from sqlalchemy import delete, func, select, update
+
+from mailsync import samples
+from mailsync.checksum import TableChecksum, table_checksum
+from mailsync.db import open_engine
+from mailsync.errors import ConfigError
+from mailsync.node import CycleReport, Node, init_node
+
+MARKER = ".mailsync-demo"
+NODES = ("hq", "koeln", "berlin")
+DOMAIN = "demo.example"
+
+
+@dataclass
+class DemoResult:
+    directory: Path
+    checksums: dict[str, dict[str, TableChecksum]] = field(default_factory=dict)
+
+    @property
+    def agree(self) -> bool:
+        per_node = list(self.checksums.values())
+        return all(node == per_node[0] for node in per_node[1:])
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create the demo folder; refuse one that holds anything but an old demo."""
+    if directory.exists():
+        if not directory.is_dir():
+            raise ConfigError(f"{directory} exists and is not a folder")
+        if any(directory.iterdir()):
+            if not (directory / MARKER).exists():
+                raise ConfigError(
+                    f"{directory} is not empty and holds no earlier demo; "
+                    "mailsync demo will not touch it",
+                    hint="name a new or empty folder: `mailsync demo DIR`",
+                )
+            shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).write_text("created by `mailsync demo`; safe to delete\n")
+
+
+def run_demo(
+    directory: Path,
+    say: Callable[[str], None] = print,
+    *,
+    customers: int = 200,
+    invoices: int = 600,
+) -> DemoResult:
+    prepare_directory(directory)
+    directory = directory.resolve()
+    for name in NODES:
+        (directory / name).mkdir()
+        engine = open_engine(f"sqlite:///{directory / name / (name + '.db')}")
+        samples.create_schema(engine)
+        if name == "hq":
+            counts = samples.generate(engine, customers=customers, invoices=invoices, seed=1)
+            say(
+                "hq: sample data "
+                + ", ".join(f"{n} {t}" for t, n in counts.items())
+            )
+        engine.dispose()
+        init_node(
+            directory / name / "mailsync.toml",
+            role="host" if name == "hq" else "remote",
+            node_id=name,
+            database=f"sqlite:///{name}.db",
+            address=f"{name}@{DOMAIN}",
+            mail="maildir:../mail",
+            host_id=None if name == "hq" else "hq",
+            host_address=None if name == "hq" else f"hq@{DOMAIN}",
+        )
+    nodes = {name: Node.open(directory / name / "mailsync.toml") for name in NODES}
+    try:
+        hq = nodes["hq"]
+        hq.add_station("koeln", f"koeln@{DOMAIN}", "Filiale Köln")
+        hq.add_station("berlin", f"berlin@{DOMAIN}", "Filiale Berlin")
+        hq.add_rule("customers", down="IUD", up="IU")
+        hq.add_rule("articles", down="IUD", up="")
+        hq.add_rule("invoices", down="IUD", up="I")
+        hq.add_rule("invoice_lines", down="IUD", up="I")
+        say("hq: stations koeln and berlin; rules for customers, articles, invoices, lines")
+
+        def sync(name: str) -> CycleReport:
+            report = nodes[name].sync()
+            say(
+                f"sync {name:<6}: received {report.received}, applied {report.rows_applied} rows, "
+                f"sent {report.sent} message(s) with {report.rows_sent} rows"
+            )
+            return report
+
+        for name in NODES:
+            sync(name)
+        _edit(nodes, say)
+        for name in ("koeln", "berlin", "hq", "koeln", "berlin"):
+            sync(name)
+        result = DemoResult(directory)
+        for name, node in nodes.items():
+            with node.engine.connect() as conn:
+                result.checksums[name] = {t: table_checksum(conn, t) for t in samples.TABLES}
+        return result
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+def _edit(nodes: dict[str, Node], say: Callable[[str], None]) -> None:
+    cust = samples.metadata.tables["customers"]
+    art = samples.metadata.tables["articles"]
+    lines = samples.metadata.tables["invoice_lines"]
+    with nodes["koeln"].engine.begin() as conn:
+        row = conn.execute(select(cust).order_by(cust.c.id.desc()).limit(1)).mappings().one()
+        new = dict(row)
+        new.update(
+            id=900001,
+            customer_no="K-900001",
+            name="Bäckerei Schäfer & Söhne",
+            city="Köln",
+            email="info@schaefer.example",
+        )
+        conn.execute(cust.insert().values(**new))
+    say("koeln: new customer 900001 'Bäckerei Schäfer & Söhne'")
+    with nodes["hq"].engine.begin() as conn:
+        conn.execute(
+            update(art).where(art.c.id == 1).values(unit_price=art.c.unit_price * Decimal("1.05"))
+        )
+        last = conn.execute(select(func.max(lines.c.id))).scalar_one()
+        conn.execute(delete(lines).where(lines.c.id == last))
+    say(f"hq: article 1 price +5 %, invoice line {last} deleted")
+    with nodes["berlin"].engine.begin() as conn:
+        conn.execute(update(cust).where(cust.c.id == 2).values(email="einkauf@berlin.example"))
+    say("berlin: customer 2 has a new e-mail address")

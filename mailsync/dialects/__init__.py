@@ -1,0 +1,85 @@
+"""Per-database behaviour, picked by SQLAlchemy dialect name.
+
+Everything that differs between databases lives here and nowhere else:
+capture trigger DDL (and checking it is in place), the connection-local
+"applying changes from peer X" flag that tags captured changes with their
+origin, the safe horizon of the change log, upsert, and type adaptations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, Engine, Table
+
+from mailsync.errors import DatabaseError
+
+
+class Dialect(Protocol):
+    name: str
+
+    def install_capture(self, conn: Connection, table: Table) -> None:
+        """Create (or replace) the capture triggers of ``table``."""
+
+    def drop_capture(self, conn: Connection, table_name: str) -> None:
+        """Remove the capture triggers of a table, if present."""
+
+    def capture_installed(self, conn: Connection, table: Table) -> bool:
+        """Are the triggers present and exactly as this mailsync writes them?"""
+
+    def begin_apply(self, conn: Connection, origin: str) -> None:
+        """Tag changes made on ``conn`` in this transaction with ``origin``."""
+
+    def end_apply(self, conn: Connection) -> None:
+        """Stop tagging (must run before the transaction commits)."""
+
+    def change_horizon(self, engine: Engine) -> int:
+        """The highest change-log id below which no id can still appear."""
+
+    def upsert(self, conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert rows, replacing those whose primary key exists."""
+
+    def adapt_table(self, table: Table) -> None:
+        """Adjust reflected column types so values round-trip exactly."""
+
+
+def dialect_for(bind: Connection | Engine) -> Dialect:
+    name = bind.dialect.name
+    if name == "sqlite":
+        from mailsync.dialects.sqlite import SQLiteDialect
+
+        return SQLiteDialect()
+    if name == "postgresql":
+        from mailsync.dialects.postgresql import PostgreSQLDialect
+
+        return PostgreSQLDialect()
+    raise DatabaseError(f"database kind {name!r} is not supported yet (SQLite and PostgreSQL are)")
+
+
+def upsert_with(
+    insert: Any, conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
+) -> None:
+    """Upsert through a dialect's ``insert`` construct (SQLite and PostgreSQL
+    share the ``ON CONFLICT (key) DO UPDATE SET col = excluded.col`` form)."""
+    stmt = insert(table)
+    keys = [c.name for c in table.primary_key.columns]
+    others = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    if others:
+        stmt = stmt.on_conflict_do_update(index_elements=keys, set_=others)
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+    conn.execute(stmt, list(rows))
+
+
+def pk_json(quote: str, alias: str, pk: Sequence[str], func: str) -> str:
+    """SQL for the JSON array of a row's key, e.g. ``json_array(NEW."id")``."""
+    return f"{func}({', '.join(f'{alias}.{quote_ident(quote, c)}' for c in pk)})"
+
+
+def quote_ident(quote: str, name: str) -> str:
+    return quote + name.replace(quote, quote * 2) + quote
+
+
+def trigger_name(table: str, suffix: str) -> str:
+    return f"mailsync_{table}_{suffix}"

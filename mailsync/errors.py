@@ -1,0 +1,82 @@
+"""The exceptions mailsync raises, and what each one asks of the operator.
+
+Every error a user can cause or meet in normal operation is a
+:class:`MailsyncError`. The CLI prints ``str(error)`` (one line that says what
+failed and where) plus the ``hint`` (what to do), and exits with
+``exit_code`` — never a traceback. Third-party errors are mapped at the
+boundary with ``raise ... from exc`` so the cause stays inspectable.
+
+::
+
+    MailsyncError
+    ├── ConfigError          bad or missing config file, bad CLI argument
+    ├── DatabaseError        application database cannot be opened / used
+    │   └── SchemaError      table missing, no primary key, column mismatch
+    ├── RuleError            a station or table rule cannot be defined
+    ├── TransportError       a mailbox cannot be reached or written
+    ├── MessageError         a message/changeset cannot be read (set aside)
+    └── ApplyError           a changeset cannot be applied (link waits)
+
+``scope`` says how much work an error abandons: ``"message"`` (set this one
+message aside and go on), ``"peer"`` (stop work on this link for the cycle),
+``"cycle"`` (stop the whole cycle).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Scope = Literal["message", "peer", "cycle"]
+
+
+class MailsyncError(Exception):
+    """Base of every error mailsync reports to a user."""
+
+    exit_code: int = 1
+    scope: Scope = "cycle"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class ConfigError(MailsyncError):
+    """The node configuration or a command-line argument is unusable."""
+
+    exit_code = 2
+
+
+class DatabaseError(MailsyncError):
+    """The application database cannot be opened or used."""
+
+    exit_code = 3
+
+
+class SchemaError(DatabaseError):
+    """A table is missing, lacks a primary key, or its columns do not match."""
+
+
+class RuleError(MailsyncError):
+    """A station or table rule cannot be defined as asked."""
+
+    exit_code = 2
+
+
+class TransportError(MailsyncError):
+    """A mailbox cannot be reached, read or written."""
+
+    exit_code = 4
+    scope = "peer"
+
+
+class MessageError(MailsyncError):
+    """A message or changeset cannot be read; it is set aside, never applied."""
+
+    scope = "message"
+
+
+class ApplyError(MailsyncError):
+    """A changeset could not be applied; it stays buffered and the link waits."""
+
+    exit_code = 5
+    scope = "peer"

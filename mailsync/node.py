@@ -1,0 +1,630 @@
+"""A node — one installation — and its sync cycle.
+
+``Node.open(config).sync()`` runs one cycle (DESIGN §4)::
+
+    receive → check → buffer → apply in sequence order → capture/route/pack
+    → send → purge
+
+Every step is idempotent and commits before the next one depends on it: a
+message leaves the mailbox only after the commit that buffered it (or found
+it a duplicate); an outbox entry, its sequence number and the change-log
+cursor commit together; a buffered changeset, its rows and the link's
+inbound sequence number commit together. A cycle killed at any instant and
+run again loses nothing and applies nothing twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy import Connection, Engine, delete, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from mailsync import capture
+from mailsync import rules as rules_mod
+from mailsync.apply import Applied, apply_buffered
+from mailsync.build import Built, Direction, LinkPlan, build_for_link
+from mailsync.config import (
+    NodeConfig,
+    Role,
+    check_email,
+    check_node_id,
+    config_path,
+    load_config,
+    render_config,
+)
+from mailsync.db import check_connection, describe_db_error, open_engine, redact
+from mailsync.dialects import dialect_for
+from mailsync.envelope import Codec, read_header
+from mailsync.errors import ApplyError, ConfigError, DatabaseError, MailsyncError, MessageError
+from mailsync.journal import Journal
+from mailsync.message import Address, build_message, extract_envelope, is_mailsync
+from mailsync.schema import (
+    changes,
+    ensure_schema,
+    get_meta,
+    inbox,
+    links,
+    loads,
+    log,
+    now,
+    outbox,
+    set_meta,
+)
+from mailsync.transport import TransportContext, open_receiver, open_sender
+
+#: Log entries older than this are purged at the end of a cycle.
+LOG_RETENTION_DAYS = 10
+
+
+@dataclass
+class CycleReport:
+    """What one sync cycle did."""
+
+    received: int = 0
+    duplicates: int = 0
+    set_aside: int = 0
+    applied: list[Applied] = field(default_factory=list)
+    built: list[Built] = field(default_factory=list)
+    sent: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rows_applied(self) -> int:
+        return sum(a.rows for a in self.applied)
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(b.rows for b in self.built)
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    peer: str
+    address: str
+    last_contact: dt.datetime | None
+    last_sent: dt.datetime | None
+    out_seq: int
+    acked_seq: int
+    in_seq: int
+    unsent: int
+    unacked: int
+    buffered: int
+    pending_changes: int
+
+
+@dataclass(frozen=True)
+class Status:
+    node_id: str
+    role: Role
+    address: str
+    database: str
+    links: list[LinkStatus]
+    tables: list[str]
+    capture_missing: list[str]
+    set_aside: int
+    errors: int
+
+
+class Node:
+    """One mailsync installation: its config, database and mailbox."""
+
+    def __init__(self, config: NodeConfig, engine: Engine, *, memory: object | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.memory = memory
+        self.codec = Codec(config.compression_level)
+        self.journal = Journal(engine, config.node_id)
+        self.dialect = dialect_for(engine)
+
+    @classmethod
+    def open(
+        cls,
+        config: NodeConfig | str | os.PathLike[str] | None = None,
+        *,
+        memory: object | None = None,
+    ) -> Node:
+        """Open a node from its config (a NodeConfig, a path, or the default)."""
+        cfg = config if isinstance(config, NodeConfig) else load_config(config_path(config))
+        engine = open_engine(cfg.database)
+        try:
+            check_connection(engine)
+            ensure_schema(engine)
+            with engine.connect() as conn:
+                owner, role = get_meta(conn, "node_id"), get_meta(conn, "role")
+        except BaseException:
+            engine.dispose()
+            raise
+        if owner is not None and (owner != cfg.node_id or role != cfg.role):
+            engine.dispose()
+            raise ConfigError(
+                f"{cfg.path}: database {redact(engine)} belongs to {role} {owner!r}, "
+                f"not to {cfg.role} {cfg.node_id!r}"
+            )
+        return cls(cfg, engine, memory=memory)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def is_host(self) -> bool:
+        return self.config.role == "host"
+
+    def _require_host(self, what: str) -> None:
+        if not self.is_host:
+            raise ConfigError(
+                f"{what} is defined on the host; {self.config.node_id!r} is a remote "
+                "(it receives its rules from the host)"
+            )
+
+    def _transport_context(self) -> TransportContext:
+        box = self.config.mailbox
+        return TransportContext(
+            address=box.address,
+            base_dir=self.config.base_dir,
+            keep_processed=box.keep_processed,
+            memory=self.memory,
+        )
+
+    def _rules_for(self, peer: str) -> Any:
+        station = peer if self.is_host else None
+        return lambda conn: rules_mod.effective_rules(conn, station)
+
+    @property
+    def _inbound(self) -> Direction:
+        return "up" if self.is_host else "down"
+
+    # --------------------------------------------------------------- the cycle
+
+    def sync(self) -> CycleReport:
+        """Run one cycle: receive, apply, build, send, purge."""
+        report = CycleReport()
+        self.journal.info("cycle", "sync cycle started")
+        try:
+            self._receive(report)
+            self._apply(report)
+            self._build(report)
+            self._send(report)
+            self._purge()
+        except SQLAlchemyError as exc:
+            raise describe_db_error(self.engine, exc, "sync cycle failed") from exc
+        self.journal.info(
+            "cycle",
+            f"sync cycle done: {report.received} received, {report.rows_applied} rows applied, "
+            f"{report.rows_sent} rows queued, {report.sent} messages sent"
+            + (f", {len(report.errors)} errors" if report.errors else ""),
+        )
+        return report
+
+    def _receive(self, report: CycleReport) -> None:
+        me = self.config.node_id
+        with open_receiver(self.config.mailbox.receive, self._transport_context()) as rx:
+            for msg in rx.fetch():
+                where = f"message {msg.id}"
+                try:
+                    if not is_mailsync(msg.raw):
+                        raise MessageError(f"{where}: not a mailsync message")
+                    blob = extract_envelope(msg.raw, where)
+                    header = read_header(blob, where)
+                    if header.recipient != me:
+                        raise MessageError(
+                            f"{where}: addressed to {header.recipient!r}, not {me!r}"
+                        )
+                    with self.engine.begin() as conn:
+                        link = conn.execute(
+                            select(links).where(links.c.peer == header.sender)
+                        ).first()
+                        if link is None:
+                            raise MessageError(f"{where}: unknown sender {header.sender!r}")
+                        duplicate = self._buffer(conn, link, header.seq, header.ack, blob)
+                except MessageError as exc:
+                    rx.set_aside(msg.id, str(exc))
+                    self.journal.warning("rejected", f"set aside: {exc}")
+                    report.set_aside += 1
+                    continue
+                rx.processed(msg.id)  # only now: the buffer commit made it redundant
+                report.received += 1
+                report.duplicates += duplicate
+                self.journal.info(
+                    "received",
+                    f"{'duplicate ' if duplicate else ''}changeset #{header.seq} "
+                    f"from {header.sender}",
+                    peer=header.sender,
+                )
+
+    def _buffer(self, conn: Connection, link: Any, seq: int, ack: int, blob: bytes) -> bool:
+        """Buffer an envelope (in the caller's transaction); True if a duplicate."""
+        peer = link.peer
+        values: dict[str, Any] = {"last_contact": now()}
+        if ack > link.acked_seq:
+            values["acked_seq"] = min(ack, link.out_seq)
+            conn.execute(
+                delete(outbox).where(
+                    outbox.c.peer == peer, outbox.c.seq <= ack, outbox.c.sent_at.is_not(None)
+                )
+            )
+        conn.execute(update(links).where(links.c.peer == peer).values(**values))
+        if seq <= link.in_seq:
+            return True
+        held = conn.execute(
+            select(inbox.c.seq).where(inbox.c.peer == peer, inbox.c.seq == seq)
+        ).first()
+        if held:
+            return True
+        conn.execute(inbox.insert().values(peer=peer, seq=seq, blob=blob, received_at=now()))
+        return False
+
+    def _apply(self, report: CycleReport) -> None:
+        me = self.config.node_id
+        with self.engine.connect() as conn:
+            peers = [(r.peer, r.in_seq) for r in conn.execute(select(links.c.peer, links.c.in_seq))]
+        for peer, in_seq in peers:
+            with self.engine.begin() as conn:  # stale duplicates left by a crash
+                conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= in_seq))
+            seq = in_seq + 1
+            while True:
+                with self.engine.connect() as conn:
+                    blob = conn.execute(
+                        select(inbox.c.blob).where(inbox.c.peer == peer, inbox.c.seq == seq)
+                    ).scalar()
+                if blob is None:
+                    break
+                try:
+                    applied = apply_buffered(
+                        self.engine,
+                        self.codec,
+                        me=me,
+                        peer=peer,
+                        seq=seq,
+                        blob=blob,
+                        direction=self._inbound,
+                        rules_for=self._rules_for(peer),
+                        accept_rules=not self.is_host,
+                    )
+                except ApplyError as exc:
+                    report.errors.append(str(exc))
+                    self.journal.error("apply-failed", str(exc), peer=peer)
+                    break
+                report.applied.append(applied)
+                self.journal.info(
+                    "applied", f"changeset #{seq} from {peer}: {applied.rows} rows", peer=peer
+                )
+                for what, count in applied.refused.items():
+                    table, op = what.split(":")
+                    self.journal.warning(
+                        "refused",
+                        f"changeset #{seq} from {peer}: {count} {rules_mod.OP_NAMES[op]} row(s) "
+                        f"of table {table} refused: the rules do not allow them",
+                        peer=peer,
+                    )
+                seq += 1
+
+    def _plans(self, conn: Connection) -> list[LinkPlan]:
+        me = self.config.node_id
+        plans = []
+        for link in conn.execute(select(links).order_by(links.c.peer)).all():
+            if self.is_host:
+                effective = rules_mod.effective_rules(conn, link.peer)
+                digest = rules_mod.rules_hash(effective)
+                loaded = {
+                    r[0]
+                    for r in conn.execute(select(loads.c.tbl).where(loads.c.station == link.peer))
+                }
+                plans.append(
+                    LinkPlan(
+                        me,
+                        link.peer,
+                        "down",
+                        effective,
+                        send_rules=digest != link.rules_hash,
+                        rules_hash=digest,
+                        initial_loads=[
+                            t for t, r in effective.items() if "I" in r.down and t not in loaded
+                        ],
+                    )
+                )
+            else:
+                plans.append(LinkPlan(me, link.peer, "up", rules_mod.effective_rules(conn, None)))
+        return plans
+
+    def _build(self, report: CycleReport) -> None:
+        with self.engine.begin() as conn:
+            plans = self._plans(conn)
+            tables = sorted({t for p in plans for t in p.rules})
+            repaired = capture.ensure_capture(conn, tables) if tables else []
+        for name in repaired:
+            self.journal.warning("capture", f"capture triggers of table {name} (re)installed")
+        horizon = self.dialect.change_horizon(self.engine)
+        for plan in plans:
+            try:
+                built = build_for_link(
+                    self.engine, self.codec, plan, horizon, self.config.batch_rows
+                )
+            except MailsyncError as exc:
+                report.errors.append(f"building for {plan.peer}: {exc}")
+                self.journal.error(
+                    "build-failed", f"building for {plan.peer}: {exc}", peer=plan.peer
+                )
+                continue
+            if built is not None:
+                report.built.append(built)
+                self.journal.info(
+                    "queued",
+                    f"changeset #{built.seq} for {built.peer}: {built.rows} rows, "
+                    f"{built.raw_size} bytes raw, {built.size} bytes packed",
+                    peer=built.peer,
+                )
+
+    def _send(self, report: CycleReport) -> None:
+        me = Address(self.config.node_id, self.config.mailbox.address)
+        with self.engine.connect() as conn:
+            pending = conn.execute(
+                select(outbox.c.peer, outbox.c.seq, links.c.address)
+                .join(links, links.c.peer == outbox.c.peer)
+                .where(outbox.c.sent_at.is_(None))
+                .order_by(outbox.c.peer, outbox.c.seq)
+            ).all()
+        if not pending:
+            return
+        with open_sender(self.config.mailbox.send, self._transport_context()) as tx:
+            for peer, seq, address in pending:
+                with self.engine.begin() as conn:
+                    blob = conn.execute(
+                        select(outbox.c.blob).where(outbox.c.peer == peer, outbox.c.seq == seq)
+                    ).scalar_one()
+                    header = read_header(blob, f"outbox #{seq} for {peer}")
+                    raw = build_message(header, me, Address(peer, address), blob)
+                    tx.send(me.email, address, raw)
+                    conn.execute(
+                        update(outbox)
+                        .where(outbox.c.peer == peer, outbox.c.seq == seq)
+                        .values(sent_at=now(), send_count=outbox.c.send_count + 1)
+                    )
+                    conn.execute(update(links).where(links.c.peer == peer).values(last_sent=now()))
+                report.sent += 1
+                self.journal.info("sent", f"changeset #{seq} sent to {peer} <{address}>", peer=peer)
+
+    def _purge(self) -> None:
+        with self.engine.begin() as conn:
+            cursors = [r[0] for r in conn.execute(select(links.c.change_cursor))]
+            if cursors:
+                conn.execute(delete(changes).where(changes.c.id <= min(cursors)))
+            cutoff = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
+            conn.execute(delete(log).where(log.c.at < cutoff))
+
+    # ----------------------------------------------------------------- status
+
+    def status(self) -> Status:
+        """Role, peers, last contact, queues and problems, read from the database."""
+        with self.engine.begin() as conn:
+            link_rows = conn.execute(select(links).order_by(links.c.peer)).all()
+            result = []
+            for link in link_rows:
+                routed = (
+                    or_(changes.c.origin.is_(None), changes.c.origin != link.peer)
+                    if self.is_host
+                    else changes.c.origin.is_(None)
+                )
+                effective = rules_mod.effective_rules(conn, link.peer if self.is_host else None)
+                pending = conn.execute(
+                    select(func.count())
+                    .select_from(changes)
+                    .where(
+                        changes.c.id > link.change_cursor,
+                        routed,
+                        changes.c.tbl.in_(list(effective)),
+                    )
+                ).scalar()
+                unsent, unacked = conn.execute(
+                    select(
+                        func.count().filter(outbox.c.sent_at.is_(None)),
+                        func.count().filter(outbox.c.sent_at.is_not(None)),
+                    ).where(outbox.c.peer == link.peer)
+                ).one()
+                buffered = conn.execute(
+                    select(func.count()).select_from(inbox).where(inbox.c.peer == link.peer)
+                ).scalar()
+                result.append(
+                    LinkStatus(
+                        peer=link.peer,
+                        address=link.address,
+                        last_contact=link.last_contact,
+                        last_sent=link.last_sent,
+                        out_seq=link.out_seq,
+                        acked_seq=link.acked_seq,
+                        in_seq=link.in_seq,
+                        unsent=unsent,
+                        unacked=unacked,
+                        buffered=int(buffered or 0),
+                        pending_changes=int(pending or 0),
+                    )
+                )
+            tables = sorted({r.table for r in rules_mod.all_rules(conn)})
+            missing = capture.check_capture(conn, tables) if tables else []
+            since = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
+            counts: dict[str, int] = dict(
+                conn.execute(
+                    select(log.c.event, func.count())
+                    .where(log.c.at >= since, log.c.event.in_(["rejected", "apply-failed"]))
+                    .group_by(log.c.event)
+                ).all()
+            )
+        return Status(
+            node_id=self.config.node_id,
+            role=self.config.role,
+            address=self.config.mailbox.address,
+            database=redact(self.engine),
+            links=result,
+            tables=tables,
+            capture_missing=missing,
+            set_aside=int(counts.get("rejected", 0)),
+            errors=int(counts.get("apply-failed", 0)),
+        )
+
+    # ------------------------------------------------------------ host admin
+
+    def add_station(self, station_id: str, email: str, label: str = "") -> rules_mod.Station:
+        self._require_host("a station")
+        with self.engine.begin() as conn:
+            station = rules_mod.add_station(
+                conn, station_id, email, label, host_id=self.config.node_id
+            )
+            self.journal.info("station", f"station {station_id} <{email}> added", conn=conn)
+        return station
+
+    def remove_station(self, station_id: str) -> None:
+        self._require_host("a station")
+        with self.engine.begin() as conn:
+            rules_mod.remove_station(conn, station_id)
+            self.journal.info("station", f"station {station_id} removed", conn=conn)
+
+    def stations(self) -> list[rules_mod.Station]:
+        with self.engine.connect() as conn:
+            return rules_mod.list_stations(conn)
+
+    def station(self, station_id: str) -> tuple[rules_mod.Station, dict[str, rules_mod.Rule]]:
+        self._require_host("a station")
+        with self.engine.connect() as conn:
+            station = rules_mod.get_station(conn, station_id)
+            return station, rules_mod.effective_rules(conn, station_id)
+
+    def add_rule(
+        self,
+        table: str,
+        *,
+        down: str,
+        up: str,
+        station: str | None = None,
+        row_filter: str | None = None,
+        conflict: str = "host-wins",
+    ) -> tuple[rules_mod.Rule, list[str]]:
+        self._require_host("a table rule")
+        with self.engine.begin() as conn:
+            rule, warnings = rules_mod.add_rule(
+                conn,
+                table,
+                down=down,
+                up=up,
+                station=station,
+                row_filter=row_filter,
+                conflict=conflict,
+            )
+            self.journal.info(
+                "rule",
+                f"rule for {table} ({station or 'all stations'}): "
+                f"down {rules_mod.describe_ops(down)}, up {rules_mod.describe_ops(up)}",
+                conn=conn,
+            )
+        return rule, warnings
+
+    def remove_rule(self, table: str, station: str | None = None) -> None:
+        self._require_host("a table rule")
+        with self.engine.begin() as conn:
+            rules_mod.remove_rule(conn, table, station)
+            self.journal.info(
+                "rule", f"rule for {table} ({station or 'all stations'}) removed", conn=conn
+            )
+
+    def rules(self) -> list[rules_mod.Rule]:
+        with self.engine.connect() as conn:
+            return rules_mod.all_rules(conn)
+
+
+def init_node(
+    path: Path,
+    *,
+    role: Role,
+    node_id: str,
+    database: str,
+    address: str,
+    mail: str,
+    host_id: str | None = None,
+    host_address: str | None = None,
+    force: bool = False,
+) -> NodeConfig:
+    """Write a node's config and create the mailsync tables in its database.
+
+    Refuses to overwrite a config (unless ``force``) or to take over a
+    database that belongs to another node. The config file is written last,
+    atomically, so a failure leaves no half-made node behind.
+    """
+    check_node_id(node_id)
+    check_email(address, "node address")
+    if role == "remote":
+        if not host_id or not host_address:
+            raise ConfigError("a remote needs --host-id and --host-address (where the host is)")
+        check_node_id(host_id, "host id")
+        check_email(host_address, "host address")
+        if host_id == node_id:
+            raise ConfigError(f"the remote's id {node_id!r} is the host's id")
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists", hint="pass --force to overwrite it")
+    text = render_config(
+        node_id=node_id,
+        role=role,
+        database=database,
+        address=address,
+        mail=mail,
+        host_id=host_id,
+        host_address=host_address,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".mailsync-", suffix=".toml", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        cfg = load_config(tmp)
+        cfg = NodeConfig(**{**cfg.__dict__, "path": path})
+        engine = open_engine(cfg.database)
+        try:
+            check_connection(engine)
+            ensure_schema(engine)
+            with engine.begin() as conn:
+                owner = get_meta(conn, "node_id")
+                if owner is not None and (owner != node_id or get_meta(conn, "role") != role):
+                    raise DatabaseError(
+                        f"database {redact(engine)} already belongs to node {owner!r}",
+                        hint="give this node its own database",
+                    )
+                set_meta(conn, "node_id", node_id)
+                set_meta(conn, "role", role)
+                if role == "remote":
+                    assert host_id is not None and host_address is not None
+                    existing = conn.execute(select(links).where(links.c.peer == host_id)).first()
+                    if existing is None:
+                        conn.execute(links.insert().values(peer=host_id, address=host_address))
+                    else:
+                        conn.execute(
+                            update(links)
+                            .where(links.c.peer == host_id)
+                            .values(address=host_address)
+                        )
+        finally:
+            engine.dispose()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return cfg
+
+
+__all__ = ["CycleReport", "LinkStatus", "Node", "Status", "init_node"]

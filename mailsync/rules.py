@@ -1,0 +1,256 @@
+"""Stations and table rules: what travels where.
+
+A table rule says, for one table and for all stations (``*``) or one, which
+operations travel *down* (host → remote) and *up* (remote → host), and may
+restrict the down direction to rows matching a SQL predicate that can use
+``:station``. A station-specific rule replaces the all-stations rule of the
+same table for that station. Rules live in the host's database; each
+station's effective rules travel to it with the next changeset, and a node
+applies only what its rules allow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Integer, and_, delete, func, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from mailsync import capture
+from mailsync.config import check_email, check_node_id
+from mailsync.db import reflect
+from mailsync.errors import ConfigError, RuleError
+from mailsync.schema import ALL_STATIONS, links, loads, now, outbox, rules, stations
+
+OP_NAMES = {"I": "insert", "U": "update", "D": "delete"}
+_BY_NAME = {v: k for k, v in OP_NAMES.items()}
+CONFLICT_POLICIES = ("host-wins", "remote-wins", "newest-wins", "manual")
+
+
+def parse_ops(value: str, what: str = "operations") -> str:
+    """``insert,update`` / ``all`` / ``none`` → ``"IU"`` / ``"IUD"`` / ``""``."""
+    value = value.strip().lower()
+    if value in ("all", "*"):
+        return "IUD"
+    if value in ("none", "-", ""):
+        return ""
+    found = set()
+    for part in value.replace("+", ",").split(","):
+        part = part.strip()
+        op = _BY_NAME.get(part) or (part.upper() if part.upper() in OP_NAMES else None)
+        if op is None:
+            raise ConfigError(
+                f"{what}: {part!r} is not an operation (use insert, update, delete, all or none)"
+            )
+        found.add(op)
+    return "".join(op for op in "IUD" if op in found)
+
+
+def describe_ops(ops: str) -> str:
+    return ",".join(OP_NAMES[o] for o in ops) or "none"
+
+
+@dataclass(frozen=True)
+class Rule:
+    table: str
+    station: str
+    down: str
+    up: str
+    row_filter: str | None = None
+    conflict: str = "host-wins"
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Rule:
+        return cls(
+            table=str(data["table"]),
+            station=str(data["station"]),
+            down=str(data["down"]),
+            up=str(data["up"]),
+            row_filter=data.get("row_filter"),
+            conflict=str(data.get("conflict", "host-wins")),
+        )
+
+
+@dataclass(frozen=True)
+class Station:
+    id: str
+    label: str
+    email: str
+
+
+def _rule(row: Any) -> Rule:
+    return Rule(row.tbl, row.station, row.down_ops, row.up_ops, row.row_filter, row.conflict)
+
+
+def all_rules(conn: Connection) -> list[Rule]:
+    rows = conn.execute(select(rules).order_by(rules.c.tbl, rules.c.station)).all()
+    return [_rule(r) for r in rows]
+
+
+def effective_rules(conn: Connection, station: str | None) -> dict[str, Rule]:
+    """Per table, the rule that governs ``station`` (None: the all-stations ones)."""
+    result: dict[str, Rule] = {}
+    for rule in all_rules(conn):
+        if (rule.station == ALL_STATIONS and rule.table not in result) or (
+            station is not None and rule.station == station
+        ):
+            result[rule.table] = rule
+    return dict(sorted(result.items()))
+
+
+def rules_hash(effective: dict[str, Rule]) -> str:
+    wire = [r.to_wire() for r in effective.values()]
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def get_station(conn: Connection, station_id: str) -> Station:
+    row = conn.execute(select(stations).where(stations.c.id == station_id)).first()
+    if row is None:
+        raise RuleError(f"no station {station_id!r}", hint="see `mailsync station list`")
+    return Station(row.id, row.label, row.email)
+
+
+def list_stations(conn: Connection) -> list[Station]:
+    rows = conn.execute(select(stations).order_by(stations.c.id)).all()
+    return [Station(r.id, r.label, r.email) for r in rows]
+
+
+def add_station(
+    conn: Connection, station_id: str, email: str, label: str = "", *, host_id: str
+) -> Station:
+    """Define a station; its link starts after every change already logged,
+    because its initial load will carry the current rows."""
+    check_node_id(station_id, "station id")
+    check_email(email, "station e-mail")
+    if station_id == host_id:
+        raise RuleError(f"station id {station_id!r} is the host's own id")
+    exists = conn.execute(select(stations.c.id).where(stations.c.id == station_id)).first()
+    if exists:
+        raise RuleError(f"station {station_id!r} already exists")
+    clash = conn.execute(select(stations.c.id).where(stations.c.email == email)).first()
+    if clash:
+        raise RuleError(f"address {email} already belongs to station {clash[0]!r}")
+    conn.execute(
+        stations.insert().values(id=station_id, label=label, email=email, created_at=now())
+    )
+    cursor = conn.execute(select(func.coalesce(func.max(capture.changes.c.id), 0))).scalar()
+    conn.execute(links.insert().values(peer=station_id, address=email, change_cursor=cursor))
+    return Station(station_id, label, email)
+
+
+def remove_station(conn: Connection, station_id: str) -> None:
+    get_station(conn, station_id)
+    conn.execute(delete(rules).where(rules.c.station == station_id))
+    conn.execute(delete(loads).where(loads.c.station == station_id))
+    conn.execute(delete(outbox).where(outbox.c.peer == station_id))
+    conn.execute(delete(links).where(links.c.peer == station_id))
+    conn.execute(delete(stations).where(stations.c.id == station_id))
+
+
+def _check_filter(conn: Connection, table_name: str, row_filter: str) -> None:
+    """Run the predicate once against the table so a typo fails now, not at sync."""
+    table = reflect(conn, table_name)
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                select(func.count())
+                .select_from(table)
+                .where(and_(text(f"({row_filter})").bindparams(station="")))
+                .limit(1)
+            )
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise RuleError(f"row filter for table {table_name!r} does not work: {detail}") from exc
+
+
+def add_rule(
+    conn: Connection,
+    table_name: str,
+    *,
+    down: str,
+    up: str,
+    station: str | None = None,
+    row_filter: str | None = None,
+    conflict: str = "host-wins",
+) -> tuple[Rule, list[str]]:
+    """Define (or replace) a table rule; returns it and warnings for the admin.
+
+    Checks that the table exists with a primary key, that the station exists
+    and that the row filter runs; installs the capture triggers.
+    """
+    if conflict not in CONFLICT_POLICIES:
+        raise RuleError(
+            f"conflict policy {conflict!r} is not one of {', '.join(CONFLICT_POLICIES)}"
+        )
+    target = station or ALL_STATIONS
+    if station is not None:
+        get_station(conn, station)
+    table = reflect(conn, table_name)
+    if row_filter:
+        _check_filter(conn, table_name, row_filter)
+    warnings: list[str] = []
+    if "I" in up:
+        pk = list(table.primary_key.columns)
+        if any(isinstance(c.type, Integer) for c in pk):
+            warnings.append(
+                f"{table_name}: stations insert rows with an integer key "
+                f"({', '.join(c.name for c in pk)}); keys created offline collide unless "
+                "they come from a number range per station (or are UUIDs)"
+            )
+    values = {
+        "down_ops": down,
+        "up_ops": up,
+        "row_filter": row_filter or None,
+        "conflict": conflict,
+    }
+    where = and_(rules.c.tbl == table_name, rules.c.station == target)
+    if conn.execute(select(rules.c.id).where(where)).first():
+        conn.execute(update(rules).where(where).values(**values))
+    else:
+        conn.execute(
+            rules.insert().values(tbl=table_name, station=target, created_at=now(), **values)
+        )
+    capture.ensure_capture(conn, [table_name])
+    return Rule(table_name, target, down, up, row_filter or None, conflict), warnings
+
+
+def remove_rule(conn: Connection, table_name: str, station: str | None = None) -> None:
+    target = station or ALL_STATIONS
+    where = and_(rules.c.tbl == table_name, rules.c.station == target)
+    if conn.execute(select(rules.c.id).where(where)).first() is None:
+        scope = f"station {station!r}" if station else "all stations"
+        raise RuleError(f"no rule for table {table_name!r} and {scope}")
+    conn.execute(delete(rules).where(where))
+    if station is None:
+        conn.execute(delete(loads).where(loads.c.tbl == table_name))
+    else:
+        conn.execute(
+            delete(loads).where(and_(loads.c.tbl == table_name, loads.c.station == station))
+        )
+    remaining = conn.execute(select(rules.c.id).where(rules.c.tbl == table_name)).first()
+    if remaining is None:
+        capture.drop_capture(conn, table_name)
+
+
+def replace_rules(conn: Connection, received: list[Rule]) -> list[str]:
+    """On a remote: take the rules the host sent; returns the tables they name."""
+    conn.execute(delete(rules))
+    for rule in received:
+        conn.execute(
+            rules.insert().values(
+                tbl=rule.table,
+                station=ALL_STATIONS,
+                down_ops=rule.down,
+                up_ops=rule.up,
+                row_filter=rule.row_filter,
+                conflict=rule.conflict,
+                created_at=now(),
+            )
+        )
+    return [r.table for r in received]

@@ -1,0 +1,194 @@
+"""mailsync's own tables, kept inside the application database.
+
+Keeping the change log, outbox, inbox buffer, link sequence numbers,
+stations and rules in the same database as the business tables is what makes
+delivery exactly-once: applying a changeset and recording its sequence number
+commit in one transaction (DESIGN §3).
+
+All names start with ``mailsync_``. ``mailsync_meta`` records the schema
+version; :func:`ensure_schema` creates what is missing and migrates older
+versions step by step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    select,
+)
+
+from mailsync.errors import DatabaseError
+
+SCHEMA_VERSION = 1
+PREFIX = "mailsync_"
+ALL_STATIONS = "*"
+
+#: A 64-bit integer key that SQLite still treats as its rowid alias.
+_Id = BigInteger().with_variant(Integer, "sqlite")
+_Time = DateTime(timezone=True)
+
+metadata = MetaData()
+
+meta = Table(
+    "mailsync_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+changes = Table(
+    "mailsync_changes",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("tbl", String(128), nullable=False),
+    Column("pk", Text, nullable=False),
+    Column("op", String(1), nullable=False),
+    Column("origin", String(64)),
+    sqlite_autoincrement=True,  # never reuse an id after a purge
+)
+
+applying = Table(
+    "mailsync_applying",
+    metadata,
+    Column("origin", String(64), primary_key=True),
+)
+
+links = Table(
+    "mailsync_links",
+    metadata,
+    Column("peer", String(64), primary_key=True),
+    Column("address", String(320), nullable=False),
+    Column("out_seq", BigInteger, nullable=False, default=0),
+    Column("in_seq", BigInteger, nullable=False, default=0),
+    Column("acked_seq", BigInteger, nullable=False, default=0),
+    Column("change_cursor", BigInteger, nullable=False, default=0),
+    Column("rules_hash", String(64)),
+    Column("last_contact", _Time),
+    Column("last_sent", _Time),
+)
+
+stations = Table(
+    "mailsync_stations",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("label", String(200), nullable=False, default=""),
+    Column("email", String(320), nullable=False),
+    Column("created_at", _Time, nullable=False),
+)
+
+rules = Table(
+    "mailsync_rules",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tbl", String(128), nullable=False),
+    Column("station", String(64), nullable=False, default=ALL_STATIONS),
+    Column("down_ops", String(3), nullable=False),
+    Column("up_ops", String(3), nullable=False),
+    Column("row_filter", Text),
+    Column("conflict", String(16), nullable=False, default="host-wins"),
+    Column("created_at", _Time, nullable=False),
+    UniqueConstraint("tbl", "station", name="mailsync_rules_tbl_station"),
+)
+
+loads = Table(
+    "mailsync_loads",
+    metadata,
+    Column("station", String(64), primary_key=True),
+    Column("tbl", String(128), primary_key=True),
+    Column("loaded_at", _Time, nullable=False),
+)
+
+outbox = Table(
+    "mailsync_outbox",
+    metadata,
+    Column("peer", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("blob", LargeBinary, nullable=False),
+    Column("rows", BigInteger, nullable=False, default=0),
+    Column("raw_size", BigInteger, nullable=False, default=0),
+    Column("created_at", _Time, nullable=False),
+    Column("sent_at", _Time),
+    Column("send_count", Integer, nullable=False, default=0),
+)
+
+inbox = Table(
+    "mailsync_inbox",
+    metadata,
+    Column("peer", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("blob", LargeBinary, nullable=False),
+    Column("received_at", _Time, nullable=False),
+)
+
+log = Table(
+    "mailsync_log",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", _Time, nullable=False),
+    Column("level", String(8), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("peer", String(64)),
+    Column("message", Text, nullable=False),
+)
+
+#: Steps that bring the schema from version N to N + 1.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the mailsync tables where missing and migrate older versions."""
+    try:
+        with engine.begin() as conn:
+            metadata.create_all(conn, checkfirst=True)
+            row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+            version = int(row[0]) if row else SCHEMA_VERSION
+            if row is None:
+                conn.execute(meta.insert().values(key="schema_version", value=str(version)))
+            if version > SCHEMA_VERSION:
+                raise DatabaseError(
+                    f"{engine.url.render_as_string(hide_password=True)}: the mailsync tables are "
+                    f"schema version {version}, newer than this mailsync ({SCHEMA_VERSION})",
+                    hint="upgrade mailsync on this node",
+                )
+            while version < SCHEMA_VERSION:
+                MIGRATIONS[version](conn)
+                version += 1
+                conn.execute(
+                    meta.update().where(meta.c.key == "schema_version").values(value=str(version))
+                )
+    except DatabaseError:
+        raise
+    except Exception as exc:
+        from mailsync.db import describe_db_error
+
+        raise describe_db_error(engine, exc, "cannot create the mailsync tables") from exc
+
+
+def get_meta(conn: Connection, key: str) -> str | None:
+    row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: Connection, key: str, value: str) -> None:
+    if get_meta(conn, key) is None:
+        conn.execute(meta.insert().values(key=key, value=value))
+    else:
+        conn.execute(meta.update().where(meta.c.key == key).values(value=value))

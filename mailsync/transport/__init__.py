@@ -1,0 +1,141 @@
+"""Mailbox transports: the seam between mailsync and a mail system.
+
+A node sends through a :class:`Sender` and receives through a
+:class:`Receiver`, each opened once per cycle (one connection per mailbox per
+cycle) and chosen by the scheme of a URL in the node config:
+
+=============  ==============================================================
+``maildir:``   a local post office folder holding one Maildir per address
+``memory:``    an in-process post office, for tests and embedding
+=============  ==============================================================
+
+Receivers identify messages by a stable id (a Maildir file name; later IMAP
+UIDVALIDITY+UID or a POP3 UIDL) and remove a message only when told that the
+commit which made it redundant has happened (:meth:`Receiver.processed`).
+New transports register a factory with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self, TypeVar
+
+from mailsync.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message as a receiver found it."""
+
+    id: str
+    raw: bytes
+
+
+class Sender(Protocol):
+    """An open outgoing connection for one cycle."""
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def send(self, sender: str, recipient: str, raw: bytes) -> None:
+        """Hand one message to the mail system (envelope from/to addresses)."""
+
+
+class Receiver(Protocol):
+    """An open mailbox for one cycle."""
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def fetch(self) -> Iterator[Incoming]:
+        """The messages waiting in the mailbox, oldest first."""
+
+    def processed(self, message_id: str) -> None:
+        """The message is no longer needed: its content is committed."""
+
+    def set_aside(self, message_id: str, reason: str) -> None:
+        """The message is not ours or not valid: move it out of the way."""
+
+
+@dataclass
+class TransportContext:
+    """What a transport factory may need beyond its URL."""
+
+    address: str
+    base_dir: Path
+    keep_processed: bool = True
+    memory: object | None = None
+    options: dict[str, object] = field(default_factory=dict)
+
+
+SenderFactory = Callable[[str, TransportContext], Sender]
+ReceiverFactory = Callable[[str, TransportContext], Receiver]
+
+_SENDERS: dict[str, SenderFactory] = {}
+_RECEIVERS: dict[str, ReceiverFactory] = {}
+
+
+def register(
+    scheme: str, *, sender: SenderFactory | None = None, receiver: ReceiverFactory | None = None
+) -> None:
+    """Make a transport available under a URL scheme."""
+    if sender is not None:
+        _SENDERS[scheme] = sender
+    if receiver is not None:
+        _RECEIVERS[scheme] = receiver
+
+
+def scheme_of(url: str) -> str:
+    scheme, sep, _ = url.partition(":")
+    if not sep:
+        raise ConfigError(f"mailbox URL {url!r} has no scheme (e.g. maildir:PATH)")
+    return scheme.lower()
+
+
+F = TypeVar("F")
+
+
+def _lookup(table: dict[str, F], url: str, what: str) -> F:
+    _load_builtin()
+    scheme = scheme_of(url)
+    try:
+        return table[scheme]
+    except KeyError:
+        known = ", ".join(sorted(table))
+        raise ConfigError(
+            f"mailbox URL {url!r}: cannot {what} with scheme {scheme!r} (known: {known})"
+        ) from None
+
+
+def open_sender(url: str, ctx: TransportContext) -> Sender:
+    """A sender for ``url``; it connects when entered, not here."""
+    return _lookup(_SENDERS, url, "send")(url, ctx)
+
+
+def open_receiver(url: str, ctx: TransportContext) -> Receiver:
+    """A receiver for ``url``; it connects when entered, not here."""
+    return _lookup(_RECEIVERS, url, "receive")(url, ctx)
+
+
+def _load_builtin() -> None:
+    if _SENDERS:
+        return
+    from mailsync.transport import maildir, memory
+
+    register("maildir", sender=maildir.MaildirSender, receiver=maildir.MaildirReceiver)
+    register("memory", sender=memory.MemorySender, receiver=memory.MemoryReceiver)

@@ -1,0 +1,138 @@
+"""A host and stations in one test: nodes, their databases and a post office."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Unicode,
+)
+
+from mailsync.checksum import TableChecksum, table_checksum
+from mailsync.db import open_engine
+from mailsync.node import CycleReport, Node, init_node
+from mailsync.transport.memory import MemoryPostOffice
+
+DOMAIN = "example.test"
+
+schema = MetaData()
+customers = Table(
+    "customers",
+    schema,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("name", Unicode(200), nullable=False),
+    Column("city", String(50)),
+    Column("credit", Numeric(12, 2)),
+    Column("since", Date),
+    Column("active", Boolean),
+    Column("touched", DateTime),
+    Column("photo", LargeBinary),
+)
+invoices = Table(
+    "invoices",
+    schema,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("customer_id", Integer, ForeignKey("customers.id"), nullable=False),
+    Column("total", Numeric(14, 2), nullable=False),
+)
+notes = Table(  # a composite text key
+    "notes",
+    schema,
+    Column("owner", String(20), primary_key=True),
+    Column("topic", String(40), primary_key=True),
+    Column("body", Unicode(2000)),
+)
+TABLES = ("customers", "invoices", "notes")
+
+
+class Cluster:
+    """A host (on ``host_url``) and SQLite stations, joined by a post office."""
+
+    def __init__(
+        self,
+        root: Path,
+        host_url: str,
+        stations: Iterable[str] = ("koeln", "berlin"),
+        *,
+        transport: str = "memory",
+    ) -> None:
+        self.root = root
+        self.office = MemoryPostOffice() if transport == "memory" else None
+        mail = "memory:" if transport == "memory" else f"maildir:{root / 'mail'}"
+        self.names = ["hq", *stations]
+        self.nodes: dict[str, Node] = {}
+        self.engines: dict[str, Engine] = {}
+        for name in self.names:
+            url = host_url if name == "hq" else f"sqlite:///{root / (name + '.db')}"
+            engine = open_engine(url)
+            schema.create_all(engine)
+            self.engines[name] = engine
+            path = root / name / "mailsync.toml"
+            init_node(
+                path,
+                role="host" if name == "hq" else "remote",
+                node_id=name,
+                database=url,
+                address=f"{name}@{DOMAIN}",
+                mail=mail,
+                host_id=None if name == "hq" else "hq",
+                host_address=None if name == "hq" else f"hq@{DOMAIN}",
+            )
+            self.nodes[name] = Node.open(path, memory=self.office)
+        for name in self.names[1:]:
+            self.host.add_station(name, f"{name}@{DOMAIN}")
+
+    @property
+    def host(self) -> Node:
+        return self.nodes["hq"]
+
+    def sync(self, *names: str) -> dict[str, CycleReport]:
+        return {name: self.nodes[name].sync() for name in names}
+
+    def converge(self) -> None:
+        """Stations up, host relays, stations down: enough for any one edit."""
+        stations = self.names[1:]
+        self.sync(*stations, "hq", *stations)
+
+    def execute(self, name: str, stmt: Any, params: Any = None) -> None:
+        with self.engines[name].begin() as conn:
+            conn.execute(stmt, params) if params is not None else conn.execute(stmt)
+
+    def rows(self, name: str, table: Table) -> list[tuple[Any, ...]]:
+        with self.engines[name].connect() as conn:
+            return [tuple(r) for r in conn.execute(table.select().order_by(*table.primary_key))]
+
+    def checksums(self, table: str, nodes: Iterable[str] | None = None) -> dict[str, TableChecksum]:
+        out = {}
+        for name in nodes or self.names:
+            with self.nodes[name].engine.connect() as conn:
+                out[name] = table_checksum(conn, table)
+        return out
+
+    def agree(self, *tables: str, nodes: Iterable[str] | None = None) -> bool:
+        """Do ``nodes`` (default: all) hold the same rows in ``tables`` (default: all)?"""
+        for table in tables or TABLES:
+            sums = list(self.checksums(table, nodes).values())
+            if any(s != sums[0] for s in sums[1:]):
+                return False
+        return True
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+        for engine in self.engines.values():
+            engine.dispose()
