@@ -73,10 +73,7 @@ def run_demo(
         samples.create_schema(engine)
         if name == "hq":
             counts = samples.generate(engine, customers=customers, invoices=invoices, seed=1)
-            say(
-                "hq: sample data "
-                + ", ".join(f"{n} {t}" for t, n in counts.items())
-            )
+            say("hq: sample data " + ", ".join(f"{n} {t}" for t, n in counts.items()))
         engine.dispose()
         init_node(
             directory / name / "mailsync.toml",

@@ -34,7 +34,11 @@ def customer(i: int, name: str = "Müller & Söhne", city: str = "koeln") -> dic
 def cluster(tmp_path: Path, db_url: str) -> Iterator[Cluster]:
     c = Cluster(tmp_path, db_url)
     c.execute("hq", customers.insert(), [customer(i) for i in range(1, 21)])
-    c.execute("hq", invoices.insert(), [{"id": i, "customer_id": i, "total": Decimal("9.99")} for i in range(1, 11)])
+    c.execute(
+        "hq",
+        invoices.insert(),
+        [{"id": i, "customer_id": i, "total": Decimal("9.99")} for i in range(1, 11)],
+    )
     yield c
     c.close()
 
@@ -56,7 +60,16 @@ def test_values_arrive_exactly(cluster: Cluster) -> None:
     all_rules(cluster)
     cluster.sync("hq", "koeln")
     row = cluster.rows("koeln", customers)[0]
-    assert row == (1, "Müller & Söhne", "koeln", Decimal("1250.50"), dt.date(2020, 1, 31), True, T0, b"\x89PNG\x00\xff")
+    assert row == (
+        1,
+        "Müller & Söhne",
+        "koeln",
+        Decimal("1250.50"),
+        dt.date(2020, 1, 31),
+        True,
+        T0,
+        b"\x89PNG\x00\xff",
+    )
 
 
 def test_relay_among_three_stations_without_echo(tmp_path: Path, db_url: str) -> None:
@@ -65,7 +78,9 @@ def test_relay_among_three_stations_without_echo(tmp_path: Path, db_url: str) ->
         all_rules(c)
         c.sync("hq", "koeln", "berlin", "muenchen")
         c.execute("koeln", customers.insert(), customer(501, "Köln neu"))
-        c.execute("berlin", notes.insert(), {"owner": "berlin", "topic": "Öffnungszeiten", "body": "8–18"})
+        c.execute(
+            "berlin", notes.insert(), {"owner": "berlin", "topic": "Öffnungszeiten", "body": "8–18"}
+        )
         c.converge()
         assert c.agree()
         assert len(c.rows("muenchen", customers)) == 1
@@ -89,7 +104,9 @@ def test_each_rule_flag_in_each_direction(
     letter = op[0].upper()
     ops = "IUD" if allowed else "IUD".replace(letter, "")
     down, up = (ops, "IUD") if direction == "down" else ("IUD", ops)
-    cluster.host.add_rule("customers", down=down if letter != "I" or direction == "up" else "IUD", up=up)
+    cluster.host.add_rule(
+        "customers", down=down if letter != "I" or direction == "up" else "IUD", up=up
+    )
     cluster.sync("hq", "koeln", "berlin")
     if letter == "I" and direction == "down":
         # the initial load needs down-insert; change the rule after it
@@ -99,12 +116,16 @@ def test_each_rule_flag_in_each_direction(
     if letter == "I":
         cluster.execute(source, customers.insert(), customer(700, "Neu"))
     elif letter == "U":
-        cluster.execute(source, update(customers).where(customers.c.id == 3).values(name="Geändert"))
+        cluster.execute(
+            source, update(customers).where(customers.c.id == 3).values(name="Geändert")
+        )
     else:
         cluster.execute(source, delete(customers).where(customers.c.id == 4))
     cluster.sync(source, target)
     rows = {r[0]: r for r in cluster.rows(target, customers)}
-    arrived = {"I": 700 in rows, "U": rows.get(3, (0, ""))[1] == "Geändert", "D": 4 not in rows}[letter]
+    arrived = {"I": 700 in rows, "U": rows.get(3, (0, ""))[1] == "Geändert", "D": 4 not in rows}[
+        letter
+    ]
     assert arrived == allowed
 
 
@@ -119,8 +140,9 @@ def test_remote_refuses_what_its_rules_do_not_allow(cluster: Cluster) -> None:
 
     cluster.execute("hq", notes.insert(), {"owner": "hq", "topic": "x", "body": "y"})
     cluster.host.add_rule("notes", down="IUD", up="")
-    plan = LinkPlan("hq", "koeln", "down", {"notes": Rule("notes", "*", "IUD", "")},
-                    initial_loads=["notes"])
+    plan = LinkPlan(
+        "hq", "koeln", "down", {"notes": Rule("notes", "*", "IUD", "")}, initial_loads=["notes"]
+    )
     with cluster.engines["hq"].begin() as conn:
         conn.execute(update(links).where(links.c.peer == "koeln").values(rules_hash="x"))
     built = build_for_link(cluster.host.engine, cluster.host.codec, plan, 10**9, 100)
@@ -128,7 +150,9 @@ def test_remote_refuses_what_its_rules_do_not_allow(cluster: Cluster) -> None:
     cluster.sync("hq", "koeln")
     assert cluster.rows("koeln", notes) == []
     with cluster.engines["koeln"].connect() as conn:
-        refused = conn.execute(select(log.c.message).where(log.c.event == "refused")).scalars().all()
+        refused = (
+            conn.execute(select(log.c.message).where(log.c.event == "refused")).scalars().all()
+        )
     assert any("notes" in m for m in refused)
 
 
@@ -159,7 +183,9 @@ def test_changes_coalesce_and_primary_key_moves(cluster: Cluster) -> None:
     all_rules(cluster)
     cluster.sync("hq", "koeln")
     for i in range(10):
-        cluster.execute("hq", update(customers).where(customers.c.id == 5).values(credit=Decimal(i)))
+        cluster.execute(
+            "hq", update(customers).where(customers.c.id == 5).values(credit=Decimal(i))
+        )
     cluster.execute("hq", notes.insert(), {"owner": "a", "topic": "b", "body": "c"})
     cluster.execute("hq", update(notes).values(topic="moved"))
     cluster.execute("hq", customers.insert(), customer(99))
@@ -229,3 +255,53 @@ def test_unknown_table_and_keyless_table_are_refused(cluster: Cluster) -> None:
     with pytest.raises(RuleError, match="row filter"):
         cluster.host.add_rule("customers", down="IUD", up="", row_filter="no_such_col = :station")
     assert cluster.host.rules() == []
+
+
+def test_over_maildir_with_stray_mail_set_aside(tmp_path: Path, db_url: str) -> None:
+    from mailsync.envelope import Codec, Header
+    from mailsync.message import Address, build_message
+    from mailsync.transport.maildir import deliver
+
+    c = Cluster(tmp_path, db_url, transport="maildir")
+    try:
+        all_rules(c)
+        c.execute("hq", customers.insert(), customer(1))
+        box = tmp_path / "mail" / "koeln@example.test"
+        deliver(box, b"From: spam@x\r\nSubject: offer\r\n\r\nbuy")
+        stranger = Header("mallory", "koeln", 1)
+        deliver(
+            box,
+            build_message(
+                stranger,
+                Address("mallory", "m@x"),
+                Address("koeln", "k@x"),
+                Codec().pack(stranger, b""),
+            ),
+        )
+        misrouted = Header("hq", "berlin", 1)
+        deliver(
+            box,
+            build_message(
+                misrouted,
+                Address("hq", "h@x"),
+                Address("berlin", "b@x"),
+                Codec().pack(misrouted, b""),
+            ),
+        )
+        c.sync("hq")
+        report = c.sync("koeln")["koeln"]
+        assert report.set_aside == 3 and len(report.applied) == 1
+        assert len(list((box / ".Unrecognized" / "cur").iterdir())) == 3
+        assert len(list((box / ".Processed" / "cur").iterdir())) == 1
+        assert not list((box / "new").iterdir()) and not list((box / "cur").iterdir())
+        with c.engines["koeln"].connect() as conn:
+            reasons = (
+                conn.execute(select(log.c.message).where(log.c.event == "rejected")).scalars().all()
+            )
+        assert any("not a mailsync message" in r for r in reasons)
+        assert any("unknown sender 'mallory'" in r for r in reasons)
+        assert any("addressed to 'berlin'" in r for r in reasons)
+        assert c.agree("customers", nodes=("hq", "koeln"))
+        assert "koeln" in {s.peer for s in c.host.status().links}
+    finally:
+        c.close()

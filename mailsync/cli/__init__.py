@@ -36,7 +36,7 @@ def _root(
         "--config",
         "-c",
         envvar="MAILSYNC_CONFIG",
-        help="The node's config file [default: ./mailsync.toml].",
+        help="The node's config file \\[default: ./mailsync.toml].",
         show_envvar=True,
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step to stderr."),
@@ -58,7 +58,7 @@ def main() -> None:
     try:
         app()
     except MailsyncError as exc:
-        err = Console(stderr=True, highlight=False)
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         if exc.hint:
             err.print(f"[yellow]hint:[/] {escape(exc.hint)}")

@@ -93,7 +93,9 @@ def _print_rules(rules: list, empty: str) -> None:  # type: ignore[type-arg]
     for col in ("table", "station", "down (host → remote)", "up (remote → host)", "row filter"):
         table.add_column(col)
     for r in rules:
-        table.add_row(r.table, r.station, describe_ops(r.down), describe_ops(r.up), r.row_filter or "")
+        table.add_row(
+            r.table, r.station, describe_ops(r.down), describe_ops(r.up), r.row_filter or ""
+        )
     console.print(table)
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from mailsync.config import config_path
 from mailsync.node import Node
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 @dataclass

@@ -9,7 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from mailsync.cli.common import console
-from mailsync.demo import run_demo
 
 
 def demo(
@@ -18,6 +17,8 @@ def demo(
     ),
 ) -> None:
     """Run a host and two stations on the sample data, over local mailboxes."""
+    from mailsync.demo import run_demo  # the sample data is only needed here
+
     result = run_demo(directory, lambda line: console.print(escape(line)))
     table = Table(title="after sync: rows / checksum per node", show_edge=False)
     table.add_column("table")
@@ -38,7 +39,8 @@ def demo(
         console.print("[bold red]the nodes do not agree[/]")
         raise typer.Exit(1)
     console.print(
-        f"all three databases agree. Nodes, databases and mailboxes: {escape(str(result.directory))}"
+        "all three databases agree. Nodes, databases and mailboxes: "
+        f"{escape(str(result.directory))}"
     )
 
 

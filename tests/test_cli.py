@@ -1,0 +1,271 @@
+"""The command line, run as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCHEMA = """
+CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, credit NUMERIC(12,2));
+CREATE TABLE keyless (a INTEGER, b TEXT);
+"""
+
+
+def mailsync(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailsync", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd)},
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Non-zero exit, one error line that says what, no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A host and a station folder, each with an application database."""
+    for name in ("hq", "koeln"):
+        (tmp_path / name).mkdir()
+        with sqlite3.connect(tmp_path / name / "app.db") as conn:
+            conn.executescript(SCHEMA)
+    with sqlite3.connect(tmp_path / "hq" / "app.db") as conn:
+        conn.execute("INSERT INTO customers VALUES (1, 'Müller', 10.5)")
+    return tmp_path
+
+
+def init_both(site: Path) -> None:
+    mailsync(
+        "init",
+        "host",
+        "--id",
+        "hq",
+        "--db",
+        "sqlite:///app.db",
+        "--address",
+        "hq@x.test",
+        "--mail",
+        "maildir:../mail",
+        cwd=site / "hq",
+    )
+    mailsync(
+        "init",
+        "remote",
+        "--id",
+        "koeln",
+        "--db",
+        "sqlite:///app.db",
+        "--address",
+        "koeln@x.test",
+        "--mail",
+        "maildir:../mail",
+        "--host-id",
+        "hq",
+        "--host-address",
+        "hq@x.test",
+        cwd=site / "koeln",
+    )
+
+
+def test_a_station_converges_through_the_cli(site: Path) -> None:
+    init_both(site)
+    hq, koeln = site / "hq", site / "koeln"
+    mailsync("station", "add", "koeln", "--email", "koeln@x.test", "--label", "Köln", cwd=hq)
+    out = mailsync("table", "add", "customers", "--up", "insert,update", cwd=hq).stdout
+    assert "down insert,update,delete, up insert,update" in out
+    assert "number range" in out  # warned: integer keys created offline collide
+    assert "customers" in mailsync("table", "list", cwd=hq).stdout
+    assert "koeln@x.test" in mailsync("station", "list", cwd=hq).stdout
+    assert "customers" in mailsync("station", "show", "koeln", cwd=hq).stdout
+    assert "sent 1 message" in mailsync("sync", cwd=hq).stdout
+    assert "applied 1 changeset(s) / 1 row(s)" in mailsync("sync", cwd=koeln).stdout
+    with sqlite3.connect(koeln / "app.db") as conn:
+        conn.execute("INSERT INTO customers VALUES (500, 'Łódź', 1)")
+    mailsync("sync", cwd=koeln)
+    mailsync("sync", cwd=hq)
+    with sqlite3.connect(hq / "app.db") as conn:
+        assert conn.execute("SELECT name FROM customers WHERE id = 500").fetchone() == ("Łódź",)
+    status = mailsync("status", cwd=hq).stdout
+    assert "hq (host)" in status and "koeln" in status
+    assert "hq (remote)" not in status
+    assert "koeln (remote)" in mailsync("status", cwd=koeln).stdout
+    # MAILSYNC_CONFIG selects a node from anywhere
+    env_proc = subprocess.run(
+        [sys.executable, "-m", "mailsync", "status"],
+        cwd=site,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "MAILSYNC_CONFIG": str(hq / "mailsync.toml")},
+        check=True,
+    )
+    assert "hq (host)" in env_proc.stdout
+    mailsync("table", "remove", "customers", cwd=hq)
+    mailsync("station", "remove", "koeln", "--yes", cwd=hq)
+    assert "no stations" in mailsync("station", "list", cwd=hq).stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("status",), ("no config file at mailsync.toml",)),
+        (("--config", "nope.toml", "sync"), ("no config file at nope.toml",)),
+        (("table", "add", "nope"), ("'nope' does not exist",)),
+        (("table", "add", "keyless"), ("no primary key",)),
+        (("table", "add", "customers", "--filter", "region = :station"), ("row filter", "region")),
+        (
+            ("table", "add", "customers", "--down", "insert,upsert"),
+            ("'upsert' is not an operation",),
+        ),
+        (("table", "add", "customers", "--station", "ghost"), ("no station 'ghost'",)),
+        (("station", "add", "Bad Name", "--email", "x@y.test"), ("station id 'Bad Name'",)),
+        (("station", "add", "k2", "--email", "not-an-address"), ("not an e-mail address",)),
+        (("station", "remove", "ghost", "--yes"), ("no station 'ghost'",)),
+    ],
+)
+def test_bad_input_gets_one_clear_line(
+    site: Path, args: tuple[str, ...], needles: tuple[str, ...]
+) -> None:
+    hq = site / "hq"
+    if args[0] != "status":
+        mailsync(
+            "init",
+            "host",
+            "--id",
+            "hq",
+            "--db",
+            "sqlite:///app.db",
+            "--address",
+            "hq@x.test",
+            cwd=hq,
+        )
+    assert_clean_error(mailsync(*args, cwd=hq, ok=False), *needles)
+
+
+def test_bad_config_files(site: Path) -> None:
+    hq = site / "hq"
+    cfg = hq / "mailsync.toml"
+    cfg.write_text("[node\nid = 1")
+    assert_clean_error(mailsync("status", cwd=hq, ok=False), "not valid TOML")
+    cfg.write_text('[node]\nid = "hq"\nrole = "boss"\ndatabase = "sqlite:///app.db"\n')
+    assert_clean_error(mailsync("status", cwd=hq, ok=False), "role must be 'host' or 'remote'")
+    cfg.write_text('[node]\nid = "hq"\nrole = "host"\n')
+    assert_clean_error(mailsync("status", cwd=hq, ok=False), "missing setting 'database'")
+    cfg.write_text(
+        '[node]\nid = "hq"\nrole = "host"\ndatabase = "sqlite:///missing/dir/x.db"\n'
+        '[mailbox]\naddress = "hq@x.test"\nsend = "maildir:m"\nreceive = "maildir:m"\n'
+    )
+    assert_clean_error(mailsync("status", cwd=hq, ok=False), "cannot open the database")
+    cfg.write_text(
+        '[node]\nid = "hq"\nrole = "host"\ndatabase = "nosuchdb://x"\n'
+        '[mailbox]\naddress = "hq@x.test"\nsend = "maildir:m"\nreceive = "maildir:m"\n'
+    )
+    assert_clean_error(mailsync("status", cwd=hq, ok=False), "nosuchdb")
+
+
+def test_init_refuses_and_leaves_nothing_half_written(site: Path) -> None:
+    hq = site / "hq"
+    proc = mailsync(
+        "init",
+        "host",
+        "--id",
+        "hq",
+        "--db",
+        "sqlite:///no/such/dir.db",
+        "--address",
+        "hq@x.test",
+        cwd=hq,
+        ok=False,
+    )
+    assert_clean_error(proc, "cannot open the database")
+    assert not (hq / "mailsync.toml").exists()
+    assert [p.name for p in hq.iterdir()] == ["app.db"]
+    mailsync(
+        "init", "host", "--id", "hq", "--db", "sqlite:///app.db", "--address", "hq@x.test", cwd=hq
+    )
+    again = mailsync(
+        "init",
+        "host",
+        "--id",
+        "hq",
+        "--db",
+        "sqlite:///app.db",
+        "--address",
+        "hq@x.test",
+        cwd=hq,
+        ok=False,
+    )
+    assert_clean_error(again, "already exists")
+    other = mailsync(
+        "--config",
+        "other.toml",
+        "init",
+        "host",
+        "--id",
+        "hq2",
+        "--db",
+        "sqlite:///app.db",
+        "--address",
+        "hq2@x.test",
+        cwd=hq,
+        ok=False,
+    )
+    assert_clean_error(other, "already belongs to node 'hq'")
+    remote = mailsync(
+        "--config",
+        "r.toml",
+        "init",
+        "remote",
+        "--id",
+        "k",
+        "--db",
+        "sqlite:///r.db",
+        "--address",
+        "k@x.test",
+        cwd=hq,
+        ok=False,
+    )
+    assert_clean_error(remote, "--host-id")
+
+
+def test_station_commands_on_a_remote_are_refused(site: Path) -> None:
+    init_both(site)
+    proc = mailsync("station", "add", "x", "--email", "x@x.test", cwd=site / "koeln", ok=False)
+    assert_clean_error(proc, "is a remote")
+
+
+def test_every_command_has_help(site: Path) -> None:
+    for args in (
+        (),
+        ("init",),
+        ("sync",),
+        ("status",),
+        ("demo",),
+        ("station",),
+        ("station", "add"),
+        ("station", "list"),
+        ("station", "show"),
+        ("station", "remove"),
+        ("table",),
+        ("table", "add"),
+        ("table", "list"),
+        ("table", "remove"),
+    ):
+        out = mailsync(*args, "--help", cwd=site).stdout
+        assert "Usage" in out, args
