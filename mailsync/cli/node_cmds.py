@@ -42,7 +42,7 @@ def init(
     path = config_path(state.config)
     cfg = init_node(
         path,
-        role=role.value,  # type: ignore[arg-type]
+        role=role.value,
         node_id=node_id,
         database=db,
         address=address,
