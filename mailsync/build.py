@@ -183,7 +183,7 @@ class _Builder:
         table = self.table(name)
         order = list(table.primary_key.columns)
         query = self.scoped_select(table, name).order_by(*order)
-        result = self.conn.execution_options(yield_per=self.batch).execute(query)
+        result = self.conn.execute(query, execution_options={"yield_per": self.batch})
         for part in result.partitions():
             self.write(name, "I", [r for r in part if r[-1]])
 
@@ -213,7 +213,7 @@ class _Builder:
             .join(first, changes.c.id == first.c.first)
             .order_by(changes.c.id)
         )
-        result = self.conn.execution_options(yield_per=self.batch).execute(query)
+        result = self.conn.execute(query, execution_options={"yield_per": self.batch})
         for part in _chunks(iter(result), self.batch):
             keyed = [
                 (coerce_key(json.loads(pk, parse_float=Decimal), pk_cols), op) for pk, op in part

@@ -37,7 +37,7 @@ def table_checksum(conn: Connection, name: str, batch: int = 5000) -> TableCheck
     query = select(*table.columns).order_by(*table.primary_key.columns)
     digest = hashlib.sha256()
     count = 0
-    result = conn.execution_options(yield_per=batch).execute(query)
+    result = conn.execute(query, execution_options={"yield_per": batch})
     for row in result:
         digest.update(pack([_normal(v) for v in row]))
         count += 1

@@ -120,10 +120,10 @@ def test_each_rule_flag_in_each_direction(
             source, update(customers).where(customers.c.id == 3).values(name="Geändert")
         )
     else:
-        cluster.execute(source, delete(customers).where(customers.c.id == 4))
+        cluster.execute(source, delete(customers).where(customers.c.id == 14))
     cluster.sync(source, target)
     rows = {r[0]: r for r in cluster.rows(target, customers)}
-    arrived = {"I": 700 in rows, "U": rows.get(3, (0, ""))[1] == "Geändert", "D": 4 not in rows}[
+    arrived = {"I": 700 in rows, "U": rows.get(3, (0, ""))[1] == "Geändert", "D": 14 not in rows}[
         letter
     ]
     assert arrived == allowed
