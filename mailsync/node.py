@@ -387,13 +387,15 @@ class Node:
             return
         with open_sender(self.config.mailbox.send, self._transport_context()) as tx:
             for peer, seq, address in pending:
-                with self.engine.begin() as conn:
+                with self.engine.connect() as conn:
                     blob = conn.execute(
                         select(outbox.c.blob).where(outbox.c.peer == peer, outbox.c.seq == seq)
                     ).scalar_one()
-                    header = read_header(blob, f"outbox #{seq} for {peer}")
-                    raw = build_message(header, me, Address(peer, address), blob)
-                    tx.send(me.email, address, raw)
+                header = read_header(blob, f"outbox #{seq} for {peer}")
+                # No transaction is held while the mail system works: sending
+                # twice after a crash here is harmless (the peer drops duplicates).
+                tx.send(me.email, address, build_message(header, me, Address(peer, address), blob))
+                with self.engine.begin() as conn:
                     conn.execute(
                         update(outbox)
                         .where(outbox.c.peer == peer, outbox.c.seq == seq)

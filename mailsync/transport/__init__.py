@@ -72,6 +72,25 @@ class Receiver(Protocol):
         """The message is not ours or not valid: move it out of the way."""
 
 
+class Session:
+    """Context-manager plumbing for transports: ``with`` opens, and
+    :meth:`close` (a no-op here) runs on the way out, error or not."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        return None
+
+
 @dataclass
 class TransportContext:
     """What a transport factory may need beyond its URL."""

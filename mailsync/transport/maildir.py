@@ -16,11 +16,10 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from mailsync.errors import ConfigError, TransportError
-from mailsync.transport import Incoming, TransportContext
+from mailsync.transport import Incoming, Session, TransportContext
 
 PROCESSED = ".Processed"
 UNRECOGNIZED = ".Unrecognized"
@@ -61,22 +60,11 @@ def deliver(maildir: Path, raw: bytes) -> str:
     return name
 
 
-class MaildirSender:
+class MaildirSender(Session):
     """Delivers into the recipient's Maildir in the post office."""
 
     def __init__(self, url: str, ctx: TransportContext) -> None:
         self._root = post_office(url, ctx)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
     def send(self, sender: str, recipient: str, raw: bytes) -> None:
         try:
@@ -87,7 +75,7 @@ class MaildirSender:
             ) from exc
 
 
-class MaildirReceiver:
+class MaildirReceiver(Session):
     """Reads this node's own Maildir in the post office."""
 
     def __init__(self, url: str, ctx: TransportContext) -> None:
@@ -102,12 +90,7 @@ class MaildirReceiver:
             raise TransportError(f"cannot open mailbox {self._box}: {exc.strerror}") from exc
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
         self._paths.clear()
 
     def fetch(self) -> Iterator[Incoming]:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
 from mailsync.errors import ConfigError
-from mailsync.transport import Incoming, TransportContext
+from mailsync.transport import Incoming, Session, TransportContext
 
 
 @dataclass
@@ -40,40 +38,18 @@ def _office(ctx: TransportContext) -> MemoryPostOffice:
     return ctx.memory
 
 
-class MemorySender:
+class MemorySender(Session):
     def __init__(self, url: str, ctx: TransportContext) -> None:
         self._office = _office(ctx)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
     def send(self, sender: str, recipient: str, raw: bytes) -> None:
         self._office.deliver(recipient, raw)
 
 
-class MemoryReceiver:
+class MemoryReceiver(Session):
     def __init__(self, url: str, ctx: TransportContext) -> None:
         self._office = _office(ctx)
         self._address = ctx.address
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
     def fetch(self) -> Iterator[Incoming]:
         box = self._office.boxes.get(self._address, {})
