@@ -20,18 +20,21 @@ def demo(
     from mailsync.demo import run_demo  # the sample data is only needed here
 
     result = run_demo(directory, lambda line: console.print(escape(line)))
-    table = Table(title="after sync: rows / checksum per node", show_edge=False)
-    table.add_column("table")
     nodes = list(result.checksums)
+    table = Table(title="after sync: rows and content checksum per node", show_edge=False)
+    table.add_column("table", no_wrap=True)
+    table.add_column("rows", justify="right", no_wrap=True)
     for node in nodes:
-        table.add_column(node)
-    table.add_column("agree")
+        table.add_column(f"checksum {node}", no_wrap=True)
+    table.add_column("agree", no_wrap=True)
     for name in result.checksums[nodes[0]]:
         cells = [result.checksums[n][name] for n in nodes]
         same = all(c == cells[0] for c in cells)
+        counts = {c.rows for c in cells}
         table.add_row(
             name,
-            *[f"{c.rows} / {c.digest}" for c in cells],
+            str(cells[0].rows) if len(counts) == 1 else " / ".join(str(c.rows) for c in cells),
+            *[c.digest[:12] for c in cells],
             "[green]yes[/]" if same else "[bold red]NO[/]",
         )
     console.print(table)
