@@ -22,13 +22,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture
 from mailsync.build import Direction, key_filter
-from mailsync.changeset import Control, RowBatch, TableDef, read_changeset
+from mailsync.changeset import Control, RowBatch, Source, TableDef, read_changeset
 from mailsync.db import reflect
 from mailsync.dialects import dialect_for
-from mailsync.envelope import Codec
+from mailsync.envelope import Header
 from mailsync.errors import ApplyError, MailsyncError, SchemaError
+from mailsync.keys import PublicKey
 from mailsync.rules import Rule, replace_rules
 from mailsync.schema import inbox, links, now
+from mailsync.trust import trust_key
 
 
 @dataclass
@@ -40,9 +42,11 @@ class Applied:
     rows: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     rules_received: bool = False
+    key_received: bool = False
 
 
 RulesFor = Callable[[Connection], dict[str, Rule]]
+Opener = Callable[[Connection, bytes, str], tuple[Header, Source]]
 
 
 class _Target:
@@ -99,7 +103,7 @@ class _Target:
 
 def apply_buffered(
     engine: Engine,
-    codec: Codec,
+    opener: Opener,
     *,
     me: str,
     peer: str,
@@ -122,14 +126,18 @@ def apply_buffered(
         with engine.begin() as conn:
             dialect = dialect_for(conn)
             dialect.begin_apply(conn, peer)
-            header, stream = codec.open(blob, origin)
+            header, stream = opener(conn, blob, origin)
             if header.sender != peer or header.recipient != me or header.seq != seq:
                 raise ApplyError(f"{origin}: header does not match the buffered entry")
             rules = rules_for(conn)
             targets: dict[int, _Target | None] = {}
             for record in read_changeset(stream, origin=origin):
                 if isinstance(record, Control):
-                    if record.kind == "rules" and accept_rules:
+                    if record.kind == "key":
+                        # signed with the key we trust now: the peer's next one
+                        trust_key(conn, peer, PublicKey.parse(str(record.payload)))
+                        result.key_received = True
+                    elif record.kind == "rules" and accept_rules:
                         received = [Rule.from_wire(r) for r in record.payload]
                         tables = replace_rules(conn, received)
                         capture.ensure_capture(conn, tables)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -46,6 +46,7 @@ from sqlalchemy import (
 from mailsync.changeset import ChangesetWriter, Op, TableDef
 from mailsync.db import dependency_order, reflect
 from mailsync.envelope import Codec, Header
+from mailsync.keys import PublicKey
 from mailsync.rules import Rule
 from mailsync.schema import changes, links, loads, now, outbox
 
@@ -63,6 +64,8 @@ class LinkPlan:
     send_rules: bool = False
     rules_hash: str | None = None
     initial_loads: list[str] = field(default_factory=list)
+    #: our new public key, when this peer has not been told about it yet
+    announce_key: PublicKey | None = None
 
     def ops(self, table: str) -> str:
         rule = self.rules.get(table)
@@ -245,16 +248,22 @@ def _key_of(row: Row[Any], table: Table) -> tuple[Any, ...]:
     return tuple(mapping[c.name] for c in table.primary_key.columns)
 
 
+Sealer = Callable[[Connection, Header, bytes], bytes]
+
+
 def build_for_link(
     engine: Engine,
     codec: Codec,
     plan: LinkPlan,
     horizon: int,
     batch_rows: int,
+    seal: Sealer,
 ) -> Built | None:
-    """Build, pack and queue the next changeset for ``plan.peer``.
+    """Build, seal and queue the next changeset for ``plan.peer``.
 
-    Returns None when there is nothing to send (the cursor still advances).
+    ``seal(conn, header, body)`` turns the compressed body into an envelope
+    for the peer. Returns None when there is nothing to send (the cursor
+    still advances).
     """
     with engine.begin() as conn:
         link = conn.execute(select(links).where(links.c.peer == plan.peer)).one()
@@ -264,6 +273,8 @@ def build_for_link(
         counter = _CountingSink(compressed)
         writer = ChangesetWriter(counter, {"from": plan.me, "to": plan.peer})
         builder = _Builder(conn, engine, plan, writer, batch_rows)
+        if plan.announce_key is not None:
+            writer.control("key", plan.announce_key.token())
         if plan.send_rules:
             writer.control("rules", [r.to_wire() for r in plan.rules.values()])
         names = [n for n in plan.rules if plan.ops(n)]
@@ -285,8 +296,14 @@ def build_for_link(
         summary = writer.close()
         compressed.close()  # type: ignore[no-untyped-call]  # ends the zstd frame; the buffer stays open
         seq = int(link.out_seq) + 1
+        values["out_seq"] = seq
+        if plan.announce_key is not None:
+            values["key_announced"] = plan.announce_key.key_id
+            values["key_announced_seq"] = seq
+        # the link row first: the sealer reads it to pick the signing key
+        conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
         header = Header(sender=plan.me, recipient=plan.peer, seq=seq, ack=int(link.in_seq))
-        blob = codec.pack(header, buffer.getvalue())
+        blob = seal(conn, header, buffer.getvalue())
         conn.execute(
             outbox.insert().values(
                 peer=plan.peer,
@@ -297,6 +314,4 @@ def build_for_link(
                 created_at=now(),
             )
         )
-        values["out_seq"] = seq
-        conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
         return Built(plan.peer, seq, summary.rows, counter.count, len(blob))

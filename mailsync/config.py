@@ -2,7 +2,9 @@
 
 Everything mailsync must *remember* lives in the database; the config file
 says who this node is and where things are: node id and role, database URL,
-mailbox URLs and address, and (on a remote) the host's id and address.
+mailbox URLs and address. Who the host is, and every peer's public key,
+is state: a remote learns it by ``mailsync join BUNDLE`` and keeps it in its
+database. The private keys are in a key file beside the config.
 Relative paths (a SQLite file, a ``maildir:`` post office) are resolved from
 the folder that holds the config file, so a node folder can be moved whole.
 
@@ -24,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from mailsync.errors import ConfigError
+from mailsync.keys import DEFAULT_GRACE_DAYS
 
 DEFAULT_CONFIG = "mailsync.toml"
 CONFIG_ENV = "MAILSYNC_CONFIG"
@@ -66,10 +69,9 @@ class NodeConfig:
     role: Role
     database: str
     mailbox: MailboxConfig
-    host_id: str | None = None
-    host_address: str | None = None
     compression_level: int = DEFAULT_COMPRESSION_LEVEL
     batch_rows: int = DEFAULT_BATCH_ROWS
+    key_grace_days: int = DEFAULT_GRACE_DAYS
 
     @property
     def base_dir(self) -> Path:
@@ -145,6 +147,9 @@ def load_config(path: Path) -> NodeConfig:
     batch = _get(node, "batch_rows", int, where, DEFAULT_BATCH_ROWS)
     if batch < 1:
         raise ConfigError(f"{where}: batch_rows must be at least 1")
+    grace = _get(node, "key_grace_days", int, where, DEFAULT_GRACE_DAYS)
+    if grace < 0:
+        raise ConfigError(f"{where}: key_grace_days must not be negative")
 
     box = data.get("mailbox")
     if not isinstance(box, dict):
@@ -156,24 +161,15 @@ def load_config(path: Path) -> NodeConfig:
         receive=_get(box, "receive", str, where),
         keep_processed=_get(box, "keep_processed", bool, where, True),
     )
-    host_id = host_address = None
-    if role == "remote":
-        host = data.get("host")
-        if not isinstance(host, dict):
-            raise ConfigError(f"{path}: a remote needs a [host] section (id, address)")
-        where = f"{path} [host]"
-        host_id = check_node_id(_get(host, "id", str, where), f"{where} id")
-        host_address = check_email(_get(host, "address", str, where), f"{where} address")
     return NodeConfig(
         path=path,
         node_id=node_id,
         role=role,
         database=database,
         mailbox=mailbox,
-        host_id=host_id,
-        host_address=host_address,
         compression_level=level,
         batch_rows=batch,
+        key_grace_days=grace,
     )
 
 
@@ -189,8 +185,6 @@ def render_config(
     database: str,
     address: str,
     mail: str,
-    host_id: str | None = None,
-    host_address: str | None = None,
 ) -> str:
     """The text of a new, commented config file."""
     lines = [
@@ -204,6 +198,8 @@ def render_config(
         f"database = {_q(database)}    # any SQLAlchemy URL",
         f"compression_level = {DEFAULT_COMPRESSION_LEVEL}   # zstd level, 1-22",
         f"batch_rows = {DEFAULT_BATCH_ROWS}          # rows per batch when building/applying",
+        f"key_grace_days = {DEFAULT_GRACE_DAYS}        # replaced keys still open mail this long",
+        "# private keys: the .key file beside this one (owner-only, 0600)",
         "",
         "[mailbox]",
         f"address = {_q(address)}   # this node's e-mail address",
@@ -212,11 +208,4 @@ def render_config(
         f"receive = {_q(mail)}",
         "keep_processed = true    # move processed mail to .Processed (false: delete)",
     ]
-    if role == "remote":
-        lines += [
-            "",
-            "[host]",
-            f"id = {_q(host_id or '')}",
-            f"address = {_q(host_address or '')}",
-        ]
     return "\n".join(lines) + "\n"

@@ -82,25 +82,34 @@ def run_demo(
             database=f"sqlite:///{name}.db",
             address=f"{name}@{DOMAIN}",
             mail="maildir:../mail",
-            host_id=None if name == "hq" else "hq",
-            host_address=None if name == "hq" else f"hq@{DOMAIN}",
         )
     nodes = {name: Node.open(directory / name / "mailsync.toml") for name in NODES}
     try:
         hq = nodes["hq"]
-        hq.add_station("koeln", f"koeln@{DOMAIN}", "Filiale Köln")
-        hq.add_station("berlin", f"berlin@{DOMAIN}", "Filiale Berlin")
+        for name, label in (("koeln", "Filiale Köln"), ("berlin", "Filiale Berlin")):
+            # enrollment, first way: the station made its keys, the host
+            # learns its public key and the station the host's (a bundle)
+            _, bundle = hq.add_station(name, f"{name}@{DOMAIN}", label, key=nodes[name].public_key)
+            nodes[name].join(bundle)
+        say(
+            f"hq: key {hq.public_key.key_id}; stations koeln "
+            f"(key {nodes['koeln'].public_key.key_id}) and berlin "
+            f"(key {nodes['berlin'].public_key.key_id}) enrolled"
+        )
         hq.add_rule("customers", down="IUD", up="IU")
         hq.add_rule("articles", down="IUD", up="")
         hq.add_rule("invoices", down="IUD", up="I")
         hq.add_rule("invoice_lines", down="IUD", up="I")
-        say("hq: stations koeln and berlin; rules for customers, articles, invoices, lines")
+        say("hq: rules for customers, articles, invoices, invoice_lines")
 
         def sync(name: str) -> CycleReport:
             report = nodes[name].sync()
+            raw = sum(b.raw_size for b in report.built)
+            sealed = sum(b.size for b in report.built)
+            size = f" ({raw:,} bytes raw → {sealed:,} sealed)" if report.built else ""
             say(
                 f"sync {name:<6}: received {report.received}, applied {report.rows_applied} rows, "
-                f"sent {report.sent} message(s) with {report.rows_sent} rows"
+                f"sent {report.sent} message(s) with {report.rows_sent} rows{size}"
             )
             return report
 

@@ -1,35 +1,55 @@
-"""Envelopes: a changeset packed for one recipient, behind a small clear header.
+"""Envelopes: a changeset sealed for one recipient, behind a small clear header.
 
-The clear header holds only what routing needs before the body is opened:
-format version, sender, recipient, link sequence, part i of n and the
-sender's ack (the highest sequence it has applied from the recipient). The
-body is the zstd-compressed changeset.
+The clear header holds only what routing needs before anything is opened:
+format version, sender, recipient, link sequence, part i of n, the sender's
+ack (the highest sequence it has applied from the recipient), the id of the
+recipient key it is encrypted for, and the ephemeral public key. Nothing in
+it names a table, a column or a value.
 
-Layout (all integers big-endian)::
+Sealing (DESIGN §6), with the ``cryptography`` package's primitives only:
 
-    b"MSYE" | u8 envelope version | u32 header length | header (msgpack) | body
+- the body is the zstd-compressed changeset;
+- a fresh X25519 key pair per message agrees a secret with the recipient's
+  static X25519 key; HKDF-SHA256 turns it into a ChaCha20-Poly1305 key
+  (unique per message, so a fixed nonce is safe);
+- the prefix and clear header are the AEAD's associated data: changing any
+  byte of them fails decryption;
+- the sender signs prefix, header and ciphertext with Ed25519; the signature
+  is checked before anything else is trusted.
 
-This version is the unsealed one: sealing (X25519 + HKDF + AEAD with the
-header as associated data, Ed25519 signature) replaces the body encoding in
-the next envelope version without changing the header or any caller.
+Layout (integers big-endian)::
+
+    b"MSYE" | u8 version | u32 header length | header (msgpack) | ciphertext | signature (64)
 """
 
 from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 import zstandard
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mailsync.changeset import Source, pack, unpack
 from mailsync.errors import MessageError
+from mailsync.keys import KeyRing, PublicKey
 
 MAGIC = b"MSYE"
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
 _PREFIX = struct.Struct(">4sBI")
 _MAX_HEADER = 64 * 1024
+_SIG = 64
+_TAG = 16  # Poly1305
+_NONCE = bytes(12)  # the key is unique per message
+_INFO = b"mailsync envelope v2"
 DEFAULT_LEVEL = 3
 
 
@@ -44,6 +64,9 @@ class Header:
     part: int = 1
     parts: int = 1
     version: int = ENVELOPE_VERSION
+    key_id: str = ""
+    eph: bytes = b""
+    length: int = 0  # of the ciphertext: a cut envelope is told from an altered one
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -54,6 +77,9 @@ class Header:
             "ack": self.ack,
             "part": self.part,
             "parts": self.parts,
+            "kid": self.key_id,
+            "eph": self.eph,
+            "len": self.length,
         }
 
     @classmethod
@@ -67,16 +93,21 @@ class Header:
                 part=int(data["part"]),
                 parts=int(data["parts"]),
                 version=int(data["v"]),
+                key_id=str(data["kid"]),
+                eph=data["eph"],
+                length=int(data["len"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError(f"{origin}: envelope header is malformed") from exc
+        if not isinstance(header.eph, bytes):
+            raise MessageError(f"{origin}: envelope header is malformed")
         if header.seq < 0 or header.ack < 0 or not 1 <= header.part <= header.parts:
             raise MessageError(f"{origin}: envelope header has impossible numbers")
         return header
 
 
 class Codec:
-    """Packs and opens envelopes; holds the reusable zstd contexts.
+    """Seals and opens envelopes; holds the reusable zstd contexts.
 
     One compressor per node, not per message: a fresh ``ZstdCompressor`` costs
     several times the compression of a small changeset (PERF-FACTS). Bodies
@@ -92,17 +123,75 @@ class Codec:
         """A stream that compresses what is written to it into ``sink``."""
         return self._compressor.stream_writer(sink, closefd=False)
 
-    def pack(self, header: Header, body: bytes) -> bytes:
-        """An envelope from a header and a body made by :meth:`body_writer`."""
-        head = pack(header.to_wire())
-        return _PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(head)) + head + body
+    def seal(
+        self, header: Header, body: bytes, recipient: PublicKey, signer: Ed25519PrivateKey
+    ) -> bytes:
+        """An envelope for ``recipient`` from a body made by :meth:`body_writer`."""
+        eph = X25519PrivateKey.generate()
+        eph_pub = eph.public_key().public_bytes_raw()
+        sealed = replace(
+            header,
+            key_id=recipient.key_id,
+            eph=eph_pub,
+            version=ENVELOPE_VERSION,
+            length=len(body) + _TAG,
+        )
+        head = pack(sealed.to_wire())
+        clear = _PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(head)) + head
+        key = _derive(eph.exchange(recipient.encryption_key()), eph_pub, recipient.enc)
+        ciphertext = ChaCha20Poly1305(key).encrypt(_NONCE, body, clear)
+        signed = clear + ciphertext
+        return signed + signer.sign(signed)
 
-    def open(self, blob: bytes, origin: str) -> tuple[Header, Source]:
-        """The header and a stream of the changeset, or MessageError."""
+    def verify(self, blob: bytes, origin: str, sender_keys: Sequence[PublicKey]) -> Header:
+        """The header, once the signature checks out with one of ``sender_keys``."""
         header = read_header(blob, origin)
-        body = io.BytesIO(blob[_PREFIX.size + _header_length(blob) :])
-        reader = self._decompressor.stream_reader(body, closefd=False)
+        expected = _clear_length(blob) + header.length + _SIG
+        if len(blob) < expected:
+            raise MessageError(f"{origin}: envelope is truncated")
+        if len(blob) > expected:
+            raise MessageError(f"{origin}: envelope has extra bytes")
+        if not sender_keys:
+            raise MessageError(f"{origin}: no key known for sender {header.sender!r}")
+        signed, signature = blob[:-_SIG], blob[-_SIG:]
+        for key in sender_keys:
+            try:
+                key.verification_key().verify(signature, signed)
+                return header
+            except InvalidSignature:
+                continue
+        raise MessageError(f"{origin}: bad signature (not from {header.sender}, or altered)")
+
+    def open(
+        self, blob: bytes, origin: str, ring: KeyRing, sender_keys: Sequence[PublicKey]
+    ) -> tuple[Header, Source]:
+        """Verify, decrypt and return the header and a stream of the changeset."""
+        header = self.verify(blob, origin, sender_keys)
+        pair = ring.by_id(header.key_id)
+        if pair is None:
+            raise MessageError(
+                f"{origin}: sealed for key {header.key_id}, which this node does not hold "
+                "(an old key past its grace period, or another node's)"
+            )
+        clear = blob[: _clear_length(blob)]
+        try:
+            eph = X25519PublicKey.from_public_bytes(header.eph)
+            key = _derive(pair.enc.exchange(eph), header.eph, pair.public.enc)
+            body = ChaCha20Poly1305(key).decrypt(_NONCE, blob[len(clear) : -_SIG], clear)
+        except (InvalidTag, ValueError) as exc:
+            raise MessageError(f"{origin}: envelope does not decrypt") from exc
+        reader = self._decompressor.stream_reader(io.BytesIO(body), closefd=False)
         return header, _CheckedReader(reader, origin)
+
+
+def _derive(shared: bytes, eph_pub: bytes, recipient_pub: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=eph_pub + recipient_pub, info=_INFO
+    ).derive(shared)
+
+
+def _clear_length(blob: bytes) -> int:
+    return _PREFIX.size + int(_PREFIX.unpack_from(blob)[2])
 
 
 class _CheckedReader:
@@ -117,10 +206,6 @@ class _CheckedReader:
             return self._inner.read(size)  # type: ignore[no-any-return]
         except zstandard.ZstdError as exc:
             raise MessageError(f"{self._origin}: envelope body is corrupt ({exc})") from exc
-
-
-def _header_length(blob: bytes) -> int:
-    return int(_PREFIX.unpack_from(blob)[2])
 
 
 def read_header(blob: bytes, origin: str) -> Header:

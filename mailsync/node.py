@@ -26,10 +26,11 @@ from typing import Any, Self
 from sqlalchemy import Connection, Engine, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture
+from mailsync import capture, trust
 from mailsync import rules as rules_mod
 from mailsync.apply import Applied, apply_buffered
 from mailsync.build import Built, Direction, LinkPlan, build_for_link
+from mailsync.changeset import Source
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -41,9 +42,11 @@ from mailsync.config import (
 )
 from mailsync.db import check_connection, describe_db_error, open_engine, redact
 from mailsync.dialects import dialect_for
-from mailsync.envelope import Codec, read_header
+from mailsync.enroll import Bundle
+from mailsync.envelope import Codec, Header, read_header
 from mailsync.errors import ApplyError, ConfigError, DatabaseError, MailsyncError, MessageError
 from mailsync.journal import Journal
+from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
 from mailsync.message import Address, build_message, extract_envelope, is_mailsync
 from mailsync.schema import (
     changes,
@@ -110,14 +113,18 @@ class Status:
     capture_missing: list[str]
     set_aside: int
     errors: int
+    key_id: str
 
 
 class Node:
     """One mailsync installation: its config, database and mailbox."""
 
-    def __init__(self, config: NodeConfig, engine: Engine, *, memory: object | None = None) -> None:
+    def __init__(
+        self, config: NodeConfig, engine: Engine, ring: KeyRing, *, memory: object | None = None
+    ) -> None:
         self.config = config
         self.engine = engine
+        self.ring = ring
         self.memory = memory
         self.codec = Codec(config.compression_level)
         self.journal = Journal(engine, config.node_id)
@@ -132,6 +139,7 @@ class Node:
     ) -> Node:
         """Open a node from its config (a NodeConfig, a path, or the default)."""
         cfg = config if isinstance(config, NodeConfig) else load_config(config_path(config))
+        ring = load_keyring(key_path(cfg.path), cfg.node_id)
         engine = open_engine(cfg.database)
         try:
             check_connection(engine)
@@ -147,7 +155,7 @@ class Node:
                 f"{cfg.path}: database {redact(engine)} belongs to {role} {owner!r}, "
                 f"not to {cfg.role} {cfg.node_id!r}"
             )
-        return cls(cfg, engine, memory=memory)
+        return cls(cfg, engine, ring, memory=memory)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -188,6 +196,30 @@ class Node:
     def _rules_for(self, peer: str) -> Any:
         station = peer if self.is_host else None
         return lambda conn: rules_mod.effective_rules(conn, station)
+
+    def _sender_keys(self, conn: Connection, peer: str) -> list[PublicKey]:
+        return trust.usable_keys(conn, peer, self.config.key_grace_days)
+
+    def _open(self, conn: Connection, blob: bytes, origin: str) -> tuple[Header, Source]:
+        """Verify and decrypt a buffered envelope (again: the buffer is just a table)."""
+        header = read_header(blob, origin)
+        return self.codec.open(blob, origin, self.ring, self._sender_keys(conn, header.sender))
+
+    def _seal(self, conn: Connection, header: Header, body: bytes) -> bytes:
+        """Encrypt for the peer's current key; sign with our old key until the
+        peer has acknowledged the message that announced our new one."""
+        peer = trust.current_key(conn, header.recipient)
+        if peer is None:
+            raise ConfigError(
+                f"no public key for {header.recipient!r}",
+                hint="enroll it again (`mailsync station add --key` / `mailsync join`)",
+            )
+        link = conn.execute(select(links).where(links.c.peer == header.recipient)).one()
+        signer = self.ring.current.sign
+        previous = self.ring.usable_previous(self.config.key_grace_days)
+        if previous and link.acked_seq < link.key_announced_seq:
+            signer = previous[0].sign
+        return self.codec.seal(header, body, peer, signer)
 
     @property
     def _inbound(self) -> Direction:
@@ -235,6 +267,7 @@ class Node:
                         ).first()
                         if link is None:
                             raise MessageError(f"{where}: unknown sender {header.sender!r}")
+                        self.codec.verify(blob, where, self._sender_keys(conn, header.sender))
                         duplicate = self._buffer(conn, link, header.seq, header.ack, blob)
                 except MessageError as exc:
                     rx.set_aside(msg.id, str(exc))
@@ -291,7 +324,7 @@ class Node:
                 try:
                     applied = apply_buffered(
                         self.engine,
-                        self.codec,
+                        self._open,
                         me=me,
                         peer=peer,
                         seq=seq,
@@ -320,8 +353,10 @@ class Node:
 
     def _plans(self, conn: Connection) -> list[LinkPlan]:
         me = self.config.node_id
+        mine = self.ring.current.public
         plans = []
         for link in conn.execute(select(links).order_by(links.c.peer)).all():
+            announce = None if link.key_announced == mine.key_id else mine
             if self.is_host:
                 effective = rules_mod.effective_rules(conn, link.peer)
                 digest = rules_mod.rules_hash(effective)
@@ -340,10 +375,19 @@ class Node:
                         initial_loads=[
                             t for t, r in effective.items() if "I" in r.down and t not in loaded
                         ],
+                        announce_key=announce,
                     )
                 )
             else:
-                plans.append(LinkPlan(me, link.peer, "up", rules_mod.effective_rules(conn, None)))
+                plans.append(
+                    LinkPlan(
+                        me,
+                        link.peer,
+                        "up",
+                        rules_mod.effective_rules(conn, None),
+                        announce_key=announce,
+                    )
+                )
         return plans
 
     def _build(self, report: CycleReport) -> None:
@@ -357,7 +401,7 @@ class Node:
         for plan in plans:
             try:
                 built = build_for_link(
-                    self.engine, self.codec, plan, horizon, self.config.batch_rows
+                    self.engine, self.codec, plan, horizon, self.config.batch_rows, self._seal
                 )
             except MailsyncError as exc:
                 report.errors.append(f"building for {plan.peer}: {exc}")
@@ -480,18 +524,95 @@ class Node:
             capture_missing=missing,
             set_aside=int(counts.get("rejected", 0)),
             errors=int(counts.get("apply-failed", 0)),
+            key_id=self.ring.current.public.key_id,
         )
 
     # ------------------------------------------------------------ host admin
 
-    def add_station(self, station_id: str, email: str, label: str = "") -> rules_mod.Station:
+    def add_station(
+        self, station_id: str, email: str, label: str = "", *, key: PublicKey | None = None
+    ) -> tuple[rules_mod.Station, Bundle]:
+        """Define a station; returns it and its enrollment bundle.
+
+        With the station's public ``key`` (it made its own keys) the bundle
+        holds only public data. Without one, mailsync makes the station's
+        keys and the bundle carries them: write it with a passphrase.
+        """
         self._require_host("a station")
+        pair = None
+        if key is None:
+            pair = KeyPair.generate()
+            key = pair.public
         with self.engine.begin() as conn:
             station = rules_mod.add_station(
                 conn, station_id, email, label, host_id=self.config.node_id
             )
-            self.journal.info("station", f"station {station_id} <{email}> added", conn=conn)
-        return station
+            trust.trust_key(conn, station_id, key)
+            # the bundle tells the station our current key
+            conn.execute(
+                update(links)
+                .where(links.c.peer == station_id)
+                .values(key_announced=self.ring.current.public.key_id)
+            )
+            self.journal.info(
+                "station", f"station {station_id} <{email}> added, key {key.key_id}", conn=conn
+            )
+        bundle = Bundle(
+            host_id=self.config.node_id,
+            host_address=self.config.mailbox.address,
+            host_key=self.ring.current.public,
+            station_id=station_id,
+            station_address=email,
+            station_keys=pair,
+        )
+        return station, bundle
+
+    def join(self, bundle: Bundle) -> None:
+        """On a remote: take the host (and perhaps our keys) from a bundle."""
+        if self.is_host:
+            raise ConfigError(f"{self.config.node_id!r} is the host; only a remote joins")
+        me = self.config.node_id
+        if bundle.station_id != me or bundle.station_address != self.config.mailbox.address:
+            raise ConfigError(
+                f"the bundle is for station {bundle.station_id!r} <{bundle.station_address}>, "
+                f"this node is {me!r} <{self.config.mailbox.address}>"
+            )
+        if bundle.station_keys is not None:
+            ring = KeyRing(me, bundle.station_keys)
+            write_keyring(key_path(self.config.path), ring)
+            self.ring = ring
+        with self.engine.begin() as conn:
+            others = conn.execute(select(links.c.peer).where(links.c.peer != bundle.host_id)).all()
+            if others:
+                raise ConfigError(f"this node already belongs to host {others[0][0]!r}")
+            values = {
+                "address": bundle.host_address,
+                "key_announced": self.ring.current.public.key_id,
+            }
+            if conn.execute(select(links.c.peer).where(links.c.peer == bundle.host_id)).first():
+                conn.execute(update(links).where(links.c.peer == bundle.host_id).values(**values))
+            else:
+                conn.execute(links.insert().values(peer=bundle.host_id, **values))
+            trust.trust_key(conn, bundle.host_id, bundle.host_key)
+            self.journal.info(
+                "join",
+                f"joined host {bundle.host_id} <{bundle.host_address}>, "
+                f"host key {bundle.host_key.key_id}",
+                conn=conn,
+            )
+
+    def rotate_keys(self) -> PublicKey:
+        """New keys for this node; peers learn them with the next message,
+        signed with the old key, which keeps opening mail for the grace period."""
+        ring = self.ring.rotated(self.config.key_grace_days)
+        write_keyring(key_path(self.config.path), ring)
+        self.ring = ring
+        self.journal.info("keys", f"keys rotated: new key {ring.current.public.key_id}")
+        return ring.current.public
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self.ring.current.public
 
     def remove_station(self, station_id: str) -> None:
         self._require_host("a station")
@@ -559,37 +680,22 @@ def init_node(
     database: str,
     address: str,
     mail: str,
-    host_id: str | None = None,
-    host_address: str | None = None,
     force: bool = False,
 ) -> NodeConfig:
-    """Write a node's config and create the mailsync tables in its database.
+    """Write a node's config and key file and create the mailsync tables.
 
     Refuses to overwrite a config (unless ``force``) or to take over a
-    database that belongs to another node. The config file is written last,
-    atomically, so a failure leaves no half-made node behind.
+    database that belongs to another node. An existing key file of the same
+    node is kept (a re-init never changes a node's identity). The config file
+    is written last, atomically, so a failure leaves no half-made node behind.
     """
     check_node_id(node_id)
     check_email(address, "node address")
-    if role == "remote":
-        if not host_id or not host_address:
-            raise ConfigError("a remote needs --host-id and --host-address (where the host is)")
-        check_node_id(host_id, "host id")
-        check_email(host_address, "host address")
-        if host_id == node_id:
-            raise ConfigError(f"the remote's id {node_id!r} is the host's id")
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists", hint="pass --force to overwrite it")
-    text = render_config(
-        node_id=node_id,
-        role=role,
-        database=database,
-        address=address,
-        mail=mail,
-        host_id=host_id,
-        host_address=host_address,
-    )
+    text = render_config(node_id=node_id, role=role, database=database, address=address, mail=mail)
     path.parent.mkdir(parents=True, exist_ok=True)
+    keys = key_path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=".mailsync-", suffix=".toml", dir=path.parent)
     tmp = Path(tmp_name)
     try:
@@ -597,6 +703,8 @@ def init_node(
             fh.write(text)
         cfg = load_config(tmp)
         cfg = NodeConfig(**{**cfg.__dict__, "path": path})
+        if keys.exists():
+            load_keyring(keys, node_id)  # refuses another node's or a readable file
         engine = open_engine(cfg.database)
         try:
             check_connection(engine)
@@ -610,19 +718,10 @@ def init_node(
                     )
                 set_meta(conn, "node_id", node_id)
                 set_meta(conn, "role", role)
-                if role == "remote":
-                    assert host_id is not None and host_address is not None
-                    existing = conn.execute(select(links).where(links.c.peer == host_id)).first()
-                    if existing is None:
-                        conn.execute(links.insert().values(peer=host_id, address=host_address))
-                    else:
-                        conn.execute(
-                            update(links)
-                            .where(links.c.peer == host_id)
-                            .values(address=host_address)
-                        )
         finally:
             engine.dispose()
+        if not keys.exists():
+            write_keyring(keys, KeyRing(node_id, KeyPair.generate()))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

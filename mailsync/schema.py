@@ -77,8 +77,21 @@ links = Table(
     Column("acked_seq", BigInteger, nullable=False, default=0),
     Column("change_cursor", BigInteger, nullable=False, default=0),
     Column("rules_hash", String(64)),
+    # the key id of ours this peer was told about, and in which message
+    Column("key_announced", String(16)),
+    Column("key_announced_seq", BigInteger, nullable=False, default=0),
     Column("last_contact", _Time),
     Column("last_sent", _Time),
+)
+
+peer_keys = Table(
+    "mailsync_peer_keys",
+    metadata,
+    Column("peer", String(64), primary_key=True),
+    Column("key_id", String(16), primary_key=True),
+    Column("public", String(100), nullable=False),
+    Column("added_at", _Time, nullable=False),
+    Column("replaced_at", _Time),
 )
 
 stations = Table(

@@ -24,6 +24,7 @@ from sqlalchemy import (
 
 from mailsync.checksum import TableChecksum, table_checksum
 from mailsync.db import open_engine
+from mailsync.enroll import read_bundle, write_bundle
 from mailsync.node import CycleReport, Node, init_node
 from mailsync.transport.memory import MemoryPostOffice
 
@@ -89,12 +90,20 @@ class Cluster:
                 database=url,
                 address=f"{name}@{DOMAIN}",
                 mail=mail,
-                host_id=None if name == "hq" else "hq",
-                host_address=None if name == "hq" else f"hq@{DOMAIN}",
             )
             self.nodes[name] = Node.open(path, memory=self.office)
         for name in self.names[1:]:
-            self.host.add_station(name, f"{name}@{DOMAIN}")
+            self.enroll(name)
+
+    def enroll(self, name: str, *, host_makes_keys: bool = False) -> None:
+        """Enroll a station, by its own public key (default) or by a sealed bundle."""
+        key = None if host_makes_keys else self.nodes[name].public_key
+        _, bundle = self.host.add_station(name, f"{name}@{DOMAIN}", key=key)
+        if host_makes_keys:
+            path = self.root / f"{name}.bundle"
+            write_bundle(path, bundle, "correct horse battery staple")
+            bundle = read_bundle(path, lambda: "correct horse battery staple")
+        self.nodes[name].join(bundle)
 
     @property
     def host(self) -> Node:

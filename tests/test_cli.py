@@ -15,14 +15,16 @@ CREATE TABLE keyless (a INTEGER, b TEXT);
 """
 
 
-def mailsync(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
+def mailsync(
+    *args: str, cwd: Path, ok: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "mailsync", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd)},
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd), **(env or {})},
     )
     if ok:
         assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -76,18 +78,36 @@ def init_both(site: Path) -> None:
         "koeln@x.test",
         "--mail",
         "maildir:../mail",
-        "--host-id",
-        "hq",
-        "--host-address",
-        "hq@x.test",
         cwd=site / "koeln",
     )
+
+
+def enroll(site: Path) -> None:
+    """The first way: the station's own key goes to the host, a bundle comes back."""
+    key = mailsync("keys", "show", cwd=site / "koeln").stdout.splitlines()[1]
+    out = mailsync(
+        "station",
+        "add",
+        "koeln",
+        "--email",
+        "koeln@x.test",
+        "--label",
+        "Köln",
+        "--key",
+        key,
+        "--bundle",
+        str(site / "koeln.bundle"),
+        cwd=site / "hq",
+    ).stdout
+    assert "public data only" in out
+    joined = mailsync("join", str(site / "koeln.bundle"), cwd=site / "koeln").stdout
+    assert "joined host hq" in joined
 
 
 def test_a_station_converges_through_the_cli(site: Path) -> None:
     init_both(site)
     hq, koeln = site / "hq", site / "koeln"
-    mailsync("station", "add", "koeln", "--email", "koeln@x.test", "--label", "Köln", cwd=hq)
+    enroll(site)
     out = mailsync("table", "add", "customers", "--up", "insert,update", cwd=hq).stdout
     assert "down insert,update,delete, up insert,update" in out
     assert "number range" in out  # warned: integer keys created offline collide
@@ -161,6 +181,9 @@ def test_bad_input_gets_one_clear_line(
 def test_bad_config_files(site: Path) -> None:
     hq = site / "hq"
     cfg = hq / "mailsync.toml"
+    mailsync(
+        "init", "host", "--id", "hq", "--db", "sqlite:///app.db", "--address", "hq@x.test", cwd=hq
+    )
     cfg.write_text("[node\nid = 1")
     assert_clean_error(mailsync("status", cwd=hq, ok=False), "not valid TOML")
     cfg.write_text('[node]\nid = "hq"\nrole = "boss"\ndatabase = "sqlite:///app.db"\n')
@@ -227,21 +250,6 @@ def test_init_refuses_and_leaves_nothing_half_written(site: Path) -> None:
         ok=False,
     )
     assert_clean_error(other, "already belongs to node 'hq'")
-    remote = mailsync(
-        "--config",
-        "r.toml",
-        "init",
-        "remote",
-        "--id",
-        "k",
-        "--db",
-        "sqlite:///r.db",
-        "--address",
-        "k@x.test",
-        cwd=hq,
-        ok=False,
-    )
-    assert_clean_error(remote, "--host-id")
 
 
 def test_station_commands_on_a_remote_are_refused(site: Path) -> None:
@@ -266,6 +274,76 @@ def test_every_command_has_help(site: Path) -> None:
         ("table", "add"),
         ("table", "list"),
         ("table", "remove"),
+        ("join",),
+        ("keys",),
+        ("keys", "show"),
+        ("keys", "rotate"),
+        ("inspect",),
     ):
         out = mailsync(*args, "--help", cwd=site).stdout
         assert "Usage" in out, args
+
+
+def test_sealed_bundle_enrollment_and_inspect(site: Path) -> None:
+    """The second way: the host makes the station's keys and seals them."""
+    init_both(site)
+    hq, koeln = site / "hq", site / "koeln"
+    out = mailsync("station", "add", "koeln", "--email", "koeln@x.test", cwd=hq).stdout
+    passphrase = next(line for line in out.splitlines() if line.startswith("passphrase:")).split()[
+        1
+    ]
+    bundle = hq / "koeln.bundle"
+    assert (bundle.stat().st_mode & 0o077) == 0
+    assert "x25519" not in bundle.read_text()  # the private keys are sealed
+    wrong = mailsync("join", str(bundle), cwd=koeln, ok=False, env={"MAILSYNC_PASSPHRASE": "guess"})
+    assert_clean_error(wrong, "wrong passphrase")
+    no_pass = mailsync("join", str(bundle), cwd=koeln, ok=False)
+    assert_clean_error(no_pass, "is sealed")
+    (site / "pass.txt").write_text(passphrase + "\n")
+    mailsync("join", str(bundle), "--passphrase-file", str(site / "pass.txt"), cwd=koeln)
+    mailsync("table", "add", "customers", cwd=hq)
+    mailsync("sync", cwd=hq)
+    (message,) = (site / "mail" / "koeln@x.test" / "new").iterdir()
+    raw = message.read_bytes()
+    assert b"customers" not in raw and "Müller".encode() not in raw
+    shown = mailsync("inspect", str(message), cwd=koeln).stdout
+    assert "hq → koeln  #1" in shown and "signature: yes" in shown and "opened: yes" in shown
+    assert "customers" in shown and "compression" in shown
+    other = mailsync("inspect", str(message), cwd=hq, ok=False).stdout
+    assert "sealed for koeln, not for this node" in other
+    assert "applied 1 changeset(s)" in mailsync("sync", cwd=koeln).stdout
+
+
+def test_key_file_readable_by_others_is_refused(site: Path) -> None:
+    init_both(site)
+    key = site / "hq" / "mailsync.key"
+    assert (key.stat().st_mode & 0o777) == 0o600
+    key.chmod(0o644)
+    assert_clean_error(mailsync("status", cwd=site / "hq", ok=False), "can be read by others")
+    key.chmod(0o600)
+    mailsync("status", cwd=site / "hq")
+
+
+def test_join_refuses_a_bundle_for_another_station(site: Path) -> None:
+    init_both(site)
+    key = mailsync("keys", "show", cwd=site / "koeln").stdout.splitlines()[1]
+    mailsync("station", "add", "berlin", "--email", "berlin@x.test", "--key", key, cwd=site / "hq")
+    proc = mailsync("join", str(site / "hq" / "berlin.bundle"), cwd=site / "koeln", ok=False)
+    assert_clean_error(proc, "the bundle is for station 'berlin'")
+    assert_clean_error(
+        mailsync("join", str(site / "nope.bundle"), cwd=site / "koeln", ok=False), "no bundle at"
+    )
+    assert_clean_error(
+        mailsync(
+            "station",
+            "add",
+            "x",
+            "--email",
+            "x@x.test",
+            "--key",
+            "msk1:AAAA",
+            cwd=site / "hq",
+            ok=False,
+        ),
+        "damaged",
+    )

@@ -10,12 +10,15 @@ import pytest
 
 from mailsync.envelope import Codec, Header, read_header
 from mailsync.errors import MessageError
+from mailsync.keys import KeyPair
 from mailsync.message import Address, build_message, extract_envelope, is_mailsync
+
+HQ, KOELN = KeyPair.generate(), KeyPair.generate()
 
 
 def make(seq: int = 42, body: bytes = b"\x00" * 5000) -> tuple[bytes, bytes]:
     header = Header(sender="koeln", recipient="hq", seq=seq, ack=7)
-    blob = Codec().pack(header, body)
+    blob = Codec().seal(header, body, HQ.public, KOELN.sign)
     raw = build_message(header, Address("koeln", "koeln@x.test"), Address("hq", "hq@x.test"), blob)
     return raw, blob
 
@@ -29,7 +32,9 @@ def test_message_round_trip_and_readable_headers() -> None:
     assert msg["X-Mailsync-From"] == "koeln" and msg["X-Mailsync-Seq"] == "42"
     (part,) = [p for p in msg.iter_attachments()]
     assert part.get_content_type() == "application/octet-stream"
-    assert read_header(blob, "m") == Header("koeln", "hq", 42, ack=7)
+    clear = read_header(blob, "m")
+    assert (clear.sender, clear.recipient, clear.seq, clear.ack) == ("koeln", "hq", 42, 7)
+    assert clear.key_id == HQ.public.key_id and len(clear.eph) == 32
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
 
 

@@ -145,7 +145,9 @@ def test_remote_refuses_what_its_rules_do_not_allow(cluster: Cluster) -> None:
     )
     with cluster.engines["hq"].begin() as conn:
         conn.execute(update(links).where(links.c.peer == "koeln").values(rules_hash="x"))
-    built = build_for_link(cluster.host.engine, cluster.host.codec, plan, 10**9, 100)
+    built = build_for_link(
+        cluster.host.engine, cluster.host.codec, plan, 10**9, 100, cluster.host._seal
+    )
     assert built is not None
     cluster.sync("hq", "koeln")
     assert cluster.rows("koeln", notes) == []
@@ -259,6 +261,7 @@ def test_unknown_table_and_keyless_table_are_refused(cluster: Cluster) -> None:
 
 def test_over_maildir_with_stray_mail_set_aside(tmp_path: Path, db_url: str) -> None:
     from mailsync.envelope import Codec, Header
+    from mailsync.keys import KeyPair
     from mailsync.message import Address, build_message
     from mailsync.transport.maildir import deliver
 
@@ -268,25 +271,17 @@ def test_over_maildir_with_stray_mail_set_aside(tmp_path: Path, db_url: str) -> 
         c.execute("hq", customers.insert(), customer(1))
         box = tmp_path / "mail" / "koeln@example.test"
         deliver(box, b"From: spam@x\r\nSubject: offer\r\n\r\nbuy")
+        koeln_key = c.nodes["koeln"].public_key
+        mallory = KeyPair.generate()
         stranger = Header("mallory", "koeln", 1)
+        sealed = Codec().seal(stranger, b"", koeln_key, mallory.sign)
         deliver(
-            box,
-            build_message(
-                stranger,
-                Address("mallory", "m@x"),
-                Address("koeln", "k@x"),
-                Codec().pack(stranger, b""),
-            ),
+            box, build_message(stranger, Address("mallory", "m@x"), Address("koeln", "k@x"), sealed)
         )
         misrouted = Header("hq", "berlin", 1)
+        sealed = Codec().seal(misrouted, b"", koeln_key, c.host.ring.current.sign)
         deliver(
-            box,
-            build_message(
-                misrouted,
-                Address("hq", "h@x"),
-                Address("berlin", "b@x"),
-                Codec().pack(misrouted, b""),
-            ),
+            box, build_message(misrouted, Address("hq", "h@x"), Address("berlin", "b@x"), sealed)
         )
         c.sync("hq")
         report = c.sync("koeln")["koeln"]

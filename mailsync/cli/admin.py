@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from mailsync.cli.common import console, open_node
+from mailsync.enroll import new_passphrase, passphrase_from, write_bundle
+from mailsync.errors import ConfigError
+from mailsync.keys import PublicKey
 from mailsync.rules import describe_ops, parse_ops
 
 station_app = typer.Typer(help="Define the remote stations (host only).", no_args_is_help=True)
@@ -24,11 +29,50 @@ def station_add(
     station_id: str = typer.Argument(..., help="The station's node id, e.g. koeln."),
     email: str = typer.Option(..., "--email", help="The station's mailbox address."),
     label: str = typer.Option("", "--label", help="A name for people, e.g. 'Filiale Köln'."),
+    key: str | None = typer.Option(
+        None,
+        "--key",
+        help="The station's public key (msk1:..., printed by its `mailsync init remote`). "
+        "Without it, mailsync makes the station's keys and seals them into the bundle.",
+    ),
+    bundle_path: Path | None = typer.Option(
+        None, "--bundle", help="Where to write the enrollment bundle [default: ID.bundle]."
+    ),
+    passphrase_file: Path | None = typer.Option(
+        None,
+        "--passphrase-file",
+        help="Passphrase for a sealed bundle (else $MAILSYNC_PASSPHRASE, else a new one is made "
+        "and printed).",
+    ),
 ) -> None:
-    """Add a station; it gets its rules and an initial load with the next sync."""
+    """Add a station and write its enrollment bundle for `mailsync join`.
+
+    It gets its rules and an initial load with the next sync.
+    """
+    public = PublicKey.parse(key, "--key") if key else None
+    target = bundle_path or Path(f"{station_id}.bundle")
+    if target.exists():
+        raise ConfigError(f"{target} already exists", hint="remove it or pass --bundle FILE")
+    passphrase = None
+    made_up = False
+    if public is None:
+        passphrase = passphrase_from(passphrase_file)
+        if passphrase is None:
+            passphrase, made_up = new_passphrase(), True
     with open_node(ctx) as node:
-        station = node.add_station(station_id, email, label)
+        station, bundle = node.add_station(station_id, email, label, key=public)
+        write_bundle(target, bundle, passphrase)
     console.print(f"station [bold]{escape(station.id)}[/] <{escape(station.email)}> added")
+    if public is None:
+        console.print(f"bundle {escape(str(target))} holds the station's new private keys, sealed.")
+        if made_up:
+            console.print(f"passphrase: [bold]{passphrase}[/]")
+            console.print("give the passphrase to the station by another channel than the file")
+    else:
+        console.print(
+            f"bundle {escape(str(target))} (public data only; station key {public.key_id})"
+        )
+    console.print(f"on the station: `mailsync join {escape(target.name)}`")
 
 
 @station_app.command("list")

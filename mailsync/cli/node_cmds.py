@@ -10,6 +10,7 @@ from rich.table import Table
 
 from mailsync.cli.common import State, console, open_node, when
 from mailsync.config import config_path
+from mailsync.keys import key_path, load_keyring
 from mailsync.node import init_node
 
 
@@ -31,10 +32,6 @@ def init(
         "--mail",
         help="Mailbox URL for sending and receiving; maildir:PATH is a local post office.",
     ),
-    host_id: str | None = typer.Option(None, "--host-id", help="Remote only: the host's id."),
-    host_address: str | None = typer.Option(
-        None, "--host-address", help="Remote only: the host's e-mail address."
-    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing config file."),
 ) -> None:
     """Create a node: write its config and the mailsync tables in its database."""
@@ -47,17 +44,22 @@ def init(
         database=db,
         address=address,
         mail=mail,
-        host_id=host_id,
-        host_address=host_address,
         force=force,
     )
-    console.print(f"{cfg.role} [bold]{escape(cfg.node_id)}[/] created: config {escape(str(path))}")
+    public = load_keyring(key_path(path), cfg.node_id).current.public
+    console.print(
+        f"{cfg.role} [bold]{escape(cfg.node_id)}[/] created: config {escape(str(path))}, "
+        f"keys {escape(str(key_path(path)))} (0600)"
+    )
+    console.print(f"public key (id {public.key_id}):")
+    console.print(public.token())
     if cfg.role == "host":
         console.print("next: `mailsync station add ...` and `mailsync table add ...`")
     else:
         console.print(
-            f"next: on the host, `mailsync station add {escape(cfg.node_id)} "
-            f"--email {escape(cfg.mailbox.address)}`; then `mailsync sync` here"
+            f"next: the host's admin runs `mailsync station add {escape(cfg.node_id)} "
+            f"--email {escape(cfg.mailbox.address)} --key <the key above>` and gives you "
+            "the bundle it writes; then `mailsync join BUNDLE` and `mailsync sync` here"
         )
 
 
@@ -86,7 +88,7 @@ def status(ctx: typer.Context) -> None:
         st = node.status()
     console.print(
         f"[bold]{escape(st.node_id)}[/] ({st.role}) <{escape(st.address)}>  "
-        f"database {escape(st.database)}"
+        f"database {escape(st.database)}  key {st.key_id}"
     )
     console.print(f"tables synced: {', '.join(st.tables) or 'none yet'}")
     table = Table(title="links" if st.links else None, show_edge=False)
@@ -110,7 +112,10 @@ def status(ctx: typer.Context) -> None:
     if st.links:
         console.print(table)
     else:
-        console.print("no peers yet" + (" (add stations)" if st.role == "host" else ""))
+        console.print(
+            "no peers yet: "
+            + ("add stations" if st.role == "host" else "join the host with `mailsync join BUNDLE`")
+        )
     if st.capture_missing:
         console.print(
             f"[bold red]capture triggers missing or altered:[/] {', '.join(st.capture_missing)}"
