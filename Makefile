@@ -25,14 +25,18 @@ test-deps:
 	bash scripts/install-test-deps.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mailsync tests samples
-	$(VENV)/bin/ruff format --check mailsync tests samples
+	$(VENV)/bin/ruff check mailsync tests samples bench
+	$(VENV)/bin/ruff format --check mailsync tests samples bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)
 	$(PY) -m pytest
+
+## make bench: measurements, not part of make test
+bench: $(STAMP)
+	$(PY) bench/compression_levels.py
 
 clean:
 	rm -rf $(VENV) mailsync-demo .pytest_cache .mypy_cache .ruff_cache
