@@ -18,7 +18,7 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError
 
 from mailsync.errors import ConfigError
 from mailsync.keys import DEFAULT_GRACE_DAYS
+from mailsync.transport.account import Secret
 
 DEFAULT_CONFIG = "mailsync.toml"
 CONFIG_ENV = "MAILSYNC_CONFIG"
@@ -54,12 +55,25 @@ def check_email(value: str, what: str = "address") -> str:
     return value
 
 
+#: Whole-message limit: fits a provider's 10 MB (10,240,000-byte) limit,
+#: base64 and headers included.
+DEFAULT_MAX_MESSAGE_BYTES = 10_000_000
+
+
 @dataclass(frozen=True)
 class MailboxConfig:
     address: str
     send: str
     receive: str
     keep_processed: bool = True
+    secret: Secret = field(default_factory=Secret)
+    ca_file: Path | None = None
+    insecure: bool = False
+    timeout: float = 60.0
+    processed_folder: str = "Processed"
+    unrecognized_folder: str = "Unrecognized"
+    forward_unrecognized: str | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,12 @@ def resolve_database(url: str, base_dir: Path) -> str:
     return url
 
 
-def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _get(table: dict[str, Any], key: str, kind: Any, where: str, default: Any = ...) -> Any:
     if key not in table:
         if default is ...:
             raise ConfigError(f"{where}: missing setting {key!r}")
@@ -110,7 +129,8 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any =
     if kind is int and isinstance(value, bool):
         raise ConfigError(f"{where}: {key} must be a whole number")
     if not isinstance(value, kind):
-        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, not {value!r}")
+        name = getattr(kind, "__name__", "number")
+        raise ConfigError(f"{where}: {key} must be a {name}, not {value!r}")
     return value
 
 
@@ -155,11 +175,37 @@ def load_config(path: Path) -> NodeConfig:
     if not isinstance(box, dict):
         raise ConfigError(f"{path}: missing [mailbox] section")
     where = f"{path} [mailbox]"
+    sources = [k for k in ("password_env", "password_file", "password_command") if k in box]
+    if len(sources) > 1:
+        raise ConfigError(f"{where}: give only one of {', '.join(sources)}")
+    password_file = _get(box, "password_file", str, where, None)
+    ca_file = _get(box, "ca_file", str, where, None)
+    forward = _get(box, "forward_unrecognized", str, where, None)
+    limit = _get(box, "max_message_bytes", int, where, DEFAULT_MAX_MESSAGE_BYTES)
+    if limit < 10_000:
+        raise ConfigError(f"{where}: max_message_bytes must be at least 10000")
+    timeout = _get(box, "timeout", int | float, where, 60)
+    if timeout <= 0:
+        raise ConfigError(f"{where}: timeout must be positive")
     mailbox = MailboxConfig(
         address=check_email(_get(box, "address", str, where), f"{where} address"),
         send=_get(box, "send", str, where),
         receive=_get(box, "receive", str, where),
         keep_processed=_get(box, "keep_processed", bool, where, True),
+        secret=Secret(
+            env=_get(box, "password_env", str, where, None),
+            file=_resolve(base, password_file) if password_file else None,
+            command=_get(box, "password_command", str, where, None),
+        ),
+        ca_file=_resolve(base, ca_file) if ca_file else None,
+        insecure=_get(box, "insecure", bool, where, False),
+        timeout=float(timeout),
+        processed_folder=_get(box, "processed_folder", str, where, "Processed"),
+        unrecognized_folder=_get(box, "unrecognized_folder", str, where, "Unrecognized"),
+        forward_unrecognized=check_email(forward, f"{where} forward_unrecognized")
+        if forward
+        else None,
+        max_message_bytes=limit,
     )
     return NodeConfig(
         path=path,

@@ -44,7 +44,14 @@ from mailsync.db import check_connection, describe_db_error, open_engine, redact
 from mailsync.dialects import dialect_for
 from mailsync.enroll import Bundle
 from mailsync.envelope import Codec, Header, read_header
-from mailsync.errors import ApplyError, ConfigError, DatabaseError, MailsyncError, MessageError
+from mailsync.errors import (
+    ApplyError,
+    ConfigError,
+    DatabaseError,
+    MailsyncError,
+    MessageError,
+    TransportError,
+)
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
 from mailsync.message import Address, build_message, extract_envelope, is_mailsync
@@ -56,6 +63,7 @@ from mailsync.schema import (
     links,
     loads,
     log,
+    mailbox_seen,
     now,
     outbox,
     set_meta,
@@ -129,6 +137,9 @@ class Node:
         self.codec = Codec(config.compression_level)
         self.journal = Journal(engine, config.node_id)
         self.dialect = dialect_for(engine)
+        #: seconds; the SMTP retry backoff base (tests make it small)
+        self.retry_backoff = 1.0
+        self._forward: list[bytes] = []
 
     @classmethod
     def open(
@@ -191,6 +202,14 @@ class Node:
             base_dir=self.config.base_dir,
             keep_processed=box.keep_processed,
             memory=self.memory,
+            secret=box.secret,
+            ca_file=box.ca_file,
+            insecure=box.insecure,
+            timeout=box.timeout,
+            processed_folder=box.processed_folder,
+            unrecognized_folder=box.unrecognized_folder,
+            seen=SeenInDatabase(self.engine, box.receive),
+            retry_backoff=self.retry_backoff,
         )
 
     def _rules_for(self, peer: str) -> Any:
@@ -232,10 +251,10 @@ class Node:
         report = CycleReport()
         self.journal.info("cycle", "sync cycle started")
         try:
-            self._receive(report)
+            self._step(report, self._receive)
             self._apply(report)
             self._build(report)
-            self._send(report)
+            self._step(report, self._send)
             self._purge()
         except SQLAlchemyError as exc:
             raise describe_db_error(self.engine, exc, "sync cycle failed") from exc
@@ -246,6 +265,14 @@ class Node:
             + (f", {len(report.errors)} errors" if report.errors else ""),
         )
         return report
+
+    def _step(self, report: CycleReport, step: Any) -> None:
+        """Run a mailbox step; a mailbox failure is reported and the cycle goes on."""
+        try:
+            step(report)
+        except TransportError as exc:
+            report.errors.append(str(exc) + (f" (hint: {exc.hint})" if exc.hint else ""))
+            self.journal.error("mailbox", str(exc))
 
     def _receive(self, report: CycleReport) -> None:
         me = self.config.node_id
@@ -270,6 +297,8 @@ class Node:
                         self.codec.verify(blob, where, self._sender_keys(conn, header.sender))
                         duplicate = self._buffer(conn, link, header.seq, header.ack, blob)
                 except MessageError as exc:
+                    if self.config.mailbox.forward_unrecognized:
+                        self._forward.append(msg.raw)
                     rx.set_aside(msg.id, str(exc))
                     self.journal.warning("rejected", f"set aside: {exc}")
                     report.set_aside += 1
@@ -427,9 +456,16 @@ class Node:
                 .where(outbox.c.sent_at.is_(None))
                 .order_by(outbox.c.peer, outbox.c.seq)
             ).all()
-        if not pending:
+        forward, self._forward = self._forward, []
+        if not pending and not forward:
             return
+        limit = self.config.mailbox.max_message_bytes
         with open_sender(self.config.mailbox.send, self._transport_context()) as tx:
+            target = self.config.mailbox.forward_unrecognized
+            for raw in forward:
+                assert target is not None
+                tx.send(me.email, target, raw)
+                self.journal.info("forwarded", f"unrecognized message forwarded to {target}")
             for peer, seq, address in pending:
                 with self.engine.connect() as conn:
                     blob = conn.execute(
@@ -438,7 +474,15 @@ class Node:
                 header = read_header(blob, f"outbox #{seq} for {peer}")
                 # No transaction is held while the mail system works: sending
                 # twice after a crash here is harmless (the peer drops duplicates).
-                tx.send(me.email, address, build_message(header, me, Address(peer, address), blob))
+                raw = build_message(header, me, Address(peer, address), blob)
+                if len(raw) > limit:
+                    raise TransportError(
+                        f"changeset #{seq} for {peer} makes a {len(raw):,}-byte message, over "
+                        f"max_message_bytes ({limit:,}); it stays in the outbox",
+                        hint="raise max_message_bytes if the provider allows it "
+                        "(splitting into parts comes with the delivery protocol)",
+                    )
+                tx.send(me.email, address, raw)
                 with self.engine.begin() as conn:
                     conn.execute(
                         update(outbox)
@@ -670,6 +714,43 @@ class Node:
     def rules(self) -> list[rules_mod.Rule]:
         with self.engine.connect() as conn:
             return rules_mod.all_rules(conn)
+
+
+class SeenInDatabase:
+    """The ids a receiver left in its mailbox on purpose, kept per mailbox URL."""
+
+    def __init__(self, engine: Engine, mailbox: str) -> None:
+        self._engine = engine
+        self._mailbox = mailbox
+
+    def seen(self, message_id: str) -> bool:
+        with self._engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(mailbox_seen.c.uid).where(
+                        mailbox_seen.c.mailbox == self._mailbox, mailbox_seen.c.uid == message_id
+                    )
+                ).first()
+                is not None
+            )
+
+    def remember(self, message_id: str) -> None:
+        if not self.seen(message_id):
+            with self._engine.begin() as conn:
+                conn.execute(mailbox_seen.insert().values(mailbox=self._mailbox, uid=message_id))
+
+    def keep_only(self, present: set[str]) -> None:
+        with self._engine.begin() as conn:
+            held = conn.execute(
+                select(mailbox_seen.c.uid).where(mailbox_seen.c.mailbox == self._mailbox)
+            ).scalars()
+            gone = [uid for uid in held if uid not in present]
+            if gone:
+                conn.execute(
+                    delete(mailbox_seen).where(
+                        mailbox_seen.c.mailbox == self._mailbox, mailbox_seen.c.uid.in_(gone)
+                    )
+                )
 
 
 def init_node(

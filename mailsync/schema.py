@@ -147,6 +147,13 @@ inbox = Table(
     Column("received_at", _Time, nullable=False),
 )
 
+mailbox_seen = Table(
+    "mailsync_mailbox_seen",
+    metadata,
+    Column("mailbox", String(400), primary_key=True),
+    Column("uid", String(200), primary_key=True),
+)
+
 log = Table(
     "mailsync_log",
     metadata,

@@ -17,6 +17,12 @@ need_pkg() {
 }
 
 need_pkg 'ls /usr/lib/postgresql/*/bin/postgres || command -v postgres' postgresql
+need_pkg 'command -v postfix' postfix
+need_pkg 'command -v dovecot && command -v doveadm' dovecot-core
+need_pkg 'test -e /usr/lib/dovecot/imap' dovecot-imapd
+need_pkg 'test -e /usr/lib/dovecot/pop3' dovecot-pop3d
+need_pkg 'test -e /usr/lib/dovecot/lmtp' dovecot-lmtpd
+need_pkg 'command -v openssl' openssl
 
 if [ ${#missing[@]} -eq 0 ]; then
     echo "test dependencies present"
@@ -27,6 +33,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 0
 fi
 echo "installing test dependencies: ${missing[*]}"
+# Postfix asks what kind of mail server this is: it is none (the tests
+# write their own config and start it themselves).
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 echo "test dependencies installed"

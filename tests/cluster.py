@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,16 @@ class Cluster:
             write_bundle(path, bundle, "correct horse battery staple")
             bundle = read_bundle(path, lambda: "correct horse battery staple")
         self.nodes[name].join(bundle)
+
+    def set_mailbox(self, name: str, settings: dict[str, object]) -> None:
+        """Replace a node's [mailbox] section and reopen the node."""
+        path = self.root / name / "mailsync.toml"
+        text = path.read_text().split("[mailbox]")[0]
+        lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        path.write_text(text + "[mailbox]\n" + "\n".join(lines) + "\n")
+        self.nodes[name].close()
+        self.nodes[name] = Node.open(path, memory=self.office)
+        self.nodes[name].retry_backoff = 0.01
 
     @property
     def host(self) -> Node:

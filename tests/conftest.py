@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers.mail import MailServers, binaries_present
 from tests.servers.postgres import NOT_FOUND, PostgresServer, find_bindir
 
 _names = itertools.count()
@@ -74,3 +75,35 @@ def db_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
     if backend == "postgresql":
         return str(request.getfixturevalue("pg_url"))
     return f"sqlite:///{tmp_path / 'app.db'}"
+
+
+MAIL_MISSING = (
+    "Postfix/Dovecot not available (needs root and the Debian packages postfix, dovecot-core, "
+    "dovecot-imapd, dovecot-pop3d, dovecot-lmtpd); run `make test` as root"
+)
+
+
+@pytest.fixture(scope="session")
+def mail_servers_session() -> Iterator[MailServers]:
+    if not binaries_present() or os.geteuid() != 0:
+        if in_ci():
+            pytest.fail(MAIL_MISSING)
+        pytest.skip(MAIL_MISSING)
+    with MailServers() as servers:
+        yield servers
+
+
+@pytest.fixture
+def mail_servers(mail_servers_session: MailServers) -> Iterator[MailServers]:
+    """The session's mail servers, every mailbox empty, both servers running."""
+    servers = mail_servers_session
+    if servers.dovecot is None:
+        servers.start_dovecot()
+    if not servers.postfix_up:
+        servers.start_postfix()
+    servers.reset()
+    yield servers
+    if servers.dovecot is None:
+        servers.start_dovecot()
+    if not servers.postfix_up:
+        servers.start_postfix()

@@ -113,3 +113,24 @@ def register(app: typer.Typer) -> None:
     app.command()(join)
     app.add_typer(keys_app, name="keys")
     app.command()(inspect)
+    app.add_typer(mailbox_app, name="mailbox")
+
+
+mailbox_app = typer.Typer(help="This node's mailbox accounts.", no_args_is_help=True)
+
+
+@mailbox_app.command("test")
+def mailbox_test(
+    ctx: typer.Context,
+    wait: float = typer.Option(60.0, "--wait", help="Seconds to wait for the test message."),
+) -> None:
+    """Check the node's accounts: login, folders, and a message sent to itself."""
+    from mailsync.mailcheck import check_mailbox
+
+    with open_node(ctx) as node:
+        results = check_mailbox(node, wait_s=wait)
+    for check in results:
+        mark = "[green]ok[/]  " if check.ok else "[bold red]FAIL[/]"
+        console.print(f"{mark} {check.step}: {escape(check.detail)}")
+    if not all(c.ok for c in results) or len(results) < 4:
+        raise typer.Exit(4)

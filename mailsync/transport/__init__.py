@@ -4,10 +4,13 @@ A node sends through a :class:`Sender` and receives through a
 :class:`Receiver`, each opened once per cycle (one connection per mailbox per
 cycle) and chosen by the scheme of a URL in the node config:
 
-=============  ==============================================================
-``maildir:``   a local post office folder holding one Maildir per address
-``memory:``    an in-process post office, for tests and embedding
-=============  ==============================================================
+===========================================  ==================================
+``smtp://`` ``smtp+starttls://`` ``smtps://``  sending (:mod:`.smtp`)
+``imap://`` ``imap+starttls://`` ``imaps://``  receiving (:mod:`.imap`)
+``pop3://`` ``pop3+starttls://`` ``pop3s://``  receiving (:mod:`.pop3`)
+``maildir:PATH``                               a local post office, both ways
+``memory:``                                    in-process, for tests
+===========================================  ==================================
 
 Receivers identify messages by a stable id (a Maildir file name; later IMAP
 UIDVALIDITY+UID or a POP3 UIDL) and remove a message only when told that the
@@ -24,6 +27,7 @@ from types import TracebackType
 from typing import Protocol, Self, TypeVar
 
 from mailsync.errors import ConfigError
+from mailsync.transport.account import Secret
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,17 @@ class Session:
         return None
 
 
+class SeenStore(Protocol):
+    """Message ids a receiver must not take again (POP3 mail left on the server)."""
+
+    def seen(self, message_id: str) -> bool: ...
+
+    def remember(self, message_id: str) -> None: ...
+
+    def keep_only(self, present: set[str]) -> None:
+        """Forget ids no longer in the mailbox."""
+
+
 @dataclass
 class TransportContext:
     """What a transport factory may need beyond its URL."""
@@ -99,7 +114,14 @@ class TransportContext:
     base_dir: Path
     keep_processed: bool = True
     memory: object | None = None
-    options: dict[str, object] = field(default_factory=dict)
+    secret: Secret = field(default_factory=Secret)
+    ca_file: Path | None = None
+    insecure: bool = False
+    timeout: float = 60.0
+    processed_folder: str = "Processed"
+    unrecognized_folder: str = "Unrecognized"
+    seen: SeenStore | None = None
+    retry_backoff: float = 1.0
 
 
 SenderFactory = Callable[[str, TransportContext], Sender]
@@ -121,6 +143,7 @@ def register(
 
 def scheme_of(url: str) -> str:
     scheme, sep, _ = url.partition(":")
+    scheme = scheme.lower()
     if not sep:
         raise ConfigError(f"mailbox URL {url!r} has no scheme (e.g. maildir:PATH)")
     return scheme.lower()
@@ -154,7 +177,13 @@ def open_receiver(url: str, ctx: TransportContext) -> Receiver:
 def _load_builtin() -> None:
     if _SENDERS:
         return
-    from mailsync.transport import maildir, memory
+    from mailsync.transport import imap, maildir, memory, pop3, smtp
 
     register("maildir", sender=maildir.MaildirSender, receiver=maildir.MaildirReceiver)
     register("memory", sender=memory.MemorySender, receiver=memory.MemoryReceiver)
+    for scheme in ("smtp", "smtp+starttls", "smtps"):
+        register(scheme, sender=smtp.SmtpSender)
+    for scheme in ("imap", "imap+starttls", "imaps"):
+        register(scheme, receiver=imap.ImapReceiver)
+    for scheme in ("pop3", "pop3+starttls", "pop3s"):
+        register(scheme, receiver=pop3.Pop3Receiver)

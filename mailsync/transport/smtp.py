@@ -1,0 +1,179 @@
+"""Sending over SMTP with aiosmtplib: one connection per cycle, retries on 4xx.
+
+The connection opens when the sender is entered and is reused for every
+message of the cycle (a new connection + STARTTLS + AUTH per message is
+several times slower). Transient failures — a 4xx answer, a dropped
+connection — are retried a bounded number of times with backoff on a fresh
+connection; permanent ones (5xx, failed login) raise at once. Either way the
+outbox is untouched until a message is accepted, so nothing is lost: it goes
+out next cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Self
+
+import aiosmtplib
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from mailsync.errors import TransportError
+from mailsync.transport import Session, TransportContext
+from mailsync.transport.account import Account, connection_error, parse_account
+
+#: Attempts per message before a transient failure is reported.
+SEND_ATTEMPTS = 3
+
+
+class _Transient(Exception):
+    """A failure worth another try on a new connection."""
+
+
+async def _drain() -> None:
+    """Give a closing TLS connection time to finish its shutdown handshake;
+    without it the loop closes under the transport and leaks the socket."""
+    await asyncio.sleep(0.05)
+
+
+class SmtpSender(Session):
+    def __init__(self, url: str, ctx: TransportContext) -> None:
+        self.account: Account = parse_account(
+            url, "smtp", ctx.secret, ca_file=ctx.ca_file, insecure=ctx.insecure, timeout=ctx.timeout
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._backoff = ctx.retry_backoff
+
+    def __enter__(self) -> Self:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(self._connect())
+        except _Transient as exc:
+            self.close()
+            raise TransportError(f"{self.account.display}: connect: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def _connect(self) -> None:
+        acc = self.account
+        smtp = aiosmtplib.SMTP(
+            hostname=acc.host,
+            port=acc.port,
+            use_tls=acc.security == "tls",
+            start_tls=acc.security == "starttls",
+            tls_context=acc.tls_context() if acc.security != "plain" else None,
+            timeout=acc.timeout,
+        )
+        try:
+            await smtp.connect()
+            if acc.user:
+                await smtp.login(acc.user, acc.password() or "")
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            smtp.close()
+            raise TransportError(
+                f"{acc.display}: login failed for {acc.user} ({exc.code} {exc.message})",
+                hint="check the user in the URL and the password source in [mailbox]",
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            smtp.close()
+            if 400 <= exc.code < 500:
+                raise _Transient(f"{exc.code} {exc.message}") from exc
+            raise TransportError(f"{acc.display}: connect: {exc.code} {exc.message}") from exc
+        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected) as exc:
+            smtp.close()
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise connection_error(acc, cause, "connect") from exc
+            raise _Transient(str(exc)) from exc
+        except (OSError, aiosmtplib.SMTPException) as exc:
+            smtp.close()
+            raise connection_error(acc, exc, "connect") from exc
+        except BaseException:  # e.g. the password source failed: close, then report
+            smtp.close()
+            raise
+        self._smtp = smtp
+
+    def send(self, sender: str, recipient: str, raw: bytes) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.run_until_complete(self._send_with_retries(sender, recipient, raw))
+        except _Transient as exc:
+            raise TransportError(
+                f"{self.account.display}: sending to {recipient} failed {SEND_ATTEMPTS} times "
+                f"({exc}); it stays in the outbox for the next cycle"
+            ) from exc
+
+    async def _send_with_retries(self, sender: str, recipient: str, raw: bytes) -> None:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(SEND_ATTEMPTS),
+            wait=wait_exponential(multiplier=self._backoff, max=30 * self._backoff),
+            retry=retry_if_exception_type(_Transient),
+            reraise=True,
+        ):
+            with attempt:
+                if self._smtp is None or not self._smtp.is_connected:
+                    await self._connect()
+                await self._send_once(sender, recipient, raw)
+
+    async def _send_once(self, sender: str, recipient: str, raw: bytes) -> None:
+        assert self._smtp is not None
+        acc = self.account
+        try:
+            await self._smtp.sendmail(sender, [recipient], raw)
+        except aiosmtplib.SMTPSenderRefused as exc:
+            if exc.code == 552:
+                raise TransportError(
+                    f"{acc.display}: the server refused a {len(raw):,}-byte message as too large "
+                    f"({exc.code} {exc.message})",
+                    hint=f"set max_message_bytes in [mailbox] below {len(raw):,}",
+                ) from exc
+            self._fail_or_retry(exc.code, exc.message, exc)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [e.code for e in exc.recipients]
+            if all(400 <= c < 500 for c in codes):
+                raise _Transient(str(exc)) from exc
+            detail = "; ".join(f"{e.code} {e.message}" for e in exc.recipients)
+            raise TransportError(
+                f"{acc.display}: recipient {recipient} refused ({detail})",
+                hint="check the peer's address (`mailsync station show` / the bundle)",
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            self._fail_or_retry(exc.code, exc.message, exc)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, OSError) as exc:
+            self._drop()
+            raise _Transient(str(exc) or type(exc).__name__) from exc
+
+    def _fail_or_retry(self, code: int, message: str, exc: Exception) -> None:
+        if 400 <= code < 500:
+            self._drop()
+            raise _Transient(f"{code} {message}") from exc
+        raise TransportError(f"{self.account.display}: {code} {message}") from exc
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+            self._smtp = None
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        if self._smtp is not None and self._smtp.is_connected:
+            try:
+                self._loop.run_until_complete(self._smtp.quit())
+            except (aiosmtplib.SMTPException, OSError):
+                self._smtp.close()
+        self._smtp = None
+        # let the transports' close callbacks (TLS shutdown included) run
+        # before the loop goes away
+        self._loop.run_until_complete(_drain())
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
+        self._loop = None

@@ -1,0 +1,385 @@
+"""Real Postfix (SMTP) and Dovecot (IMAP, POP3, LMTP) for the test session.
+
+Everything lives in one temp dir: a self-signed certificate for
+``localhost``, Dovecot users from a passwd-file with Maildirs, LMTP on a unix
+socket that Postfix delivers ``example.test`` mail to, and Dovecot's SASL
+socket that Postfix authenticates submission against. Both listen on
+127.0.0.1 ports below the ephemeral range. Facts behind the settings are in
+TEST-SERVERS.md (root only for Postfix; anvil's auth penalty off so wrong-
+password tests do not slow every later login; chroot off everywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+DOMAIN = "example.test"
+USERS = ("hq", "koeln", "berlin", "muenchen", "admin")
+
+
+def password_of(user: str) -> str:
+    return f"pw-{user}-Geheim"
+
+
+def binaries_present() -> bool:
+    return all(shutil.which(b) for b in ("postfix", "dovecot", "doveadm", "openssl"))
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, deadline_s: float = 20) -> bool:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class MailServers:
+    """Dovecot + Postfix; ports in ``self.ports`` (smtp, smtps, imap, imaps, pop3, pop3s)."""
+
+    def __init__(self, port_base: int = 12000) -> None:
+        self.port_base = port_base
+        self.dir = Path()
+        self.ports: dict[str, int] = {}
+        self.dovecot: subprocess.Popen[bytes] | None = None
+        self.postfix_up = False
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> Self:
+        self.dir = Path(tempfile.mkdtemp(prefix="msync-mail-"))
+        self.dir.chmod(0o755)
+        self._cert()
+        for _ in range(5):
+            base = self.port_base + random.randrange(0, 90) * 10
+            self.ports = {
+                name: base + i
+                for i, name in enumerate(("smtp", "smtps", "imap", "imaps", "pop3", "pop3s"))
+            }
+            if all(self._port_free(p) for p in self.ports.values()):
+                break
+        self.start_dovecot()
+        self.start_postfix()
+        return self
+
+    def stop(self) -> None:
+        self.stop_postfix()
+        self.stop_dovecot()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @staticmethod
+    def _port_free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    # ----------------------------------------------------------------- TLS
+    @property
+    def cert(self) -> Path:
+        return self.dir / "cert.pem"
+
+    def _cert(self) -> None:
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-keyout",
+                str(self.dir / "key.pem"),
+                "-out",
+                str(self.cert),
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        (self.dir / "key.pem").chmod(0o600)
+
+    # ------------------------------------------------------------- Dovecot
+    def start_dovecot(self) -> None:
+        d = self.dir
+        mail_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.getuid()
+        mail_gid = pwd.getpwnam("nobody").pw_gid if os.geteuid() == 0 else os.getgid()
+        for sub in ("run", "mail", "state"):
+            (d / sub).mkdir(exist_ok=True)
+        os.chown(d / "mail", mail_uid, mail_gid)
+        (d / "users").write_text(
+            "".join(f"{u}@{DOMAIN}:{{PLAIN}}{password_of(u)}::::::\n" for u in USERS)
+        )
+        p = self.ports
+        conf = f"""
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+protocols = imap pop3 lmtp
+listen = 127.0.0.1
+ssl = yes
+ssl_cert = <{d}/cert.pem
+ssl_key = <{d}/key.pem
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+first_valid_uid = {min(mail_uid, 100) if mail_uid else 0}
+mail_location = maildir:{d}/mail/%n
+mail_max_userip_connections = 200
+pop3_uidl_format = %08Xu%08Xv
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid={mail_uid} gid={mail_gid} home={d}/mail/%n
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = {p["imap"]}
+  }}
+  inet_listener imaps {{
+    port = {p["imaps"]}
+    ssl = yes
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {p["pop3"]}
+  }}
+  inet_listener pop3s {{
+    port = {p["pop3s"]}
+    ssl = yes
+  }}
+}}
+service lmtp {{
+  unix_listener {d}/lmtp {{
+    mode = 0666
+  }}
+}}
+service auth {{
+  unix_listener {d}/auth {{
+    mode = 0666
+  }}
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+protocol lmtp {{
+  postmaster_address = postmaster@{DOMAIN}
+}}
+"""
+        (d / "dovecot.conf").write_text(conf)
+        with open(d / "dovecot.stderr", "ab") as err:
+            self.dovecot = subprocess.Popen(
+                ["dovecot", "-F", "-c", str(d / "dovecot.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+        if not _wait_port(p["imap"], self.dovecot) or not _wait_port(p["pop3s"], self.dovecot):
+            raise RuntimeError(f"Dovecot did not start:\n{self._tail('dovecot.log')}")
+
+    def stop_dovecot(self) -> None:
+        proc, self.dovecot = self.dovecot, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # abrupt: sessions die with it
+            proc.wait(timeout=10)
+
+    # ------------------------------------------------------------- Postfix
+    def _postfix_dirs(self) -> Path:
+        pf = self.dir / "postfix"
+        return pf
+
+    def start_postfix(self) -> None:
+        pf = self._postfix_dirs()
+        first = not pf.exists()
+        if first:
+            (pf / "queue").mkdir(parents=True)
+            (pf / "data").mkdir()
+            (pf / "vmailbox").write_text("".join(f"{u}@{DOMAIN} {u}/\n" for u in USERS))
+            (pf / "maillog").touch()
+            shutil.chown(pf / "maillog", "postfix", "postdrop")
+            shutil.chown(pf / "data", "postfix", "postfix")
+            self._write_postfix_config(pf)
+            subprocess.run(
+                ["postfix", "-c", str(pf), "set-permissions"], check=False, capture_output=True
+            )
+        subprocess.run(["postfix", "-c", str(pf), "start"], check=True, capture_output=True)
+        self.postfix_up = True
+        if not _wait_port(self.ports["smtp"], None):
+            raise RuntimeError(f"Postfix did not start:\n{self._tail('postfix/maillog')}")
+
+    def _write_postfix_config(self, pf: Path) -> None:
+        d, p = self.dir, self.ports
+        main = f"""
+compatibility_level = 3.6
+queue_directory = {pf}/queue
+data_directory = {pf}/data
+myhostname = mail.{DOMAIN}
+mydomain = {DOMAIN}
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mydestination =
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_maps = texthash:{pf}/vmailbox
+virtual_transport = lmtp:unix:{d}/lmtp
+local_transport = error:local delivery is disabled
+default_transport = error:outside delivery is disabled
+relay_transport = error:outside delivery is disabled
+alias_maps =
+alias_database =
+smtp_dns_support_level = disabled
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = {d}/auth
+smtpd_sasl_auth_enable = yes
+smtpd_tls_cert_file = {d}/cert.pem
+smtpd_tls_key_file = {d}/key.pem
+smtpd_tls_security_level = may
+smtpd_tls_auth_only = no
+smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination
+smtpd_error_sleep_time = 0
+smtpd_soft_error_limit = 1000
+smtpd_hard_error_limit = 1000
+maillog_file = {pf}/maillog
+maillog_file_prefixes = {pf}
+biff = no
+smtputf8_enable = no
+message_size_limit = 10240000
+"""
+        (pf / "main.cf").write_text(main)
+        services = [
+            (str(p["smtp"]), "inet", "n", "-", "n", "-", "-", "smtpd"),
+            (
+                str(p["smtps"]),
+                "inet",
+                "n",
+                "-",
+                "n",
+                "-",
+                "-",
+                "smtpd\n  -o smtpd_tls_wrappermode=yes",
+            ),
+            ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
+            ("cleanup", "unix", "n", "-", "n", "-", "0", "cleanup"),
+            ("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
+            ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
+            ("rewrite", "unix", "-", "-", "n", "-", "-", "trivial-rewrite"),
+            ("bounce", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("defer", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("trace", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("verify", "unix", "-", "-", "n", "-", "1", "verify"),
+            ("flush", "unix", "n", "-", "n", "1000?", "0", "flush"),
+            ("proxymap", "unix", "-", "-", "n", "-", "-", "proxymap"),
+            ("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
+            ("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
+            ("showq", "unix", "n", "-", "n", "-", "-", "showq"),
+            ("error", "unix", "-", "-", "n", "-", "-", "error"),
+            ("retry", "unix", "-", "-", "n", "-", "-", "error"),
+            ("discard", "unix", "-", "-", "n", "-", "-", "discard"),
+            ("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp"),
+            ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
+            ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
+            ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
+        ]
+        (pf / "master.cf").write_text("".join(" ".join(s) + "\n" for s in services))
+
+    def stop_postfix(self) -> None:
+        if not self.postfix_up:
+            return
+        self.postfix_up = False
+        pf = self._postfix_dirs()
+        pid_file = pf / "queue" / "pid" / "master.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self._port_free(self.ports["smtp"]):
+            time.sleep(0.05)
+
+    # ---------------------------------------------------------------- tools
+    def _tail(self, name: str) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join((self.dir / name).read_text().splitlines()[-20:])
+        return ""
+
+    def reset(self) -> None:
+        """Empty every mailbox (between tests)."""
+        for user in USERS:
+            subprocess.run(
+                [
+                    "doveadm",
+                    "-c",
+                    str(self.dir / "dovecot.conf"),
+                    "expunge",
+                    "-u",
+                    f"{user}@{DOMAIN}",
+                    "mailbox",
+                    "*",
+                    "all",
+                ],
+                check=False,
+                capture_output=True,
+            )
+
+    def count(self, user: str, folder: str = "INBOX") -> int:
+        out = subprocess.run(
+            [
+                "doveadm",
+                "-c",
+                str(self.dir / "dovecot.conf"),
+                "mailbox",
+                "status",
+                "-u",
+                f"{user}@{DOMAIN}",
+                "messages",
+                folder,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        return int(out.split("=")[1]) if "=" in out else 0

@@ -1,0 +1,186 @@
+"""End to end over real Postfix (SMTP) and Dovecot (IMAP, POP3), and its faults.
+
+hq reads IMAPS, koeln IMAP with STARTTLS, berlin POP3S; all send by SMTP
+submission with STARTTLS and AUTH. No mock stands in for the mail system.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+from mailsync.schema import outbox
+from tests.cluster import Cluster, customers
+from tests.servers.mail import DOMAIN, MailServers, password_of
+
+RECEIVE = {"hq": "imaps", "koeln": "imap+starttls", "berlin": "pop3s"}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def mailbox(servers: MailServers, name: str, **extra: object) -> dict[str, object]:
+    user = f"{name}%40{DOMAIN}"
+    scheme = RECEIVE[name]
+    port = servers.ports[scheme.replace("+starttls", "")]
+    settings: dict[str, object] = {
+        "address": f"{name}@{DOMAIN}",
+        "send": f"smtp+starttls://{user}@localhost:{servers.ports['smtp']}",
+        "receive": f"{scheme}://{user}@localhost:{port}",
+        "password_env": f"TEST_PW_{name.upper()}",
+        "ca_file": str(servers.cert),
+        "timeout": 10,
+    }
+    settings.update(extra)
+    return settings
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, db_url: str, mail_servers: MailServers, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, db_url, transport="maildir")
+    for name in c.names:
+        monkeypatch.setenv(f"TEST_PW_{name.upper()}", password_of(name))
+        c.set_mailbox(name, mailbox(mail_servers, name))
+    c.host.add_rule("customers", down="IUD", up="IUD")
+    c.execute("hq", customers.insert(), [{"id": i, "name": f"Kunde {i}"} for i in range(1, 11)])
+    yield c
+    c.close()
+
+
+def deliver_and_sync(c: Cluster, servers: MailServers, sender: str, *receivers: str) -> None:
+    """Sync ``sender``, wait until its mail is delivered, sync the receivers."""
+    before = {r: servers.count(r) for r in receivers}
+    built = c.nodes[sender].sync()
+    assert not built.errors, built.errors
+    for r in receivers:
+        if built.sent and any(b.peer == r for b in built.built):
+            wait_for(lambda r=r: servers.count(r) > before[r], f"mail for {r}")
+        report = c.nodes[r].sync()
+        assert not report.errors, report.errors
+
+
+def converge(c: Cluster, servers: MailServers) -> None:
+    for station in ("koeln", "berlin"):
+        deliver_and_sync(c, servers, station, "hq")
+    deliver_and_sync(c, servers, "hq", "koeln", "berlin")
+
+
+def test_host_and_two_stations_over_imap_and_pop3(
+    cluster: Cluster, mail_servers: MailServers
+) -> None:
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln", "berlin")
+    assert len(cluster.rows("koeln", customers)) == 10 == len(cluster.rows("berlin", customers))
+    cluster.execute("koeln", customers.insert(), {"id": 100, "name": "Köln neu"})
+    cluster.execute("berlin", customers.insert(), {"id": 200, "name": "Berlin neu"})
+    cluster.execute("hq", update(customers).where(customers.c.id == 1).values(name="Geändert"))
+    converge(cluster, mail_servers)
+    assert cluster.agree("customers")
+    # IMAP: processed mail moved to Processed; POP3: deleted after the commit
+    applied = cluster.nodes["koeln"].status().links[0].in_seq
+    assert mail_servers.count("koeln") == 0
+    assert mail_servers.count("koeln", "Processed") == applied >= 2
+    assert mail_servers.count("berlin") == 0
+
+
+def test_smtp_down_mid_cycle_loses_nothing(cluster: Cluster, mail_servers: MailServers) -> None:
+    mail_servers.stop_postfix()
+    report = cluster.host.sync()
+    assert report.errors and "connect" in report.errors[0]
+    with cluster.engines["hq"].connect() as conn:
+        unsent = conn.execute(
+            select(func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+        ).scalar()
+    assert unsent == 2  # both changesets wait in the outbox
+    mail_servers.start_postfix()
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln", "berlin")
+    assert cluster.agree("customers")
+
+
+def test_imap_and_pop3_down_then_recovery(cluster: Cluster, mail_servers: MailServers) -> None:
+    cluster.host.sync()
+    wait_for(lambda: mail_servers.count("koeln") == 1 and mail_servers.count("berlin") == 1, "mail")
+    mail_servers.stop_dovecot()
+    for name in ("koeln", "berlin"):
+        report = cluster.nodes[name].sync()
+        assert report.errors and "connection refused" in report.errors[0], report.errors
+        assert cluster.rows(name, customers) == []
+    mail_servers.start_dovecot()
+    for name in ("koeln", "berlin"):
+        assert not cluster.nodes[name].sync().errors
+    assert cluster.agree("customers")
+
+
+def test_wrong_password(
+    cluster: Cluster, mail_servers: MailServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_PW_KOELN", "wrong")
+    monkeypatch.setenv("TEST_PW_BERLIN", "wrong")
+    cluster.host.sync()
+    wait_for(lambda: mail_servers.count("koeln") == 1, "mail for koeln")
+    for name in ("koeln", "berlin"):
+        report = cluster.nodes[name].sync()
+        assert any(f"login failed for {name}@{DOMAIN}" in e for e in report.errors), report.errors
+    monkeypatch.setenv("TEST_PW_KOELN", password_of("koeln"))
+    monkeypatch.setenv("TEST_PW_BERLIN", password_of("berlin"))
+    for name in ("koeln", "berlin"):
+        assert not cluster.nodes[name].sync().errors
+    assert cluster.agree("customers")
+
+
+def test_tls_name_mismatch(cluster: Cluster, mail_servers: MailServers) -> None:
+    from mailsync.mailcheck import check_mailbox
+
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln")
+    settings = mailbox(mail_servers, "koeln")
+    settings["receive"] = str(settings["receive"]).replace("localhost", "127.0.0.1")
+    settings["send"] = str(settings["send"]).replace("localhost", "127.0.0.1")
+    cluster.set_mailbox("koeln", settings)
+    cluster.execute("koeln", customers.insert(), {"id": 300, "name": "x"})
+    report = cluster.nodes["koeln"].sync()
+    assert len(report.errors) == 2, report.errors  # receiving and sending
+    assert all("TLS certificate not accepted" in e for e in report.errors), report.errors
+    checks = check_mailbox(cluster.nodes["koeln"], wait_s=1)
+    assert [c.ok for c in checks] == [False, False]
+    assert "certificate is not valid for '127.0.0.1'" in checks[0].detail
+    cluster.set_mailbox("koeln", mailbox(mail_servers, "koeln"))
+    deliver_and_sync(cluster, mail_servers, "koeln", "hq")
+    assert cluster.agree("customers", nodes=("hq", "koeln"))
+
+
+def test_message_over_the_size_limit(cluster: Cluster, mail_servers: MailServers) -> None:
+    # our own limit: refused before it is sent, kept in the outbox
+    cluster.set_mailbox("hq", mailbox(mail_servers, "hq", max_message_bytes=10_000))
+    cluster.execute("hq", customers.insert(), {"id": 400, "name": "x", "photo": os.urandom(20_000)})
+    report = cluster.host.sync()
+    assert any("over max_message_bytes (10,000)" in e for e in report.errors), report.errors
+    # the server's limit (10,240,000 bytes): its 552 answer names the setting to change
+    cluster.set_mailbox("hq", mailbox(mail_servers, "hq", max_message_bytes=50_000_000))
+    cluster.execute(
+        "hq", update(customers).where(customers.c.id == 400).values(photo=os.urandom(8_000_000))
+    )
+    report = cluster.host.sync()
+    assert any("refused" in e and "too large" in e for e in report.errors), report.errors
+    assert any("max_message_bytes" in e for e in report.errors)
+
+
+def test_mailbox_test_command(cluster: Cluster, mail_servers: MailServers) -> None:
+    from mailsync.mailcheck import check_mailbox
+
+    for name in ("hq", "berlin"):
+        results = check_mailbox(cluster.nodes[name], wait_s=20)
+        assert [c.ok for c in results] == [True] * 4, results
+    cluster.set_mailbox("koeln", mailbox(mail_servers, "koeln", password_env="TEST_PW_NOPE"))
+    results = check_mailbox(cluster.nodes["koeln"], wait_s=5)
+    assert not results[0].ok and "TEST_PW_NOPE is not set" in results[0].detail
