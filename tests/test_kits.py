@@ -17,6 +17,7 @@ def test_example_config_loads(kit: str, role: str) -> None:
     assert cfg.role == role
     assert cfg.mailbox.address.endswith("@firma.example")
     assert cfg.key_grace_days == 14
+    assert cfg.mailbox.send.startswith("smtp+starttls://") and cfg.mailbox.secret.env
 
 
 @pytest.mark.parametrize("kit", ["host", "remote"])
