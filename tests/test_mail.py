@@ -184,3 +184,22 @@ def test_mailbox_test_command(cluster: Cluster, mail_servers: MailServers) -> No
     cluster.set_mailbox("koeln", mailbox(mail_servers, "koeln", password_env="TEST_PW_NOPE"))
     results = check_mailbox(cluster.nodes["koeln"], wait_s=5)
     assert not results[0].ok and "TEST_PW_NOPE is not set" in results[0].detail
+
+
+def test_a_mailbox_with_thousands_of_messages(cluster: Cluster, mail_servers: MailServers) -> None:
+    """Fetched in batches: 1,200 stray mails are set aside and the real one applies."""
+    import smtplib
+    import ssl
+
+    many = 1200
+    context = ssl.create_default_context(cafile=str(mail_servers.cert))
+    with smtplib.SMTP("localhost", mail_servers.ports["smtp"], timeout=30) as smtp:
+        smtp.starttls(context=context)
+        smtp.login(f"hq@{DOMAIN}", password_of("hq"))
+        for i in range(many):
+            smtp.sendmail(f"hq@{DOMAIN}", [f"koeln@{DOMAIN}"], f"Subject: news {i}\r\n\r\nhi\r\n")
+    wait_for(lambda: mail_servers.count("koeln") == many, "stray mail delivered", 60)
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln")
+    assert mail_servers.count("koeln", "Unrecognized") == many
+    assert mail_servers.count("koeln") == 0
+    assert cluster.agree("customers", nodes=("hq", "koeln"))
