@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -43,7 +43,7 @@ from sqlalchemy import (
     update,
 )
 
-from mailsync.changeset import ChangesetWriter, Op, TableDef
+from mailsync.changeset import ChangesetWriter, Op, TableDef, batches
 from mailsync.db import dependency_order, reflect
 from mailsync.envelope import Codec, Header
 from mailsync.keys import PublicKey
@@ -129,17 +129,6 @@ def key_filter(table: Table, keys: Sequence[tuple[Any, ...]]) -> Any:
     return tuple_(*pk).in_(keys)
 
 
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class _Builder:
     def __init__(
         self, conn: Connection, engine: Engine, plan: LinkPlan, writer: ChangesetWriter, batch: int
@@ -217,7 +206,7 @@ class _Builder:
             .order_by(changes.c.id)
         )
         result = self.conn.execute(query, execution_options={"yield_per": self.batch})
-        for part in _chunks(iter(result), self.batch):
+        for part in batches(iter(result), self.batch):
             keyed = [
                 (coerce_key(json.loads(pk, parse_float=Decimal), pk_cols), op) for pk, op in part
             ]
@@ -285,7 +274,7 @@ def build_for_link(
                 conn.execute(loads.insert().values(station=plan.peer, tbl=name, loaded_at=now()))
             builder.changes(name, horizon, cursor)
         for name in reversed(ordered):
-            for chunk in _chunks(iter(builder.deletes.get(name, [])), batch_rows):
+            for chunk in batches(iter(builder.deletes.get(name, [])), batch_rows):
                 writer.rows(builder.tdef(name), "D", chunk)
         values: dict[str, Any] = {"change_cursor": max(cursor, horizon)}
         if plan.send_rules:

@@ -28,14 +28,16 @@ This module does no I/O of its own: it writes to any object with
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgpack
 
 from mailsync.errors import MessageError
+
+T = TypeVar("T")
 
 MAGIC = "mailsync-changeset"
 VERSION = 1
@@ -57,6 +59,18 @@ class Source(Protocol):
     """Anything a changeset can be read from (a file, a decompressor, BytesIO)."""
 
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter): rows flow in batches."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class Sink(Protocol):

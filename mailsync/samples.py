@@ -39,6 +39,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from mailsync.changeset import batches
+
 metadata = MetaData()
 
 customers = Table(
@@ -156,17 +158,6 @@ def create_schema(engine: Engine) -> None:
     metadata.create_all(engine, checkfirst=True)
 
 
-def _chunks(rows: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= CHUNK:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _customers(rng: random.Random, n: int) -> Iterator[dict[str, Any]]:
     for i in range(1, n + 1):
         city, country, postcode = rng.choice(_CITIES)
@@ -218,11 +209,11 @@ def generate(
     tables = metadata.tables
     counts = dict.fromkeys(TABLES, 0)
     with engine.begin() as conn:
-        for batch in _chunks(_customers(rng, customers)):
+        for batch in batches(_customers(rng, customers), CHUNK):
             conn.execute(tables["customers"].insert(), batch)
             counts["customers"] += len(batch)
         prices: list[Decimal] = []
-        for batch in _chunks(_articles(rng, n_articles)):
+        for batch in batches(_articles(rng, n_articles), CHUNK):
             conn.execute(tables["articles"].insert(), batch)
             prices.extend(r["unit_price"] for r in batch)
             counts["articles"] += len(batch)

@@ -53,7 +53,7 @@ def site(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def init_both(site: Path) -> None:
+def init_host(cwd: Path) -> None:
     mailsync(
         "init",
         "host",
@@ -65,8 +65,12 @@ def init_both(site: Path) -> None:
         "hq@x.test",
         "--mail",
         "maildir:../mail",
-        cwd=site / "hq",
+        cwd=cwd,
     )
+
+
+def init_both(site: Path) -> None:
+    init_host(site / "hq")
     mailsync(
         "init",
         "remote",
@@ -164,26 +168,14 @@ def test_bad_input_gets_one_clear_line(
 ) -> None:
     hq = site / "hq"
     if args[0] != "status":
-        mailsync(
-            "init",
-            "host",
-            "--id",
-            "hq",
-            "--db",
-            "sqlite:///app.db",
-            "--address",
-            "hq@x.test",
-            cwd=hq,
-        )
+        init_host(hq)
     assert_clean_error(mailsync(*args, cwd=hq, ok=False), *needles)
 
 
 def test_bad_config_files(site: Path) -> None:
     hq = site / "hq"
     cfg = hq / "mailsync.toml"
-    mailsync(
-        "init", "host", "--id", "hq", "--db", "sqlite:///app.db", "--address", "hq@x.test", cwd=hq
-    )
+    init_host(hq)
     cfg.write_text("[node\nid = 1")
     assert_clean_error(mailsync("status", cwd=hq, ok=False), "not valid TOML")
     cfg.write_text('[node]\nid = "hq"\nrole = "boss"\ndatabase = "sqlite:///app.db"\n')
@@ -219,9 +211,7 @@ def test_init_refuses_and_leaves_nothing_half_written(site: Path) -> None:
     assert_clean_error(proc, "cannot open the database")
     assert not (hq / "mailsync.toml").exists()
     assert [p.name for p in hq.iterdir()] == ["app.db"]
-    mailsync(
-        "init", "host", "--id", "hq", "--db", "sqlite:///app.db", "--address", "hq@x.test", cwd=hq
-    )
+    init_host(hq)
     again = mailsync(
         "init",
         "host",
