@@ -203,3 +203,23 @@ def test_a_mailbox_with_thousands_of_messages(cluster: Cluster, mail_servers: Ma
     assert mail_servers.count("koeln", "Unrecognized") == many
     assert mail_servers.count("koeln") == 0
     assert cluster.agree("customers", nodes=("hq", "koeln"))
+
+
+def test_the_same_run_with_aiosmtpd_for_developers_without_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mail_servers: MailServers
+) -> None:
+    """The stand-in SMTP server (aiosmtpd into Dovecot's LMTP) carries a sync too."""
+    with MailServers(port_base=14000, smtp="aiosmtpd") as servers:
+        c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",), transport="maildir")
+        try:
+            for name in c.names:
+                monkeypatch.setenv(f"TEST_PW_{name.upper()}", password_of(name))
+                c.set_mailbox(name, mailbox(servers, name))
+            c.host.add_rule("customers", down="IUD", up="IUD")
+            c.execute("hq", customers.insert(), {"id": 1, "name": "über aiosmtpd"})
+            deliver_and_sync(c, servers, "hq", "koeln")
+            c.execute("koeln", customers.insert(), {"id": 2, "name": "zurück"})
+            deliver_and_sync(c, servers, "koeln", "hq")
+            assert c.agree("customers")
+        finally:
+            c.close()

@@ -12,12 +12,14 @@ password tests do not slow every later login; chroot off everywhere).
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import pwd
 import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -34,7 +36,8 @@ def password_of(user: str) -> str:
 
 
 def binaries_present() -> bool:
-    return all(shutil.which(b) for b in ("postfix", "dovecot", "doveadm", "openssl"))
+    needed = ["dovecot", "doveadm", "openssl"] + (["postfix"] if os.geteuid() == 0 else [])
+    return all(shutil.which(b) for b in needed)
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, deadline_s: float = 20) -> bool:
@@ -48,15 +51,47 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, deadline_s: floa
     return False
 
 
-class MailServers:
-    """Dovecot + Postfix; ports in ``self.ports`` (smtp, smtps, imap, imaps, pop3, pop3s)."""
+class _LmtpRelay:
+    """aiosmtpd handler: hands each message to Dovecot's LMTP socket, and only
+    then answers 250 (as Postfix does once the message is queued)."""
 
-    def __init__(self, port_base: int = 12000) -> None:
+    def __init__(self, lmtp_socket: Path) -> None:
+        self.socket = lmtp_socket
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        import asyncio
+        import smtplib
+
+        def deliver() -> None:
+            with smtplib.LMTP(str(self.socket)) as lmtp:
+                lmtp.sendmail(envelope.mail_from, envelope.rcpt_tos, envelope.content)  # type: ignore[attr-defined]
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, deliver)
+        except smtplib.SMTPRecipientsRefused:
+            return "550 5.1.1 unknown recipient"
+        except (OSError, smtplib.SMTPException):
+            return "451 4.3.0 delivery failed, try again"
+        return "250 OK"
+
+
+class MailServers:
+    """Dovecot + an SMTP server; ports in ``self.ports`` (smtp, smtps, imap, imaps, pop3, pop3s).
+
+    The SMTP server is Postfix when running as root (what companies run, and
+    what CI exercises) and aiosmtpd relaying into Dovecot's LMTP otherwise
+    (``smtp="aiosmtpd"`` forces it), so a developer without root runs the
+    same tests.
+    """
+
+    def __init__(self, port_base: int = 12000, smtp: str | None = None) -> None:
         self.port_base = port_base
+        self.smtp = smtp or ("postfix" if os.geteuid() == 0 else "aiosmtpd")
         self.dir = Path()
         self.ports: dict[str, int] = {}
         self.dovecot: subprocess.Popen[bytes] | None = None
         self.postfix_up = False
+        self._controllers: list[object] = []
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> Self:
@@ -142,7 +177,19 @@ class MailServers:
             "".join(f"{u}@{DOMAIN}:{{PLAIN}}{password_of(u)}::::::\n" for u in USERS)
         )
         p = self.ports
-        conf = f"""
+        unprivileged = ""
+        if os.geteuid() != 0:
+            me = pwd.getpwuid(os.getuid()).pw_name
+            group = grp.getgrgid(os.getgid()).gr_name
+            unprivileged = (
+                f"default_internal_user = {me}\ndefault_internal_group = {group}\n"
+                f"default_login_user = {me}\n"
+                "service imap-login {\n  chroot =\n}\nservice pop3-login {\n  chroot =\n}\n"
+                "service anvil {\n  chroot =\n}\n"
+            )
+        conf = (
+            unprivileged
+            + f"""
 base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
@@ -202,6 +249,7 @@ protocol lmtp {{
   postmaster_address = postmaster@{DOMAIN}
 }}
 """
+        )
         (d / "dovecot.conf").write_text(conf)
         with open(d / "dovecot.stderr", "ab") as err:
             self.dovecot = subprocess.Popen(
@@ -226,6 +274,10 @@ protocol lmtp {{
         return pf
 
     def start_postfix(self) -> None:
+        """Start the SMTP server (Postfix, or the aiosmtpd stand-in)."""
+        if self.smtp == "aiosmtpd":
+            self._start_aiosmtpd()
+            return
         pf = self._postfix_dirs()
         first = not pf.exists()
         if first:
@@ -318,10 +370,43 @@ message_size_limit = 10240000
         ]
         (pf / "master.cf").write_text("".join(" ".join(s) + "\n" for s in services))
 
+    def _start_aiosmtpd(self) -> None:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        users = {f"{u}@{DOMAIN}".encode(): password_of(u).encode() for u in USERS}
+
+        def authenticate(
+            server: object, session: object, envelope: object, mechanism: str, data: object
+        ) -> AuthResult:
+            ok = isinstance(data, LoginPassword) and users.get(data.login) == data.password
+            return AuthResult(success=ok)
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(str(self.cert), str(self.dir / "key.pem"))
+        relay = _LmtpRelay(self.dir / "lmtp")
+        common = {
+            "hostname": "127.0.0.1",
+            "authenticator": authenticate,
+            "auth_require_tls": False,
+            "data_size_limit": 10240000,
+        }
+        starttls = Controller(relay, port=self.ports["smtp"], tls_context=tls, **common)
+        implicit = Controller(relay, port=self.ports["smtps"], ssl_context=tls, **common)
+        for controller in (starttls, implicit):
+            controller.start()
+        self._controllers = [starttls, implicit]
+        self.postfix_up = True
+
     def stop_postfix(self) -> None:
         if not self.postfix_up:
             return
         self.postfix_up = False
+        if self._controllers:
+            for controller in self._controllers:
+                controller.stop()  # type: ignore[attr-defined]
+            self._controllers = []
+            return
         pf = self._postfix_dirs()
         pid_file = pf / "queue" / "pid" / "master.pid"
         with contextlib.suppress(OSError, ValueError):
