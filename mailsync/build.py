@@ -179,10 +179,14 @@ class _Builder:
         for part in result.partitions():
             self.write(name, "I", [r for r in part if r[-1]])
 
-    def changes(self, name: str, horizon: int, cursor: int) -> None:
+    def changes(self, name: str, horizon: int, cursor: int, *, loaded: bool = False) -> None:
+        """Route the logged changes of one table; after an initial load in the
+        same changeset (``loaded``) only its tombstones still matter."""
         table = self.table(name)
         pk_cols = list(table.primary_key.columns)
         ops = self.plan.ops(name)
+        if loaded:
+            ops = ops.replace("I", "").replace("U", "")
         origin = changes.c.origin
         routed: Any
         if self.plan.direction == "up":
@@ -269,10 +273,11 @@ def build_for_link(
         names = [n for n in plan.rules if plan.ops(n)]
         ordered = dependency_order(conn, names) if names else []
         for name in ordered:
-            if name in plan.initial_loads:
+            loaded = name in plan.initial_loads
+            if loaded:
                 builder.initial_load(name)
                 conn.execute(loads.insert().values(station=plan.peer, tbl=name, loaded_at=now()))
-            builder.changes(name, horizon, cursor)
+            builder.changes(name, horizon, cursor, loaded=loaded)
         for name in reversed(ordered):
             for chunk in batches(iter(builder.deletes.get(name, [])), batch_rows):
                 writer.rows(builder.tdef(name), "D", chunk)

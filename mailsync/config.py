@@ -33,6 +33,10 @@ DEFAULT_CONFIG = "mailsync.toml"
 CONFIG_ENV = "MAILSYNC_CONFIG"
 DEFAULT_COMPRESSION_LEVEL = 3
 DEFAULT_BATCH_ROWS = 5000
+#: An unacknowledged message is sent again after this long.
+DEFAULT_RESEND_AFTER_MINUTES = 60.0
+#: A gap in the inbound sequence older than this is asked for explicitly.
+DEFAULT_GAP_REQUEST_MINUTES = 15.0
 
 Role = Literal["host", "remote"]
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -86,6 +90,8 @@ class NodeConfig:
     compression_level: int = DEFAULT_COMPRESSION_LEVEL
     batch_rows: int = DEFAULT_BATCH_ROWS
     key_grace_days: int = DEFAULT_GRACE_DAYS
+    resend_after_minutes: float = DEFAULT_RESEND_AFTER_MINUTES
+    gap_request_minutes: float = DEFAULT_GAP_REQUEST_MINUTES
 
     @property
     def base_dir(self) -> Path:
@@ -170,6 +176,10 @@ def load_config(path: Path) -> NodeConfig:
     grace = _get(node, "key_grace_days", int, where, DEFAULT_GRACE_DAYS)
     if grace < 0:
         raise ConfigError(f"{where}: key_grace_days must not be negative")
+    resend = _get(node, "resend_after_minutes", int | float, where, DEFAULT_RESEND_AFTER_MINUTES)
+    gap = _get(node, "gap_request_minutes", int | float, where, DEFAULT_GAP_REQUEST_MINUTES)
+    if resend < 0 or gap < 0:
+        raise ConfigError(f"{where}: resend_after_minutes and gap_request_minutes must be >= 0")
 
     box = data.get("mailbox")
     if not isinstance(box, dict):
@@ -216,6 +226,8 @@ def load_config(path: Path) -> NodeConfig:
         compression_level=level,
         batch_rows=batch,
         key_grace_days=grace,
+        resend_after_minutes=float(resend),
+        gap_request_minutes=float(gap),
     )
 
 
@@ -245,6 +257,8 @@ def render_config(
         f"compression_level = {DEFAULT_COMPRESSION_LEVEL}   # zstd level, 1-22",
         f"batch_rows = {DEFAULT_BATCH_ROWS}          # rows per batch when building/applying",
         f"key_grace_days = {DEFAULT_GRACE_DAYS}        # replaced keys still open mail this long",
+        f"resend_after_minutes = {DEFAULT_RESEND_AFTER_MINUTES:g}  # unacknowledged mail is resent",
+        f"gap_request_minutes = {DEFAULT_GAP_REQUEST_MINUTES:g}   # a missing message is asked for",
         "# private keys: the .key file beside this one (owner-only, 0600)",
         "",
         "[mailbox]",

@@ -16,6 +16,7 @@ run again loses nothing and applies nothing twice.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from mailsync import capture, trust
 from mailsync import rules as rules_mod
 from mailsync.apply import Applied, apply_buffered
 from mailsync.build import Built, Direction, LinkPlan, build_for_link
-from mailsync.changeset import Source
+from mailsync.changeset import ChangesetWriter, Control, Source, read_changeset
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -69,6 +70,9 @@ from mailsync.schema import (
     set_meta,
 )
 from mailsync.transport import TransportContext, open_receiver, open_sender
+
+#: The sequence number of unsequenced (control) messages: acks, resend requests.
+CONTROL_SEQ = 0
 
 #: Log entries older than this are purged at the end of a cycle.
 LOG_RETENTION_DAYS = 10
@@ -294,8 +298,13 @@ class Node:
                         ).first()
                         if link is None:
                             raise MessageError(f"{where}: unknown sender {header.sender!r}")
-                        self.codec.verify(blob, where, self._sender_keys(conn, header.sender))
-                        duplicate = self._buffer(conn, link, header.seq, header.ack, blob)
+                        keys = self._sender_keys(conn, header.sender)
+                        self.codec.verify(blob, where, keys)
+                        if header.seq == CONTROL_SEQ:
+                            self._control(conn, link, header.ack, blob, where, keys)
+                            duplicate = False
+                        else:
+                            duplicate = self._buffer(conn, link, header.seq, header.ack, blob)
                 except MessageError as exc:
                     if self.config.mailbox.forward_unrecognized:
                         self._forward.append(msg.raw)
@@ -306,25 +315,46 @@ class Node:
                 rx.processed(msg.id)  # only now: the buffer commit made it redundant
                 report.received += 1
                 report.duplicates += duplicate
+                what = (
+                    f"ack {header.ack}"
+                    if header.seq == CONTROL_SEQ
+                    else f"{'duplicate ' if duplicate else ''}changeset #{header.seq}"
+                )
+                self.journal.info("received", f"{what} from {header.sender}", peer=header.sender)
+
+    def _acknowledged(self, conn: Connection, link: Any, ack: int) -> None:
+        """The peer applied everything up to ``ack``: those envelopes are delivered."""
+        values: dict[str, Any] = {"last_contact": now()}
+        if ack > link.acked_seq:
+            values["acked_seq"] = min(ack, link.out_seq)
+            conn.execute(delete(outbox).where(outbox.c.peer == link.peer, outbox.c.seq <= ack))
+        conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
+
+    def _control(
+        self, conn: Connection, link: Any, ack: int, blob: bytes, where: str, keys: Any
+    ) -> None:
+        """An unsequenced message: an ack, perhaps asking for missing envelopes."""
+        self._acknowledged(conn, link, ack)
+        _, stream = self.codec.open(blob, where, self.ring, keys)
+        for record in read_changeset(stream, origin=where):
+            if isinstance(record, Control) and record.kind == "resend":
+                wanted = [int(s) for s in record.payload][:10_000]
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.peer == link.peer, outbox.c.seq.in_(wanted))
+                    .values(sent_at=None)
+                )
                 self.journal.info(
-                    "received",
-                    f"{'duplicate ' if duplicate else ''}changeset #{header.seq} "
-                    f"from {header.sender}",
-                    peer=header.sender,
+                    "resend-request",
+                    f"{link.peer} asks again for #{', #'.join(map(str, wanted[:20]))}",
+                    peer=link.peer,
+                    conn=conn,
                 )
 
     def _buffer(self, conn: Connection, link: Any, seq: int, ack: int, blob: bytes) -> bool:
         """Buffer an envelope (in the caller's transaction); True if a duplicate."""
         peer = link.peer
-        values: dict[str, Any] = {"last_contact": now()}
-        if ack > link.acked_seq:
-            values["acked_seq"] = min(ack, link.out_seq)
-            conn.execute(
-                delete(outbox).where(
-                    outbox.c.peer == peer, outbox.c.seq <= ack, outbox.c.sent_at.is_not(None)
-                )
-            )
-        conn.execute(update(links).where(links.c.peer == peer).values(**values))
+        self._acknowledged(conn, link, ack)
         if seq <= link.in_seq:
             return True
         held = conn.execute(
@@ -447,17 +477,56 @@ class Node:
                     peer=built.peer,
                 )
 
+    def _controls(self, conn: Connection, carried: set[str]) -> list[tuple[str, str, bytes, int]]:
+        """Unsequenced messages due: a bare ack where the peer has not heard of
+        what we applied (and gets no data message to carry it), and a resend
+        request where a gap in what it sent us is old enough."""
+        due = []
+        limit = now() - dt.timedelta(minutes=self.config.gap_request_minutes)
+        for link in conn.execute(select(links)).all():
+            held = conn.execute(
+                select(inbox.c.seq, inbox.c.received_at).where(inbox.c.peer == link.peer)
+            ).all()
+            missing: list[int] = []
+            if held:
+                oldest = min(_aware(r.received_at) for r in held)
+                asked = link.gap_requested_at
+                if oldest <= limit and (asked is None or _aware(asked) <= limit):
+                    have = {r.seq for r in held}
+                    top = max(have)
+                    missing = [s for s in range(link.in_seq + 1, top) if s not in have]
+            if not missing and (link.in_seq <= link.ack_sent or link.peer in carried):
+                continue
+            buffer = io.BytesIO()
+            compressed = self.codec.body_writer(buffer)
+            writer = ChangesetWriter(compressed, {"from": self.config.node_id, "to": link.peer})
+            if missing:
+                writer.control("resend", missing)
+                conn.execute(
+                    update(links).where(links.c.peer == link.peer).values(gap_requested_at=now())
+                )
+            writer.close()
+            compressed.close()  # type: ignore[no-untyped-call]
+            header = Header(self.config.node_id, link.peer, CONTROL_SEQ, ack=link.in_seq)
+            due.append(
+                (link.peer, link.address, self._seal(conn, header, buffer.getvalue()), link.in_seq)
+            )
+        return due
+
     def _send(self, report: CycleReport) -> None:
         me = Address(self.config.node_id, self.config.mailbox.address)
-        with self.engine.connect() as conn:
+        stale = now() - dt.timedelta(minutes=self.config.resend_after_minutes)
+        with self.engine.begin() as conn:
             pending = conn.execute(
-                select(outbox.c.peer, outbox.c.seq, links.c.address)
+                select(outbox.c.peer, outbox.c.seq, links.c.address, outbox.c.sent_at)
                 .join(links, links.c.peer == outbox.c.peer)
-                .where(outbox.c.sent_at.is_(None))
+                .where(or_(outbox.c.sent_at.is_(None), outbox.c.sent_at <= stale))
                 .order_by(outbox.c.peer, outbox.c.seq)
             ).all()
+            # a peer that gets a data message learns our ack from it
+            controls = self._controls(conn, carried={p for p, *_ in pending})
         forward, self._forward = self._forward, []
-        if not pending and not forward:
+        if not pending and not forward and not controls:
             return
         limit = self.config.mailbox.max_message_bytes
         with open_sender(self.config.mailbox.send, self._transport_context()) as tx:
@@ -466,7 +535,17 @@ class Node:
                 assert target is not None
                 tx.send(me.email, target, raw)
                 self.journal.info("forwarded", f"unrecognized message forwarded to {target}")
-            for peer, seq, address in pending:
+            for peer, address, blob, acked in controls:
+                header = read_header(blob, f"ack for {peer}")
+                tx.send(me.email, address, build_message(header, me, Address(peer, address), blob))
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        update(links)
+                        .where(links.c.peer == peer, links.c.ack_sent < acked)
+                        .values(ack_sent=acked)
+                    )
+                report.sent += 1
+            for peer, seq, address, sent_at in pending:
                 with self.engine.connect() as conn:
                     blob = conn.execute(
                         select(outbox.c.blob).where(outbox.c.peer == peer, outbox.c.seq == seq)
@@ -490,8 +569,16 @@ class Node:
                         .values(sent_at=now(), send_count=outbox.c.send_count + 1)
                     )
                     conn.execute(update(links).where(links.c.peer == peer).values(last_sent=now()))
+                    conn.execute(
+                        update(links)
+                        .where(links.c.peer == peer, links.c.ack_sent < header.ack)
+                        .values(ack_sent=header.ack)
+                    )
                 report.sent += 1
-                self.journal.info("sent", f"changeset #{seq} sent to {peer} <{address}>", peer=peer)
+                again = "sent again" if sent_at is not None else "sent"
+                self.journal.info(
+                    "sent", f"changeset #{seq} {again} to {peer} <{address}>", peer=peer
+                )
 
     def _purge(self) -> None:
         with self.engine.begin() as conn:
@@ -714,6 +801,11 @@ class Node:
     def rules(self) -> list[rules_mod.Rule]:
         with self.engine.connect() as conn:
             return rules_mod.all_rules(conn)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    """SQLite hands timestamps back without their (UTC) zone."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 class SeenInDatabase:

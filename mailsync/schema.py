@@ -80,6 +80,9 @@ links = Table(
     # the key id of ours this peer was told about, and in which message
     Column("key_announced", String(16)),
     Column("key_announced_seq", BigInteger, nullable=False, default=0),
+    # the highest inbound sequence our last message to the peer acknowledged
+    Column("ack_sent", BigInteger, nullable=False, default=0),
+    Column("gap_requested_at", _Time),
     Column("last_contact", _Time),
     Column("last_sent", _Time),
 )

@@ -71,9 +71,11 @@ class Cluster:
         stations: Iterable[str] = ("koeln", "berlin"),
         *,
         transport: str = "memory",
+        office: MemoryPostOffice | None = None,
+        node_settings: dict[str, object] | None = None,
     ) -> None:
         self.root = root
-        self.office = MemoryPostOffice() if transport == "memory" else None
+        self.office = (office or MemoryPostOffice()) if transport == "memory" else None
         mail = "memory:" if transport == "memory" else f"maildir:{root / 'mail'}"
         self.names = ["hq", *stations]
         self.nodes: dict[str, Node] = {}
@@ -92,6 +94,14 @@ class Cluster:
                 address=f"{name}@{DOMAIN}",
                 mail=mail,
             )
+            if node_settings:
+                text = path.read_text()
+                extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in node_settings.items())
+                for key in node_settings:
+                    text = "\n".join(
+                        line for line in text.splitlines() if not line.startswith(f"{key} =")
+                    )
+                path.write_text(text.replace("[node]\n", "[node]\n" + extra, 1) + "\n")
             self.nodes[name] = Node.open(path, memory=self.office)
         for name in self.names[1:]:
             self.enroll(name)

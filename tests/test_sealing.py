@@ -37,8 +37,13 @@ def box(c: Cluster, name: str) -> Path:
 
 
 def take_one(c: Cluster, name: str) -> bytes:
-    """Remove the single waiting message from a mailbox and return it."""
-    (path,) = list((box(c, name) / "new").iterdir())
+    """Remove the single waiting changeset from a mailbox and return it
+    (bare acks, which carry no sequence number, stay where they are)."""
+    (path,) = [
+        p
+        for p in (box(c, name) / "new").iterdir()
+        if read_header(extract_envelope(p.read_bytes(), "x"), "x").seq > 0
+    ]
     raw = path.read_bytes()
     path.unlink()
     return raw
