@@ -32,6 +32,10 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "missing test dependencies (install as root): apt-get install ${missing[*]}" >&2
     exit 0
 fi
+if ! command -v apt-get >/dev/null; then
+    echo "missing test dependencies (no apt-get here; install them yourself): ${missing[*]}" >&2
+    exit 0
+fi
 echo "installing test dependencies: ${missing[*]}"
 # Postfix asks what kind of mail server this is: it is none (the tests
 # write their own config and start it themselves).

@@ -46,12 +46,19 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
+def require_postgres(config: pytest.Config) -> None:
+    """Skip unless PostgreSQL is selected and installed; missing in CI fails."""
+    if config.getoption("--db") == "sqlite":
+        pytest.skip("PostgreSQL not selected (--db sqlite)")
     if find_bindir() is None:
         if in_ci():
             pytest.fail(NOT_FOUND)
         pytest.skip(NOT_FOUND)
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    require_postgres(request.config)
     port_base = 20000 + 1000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
     with PostgresServer((port_base, port_base + 999)) as server:
         yield server
