@@ -112,6 +112,8 @@ class LinkStatus:
     unacked: int
     buffered: int
     pending_changes: int
+    oldest_unacked: dt.datetime | None = None
+    missing: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -611,15 +613,17 @@ class Node:
                         changes.c.tbl.in_(list(effective)),
                     )
                 ).scalar()
-                unsent, unacked = conn.execute(
+                unsent, unacked, oldest = conn.execute(
                     select(
                         func.count().filter(outbox.c.sent_at.is_(None)),
                         func.count().filter(outbox.c.sent_at.is_not(None)),
+                        func.min(outbox.c.created_at),
                     ).where(outbox.c.peer == link.peer)
                 ).one()
-                buffered = conn.execute(
-                    select(func.count()).select_from(inbox).where(inbox.c.peer == link.peer)
-                ).scalar()
+                held = set(
+                    conn.execute(select(inbox.c.seq).where(inbox.c.peer == link.peer)).scalars()
+                )
+                gap = range(link.in_seq + 1, max(held)) if held else range(0)
                 result.append(
                     LinkStatus(
                         peer=link.peer,
@@ -631,8 +635,10 @@ class Node:
                         in_seq=link.in_seq,
                         unsent=unsent,
                         unacked=unacked,
-                        buffered=int(buffered or 0),
+                        buffered=len(held),
                         pending_changes=int(pending or 0),
+                        oldest_unacked=oldest,
+                        missing=tuple(s for s in gap if s not in held),
                     )
                 )
             tables = sorted({r.table for r in rules_mod.all_rules(conn)})

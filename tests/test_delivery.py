@@ -176,6 +176,8 @@ def test_a_gap_is_asked_for(tmp_path: Path) -> None:
         c.execute("hq", customers.insert(), {"id": 2, "name": "zwei"})
         c.sync("hq")  # #3 arrives, #2 does not
         assert c.sync("koeln")["koeln"].applied == []  # #3 waits in the buffer
+        (link,) = c.nodes["koeln"].status().links
+        assert link.buffered == 1 and link.missing == (2,)
         c.sync("hq")  # reads koeln's resend request and sends #2 again
         report = c.sync("koeln")["koeln"]
         assert [a.seq for a in report.applied] == [2, 3]

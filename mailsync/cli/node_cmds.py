@@ -93,7 +93,7 @@ def status(ctx: typer.Context) -> None:
     console.print(f"tables synced: {', '.join(st.tables) or 'none yet'}")
     table = Table(title="links" if st.links else None, show_edge=False)
     numeric = ("out #", "acked #", "in #", "pending", "outbox", "unacked", "buffered")
-    for col in ("peer", "address", "last contact", "last sent", *numeric):
+    for col in ("peer", "address", "last contact", "last sent", *numeric, "missing"):
         table.add_column(col, justify="right" if col in numeric else "left")
     for link in st.links:
         table.add_row(
@@ -106,8 +106,10 @@ def status(ctx: typer.Context) -> None:
             str(link.in_seq),
             str(link.pending_changes),
             str(link.unsent),
-            str(link.unacked),
+            str(link.unacked) + (f" (since {when(link.oldest_unacked)})" if link.unacked else ""),
             str(link.buffered),
+            ", ".join(f"#{s}" for s in link.missing[:10])
+            + (" …" if len(link.missing) > 10 else ""),
         )
     if st.links:
         console.print(table)
