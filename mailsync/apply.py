@@ -13,23 +13,24 @@ and counted, not applied.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture
 from mailsync.build import Direction, key_filter
-from mailsync.changeset import Control, RowBatch, Source, TableDef, read_changeset
+from mailsync.changeset import Control, RowBatch, Source, TableDef, pack, read_changeset, unpack
 from mailsync.db import reflect
 from mailsync.dialects import dialect_for
 from mailsync.envelope import Header
 from mailsync.errors import ApplyError, MailsyncError, SchemaError
 from mailsync.keys import PublicKey
 from mailsync.rules import Rule, replace_rules
-from mailsync.schema import inbox, links, now
+from mailsync.schema import inbox, links, now, parked
 from mailsync.trust import trust_key
 
 
@@ -43,6 +44,7 @@ class Applied:
     refused: dict[str, int] = field(default_factory=dict)
     rules_received: bool = False
     key_received: bool = False
+    parked: int = 0
 
 
 RulesFor = Callable[[Connection], dict[str, Rule]]
@@ -99,6 +101,54 @@ class _Target:
 
     def delete(self, conn: Connection, keys: list[tuple[Any, ...]]) -> None:
         conn.execute(delete(self.table).where(key_filter(self.table, keys)))
+
+    def run(self, conn: Connection, op: str, rows: list[tuple[Any, ...]]) -> None:
+        """``op``: D delete, I upsert, U update only (no insert right)."""
+        {"D": self.delete, "I": self.upsert, "U": self.update}[op](conn, rows)
+
+    def guarded(self, conn: Connection, op: str, rows: list[tuple[Any, ...]], park: Parker) -> int:
+        """Apply a batch; if it fails, row by row, parking the rows that fail
+        (constraint, foreign key, type) so that they never stall the link."""
+        try:
+            with conn.begin_nested():
+                self.run(conn, op, rows)
+            return len(rows)
+        except SQLAlchemyError:
+            pass
+        done = 0
+        for row in rows:
+            try:
+                with conn.begin_nested():
+                    self.run(conn, op, [row])
+                done += 1
+            except SQLAlchemyError as exc:
+                park(self.tdef, op, row, _first_line(exc))
+        return done
+
+
+Parker = Callable[[TableDef, str, tuple[Any, ...], str], None]
+
+
+def _first_line(exc: BaseException) -> str:
+    detail = str(getattr(exc, "orig", exc)).strip().splitlines()
+    return detail[0] if detail else type(exc).__name__
+
+
+def park_row(
+    conn: Connection, peer: str, seq: int, tdef: TableDef, op: str, row: tuple[Any, ...], error: str
+) -> None:
+    conn.execute(
+        parked.insert().values(
+            peer=peer,
+            seq=seq,
+            tbl=tdef.name,
+            op=op,
+            columns=json.dumps([list(tdef.column_names if op != "D" else tdef.pk), list(tdef.pk)]),
+            row=pack(list(row)),
+            error=error,
+            parked_at=now(),
+        )
+    )
 
 
 def apply_buffered(
@@ -159,13 +209,13 @@ def apply_buffered(
                     key = f"{table_name}:{record.op}"
                     result.refused[key] = result.refused.get(key, 0) + len(record.rows)
                     continue
-                if record.op == "D":
-                    target.delete(conn, record.rows)
-                elif record.op == "I" or "I" in allowed:
-                    target.upsert(conn, record.rows)
-                else:
-                    target.update(conn, record.rows)
-                result.rows += len(record.rows)
+                op = "I" if record.op == "I" or (record.op == "U" and "I" in allowed) else record.op
+
+                def park(tdef: TableDef, op: str, row: tuple[Any, ...], error: str) -> None:
+                    park_row(conn, peer, seq, tdef, op, row, error)
+                    result.parked += 1
+
+                result.rows += target.guarded(conn, op, record.rows, park)
             conn.execute(
                 update(links).where(links.c.peer == peer).values(in_seq=seq, last_contact=now())
             )
@@ -189,3 +239,78 @@ def _ops(rules: dict[str, Rule], table: str, direction: Direction) -> str:
     if rule is None:
         return ""
     return rule.down if direction == "down" else rule.up
+
+
+@dataclass(frozen=True)
+class ParkedRow:
+    id: int
+    peer: str
+    seq: int
+    table: str
+    op: str
+    values: dict[str, Any]
+    error: str
+    parked_at: Any
+
+
+def _decode(row: Any) -> tuple[list[str], list[str], list[Any]]:
+    names, pk = json.loads(row.columns)
+    return names, pk, unpack(row.row)
+
+
+def list_parked(conn: Connection) -> list[ParkedRow]:
+    out = []
+    for r in conn.execute(select(parked).order_by(parked.c.id)).all():
+        names, _, values = _decode(r)
+        out.append(
+            ParkedRow(
+                r.id,
+                r.peer,
+                r.seq,
+                r.tbl,
+                r.op,
+                dict(zip(names, values, strict=True)),
+                r.error,
+                r.parked_at,
+            )
+        )
+    return out
+
+
+def retry_parked(engine: Engine, ids: list[int] | None) -> tuple[int, int]:
+    """Apply parked rows again (as from their peer); returns (applied, still parked)."""
+    done = failed = 0
+    with engine.connect() as conn:
+        query = select(parked).order_by(parked.c.id)
+        if ids is not None:
+            query = query.where(parked.c.id.in_(ids))
+        rows = conn.execute(query).all()
+    for r in rows:
+        names, pk, values = _decode(r)
+        with engine.begin() as conn:
+            dialect = dialect_for(conn)
+            dialect.begin_apply(conn, r.peer)
+            tdef = TableDef(
+                0, r.tbl, tuple((n, "") for n in (names if r.op != "D" else pk)), tuple(pk)
+            )
+            try:
+                target = _Target(reflect(conn, r.tbl), tdef)
+                with conn.begin_nested():
+                    target.run(conn, r.op, [tuple(values)])
+                conn.execute(delete(parked).where(parked.c.id == r.id))
+                done += 1
+            except (SQLAlchemyError, MailsyncError) as exc:
+                conn.execute(
+                    update(parked).where(parked.c.id == r.id).values(error=_first_line(exc))
+                )
+                failed += 1
+            dialect.end_apply(conn)
+    return done, failed
+
+
+def drop_parked(engine: Engine, ids: list[int] | None) -> int:
+    with engine.begin() as conn:
+        stmt = delete(parked)
+        if ids is not None:
+            stmt = stmt.where(parked.c.id.in_(ids))
+        return int(conn.execute(stmt).rowcount)

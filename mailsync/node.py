@@ -67,6 +67,7 @@ from mailsync.schema import (
     mailbox_seen,
     now,
     outbox,
+    parked,
     set_meta,
 )
 from mailsync.transport import TransportContext, open_receiver, open_sender
@@ -93,6 +94,10 @@ class CycleReport:
     @property
     def rows_applied(self) -> int:
         return sum(a.rows for a in self.applied)
+
+    @property
+    def rows_parked(self) -> int:
+        return sum(a.parked for a in self.applied)
 
     @property
     def rows_sent(self) -> int:
@@ -128,6 +133,7 @@ class Status:
     set_aside: int
     errors: int
     key_id: str
+    parked: int = 0
 
 
 class Node:
@@ -402,6 +408,13 @@ class Node:
                 self.journal.info(
                     "applied", f"changeset #{seq} from {peer}: {applied.rows} rows", peer=peer
                 )
+                if applied.parked:
+                    self.journal.error(
+                        "parked",
+                        f"changeset #{seq} from {peer}: {applied.parked} row(s) could not be "
+                        "applied and are parked (`mailsync errors list`)",
+                        peer=peer,
+                    )
                 for what, count in applied.refused.items():
                     table, op = what.split(":")
                     self.journal.warning(
@@ -643,6 +656,7 @@ class Node:
                 )
             tables = sorted({r.table for r in rules_mod.all_rules(conn)})
             missing = capture.check_capture(conn, tables) if tables else []
+            parked_count = int(conn.execute(select(func.count()).select_from(parked)).scalar() or 0)
             since = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
             counts: dict[str, int] = dict(
                 conn.execute(
@@ -662,6 +676,7 @@ class Node:
             set_aside=int(counts.get("rejected", 0)),
             errors=int(counts.get("apply-failed", 0)),
             key_id=self.ring.current.public.key_id,
+            parked=parked_count,
         )
 
     # ------------------------------------------------------------ host admin

@@ -150,6 +150,20 @@ inbox = Table(
     Column("received_at", _Time, nullable=False),
 )
 
+parked = Table(
+    "mailsync_parked",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("peer", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("tbl", String(128), nullable=False),
+    Column("op", String(8), nullable=False),  # I, U (update only) or D
+    Column("columns", Text, nullable=False),  # JSON: [names], [key names]
+    Column("row", LargeBinary, nullable=False),  # the values, packed
+    Column("error", Text, nullable=False),
+    Column("parked_at", _Time, nullable=False),
+)
+
 mailbox_seen = Table(
     "mailsync_mailbox_seen",
     metadata,

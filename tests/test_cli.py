@@ -269,6 +269,11 @@ def test_every_command_has_help(site: Path) -> None:
         ("keys", "show"),
         ("keys", "rotate"),
         ("inspect",),
+        ("mailbox", "test"),
+        ("errors",),
+        ("errors", "list"),
+        ("errors", "retry"),
+        ("errors", "drop"),
     ):
         out = mailsync(*args, "--help", cwd=site).stdout
         assert "Usage" in out, args

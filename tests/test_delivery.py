@@ -184,3 +184,47 @@ def test_a_gap_is_asked_for(tmp_path: Path) -> None:
         assert c.agree("customers")
     finally:
         c.close()
+
+
+def test_a_row_that_cannot_be_applied_is_parked_not_stalling(tmp_path: Path, db_url: str) -> None:
+    from mailsync.apply import drop_parked, list_parked, retry_parked
+
+    c = Cluster(tmp_path, db_url, ("koeln",))
+    try:
+        with c.engines["hq"].begin() as conn:  # only the host has this constraint
+            conn.exec_driver_sql("CREATE UNIQUE INDEX one_per_city ON customers (city)")
+        c.host.add_rule("customers", down="IUD", up="IUD")
+        c.sync("hq", "koeln", "hq")
+        c.execute(
+            "koeln",
+            customers.insert(),
+            [
+                {"id": 1, "name": "a", "city": "Köln"},
+                {"id": 2, "name": "b", "city": "Köln"},  # violates the host's index
+                {"id": 3, "name": "c", "city": "Bonn"},
+            ],
+        )
+        c.sync("koeln")
+        report = c.sync("hq")["hq"]
+        assert not report.errors and report.rows_parked == 1
+        assert sorted(r[0] for r in c.rows("hq", customers)) == [1, 3]  # the rest applied
+        assert c.host.status().parked == 1
+        with c.engines["hq"].connect() as conn:
+            (row,) = list_parked(conn)
+        assert row.peer == "koeln" and row.table == "customers" and row.values["id"] == 2
+        assert "one_per_city" in row.error or "UNIQUE" in row.error.upper()
+        # the link goes on: later changes apply
+        c.execute("koeln", customers.insert(), {"id": 4, "name": "d", "city": "Aachen"})
+        c.sync("koeln", "hq")
+        assert 4 in [r[0] for r in c.rows("hq", customers)]
+        assert retry_parked(c.host.engine, None) == (0, 1)  # cause not fixed yet
+        with c.engines["hq"].begin() as conn:
+            conn.exec_driver_sql("DROP INDEX one_per_city")
+        assert retry_parked(c.host.engine, [row.id]) == (1, 0)
+        assert 2 in [r[0] for r in c.rows("hq", customers)]
+        assert c.host.status().parked == 0
+        c.sync("hq", "koeln")
+        assert c.agree("customers")
+        assert drop_parked(c.host.engine, None) == 0
+    finally:
+        c.close()

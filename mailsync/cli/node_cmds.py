@@ -76,6 +76,11 @@ def sync(ctx: typer.Context) -> None:
     )
     if report.set_aside:
         console.print(f"[yellow]{report.set_aside} message(s) set aside as unrecognized[/]")
+    if report.rows_parked:
+        console.print(
+            f"[bold red]{report.rows_parked} row(s) could not be applied and are parked[/] "
+            "(`mailsync errors list`)"
+        )
     for error in report.errors:
         console.print(f"[bold red]error:[/] {escape(error)}")
     if report.errors:
@@ -127,6 +132,11 @@ def status(ctx: typer.Context) -> None:
         console.print(f"[yellow]{st.set_aside} message(s) set aside as unrecognized[/] (see log)")
     if st.errors:
         console.print(f"[bold red]{st.errors} changeset(s) failed to apply[/] (see log)")
+    if st.parked:
+        console.print(
+            f"[bold red]{st.parked} row(s) could not be applied and are parked[/]: "
+            "`mailsync errors list`, then `errors retry` or `errors drop`"
+        )
 
 
 def register(app: typer.Typer) -> None:
