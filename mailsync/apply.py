@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture
+from mailsync import capture, faults
 from mailsync.build import Direction, key_filter
 from mailsync.changeset import Control, RowBatch, Source, TableDef, pack, read_changeset, unpack
 from mailsync.db import reflect
@@ -220,6 +220,7 @@ def apply_buffered(
                 update(links).where(links.c.peer == peer).values(in_seq=seq, last_contact=now())
             )
             conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq == seq))
+            faults.point("in-apply")
             dialect.end_apply(conn)
     except ApplyError:
         raise

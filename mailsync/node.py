@@ -27,7 +27,7 @@ from typing import Any, Self
 from sqlalchemy import Connection, Engine, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, trust
+from mailsync import capture, faults, trust
 from mailsync import rules as rules_mod
 from mailsync.apply import Applied, apply_buffered
 from mailsync.build import Built, Direction, LinkPlan, build_for_link
@@ -320,6 +320,7 @@ class Node:
                     self.journal.warning("rejected", f"set aside: {exc}")
                     report.set_aside += 1
                     continue
+                faults.point("after-buffer")
                 rx.processed(msg.id)  # only now: the buffer commit made it redundant
                 report.received += 1
                 report.duplicates += duplicate
@@ -404,6 +405,7 @@ class Node:
                     report.errors.append(str(exc))
                     self.journal.error("apply-failed", str(exc), peer=peer)
                     break
+                faults.point("after-apply")
                 report.applied.append(applied)
                 self.journal.info(
                     "applied", f"changeset #{seq} from {peer}: {applied.rows} rows", peer=peer
@@ -484,6 +486,7 @@ class Node:
                 )
                 continue
             if built is not None:
+                faults.point("after-build")
                 report.built.append(built)
                 self.journal.info(
                     "queued",
@@ -577,6 +580,7 @@ class Node:
                         "(splitting into parts comes with the delivery protocol)",
                     )
                 tx.send(me.email, address, raw)
+                faults.point("after-send")
                 with self.engine.begin() as conn:
                     conn.execute(
                         update(outbox)

@@ -223,3 +223,60 @@ def test_the_same_run_with_aiosmtpd_for_developers_without_root(
             assert c.agree("customers")
         finally:
             c.close()
+
+
+@pytest.mark.parametrize(
+    "point", ["after-buffer", "in-apply", "after-apply", "after-build", "after-send"]
+)
+def test_sigkill_at_any_point_loses_nothing_and_applies_nothing_twice(
+    cluster: Cluster, mail_servers: MailServers, point: str
+) -> None:
+    """`mailsync sync` killed with SIGKILL at a crash point, then run again."""
+    import subprocess
+    import sys
+
+    from mailsync.faults import ENV
+
+    def cli_sync(name: str, fault: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != ENV}
+        if fault:
+            env[ENV] = fault
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mailsync",
+                "--config",
+                str(cluster.root / name / "mailsync.toml"),
+                "sync",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc.returncode
+
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln", "berlin")  # stations get their rules
+    expected = {r[0] for r in cluster.rows("hq", customers)}
+    killed = 0
+    for step, name in enumerate(["hq", "koeln", "berlin", "hq", "koeln", "berlin"]):
+        new = 1000 * (step + 1)
+        cluster.execute(name, customers.insert(), {"id": new, "name": f"{name} {step}"})
+        expected.add(new)
+        rc = cli_sync(name, point)
+        killed += rc == -9
+        assert rc in (0, -9), rc
+        assert cli_sync(name, None) == 0
+        mail_servers.wait_delivered()
+    assert killed, f"the crash point {point} was never reached"
+    for _ in range(6):
+        for name in cluster.names:
+            assert cli_sync(name, None) == 0
+        mail_servers.wait_delivered()
+        if all({r[0] for r in cluster.rows(n, customers)} == expected for n in cluster.names):
+            break
+    for name in cluster.names:
+        assert {r[0] for r in cluster.rows(name, customers)} == expected, name
+    assert cluster.agree("customers")

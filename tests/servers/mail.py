@@ -431,6 +431,23 @@ message_size_limit = 10240000
             return "\n".join((self.dir / name).read_text().splitlines()[-20:])
         return ""
 
+    def wait_delivered(self, timeout: float = 30.0) -> None:
+        """Until Postfix's queue is empty (aiosmtpd delivers before it answers)."""
+        if self.smtp != "postfix" or not self.postfix_up:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                ["postqueue", "-c", str(self._postfix_dirs()), "-p"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            if "is empty" in out:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"Postfix queue not empty after {timeout} s:\n{out}")
+
     def reset(self) -> None:
         """Empty every mailbox (between tests)."""
         for user in USERS:
