@@ -280,3 +280,27 @@ def test_sigkill_at_any_point_loses_nothing_and_applies_nothing_twice(
     for name in cluster.names:
         assert {r[0] for r in cluster.rows(name, customers)} == expected, name
     assert cluster.agree("customers")
+
+
+def test_pop3_leaves_stray_mail_and_forwards_it_once(
+    cluster: Cluster, mail_servers: MailServers
+) -> None:
+    import smtplib
+    import ssl
+
+    cluster.set_mailbox(
+        "berlin", mailbox(mail_servers, "berlin", forward_unrecognized=f"admin@{DOMAIN}")
+    )
+    context = ssl.create_default_context(cafile=str(mail_servers.cert))
+    with smtplib.SMTP("localhost", mail_servers.ports["smtp"], timeout=30) as smtp:
+        smtp.starttls(context=context)
+        smtp.login(f"hq@{DOMAIN}", password_of("hq"))
+        smtp.sendmail(f"hq@{DOMAIN}", [f"berlin@{DOMAIN}"], "Subject: Rechnung?\r\n\r\nhi\r\n")
+    wait_for(lambda: mail_servers.count("berlin") == 1, "stray mail")
+    deliver_and_sync(cluster, mail_servers, "hq", "berlin")
+    wait_for(lambda: mail_servers.count("admin") == 1, "forwarded mail")
+    assert mail_servers.count("berlin") == 1  # POP3: left on the server
+    report = cluster.nodes["berlin"].sync()  # remembered by UIDL: not taken again
+    assert report.set_aside == 0 and report.received == 0
+    mail_servers.wait_delivered()
+    assert mail_servers.count("admin") == 1
