@@ -134,17 +134,23 @@ def test_chaos_converges_exactly_once(tmp_path: Path, seed: int) -> None:
         c.close()
 
 
-def test_a_lost_last_message_is_sent_again(tmp_path: Path) -> None:
+def host_and_koeln(tmp_path: Path, resend_after: float) -> tuple[Cluster, MemoryPostOffice]:
+    """A host and one station over a plain memory post office, gaps asked for at once."""
     office = MemoryPostOffice()
     c = Cluster(
         tmp_path,
         f"sqlite:///{tmp_path / 'hq.db'}",
         ("koeln",),
         office=office,
-        node_settings={"resend_after_minutes": 0, "gap_request_minutes": 0},
+        node_settings={"resend_after_minutes": resend_after, "gap_request_minutes": 0},
     )
+    c.host.add_rule("customers", down="IUD", up="IUD")
+    return c, office
+
+
+def test_a_lost_last_message_is_sent_again(tmp_path: Path) -> None:
+    c, office = host_and_koeln(tmp_path, resend_after=0)
     try:
-        c.host.add_rule("customers", down="IUD", up="IUD")
         c.execute("hq", customers.insert(), {"id": 1, "name": "eins"})
         c.sync("hq")
         office.boxes["koeln@example.test"].clear()  # the mail is lost
@@ -159,16 +165,8 @@ def test_a_lost_last_message_is_sent_again(tmp_path: Path) -> None:
 
 
 def test_a_gap_is_asked_for(tmp_path: Path) -> None:
-    office = MemoryPostOffice()
-    c = Cluster(
-        tmp_path,
-        f"sqlite:///{tmp_path / 'hq.db'}",
-        ("koeln",),
-        office=office,
-        node_settings={"resend_after_minutes": 10_000, "gap_request_minutes": 0},
-    )
+    c, office = host_and_koeln(tmp_path, resend_after=10_000)
     try:
-        c.host.add_rule("customers", down="IUD", up="IUD")
         c.sync("hq", "koeln", "hq")
         c.execute("hq", customers.insert(), {"id": 1, "name": "eins"})
         c.sync("hq")
