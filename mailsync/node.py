@@ -510,9 +510,7 @@ class Node:
                 oldest = min(_aware(r.received_at) for r in held)
                 asked = link.gap_requested_at
                 if oldest <= limit and (asked is None or _aware(asked) <= limit):
-                    have = {r.seq for r in held}
-                    top = max(have)
-                    missing = [s for s in range(link.in_seq + 1, top) if s not in have]
+                    missing = missing_sequences(link.in_seq, {r.seq for r in held})
             if not missing and (link.in_seq <= link.ack_sent or link.peer in carried):
                 continue
             buffer = io.BytesIO()
@@ -640,7 +638,6 @@ class Node:
                 held = set(
                     conn.execute(select(inbox.c.seq).where(inbox.c.peer == link.peer)).scalars()
                 )
-                gap = range(link.in_seq + 1, max(held)) if held else range(0)
                 result.append(
                     LinkStatus(
                         peer=link.peer,
@@ -655,7 +652,7 @@ class Node:
                         buffered=len(held),
                         pending_changes=int(pending or 0),
                         oldest_unacked=oldest,
-                        missing=tuple(s for s in gap if s not in held),
+                        missing=tuple(missing_sequences(link.in_seq, held)),
                     )
                 )
             tables = sorted({r.table for r in rules_mod.all_rules(conn)})
@@ -826,6 +823,11 @@ class Node:
     def rules(self) -> list[rules_mod.Rule]:
         with self.engine.connect() as conn:
             return rules_mod.all_rules(conn)
+
+
+def missing_sequences(applied: int, held: set[int]) -> list[int]:
+    """The sequence numbers between the last applied and the buffered ones."""
+    return [s for s in range(applied + 1, max(held, default=0)) if s not in held]
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
