@@ -48,7 +48,9 @@ class Applied:
 
 
 RulesFor = Callable[[Connection], dict[str, Rule]]
-Opener = Callable[[Connection, bytes, str], tuple[Header, Source]]
+#: Opens the buffered changeset in the apply transaction: (conn, origin) →
+#: its verified header and a stream of its records.
+Opener = Callable[[Connection, str], tuple[Header, Source]]
 
 
 class _Target:
@@ -158,12 +160,14 @@ def apply_buffered(
     me: str,
     peer: str,
     seq: int,
-    blob: bytes,
     direction: Direction,
     rules_for: RulesFor,
     accept_rules: bool,
 ) -> Applied:
-    """Apply the buffered envelope ``seq`` from ``peer`` in one transaction.
+    """Apply the buffered changeset ``seq`` from ``peer`` in one transaction.
+
+    The changeset streams from ``opener`` batch by batch: memory holds one
+    part and one batch of rows, whatever its size.
 
     ``direction`` is the direction the changeset travelled (``down`` when a
     remote applies the host's changes), which picks the operations allowed.
@@ -176,7 +180,7 @@ def apply_buffered(
         with engine.begin() as conn:
             dialect = dialect_for(conn)
             dialect.begin_apply(conn, peer)
-            header, stream = opener(conn, blob, origin)
+            header, stream = opener(conn, origin)
             if header.sender != peer or header.recipient != me or header.seq != seq:
                 raise ApplyError(f"{origin}: header does not match the buffered entry")
             rules = rules_for(conn)
@@ -219,7 +223,8 @@ def apply_buffered(
             conn.execute(
                 update(links).where(links.c.peer == peer).values(in_seq=seq, last_contact=now())
             )
-            conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq == seq))
+            # its parts, and anything older it supersedes
+            conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= seq))
             faults.point("in-apply")
             dialect.end_apply(conn)
     except ApplyError:

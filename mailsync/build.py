@@ -9,17 +9,20 @@ first operation was one) or an update; a key whose row is gone travels as a
 tombstone, unless it was also born in this window.
 
 Everything happens in one transaction with the outbox insert and the cursor
-move, so a crash leaves either a complete outbox entry or none. Upserts are
+move, so a crash leaves either a complete outbox entry (all its parts) or
+none. Upserts are
 written parents first, tombstones children first, so foreign keys hold at
 every step on the receiver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import io
 import json
-from collections.abc import Callable, Sequence
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -43,7 +46,7 @@ from sqlalchemy import (
     update,
 )
 
-from mailsync.changeset import ChangesetWriter, Op, TableDef, batches
+from mailsync.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
 from mailsync.db import dependency_order, reflect
 from mailsync.envelope import Codec, Header
 from mailsync.keys import PublicKey
@@ -87,6 +90,7 @@ class Built:
     rows: int
     raw_size: int
     size: int
+    parts: int = 1
 
 
 class _CountingSink:
@@ -131,7 +135,13 @@ def key_filter(table: Table, keys: Sequence[tuple[Any, ...]]) -> Any:
 
 class _Builder:
     def __init__(
-        self, conn: Connection, engine: Engine, plan: LinkPlan, writer: ChangesetWriter, batch: int
+        self,
+        conn: Connection,
+        engine: Engine,
+        plan: LinkPlan,
+        writer: ChangesetWriter,
+        batch: int,
+        deletes: _KeySpool,
     ) -> None:
         self.conn = conn
         self.engine = engine
@@ -140,7 +150,7 @@ class _Builder:
         self.batch = batch
         self.tables: dict[str, Table] = {}
         self.defs: dict[str, TableDef] = {}
-        self.deletes: dict[str, list[tuple[Any, ...]]] = {}
+        self.deletes = deletes
 
     def table(self, name: str) -> Table:
         if name not in self.tables:
@@ -220,6 +230,7 @@ class _Builder:
             found = {_key_of(r, table): r for r in rows}
             inserts: list[Row[Any]] = []
             updates: list[Row[Any]] = []
+            gone: list[tuple[Any, ...]] = []
             for key, first_op in keyed:
                 row = found.get(key)
                 if row is not None:
@@ -231,7 +242,8 @@ class _Builder:
                     elif "U" in ops:
                         updates.append(row)
                 elif first_op != "I" and "D" in ops:
-                    self.deletes.setdefault(name, []).append(key)
+                    gone.append(key)
+            self.deletes.add(name, gone)
             self.write(name, "I", inserts)
             self.write(name, "U", updates)
 
@@ -244,6 +256,61 @@ def _key_of(row: Row[Any], table: Table) -> tuple[Any, ...]:
 Sealer = Callable[[Connection, Header, bytes], bytes]
 
 
+class _PartSpool:
+    """The compressed changeset, cut into parts as it is written.
+
+    It is spooled to a temporary file (in memory up to one part), because a
+    part's header names the number of parts, known only at the end.
+    """
+
+    def __init__(self, part_size: int) -> None:
+        self.part_size = part_size
+        self.size = 0
+        self._file = tempfile.SpooledTemporaryFile(max_size=part_size)  # noqa: SIM115
+
+    def write(self, data: bytes, /) -> int:
+        self.size += len(data)
+        return self._file.write(data)
+
+    @property
+    def parts(self) -> int:
+        return max(1, -(-self.size // self.part_size))
+
+    def chunks(self) -> Iterator[bytes]:
+        self._file.seek(0)
+        for _ in range(self.parts):
+            yield self._file.read(self.part_size)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _KeySpool:
+    """Tombstone keys of one build, kept on disk until the upserts are written
+    (deletes go last, children first): a mass delete never sits in memory."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Any] = {}
+
+    def add(self, table: str, keys: list[tuple[Any, ...]]) -> None:
+        if keys:
+            if table not in self._files:
+                self._files[table] = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # noqa: SIM115
+            self._files[table].write(pack(keys))
+
+    def read(self, table: str) -> Iterator[list[tuple[Any, ...]]]:
+        spool = self._files.get(table)
+        if spool is None:
+            return
+        spool.seek(0)
+        for keys in unpack_stream(spool):
+            yield [tuple(k) for k in keys]
+
+    def close(self) -> None:
+        for spool in self._files.values():
+            spool.close()
+
+
 def build_for_link(
     engine: Engine,
     codec: Codec,
@@ -251,21 +318,27 @@ def build_for_link(
     horizon: int,
     batch_rows: int,
     seal: Sealer,
+    part_size: int,
 ) -> Built | None:
     """Build, seal and queue the next changeset for ``plan.peer``.
 
-    ``seal(conn, header, body)`` turns the compressed body into an envelope
-    for the peer. Returns None when there is nothing to send (the cursor
-    still advances).
+    Rows stream from the database through the changeset writer and zstd into
+    a spool, which is cut into parts of at most ``part_size`` bytes; each part
+    is sealed on its own (``seal(conn, header, body)``) and queued. Memory
+    holds a batch of rows and a part, whatever the size of the tables.
+    Returns None when there is nothing to send (the cursor still advances).
     """
-    with engine.begin() as conn:
+    with (
+        contextlib.closing(_PartSpool(part_size)) as spool,
+        contextlib.closing(_KeySpool()) as keys,
+        engine.begin() as conn,
+    ):
         link = conn.execute(select(links).where(links.c.peer == plan.peer)).one()
         cursor = int(link.change_cursor)
-        buffer = io.BytesIO()
-        compressed = codec.body_writer(buffer)
+        compressed = codec.body_writer(spool)  # type: ignore[arg-type]
         counter = _CountingSink(compressed)
         writer = ChangesetWriter(counter, {"from": plan.me, "to": plan.peer})
-        builder = _Builder(conn, engine, plan, writer, batch_rows)
+        builder = _Builder(conn, engine, plan, writer, batch_rows, keys)
         if plan.announce_key is not None:
             writer.control("key", plan.announce_key.token())
         if plan.send_rules:
@@ -279,7 +352,7 @@ def build_for_link(
                 conn.execute(loads.insert().values(station=plan.peer, tbl=name, loaded_at=now()))
             builder.changes(name, horizon, cursor, loaded=loaded)
         for name in reversed(ordered):
-            for chunk in batches(iter(builder.deletes.get(name, [])), batch_rows):
+            for chunk in keys.read(name):
                 writer.rows(builder.tdef(name), "D", chunk)
         values: dict[str, Any] = {"change_cursor": max(cursor, horizon)}
         if plan.send_rules:
@@ -288,7 +361,7 @@ def build_for_link(
             conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
             return None
         summary = writer.close()
-        compressed.close()  # type: ignore[no-untyped-call]  # ends the zstd frame; the buffer stays open
+        compressed.close()  # type: ignore[no-untyped-call]  # ends the zstd frame; the spool stays open
         seq = int(link.out_seq) + 1
         values["out_seq"] = seq
         if plan.announce_key is not None:
@@ -296,16 +369,33 @@ def build_for_link(
             values["key_announced_seq"] = seq
         # the link row first: the sealer reads it to pick the signing key
         conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
-        header = Header(sender=plan.me, recipient=plan.peer, seq=seq, ack=int(link.in_seq))
-        blob = seal(conn, header, buffer.getvalue())
-        conn.execute(
-            outbox.insert().values(
-                peer=plan.peer,
+        cid = secrets.token_hex(8)
+        size = 0
+        parts = spool.parts
+        for number, body in enumerate(spool.chunks(), start=1):
+            header = Header(
+                sender=plan.me,
+                recipient=plan.peer,
                 seq=seq,
-                blob=blob,
-                rows=summary.rows,
-                raw_size=counter.count,
-                created_at=now(),
+                ack=int(link.in_seq),
+                part=number,
+                parts=parts,
+                cid=cid,
             )
-        )
-        return Built(plan.peer, seq, summary.rows, counter.count, len(blob))
+            blob = seal(conn, header, body)
+            size += len(blob)
+            conn.execute(
+                outbox.insert().values(
+                    peer=plan.peer,
+                    seq=seq,
+                    part=number,
+                    parts=parts,
+                    blob=blob,
+                    rows=summary.rows if number == 1 else 0,
+                    raw_size=counter.count if number == 1 else 0,
+                    cursor_from=cursor,
+                    ack=int(link.in_seq),
+                    created_at=now(),
+                )
+            )
+        return Built(plan.peer, seq, summary.rows, counter.count, size, parts)

@@ -122,6 +122,13 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False, strict_map_key=False)
 
 
+def unpack_stream(source: Source) -> Iterator[Any]:
+    """The objects written one after another with :func:`pack`, read lazily."""
+    yield from msgpack.Unpacker(
+        source, ext_hook=_decode_ext, raw=False, strict_map_key=False, max_buffer_size=_MAX_BUFFER
+    )
+
+
 @dataclass(frozen=True)
 class TableDef:
     """A table as the sender declares it: columns (name, type name) and key."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
@@ -67,6 +67,15 @@ class Header:
     key_id: str = ""
     eph: bytes = b""
     length: int = 0  # of the ciphertext: a cut envelope is told from an altered one
+    #: the changeset id, shared by all parts of one changeset
+    cid: str = ""
+    #: the sequence number this changeset applies on top of (normally seq - 1;
+    #: lower after a station restored from a backup is brought up to date)
+    base: int = -1
+
+    @property
+    def after(self) -> int:
+        return self.seq - 1 if self.base < 0 else self.base
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -80,6 +89,8 @@ class Header:
             "kid": self.key_id,
             "eph": self.eph,
             "len": self.length,
+            "cid": self.cid,
+            "base": self.after,
         }
 
     @classmethod
@@ -96,12 +107,20 @@ class Header:
                 key_id=str(data["kid"]),
                 eph=data["eph"],
                 length=int(data["len"]),
+                cid=str(data.get("cid", "")),
+                base=int(data.get("base", -1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError(f"{origin}: envelope header is malformed") from exc
         if not isinstance(header.eph, bytes):
             raise MessageError(f"{origin}: envelope header is malformed")
-        if header.seq < 0 or header.ack < 0 or not 1 <= header.part <= header.parts:
+        if (
+            header.seq < 0
+            or header.ack < 0
+            or not 1 <= header.part <= header.parts
+            or (header.seq > 0 and not 0 <= header.after < header.seq)
+            or len(header.cid) > 32
+        ):
             raise MessageError(f"{origin}: envelope header has impossible numbers")
         return header
 
@@ -165,7 +184,22 @@ class Codec:
     def open(
         self, blob: bytes, origin: str, ring: KeyRing, sender_keys: Sequence[PublicKey]
     ) -> tuple[Header, Source]:
-        """Verify, decrypt and return the header and a stream of the changeset."""
+        """Verify, decrypt and return the header and a stream of the changeset
+        (of a changeset in one part; see :meth:`stream` for several)."""
+        header, body = self.decrypt(blob, origin, ring, sender_keys)
+        return header, self.stream([body], origin)
+
+    def stream(self, bodies: Iterable[bytes], origin: str) -> Source:
+        """The changeset from its decrypted parts, in order, decompressed as it
+        is read: only one part is held at a time."""
+        chained = io.BufferedReader(_Chained(iter(bodies)))
+        reader = self._decompressor.stream_reader(chained, closefd=False)
+        return _CheckedReader(reader, origin)
+
+    def decrypt(
+        self, blob: bytes, origin: str, ring: KeyRing, sender_keys: Sequence[PublicKey]
+    ) -> tuple[Header, bytes]:
+        """Verify and decrypt one envelope: its header and its (compressed) body."""
         header = self.verify(blob, origin, sender_keys)
         pair = ring.by_id(header.key_id)
         if pair is None:
@@ -180,8 +214,29 @@ class Codec:
             body = ChaCha20Poly1305(key).decrypt(_NONCE, blob[len(clear) : -_SIG], clear)
         except (InvalidTag, ValueError) as exc:
             raise MessageError(f"{origin}: envelope does not decrypt") from exc
-        reader = self._decompressor.stream_reader(io.BytesIO(body), closefd=False)
-        return header, _CheckedReader(reader, origin)
+        return header, body
+
+
+class _Chained(io.RawIOBase):
+    """A readable stream over a sequence of byte strings, fetched lazily."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._current = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._current:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._current = memoryview(chunk)
+        n = min(len(buffer), len(self._current))
+        buffer[:n] = self._current[:n]
+        self._current = self._current[n:]
+        return n
 
 
 def _derive(shared: bytes, eph_pub: bytes, recipient_pub: bytes) -> bytes:

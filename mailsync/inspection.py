@@ -65,6 +65,17 @@ def inspect_message(node: Node, raw: bytes, origin: str = "message") -> Inspecti
     if header.recipient != node.config.node_id:
         report.opened = f"sealed for {header.recipient}, not for this node"
         return report
+    if header.parts > 1:
+        try:
+            _, body = node.codec.decrypt(blob, origin, node.ring, keys)
+        except MessageError as exc:
+            report.opened = str(exc).removeprefix(f"{origin}: ")
+            return report
+        report.opened = (
+            f"yes: part {header.part} of {header.parts} ({len(body):,} bytes compressed); "
+            "the changeset reads only with all its parts"
+        )
+        return report
     try:
         _, stream = node.codec.open(blob, origin, node.ring, keys)
         counting = _Counting(stream)

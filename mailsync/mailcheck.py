@@ -29,7 +29,7 @@ def check_mailbox(
     node: Node, *, wait_s: float = 60.0, clock: Callable[[], float] = time.monotonic
 ) -> list[Check]:
     box = node.config.mailbox
-    ctx = node._transport_context()
+    ctx = node.transport_context()
     results: list[Check] = []
 
     def attempt(step: str, fn: Callable[[], str]) -> bool:

@@ -41,6 +41,20 @@ def subject_for(header: Header) -> str:
     return f"[mailsync] {header.sender} → {header.recipient} #{header.seq}{part}"
 
 
+#: Room left in a message for its headers, text part and MIME boundaries.
+_MESSAGE_OVERHEAD = 2048
+#: Room left in an envelope for its clear header, tag and signature.
+_ENVELOPE_OVERHEAD = 1024
+
+
+def part_bytes(max_message_bytes: int) -> int:
+    """The largest changeset body one message may carry under the limit.
+
+    base64 turns 57 bytes into a 76-character line plus CRLF (78 bytes).
+    """
+    return (max_message_bytes - _MESSAGE_OVERHEAD) * 57 // 78 - _ENVELOPE_OVERHEAD
+
+
 def build_message(header: Header, sender: Address, recipient: Address, envelope: bytes) -> bytes:
     """The complete message bytes (CRLF line ends) for one envelope."""
     boundary = "=_mailsync_" + secrets.token_hex(12)

@@ -15,8 +15,6 @@ run again loses nothing and applies nothing twice.
 
 from __future__ import annotations
 
-import datetime as dt
-import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,14 +22,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import Connection, Engine, delete, func, or_, select, update
+from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture, faults, trust
 from mailsync import rules as rules_mod
-from mailsync.apply import Applied, apply_buffered
+from mailsync.apply import Applied
 from mailsync.build import Built, Direction, LinkPlan, build_for_link
-from mailsync.changeset import ChangesetWriter, Control, Source, read_changeset
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -42,41 +39,17 @@ from mailsync.config import (
     render_config,
 )
 from mailsync.db import check_connection, describe_db_error, open_engine, redact
+from mailsync.delivery import Delivery, SeenInDatabase
 from mailsync.dialects import dialect_for
 from mailsync.enroll import Bundle
-from mailsync.envelope import Codec, Header, read_header
-from mailsync.errors import (
-    ApplyError,
-    ConfigError,
-    DatabaseError,
-    MailsyncError,
-    MessageError,
-    TransportError,
-)
+from mailsync.envelope import Codec, Header
+from mailsync.errors import ConfigError, DatabaseError, MailsyncError, TransportError
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
-from mailsync.message import Address, build_message, extract_envelope, is_mailsync
-from mailsync.schema import (
-    changes,
-    ensure_schema,
-    get_meta,
-    inbox,
-    links,
-    loads,
-    log,
-    mailbox_seen,
-    now,
-    outbox,
-    parked,
-    set_meta,
-)
-from mailsync.transport import TransportContext, open_receiver, open_sender
-
-#: The sequence number of unsequenced (control) messages: acks, resend requests.
-CONTROL_SEQ = 0
-
-#: Log entries older than this are purged at the end of a cycle.
-LOG_RETENTION_DAYS = 10
+from mailsync.message import part_bytes
+from mailsync.schema import ensure_schema, get_meta, links, loads, set_meta
+from mailsync.status import LinkStatus, Status, node_status
+from mailsync.transport import TransportContext
 
 
 @dataclass
@@ -104,38 +77,6 @@ class CycleReport:
         return sum(b.rows for b in self.built)
 
 
-@dataclass(frozen=True)
-class LinkStatus:
-    peer: str
-    address: str
-    last_contact: dt.datetime | None
-    last_sent: dt.datetime | None
-    out_seq: int
-    acked_seq: int
-    in_seq: int
-    unsent: int
-    unacked: int
-    buffered: int
-    pending_changes: int
-    oldest_unacked: dt.datetime | None = None
-    missing: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class Status:
-    node_id: str
-    role: Role
-    address: str
-    database: str
-    links: list[LinkStatus]
-    tables: list[str]
-    capture_missing: list[str]
-    set_aside: int
-    errors: int
-    key_id: str
-    parked: int = 0
-
-
 class Node:
     """One mailsync installation: its config, database and mailbox."""
 
@@ -151,7 +92,7 @@ class Node:
         self.dialect = dialect_for(engine)
         #: seconds; the SMTP retry backoff base (tests make it small)
         self.retry_backoff = 1.0
-        self._forward: list[bytes] = []
+        self.delivery = Delivery(self)
 
     @classmethod
     def open(
@@ -207,7 +148,7 @@ class Node:
                 "(it receives its rules from the host)"
             )
 
-    def _transport_context(self) -> TransportContext:
+    def transport_context(self) -> TransportContext:
         box = self.config.mailbox
         return TransportContext(
             address=box.address,
@@ -224,19 +165,14 @@ class Node:
             retry_backoff=self.retry_backoff,
         )
 
-    def _rules_for(self, peer: str) -> Any:
+    def rules_for(self, peer: str) -> Any:
         station = peer if self.is_host else None
         return lambda conn: rules_mod.effective_rules(conn, station)
 
-    def _sender_keys(self, conn: Connection, peer: str) -> list[PublicKey]:
+    def sender_keys(self, conn: Connection, peer: str) -> list[PublicKey]:
         return trust.usable_keys(conn, peer, self.config.key_grace_days)
 
-    def _open(self, conn: Connection, blob: bytes, origin: str) -> tuple[Header, Source]:
-        """Verify and decrypt a buffered envelope (again: the buffer is just a table)."""
-        header = read_header(blob, origin)
-        return self.codec.open(blob, origin, self.ring, self._sender_keys(conn, header.sender))
-
-    def _seal(self, conn: Connection, header: Header, body: bytes) -> bytes:
+    def seal(self, conn: Connection, header: Header, body: bytes) -> bytes:
         """Encrypt for the peer's current key; sign with our old key until the
         peer has acknowledged the message that announced our new one."""
         peer = trust.current_key(conn, header.recipient)
@@ -253,7 +189,7 @@ class Node:
         return self.codec.seal(header, body, peer, signer)
 
     @property
-    def _inbound(self) -> Direction:
+    def inbound(self) -> Direction:
         return "up" if self.is_host else "down"
 
     # --------------------------------------------------------------- the cycle
@@ -263,11 +199,11 @@ class Node:
         report = CycleReport()
         self.journal.info("cycle", "sync cycle started")
         try:
-            self._step(report, self._receive)
-            self._apply(report)
+            self._step(report, self.delivery.receive)
+            self.delivery.apply(report)
             self._build(report)
-            self._step(report, self._send)
-            self._purge()
+            self._step(report, self.delivery.send)
+            self.delivery.purge()
         except SQLAlchemyError as exc:
             raise describe_db_error(self.engine, exc, "sync cycle failed") from exc
         self.journal.info(
@@ -285,147 +221,6 @@ class Node:
         except TransportError as exc:
             report.errors.append(str(exc) + (f" (hint: {exc.hint})" if exc.hint else ""))
             self.journal.error("mailbox", str(exc))
-
-    def _receive(self, report: CycleReport) -> None:
-        me = self.config.node_id
-        with open_receiver(self.config.mailbox.receive, self._transport_context()) as rx:
-            for msg in rx.fetch():
-                where = f"message {msg.id}"
-                try:
-                    if not is_mailsync(msg.raw):
-                        raise MessageError(f"{where}: not a mailsync message")
-                    blob = extract_envelope(msg.raw, where)
-                    header = read_header(blob, where)
-                    if header.recipient != me:
-                        raise MessageError(
-                            f"{where}: addressed to {header.recipient!r}, not {me!r}"
-                        )
-                    with self.engine.begin() as conn:
-                        link = conn.execute(
-                            select(links).where(links.c.peer == header.sender)
-                        ).first()
-                        if link is None:
-                            raise MessageError(f"{where}: unknown sender {header.sender!r}")
-                        keys = self._sender_keys(conn, header.sender)
-                        self.codec.verify(blob, where, keys)
-                        if header.seq == CONTROL_SEQ:
-                            self._control(conn, link, header.ack, blob, where, keys)
-                            duplicate = False
-                        else:
-                            duplicate = self._buffer(conn, link, header.seq, header.ack, blob)
-                except MessageError as exc:
-                    if self.config.mailbox.forward_unrecognized:
-                        self._forward.append(msg.raw)
-                    rx.set_aside(msg.id, str(exc))
-                    self.journal.warning("rejected", f"set aside: {exc}")
-                    report.set_aside += 1
-                    continue
-                faults.point("after-buffer")
-                rx.processed(msg.id)  # only now: the buffer commit made it redundant
-                report.received += 1
-                report.duplicates += duplicate
-                what = (
-                    f"ack {header.ack}"
-                    if header.seq == CONTROL_SEQ
-                    else f"{'duplicate ' if duplicate else ''}changeset #{header.seq}"
-                )
-                self.journal.info("received", f"{what} from {header.sender}", peer=header.sender)
-
-    def _acknowledged(self, conn: Connection, link: Any, ack: int) -> None:
-        """The peer applied everything up to ``ack``: those envelopes are delivered."""
-        values: dict[str, Any] = {"last_contact": now()}
-        if ack > link.acked_seq:
-            values["acked_seq"] = min(ack, link.out_seq)
-            conn.execute(delete(outbox).where(outbox.c.peer == link.peer, outbox.c.seq <= ack))
-        conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
-
-    def _control(
-        self, conn: Connection, link: Any, ack: int, blob: bytes, where: str, keys: Any
-    ) -> None:
-        """An unsequenced message: an ack, perhaps asking for missing envelopes."""
-        self._acknowledged(conn, link, ack)
-        _, stream = self.codec.open(blob, where, self.ring, keys)
-        for record in read_changeset(stream, origin=where):
-            if isinstance(record, Control) and record.kind == "resend":
-                wanted = [int(s) for s in record.payload][:10_000]
-                conn.execute(
-                    update(outbox)
-                    .where(outbox.c.peer == link.peer, outbox.c.seq.in_(wanted))
-                    .values(sent_at=None)
-                )
-                self.journal.info(
-                    "resend-request",
-                    f"{link.peer} asks again for #{', #'.join(map(str, wanted[:20]))}",
-                    peer=link.peer,
-                    conn=conn,
-                )
-
-    def _buffer(self, conn: Connection, link: Any, seq: int, ack: int, blob: bytes) -> bool:
-        """Buffer an envelope (in the caller's transaction); True if a duplicate."""
-        peer = link.peer
-        self._acknowledged(conn, link, ack)
-        if seq <= link.in_seq:
-            return True
-        held = conn.execute(
-            select(inbox.c.seq).where(inbox.c.peer == peer, inbox.c.seq == seq)
-        ).first()
-        if held:
-            return True
-        conn.execute(inbox.insert().values(peer=peer, seq=seq, blob=blob, received_at=now()))
-        return False
-
-    def _apply(self, report: CycleReport) -> None:
-        me = self.config.node_id
-        with self.engine.connect() as conn:
-            peers = [(r.peer, r.in_seq) for r in conn.execute(select(links.c.peer, links.c.in_seq))]
-        for peer, in_seq in peers:
-            with self.engine.begin() as conn:  # stale duplicates left by a crash
-                conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= in_seq))
-            seq = in_seq + 1
-            while True:
-                with self.engine.connect() as conn:
-                    blob = conn.execute(
-                        select(inbox.c.blob).where(inbox.c.peer == peer, inbox.c.seq == seq)
-                    ).scalar()
-                if blob is None:
-                    break
-                try:
-                    applied = apply_buffered(
-                        self.engine,
-                        self._open,
-                        me=me,
-                        peer=peer,
-                        seq=seq,
-                        blob=blob,
-                        direction=self._inbound,
-                        rules_for=self._rules_for(peer),
-                        accept_rules=not self.is_host,
-                    )
-                except ApplyError as exc:
-                    report.errors.append(str(exc))
-                    self.journal.error("apply-failed", str(exc), peer=peer)
-                    break
-                faults.point("after-apply")
-                report.applied.append(applied)
-                self.journal.info(
-                    "applied", f"changeset #{seq} from {peer}: {applied.rows} rows", peer=peer
-                )
-                if applied.parked:
-                    self.journal.error(
-                        "parked",
-                        f"changeset #{seq} from {peer}: {applied.parked} row(s) could not be "
-                        "applied and are parked (`mailsync errors list`)",
-                        peer=peer,
-                    )
-                for what, count in applied.refused.items():
-                    table, op = what.split(":")
-                    self.journal.warning(
-                        "refused",
-                        f"changeset #{seq} from {peer}: {count} {rules_mod.OP_NAMES[op]} row(s) "
-                        f"of table {table} refused: the rules do not allow them",
-                        peer=peer,
-                    )
-                seq += 1
 
     def _plans(self, conn: Connection) -> list[LinkPlan]:
         me = self.config.node_id
@@ -477,7 +272,13 @@ class Node:
         for plan in plans:
             try:
                 built = build_for_link(
-                    self.engine, self.codec, plan, horizon, self.config.batch_rows, self._seal
+                    self.engine,
+                    self.codec,
+                    plan,
+                    horizon,
+                    self.config.batch_rows,
+                    self.seal,
+                    part_bytes(self.config.mailbox.max_message_bytes),
                 )
             except MailsyncError as exc:
                 report.errors.append(f"building for {plan.peer}: {exc}")
@@ -491,194 +292,14 @@ class Node:
                 self.journal.info(
                     "queued",
                     f"changeset #{built.seq} for {built.peer}: {built.rows} rows, "
-                    f"{built.raw_size} bytes raw, {built.size} bytes packed",
+                    f"{built.raw_size} bytes raw, {built.size} bytes packed"
+                    + (f" in {built.parts} parts" if built.parts > 1 else ""),
                     peer=built.peer,
                 )
 
-    def _controls(self, conn: Connection, carried: set[str]) -> list[tuple[str, str, bytes, int]]:
-        """Unsequenced messages due: a bare ack where the peer has not heard of
-        what we applied (and gets no data message to carry it), and a resend
-        request where a gap in what it sent us is old enough."""
-        due = []
-        limit = now() - dt.timedelta(minutes=self.config.gap_request_minutes)
-        for link in conn.execute(select(links)).all():
-            held = conn.execute(
-                select(inbox.c.seq, inbox.c.received_at).where(inbox.c.peer == link.peer)
-            ).all()
-            missing: list[int] = []
-            if held:
-                oldest = min(_aware(r.received_at) for r in held)
-                asked = link.gap_requested_at
-                if oldest <= limit and (asked is None or _aware(asked) <= limit):
-                    missing = missing_sequences(link.in_seq, {r.seq for r in held})
-            if not missing and (link.in_seq <= link.ack_sent or link.peer in carried):
-                continue
-            buffer = io.BytesIO()
-            compressed = self.codec.body_writer(buffer)
-            writer = ChangesetWriter(compressed, {"from": self.config.node_id, "to": link.peer})
-            if missing:
-                writer.control("resend", missing)
-                conn.execute(
-                    update(links).where(links.c.peer == link.peer).values(gap_requested_at=now())
-                )
-            writer.close()
-            compressed.close()  # type: ignore[no-untyped-call]
-            header = Header(self.config.node_id, link.peer, CONTROL_SEQ, ack=link.in_seq)
-            due.append(
-                (link.peer, link.address, self._seal(conn, header, buffer.getvalue()), link.in_seq)
-            )
-        return due
-
-    def _send(self, report: CycleReport) -> None:
-        me = Address(self.config.node_id, self.config.mailbox.address)
-        stale = now() - dt.timedelta(minutes=self.config.resend_after_minutes)
-        with self.engine.begin() as conn:
-            pending = conn.execute(
-                select(outbox.c.peer, outbox.c.seq, links.c.address, outbox.c.sent_at)
-                .join(links, links.c.peer == outbox.c.peer)
-                .where(or_(outbox.c.sent_at.is_(None), outbox.c.sent_at <= stale))
-                .order_by(outbox.c.peer, outbox.c.seq)
-            ).all()
-            # a peer that gets a data message learns our ack from it
-            controls = self._controls(conn, carried={p for p, *_ in pending})
-        forward, self._forward = self._forward, []
-        if not pending and not forward and not controls:
-            return
-        limit = self.config.mailbox.max_message_bytes
-        with open_sender(self.config.mailbox.send, self._transport_context()) as tx:
-            target = self.config.mailbox.forward_unrecognized
-            for raw in forward:
-                assert target is not None
-                tx.send(me.email, target, raw)
-                self.journal.info("forwarded", f"unrecognized message forwarded to {target}")
-            for peer, address, blob, acked in controls:
-                header = read_header(blob, f"ack for {peer}")
-                tx.send(me.email, address, build_message(header, me, Address(peer, address), blob))
-                with self.engine.begin() as conn:
-                    conn.execute(
-                        update(links)
-                        .where(links.c.peer == peer, links.c.ack_sent < acked)
-                        .values(ack_sent=acked)
-                    )
-                report.sent += 1
-            for peer, seq, address, sent_at in pending:
-                with self.engine.connect() as conn:
-                    blob = conn.execute(
-                        select(outbox.c.blob).where(outbox.c.peer == peer, outbox.c.seq == seq)
-                    ).scalar_one()
-                header = read_header(blob, f"outbox #{seq} for {peer}")
-                # No transaction is held while the mail system works: sending
-                # twice after a crash here is harmless (the peer drops duplicates).
-                raw = build_message(header, me, Address(peer, address), blob)
-                if len(raw) > limit:
-                    raise TransportError(
-                        f"changeset #{seq} for {peer} makes a {len(raw):,}-byte message, over "
-                        f"max_message_bytes ({limit:,}); it stays in the outbox",
-                        hint="raise max_message_bytes if the provider allows it "
-                        "(splitting into parts comes with the delivery protocol)",
-                    )
-                tx.send(me.email, address, raw)
-                faults.point("after-send")
-                with self.engine.begin() as conn:
-                    conn.execute(
-                        update(outbox)
-                        .where(outbox.c.peer == peer, outbox.c.seq == seq)
-                        .values(sent_at=now(), send_count=outbox.c.send_count + 1)
-                    )
-                    conn.execute(update(links).where(links.c.peer == peer).values(last_sent=now()))
-                    conn.execute(
-                        update(links)
-                        .where(links.c.peer == peer, links.c.ack_sent < header.ack)
-                        .values(ack_sent=header.ack)
-                    )
-                report.sent += 1
-                again = "sent again" if sent_at is not None else "sent"
-                self.journal.info(
-                    "sent", f"changeset #{seq} {again} to {peer} <{address}>", peer=peer
-                )
-
-    def _purge(self) -> None:
-        with self.engine.begin() as conn:
-            cursors = [r[0] for r in conn.execute(select(links.c.change_cursor))]
-            if cursors:
-                conn.execute(delete(changes).where(changes.c.id <= min(cursors)))
-            cutoff = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
-            conn.execute(delete(log).where(log.c.at < cutoff))
-
-    # ----------------------------------------------------------------- status
-
     def status(self) -> Status:
         """Role, peers, last contact, queues and problems, read from the database."""
-        with self.engine.begin() as conn:
-            link_rows = conn.execute(select(links).order_by(links.c.peer)).all()
-            result = []
-            for link in link_rows:
-                routed = (
-                    or_(changes.c.origin.is_(None), changes.c.origin != link.peer)
-                    if self.is_host
-                    else changes.c.origin.is_(None)
-                )
-                effective = rules_mod.effective_rules(conn, link.peer if self.is_host else None)
-                pending = conn.execute(
-                    select(func.count())
-                    .select_from(changes)
-                    .where(
-                        changes.c.id > link.change_cursor,
-                        routed,
-                        changes.c.tbl.in_(list(effective)),
-                    )
-                ).scalar()
-                unsent, unacked, oldest = conn.execute(
-                    select(
-                        func.count().filter(outbox.c.sent_at.is_(None)),
-                        func.count().filter(outbox.c.sent_at.is_not(None)),
-                        func.min(outbox.c.created_at),
-                    ).where(outbox.c.peer == link.peer)
-                ).one()
-                held = set(
-                    conn.execute(select(inbox.c.seq).where(inbox.c.peer == link.peer)).scalars()
-                )
-                result.append(
-                    LinkStatus(
-                        peer=link.peer,
-                        address=link.address,
-                        last_contact=link.last_contact,
-                        last_sent=link.last_sent,
-                        out_seq=link.out_seq,
-                        acked_seq=link.acked_seq,
-                        in_seq=link.in_seq,
-                        unsent=unsent,
-                        unacked=unacked,
-                        buffered=len(held),
-                        pending_changes=int(pending or 0),
-                        oldest_unacked=oldest,
-                        missing=tuple(missing_sequences(link.in_seq, held)),
-                    )
-                )
-            tables = sorted({r.table for r in rules_mod.all_rules(conn)})
-            missing = capture.check_capture(conn, tables) if tables else []
-            parked_count = int(conn.execute(select(func.count()).select_from(parked)).scalar() or 0)
-            since = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
-            counts: dict[str, int] = dict(
-                conn.execute(
-                    select(log.c.event, func.count())
-                    .where(log.c.at >= since, log.c.event.in_(["rejected", "apply-failed"]))
-                    .group_by(log.c.event)
-                ).all()
-            )
-        return Status(
-            node_id=self.config.node_id,
-            role=self.config.role,
-            address=self.config.mailbox.address,
-            database=redact(self.engine),
-            links=result,
-            tables=tables,
-            capture_missing=missing,
-            set_aside=int(counts.get("rejected", 0)),
-            errors=int(counts.get("apply-failed", 0)),
-            key_id=self.ring.current.public.key_id,
-            parked=parked_count,
-        )
+        return node_status(self)
 
     # ------------------------------------------------------------ host admin
 
@@ -823,53 +444,6 @@ class Node:
     def rules(self) -> list[rules_mod.Rule]:
         with self.engine.connect() as conn:
             return rules_mod.all_rules(conn)
-
-
-def missing_sequences(applied: int, held: set[int]) -> list[int]:
-    """The sequence numbers between the last applied and the buffered ones."""
-    return [s for s in range(applied + 1, max(held, default=0)) if s not in held]
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    """SQLite hands timestamps back without their (UTC) zone."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
-class SeenInDatabase:
-    """The ids a receiver left in its mailbox on purpose, kept per mailbox URL."""
-
-    def __init__(self, engine: Engine, mailbox: str) -> None:
-        self._engine = engine
-        self._mailbox = mailbox
-
-    def seen(self, message_id: str) -> bool:
-        with self._engine.connect() as conn:
-            return (
-                conn.execute(
-                    select(mailbox_seen.c.uid).where(
-                        mailbox_seen.c.mailbox == self._mailbox, mailbox_seen.c.uid == message_id
-                    )
-                ).first()
-                is not None
-            )
-
-    def remember(self, message_id: str) -> None:
-        if not self.seen(message_id):
-            with self._engine.begin() as conn:
-                conn.execute(mailbox_seen.insert().values(mailbox=self._mailbox, uid=message_id))
-
-    def keep_only(self, present: set[str]) -> None:
-        with self._engine.begin() as conn:
-            held = conn.execute(
-                select(mailbox_seen.c.uid).where(mailbox_seen.c.mailbox == self._mailbox)
-            ).scalars()
-            gone = [uid for uid in held if uid not in present]
-            if gone:
-                conn.execute(
-                    delete(mailbox_seen).where(
-                        mailbox_seen.c.mailbox == self._mailbox, mailbox_seen.c.uid.in_(gone)
-                    )
-                )
 
 
 def init_node(

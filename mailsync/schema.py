@@ -128,24 +128,37 @@ loads = Table(
     Column("loaded_at", _Time, nullable=False),
 )
 
+# One row per part of a sealed changeset, kept until the peer acknowledges
+# the sequence number. ``cursor_from`` is the link's change-log cursor before
+# the build: changes after it stay in the log until this entry is acked.
 outbox = Table(
     "mailsync_outbox",
     metadata,
     Column("peer", String(64), primary_key=True),
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("part", Integer, primary_key=True, autoincrement=False),
+    Column("parts", Integer, nullable=False),
     Column("blob", LargeBinary, nullable=False),
     Column("rows", BigInteger, nullable=False, default=0),
     Column("raw_size", BigInteger, nullable=False, default=0),
+    Column("cursor_from", BigInteger, nullable=False, default=0),
+    Column("ack", BigInteger, nullable=False, default=0),  # as sealed in its header
     Column("created_at", _Time, nullable=False),
     Column("sent_at", _Time),
     Column("send_count", Integer, nullable=False, default=0),
 )
 
+# Received parts, still sealed, until their changeset is applied. All parts
+# of one sequence number share a changeset id (``cid``).
 inbox = Table(
     "mailsync_inbox",
     metadata,
     Column("peer", String(64), primary_key=True),
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("part", Integer, primary_key=True, autoincrement=False),
+    Column("parts", Integer, nullable=False),
+    Column("cid", String(32), nullable=False),
+    Column("base", BigInteger, nullable=False),
     Column("blob", LargeBinary, nullable=False),
     Column("received_at", _Time, nullable=False),
 )

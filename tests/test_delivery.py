@@ -34,8 +34,11 @@ class ChaosPostOffice(MemoryPostOffice):
         self.chaotic = True
         self.held: list[tuple[str, bytes]] = []
         self.dropped = self.duplicated = self.delayed = 0
+        self.parts = 0  # changesets (first parts) in more than one part
 
     def deliver(self, recipient: str, raw: bytes) -> str:
+        if b"X-Mailsync-Part: 1/" in raw and b"X-Mailsync-Part: 1/1\r\n" not in raw:
+            self.parts += 1
         if not self.chaotic:
             return super().deliver(recipient, raw)
         roll = self.rng.random()
@@ -90,8 +93,12 @@ def settled(c: Cluster) -> bool:
     return c.agree("customers")
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_chaos_converges_exactly_once(tmp_path: Path, seed: int) -> None:
+#: (seed, max_message_bytes): the small limit cuts changesets into parts.
+CASES = [(seed, None) for seed in SEEDS] + [(100 + seed, 12_000) for seed in SEEDS[: max(SOAK, 1)]]
+
+
+@pytest.mark.parametrize(("seed", "limit"), CASES)
+def test_chaos_converges_exactly_once(tmp_path: Path, seed: int, limit: int | None) -> None:
     office = ChaosPostOffice(seed)
     c = Cluster(
         tmp_path,
@@ -101,18 +108,31 @@ def test_chaos_converges_exactly_once(tmp_path: Path, seed: int) -> None:
         node_settings={"resend_after_minutes": 0, "gap_request_minutes": 0},
     )
     try:
+        owned: dict[str, list[int]] = {name: [] for name in c.names}
+        if limit:
+            for name in c.names:
+                box = {"address": f"{name}@example.test", "send": "memory:", "receive": "memory:"}
+                c.set_mailbox(name, {**box, "max_message_bytes": limit})
+            letters = random.Random(seed)
+            bulk = [
+                {"id": 900_000 + i, "name": "".join(letters.choices("abcdefghijklmnop", k=80))}
+                for i in range(600)
+            ]
+            c.execute("hq", customers.insert(), bulk)
+            owned["hq"] = [row["id"] for row in bulk]
         c.host.add_rule("customers", down="IUD", up="IUD")
         # the stations get their rules (and capture triggers) before they edit
         office.chaotic = False
         c.sync(*c.names)
         office.chaotic = True
         rng = random.Random(seed)
-        owned: dict[str, list[int]] = {name: [] for name in c.names}
         for step in range(ROUNDS):
             workload(c, rng, owned, step)
             for name in rng.sample(c.names, len(c.names)):
                 assert not c.nodes[name].sync().errors
         assert office.dropped and office.duplicated and office.delayed
+        if limit:
+            assert office.parts > 1, "the small limit should have made parts"
         office.calm()
         for _ in range(12):  # a bounded number of quiet cycles
             if settled(c):
@@ -224,5 +244,54 @@ def test_a_row_that_cannot_be_applied_is_parked_not_stalling(tmp_path: Path, db_
         c.sync("hq", "koeln")
         assert c.agree("customers")
         assert drop_parked(c.host.engine, None) == 0
+    finally:
+        c.close()
+
+
+def test_a_large_changeset_travels_in_parts_and_a_lost_part_is_asked_for(
+    tmp_path: Path,
+) -> None:
+    from mailsync.schema import changes
+
+    c, office = host_and_koeln(tmp_path, resend_after=10_000)
+    try:
+        c.set_mailbox(
+            "hq",
+            {
+                "address": "hq@example.test",
+                "send": "memory:",
+                "receive": "memory:",
+                "max_message_bytes": 20_000,
+            },
+        )
+        c.sync("hq", "koeln", "hq")
+        rng = random.Random(5)
+        rows = [
+            {"id": i, "name": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(60))}
+            for i in range(1, 2001)
+        ]
+        c.execute("hq", customers.insert(), rows)
+        (built,) = c.sync("hq")["hq"].built
+        assert built.parts >= 4 and built.rows == 2000
+        box = office.boxes["koeln@example.test"]
+        assert len(box) == built.parts
+        assert all(len(raw) <= 20_000 for raw in box.values())
+        with c.engines["hq"].connect() as conn:  # kept until koeln acknowledges
+            assert conn.execute(select(func.count()).select_from(changes)).scalar() == 2000
+        lost = next(
+            k for k, raw in box.items() if f"X-Mailsync-Part: 2/{built.parts}".encode() in raw
+        )
+        del box[lost]
+        assert c.sync("koeln")["koeln"].applied == []  # waits for part 2
+        (link,) = c.nodes["koeln"].status().links
+        assert link.buffered == 1 and link.missing_parts == ((built.seq, 2),)
+        report = c.sync("hq")["hq"]  # reads the request: part 2 only goes again
+        assert report.sent == 1
+        assert c.sync("koeln")["koeln"].rows_applied == 2000
+        assert c.agree("customers")
+        c.sync("hq")  # the ack: the outbox drains and the change log is purged
+        with c.engines["hq"].connect() as conn:
+            assert conn.execute(select(func.count()).select_from(outbox)).scalar() == 0
+            assert conn.execute(select(func.count()).select_from(changes)).scalar() == 0
     finally:
         c.close()

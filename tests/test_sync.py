@@ -146,7 +146,7 @@ def test_remote_refuses_what_its_rules_do_not_allow(cluster: Cluster) -> None:
     with cluster.engines["hq"].begin() as conn:
         conn.execute(update(links).where(links.c.peer == "koeln").values(rules_hash="x"))
     built = build_for_link(
-        cluster.host.engine, cluster.host.codec, plan, 10**9, 100, cluster.host._seal
+        cluster.host.engine, cluster.host.codec, plan, 10**9, 100, cluster.host.seal, 10**6
     )
     assert built is not None
     cluster.sync("hq", "koeln")

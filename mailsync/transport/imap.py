@@ -25,8 +25,11 @@ from mailsync.errors import TransportError
 from mailsync.transport import Incoming, Session, TransportContext
 from mailsync.transport.account import Account, connection_error, parse_account
 
-#: Messages fetched per round trip.
+#: Messages fetched per round trip, at most ...
 FETCH_BATCH = 100
+#: ... and at most this many bytes (one message may be larger): a mailbox
+#: full of 10 MB parts must not be fetched into memory a hundred at a time.
+FETCH_BYTES = 32 * 1024 * 1024
 _DELETED = b"\\Deleted"
 
 
@@ -91,13 +94,30 @@ class ImapReceiver(Session):
     def fetch(self) -> Iterator[Incoming]:
         assert self._client is not None
         uids = sorted(self._call("search INBOX", self._client.search, ["ALL"]))
-        for start in range(0, len(uids), FETCH_BATCH):
-            batch = uids[start : start + FETCH_BATCH]
+        for batch in self._batches(uids):
             found = self._call("fetch", self._client.fetch, batch, ["BODY.PEEK[]"])
             for uid in batch:
                 data = found.get(uid)
                 if data is not None and b"BODY[]" in data:
                     yield Incoming(f"{self._uidvalidity}:{uid}", bytes(data[b"BODY[]"]))
+
+    def _batches(self, uids: list[int]) -> Iterator[list[int]]:
+        """UIDs in fetch batches bounded by count and by total size."""
+        assert self._client is not None
+        for start in range(0, len(uids), 1000):
+            chunk = uids[start : start + 1000]
+            sizes = self._call("fetch sizes", self._client.fetch, chunk, ["RFC822.SIZE"])
+            batch: list[int] = []
+            total = 0
+            for uid in chunk:
+                size = int(sizes.get(uid, {}).get(b"RFC822.SIZE", 0))
+                if batch and (len(batch) >= FETCH_BATCH or total + size > FETCH_BYTES):
+                    yield batch
+                    batch, total = [], 0
+                batch.append(uid)
+                total += size
+            if batch:
+                yield batch
 
     def _uid(self, message_id: str) -> int:
         validity, _, uid = message_id.partition(":")

@@ -1,0 +1,132 @@
+"""What ``mailsync status`` shows: a node's links, queues and problems.
+
+Everything is read from the node's database, so status works offline and
+while a cycle runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import distinct, func, or_, select
+
+from mailsync import capture
+from mailsync import rules as rules_mod
+from mailsync.config import Role
+from mailsync.db import redact
+from mailsync.delivery import LOG_RETENTION_DAYS, held_parts, missing_parts, missing_sequences
+from mailsync.schema import changes, links, log, now, outbox, parked
+
+if TYPE_CHECKING:
+    from mailsync.node import Node
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    peer: str
+    address: str
+    last_contact: dt.datetime | None
+    last_sent: dt.datetime | None
+    out_seq: int
+    acked_seq: int
+    in_seq: int
+    #: messages (parts) never sent yet
+    unsent: int
+    #: changesets sent and not yet acknowledged
+    unacked: int
+    #: changesets buffered, waiting for a predecessor or a missing part
+    buffered: int
+    pending_changes: int
+    oldest_unacked: dt.datetime | None = None
+    missing: tuple[int, ...] = ()
+    missing_parts: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Status:
+    node_id: str
+    role: Role
+    address: str
+    database: str
+    links: list[LinkStatus]
+    tables: list[str]
+    capture_missing: list[str]
+    set_aside: int
+    errors: int
+    key_id: str
+    parked: int = 0
+
+
+def node_status(node: Node) -> Status:
+    """Role, peers, last contact, queues and problems, read from the database."""
+    is_host = node.is_host
+    with node.engine.begin() as conn:
+        result = []
+        for link in conn.execute(select(links).order_by(links.c.peer)).all():
+            routed = (
+                or_(changes.c.origin.is_(None), changes.c.origin != link.peer)
+                if is_host
+                else changes.c.origin.is_(None)
+            )
+            effective = rules_mod.effective_rules(conn, link.peer if is_host else None)
+            pending = conn.execute(
+                select(func.count())
+                .select_from(changes)
+                .where(
+                    changes.c.id > link.change_cursor,
+                    routed,
+                    changes.c.tbl.in_(list(effective)),
+                )
+            ).scalar()
+            unsent, unacked, oldest = conn.execute(
+                select(
+                    func.count().filter(outbox.c.sent_at.is_(None)),
+                    func.count(distinct(outbox.c.seq)).filter(outbox.c.sent_at.is_not(None)),
+                    func.min(outbox.c.created_at),
+                ).where(outbox.c.peer == link.peer)
+            ).one()
+            held = held_parts(conn, link.peer)
+            result.append(
+                LinkStatus(
+                    peer=link.peer,
+                    address=link.address,
+                    last_contact=link.last_contact,
+                    last_sent=link.last_sent,
+                    out_seq=link.out_seq,
+                    acked_seq=link.acked_seq,
+                    in_seq=link.in_seq,
+                    unsent=unsent,
+                    unacked=unacked,
+                    buffered=len(held),
+                    pending_changes=int(pending or 0),
+                    oldest_unacked=oldest,
+                    missing=tuple(missing_sequences(link.in_seq, set(held))),
+                    missing_parts=tuple(missing_parts(held)),
+                )
+            )
+        tables = sorted({r.table for r in rules_mod.all_rules(conn)})
+        missing = capture.check_capture(conn, tables) if tables else []
+        parked_count = int(conn.execute(select(func.count()).select_from(parked)).scalar() or 0)
+        since = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
+        counts: dict[str, int] = dict(
+            conn.execute(
+                select(log.c.event, func.count())
+                .where(log.c.at >= since, log.c.event.in_(["rejected", "apply-failed"]))
+                .group_by(log.c.event)
+            ).all()
+        )
+    return Status(
+        node_id=node.config.node_id,
+        role=node.config.role,
+        address=node.config.mailbox.address,
+        database=redact(node.engine),
+        links=result,
+        tables=tables,
+        capture_missing=missing,
+        set_aside=int(counts.get("rejected", 0)),
+        errors=int(counts.get("apply-failed", 0)),
+        key_id=node.ring.current.public.key_id,
+        parked=parked_count,
+    )
