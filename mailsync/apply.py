@@ -29,6 +29,7 @@ from mailsync.dialects import dialect_for
 from mailsync.envelope import Header
 from mailsync.errors import ApplyError, MailsyncError, SchemaError
 from mailsync.keys import PublicKey
+from mailsync.reload import Reload
 from mailsync.rules import Rule, replace_rules
 from mailsync.schema import inbox, links, now, parked
 from mailsync.trust import trust_key
@@ -45,9 +46,14 @@ class Applied:
     rules_received: bool = False
     key_received: bool = False
     parked: int = 0
+    #: a full load that replaced this node's copy (it went back to a backup)
+    reloaded: bool = False
 
 
 RulesFor = Callable[[Connection], dict[str, Rule]]
+
+#: Local rows a reload did not bring are looked up and deleted this many at a time.
+RELOAD_BATCH = 1000
 #: Opens the buffered changeset in the apply transaction: (conn, origin) →
 #: its verified header and a stream of its records.
 Opener = Callable[[Connection, str], tuple[Header, Source]]
@@ -185,9 +191,17 @@ def apply_buffered(
                 raise ApplyError(f"{origin}: header does not match the buffered entry")
             rules = rules_for(conn)
             targets: dict[int, _Target | None] = {}
+            reload: Reload | None = None
+
+            def park(tdef: TableDef, op: str, row: tuple[Any, ...], error: str) -> None:
+                park_row(conn, peer, seq, tdef, op, row, error)
+                result.parked += 1
+
             for record in read_changeset(stream, origin=origin):
                 if isinstance(record, Control):
-                    if record.kind == "key":
+                    if record.kind == "reload" and accept_rules and reload is None:
+                        reload = Reload(conn, peer, [str(t) for t in record.payload], RELOAD_BATCH)
+                    elif record.kind == "key":
                         # signed with the key we trust now: the peer's next one
                         trust_key(conn, peer, PublicKey.parse(str(record.payload)))
                         result.key_received = True
@@ -214,15 +228,19 @@ def apply_buffered(
                     result.refused[key] = result.refused.get(key, 0) + len(record.rows)
                     continue
                 op = "I" if record.op == "I" or (record.op == "U" and "I" in allowed) else record.op
-
-                def park(tdef: TableDef, op: str, row: tuple[Any, ...], error: str) -> None:
-                    park_row(conn, peer, seq, tdef, op, row, error)
-                    result.parked += 1
-
-                result.rows += target.guarded(conn, op, record.rows, park)
-            conn.execute(
-                update(links).where(links.c.peer == peer).values(in_seq=seq, last_contact=now())
-            )
+                rows = record.rows
+                if reload is not None and record.op == "I":
+                    rows = reload.loaded(record.table, rows)
+                result.rows += target.guarded(conn, op, rows, park)
+            values: dict[str, Any] = {"in_seq": seq, "in_cid": header.cid, "last_contact": now()}
+            if reload is not None:
+                for table, tdef, keys in reload.doomed():
+                    result.rows += _Target(table, tdef).guarded(conn, "D", keys, park)
+                    reload.settled(table, keys)
+                reload.close()
+                result.reloaded = True
+                values.update(reload_wanted=False, reload_asked_at=None)
+            conn.execute(update(links).where(links.c.peer == peer).values(**values))
             # its parts, and anything older it supersedes
             conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= seq))
             faults.point("in-apply")

@@ -69,6 +69,10 @@ class LinkPlan:
     initial_loads: list[str] = field(default_factory=list)
     #: our new public key, when this peer has not been told about it yet
     announce_key: PublicKey | None = None
+    #: the peer lost what it had applied (a restored backup): this build is a
+    #: full load of ``initial_loads`` that replaces its copy, applied on top
+    #: of whatever it has (header base 0)
+    reload: bool = False
 
     def ops(self, table: str) -> str:
         rule = self.rules.get(table)
@@ -341,6 +345,8 @@ def build_for_link(
         builder = _Builder(conn, engine, plan, writer, batch_rows, keys)
         if plan.announce_key is not None:
             writer.control("key", plan.announce_key.token())
+        if plan.reload:
+            writer.control("reload", list(plan.initial_loads))
         if plan.send_rules:
             writer.control("rules", [r.to_wire() for r in plan.rules.values()])
         names = [n for n in plan.rules if plan.ops(n)]
@@ -367,6 +373,9 @@ def build_for_link(
         if plan.announce_key is not None:
             values["key_announced"] = plan.announce_key.key_id
             values["key_announced_seq"] = seq
+        if plan.reload:
+            values["reload_wanted"] = False
+            values["reload_seq"] = seq
         # the link row first: the sealer reads it to pick the signing key
         conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
         cid = secrets.token_hex(8)
@@ -381,6 +390,9 @@ def build_for_link(
                 part=number,
                 parts=parts,
                 cid=cid,
+                base=0 if plan.reload else -1,
+                ack_cid=str(link.in_cid),
+                acked=int(link.acked_seq),
             )
             blob = seal(conn, header, body)
             size += len(blob)
@@ -390,6 +402,7 @@ def build_for_link(
                     seq=seq,
                     part=number,
                     parts=parts,
+                    cid=cid,
                     blob=blob,
                     rows=summary.rows if number == 1 else 0,
                     raw_size=counter.count if number == 1 else 0,

@@ -33,7 +33,7 @@ from mailsync.changeset import ChangesetWriter, Control, Source, read_changeset
 from mailsync.envelope import Header, read_header
 from mailsync.errors import ApplyError, MessageError, TransportError
 from mailsync.message import Address, build_message, extract_envelope, is_mailsync
-from mailsync.schema import changes, inbox, links, log, mailbox_seen, now, outbox
+from mailsync.schema import changes, inbox, links, loads, log, mailbox_seen, now, outbox
 from mailsync.transport import open_receiver, open_sender
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ class Delivery:
                             raise MessageError(f"{where}: unknown sender {header.sender!r}")
                         keys = node.sender_keys(conn, header.sender)
                         node.codec.verify(blob, where, keys)
+                        link = self._went_back(conn, link, header)
                         if header.seq == CONTROL_SEQ:
                             self._control(conn, link, header.ack, blob, where, keys)
                             duplicate = False
@@ -145,6 +146,79 @@ class Delivery:
                     what = f"{'duplicate ' if duplicate else ''}changeset #{header.seq}{part}"
                 self.journal.info("received", f"{what} from {header.sender}", peer=header.sender)
 
+    def _went_back(self, conn: Connection, link: Any, header: Header) -> Any:
+        """Notice, before its ack is believed, that our database went back to
+        an older backup; returns the (possibly updated) link row.
+
+        Outbound: the peer applied a sequence number we have not reached, or
+        one whose changeset id is not the entry we hold under that number —
+        it applied the changesets of our lost future. Our entries up to its
+        ack are then not what it applied: their changes are built again
+        (under new numbers, with the rows' current values). Inbound: the
+        peer says we acknowledged more than we have applied — we lost rows
+        it sent; a station asks the host for a reload (see ``_controls``).
+        """
+        peer = link.peer
+        forked = header.ack > link.out_seq
+        if not forked and header.ack > link.acked_seq and header.ack_cid:
+            ours = conn.execute(
+                select(outbox.c.cid).where(
+                    outbox.c.peer == peer, outbox.c.seq == header.ack, outbox.c.part == 1
+                )
+            ).scalar()
+            forked = ours is not None and ours != header.ack_cid
+        if forked:
+            rewind = conn.execute(
+                select(func.min(outbox.c.cursor_from)).where(
+                    outbox.c.peer == peer, outbox.c.seq <= header.ack
+                )
+            ).scalar()
+            conn.execute(delete(outbox).where(outbox.c.peer == peer, outbox.c.seq <= header.ack))
+            values: dict[str, Any] = {
+                "out_seq": max(link.out_seq, header.ack),
+                "acked_seq": header.ack,
+            }
+            if rewind is not None:
+                values["change_cursor"] = min(link.change_cursor, rewind)
+            conn.execute(update(links).where(links.c.peer == peer).values(**values))
+            self.journal.error(
+                "went-back",
+                f"{peer} has applied changesets up to #{header.ack} from us that this "
+                f"database does not hold (we were at #{link.out_seq}): it was restored from "
+                "an older backup; our changes since are sent again under new numbers",
+                peer=peer,
+                conn=conn,
+            )
+        lost = header.acked > link.in_seq
+        if lost and self.node.is_host and link.reload_asked_at is None:
+            # the host is the reference copy: nobody can reload it (logged once)
+            conn.execute(update(links).where(links.c.peer == peer).values(reload_asked_at=now()))
+            self.journal.error(
+                "went-back",
+                f"{peer} says we applied its changesets up to #{header.acked}, but this "
+                f"database has only #{link.in_seq}: it was restored from an older backup; "
+                f"the rows {peer} sent since are missing here — re-enroll the station",
+                peer=peer,
+                conn=conn,
+            )
+        elif lost and not self.node.is_host and not link.reload_wanted:
+            conn.execute(
+                update(links)
+                .where(links.c.peer == peer)
+                .values(reload_wanted=True, reload_asked_at=None)
+            )
+            self.journal.error(
+                "went-back",
+                f"{peer} says we applied its changesets up to #{header.acked}, but this "
+                f"database has only #{link.in_seq}: it was restored from an older backup; "
+                f"asking {peer} for a reload",
+                peer=peer,
+                conn=conn,
+            )
+        if forked or lost:
+            return conn.execute(select(links).where(links.c.peer == peer)).one()
+        return link
+
     def _acknowledged(self, conn: Connection, link: Any, ack: int) -> None:
         """The peer applied everything up to ``ack``: those envelopes are delivered."""
         values: dict[str, Any] = {"last_contact": now()}
@@ -160,6 +234,8 @@ class Delivery:
         self._acknowledged(conn, link, ack)
         _, stream = self.node.codec.open(blob, where, self.node.ring, keys)
         for record in read_changeset(stream, origin=where):
+            if isinstance(record, Control) and record.kind == "reload" and self.node.is_host:
+                self._reload_requested(conn, link, record.payload)
             if isinstance(record, Control) and record.kind == "resend":
                 wanted = _parse_wanted(record.payload)
                 whole = [w for w in wanted if isinstance(w, int)]
@@ -184,11 +260,36 @@ class Delivery:
                     conn=conn,
                 )
 
+    def _reload_requested(self, conn: Connection, link: Any, payload: Any) -> None:
+        """A station lost rows it had applied: the next build for it is a full
+        load that replaces its copy. A request made before the last reload
+        was applied (``in_seq`` below it) is stale and ignored."""
+        asked_at = payload.get("in_seq") if isinstance(payload, dict) else None
+        if not isinstance(asked_at, int) or link.reload_wanted or asked_at < link.reload_seq:
+            return
+        peer = link.peer
+        conn.execute(delete(loads).where(loads.c.station == peer))
+        conn.execute(delete(outbox).where(outbox.c.peer == peer))  # the load supersedes it
+        conn.execute(update(links).where(links.c.peer == peer).values(reload_wanted=True))
+        self.journal.warning(
+            "reload",
+            f"{peer} went back to an older backup (it has our changesets up to #{asked_at}): "
+            "its tables are sent again in full",
+            peer=peer,
+            conn=conn,
+        )
+
     def _buffer(self, conn: Connection, link: Any, header: Header, blob: bytes) -> bool:
         """Buffer one part (in the caller's transaction); True if a duplicate."""
         peer, seq = link.peer, header.seq
         self._acknowledged(conn, link, header.ack)
         if seq <= link.in_seq:
+            # sent again: the peer has not heard our ack, so it goes again
+            conn.execute(
+                update(links)
+                .where(links.c.peer == peer, links.c.ack_sent >= seq)
+                .values(ack_sent=seq - 1)
+            )
             return True
         held = conn.execute(
             select(inbox.c.part, inbox.c.parts, inbox.c.cid).where(
@@ -301,6 +402,13 @@ class Delivery:
         self.journal.info(
             "applied", f"changeset #{seq} from {peer}: {applied.rows} rows", peer=peer
         )
+        if applied.reloaded:
+            self.journal.warning(
+                "reloaded",
+                f"changeset #{seq} from {peer} replaced this database's copy of its tables "
+                "(it had gone back to an older backup)",
+                peer=peer,
+            )
         if applied.parked:
             self.journal.error(
                 "parked",
@@ -340,7 +448,12 @@ class Delivery:
                 held = held_parts(conn, link.peer)
                 wanted = [*missing_sequences(link.in_seq, set(held)), *missing_parts(held)]
                 wanted = wanted[:MAX_RESEND_REQUEST]
-            if not wanted and (link.in_seq <= link.ack_sent or link.peer in carried):
+            reload = (
+                not node.is_host
+                and link.reload_wanted
+                and (link.reload_asked_at is None or _aware(link.reload_asked_at) <= limit)
+            )
+            if not wanted and not reload and (link.in_seq <= link.ack_sent or link.peer in carried):
                 continue
             buffer = io.BytesIO()
             compressed = node.codec.body_writer(buffer)
@@ -350,9 +463,21 @@ class Delivery:
                 conn.execute(
                     update(links).where(links.c.peer == link.peer).values(gap_requested_at=now())
                 )
+            if reload:
+                writer.control("reload", {"in_seq": int(link.in_seq)})
+                conn.execute(
+                    update(links).where(links.c.peer == link.peer).values(reload_asked_at=now())
+                )
             writer.close()
             compressed.close()  # type: ignore[no-untyped-call]
-            header = Header(node.config.node_id, link.peer, CONTROL_SEQ, ack=link.in_seq)
+            header = Header(
+                node.config.node_id,
+                link.peer,
+                CONTROL_SEQ,
+                ack=link.in_seq,
+                ack_cid=link.in_cid,
+                acked=link.acked_seq,
+            )
             due.append(
                 (link.peer, link.address, node.seal(conn, header, buffer.getvalue()), link.in_seq)
             )

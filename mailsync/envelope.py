@@ -72,6 +72,12 @@ class Header:
     #: the sequence number this changeset applies on top of (normally seq - 1;
     #: lower after a station restored from a backup is brought up to date)
     base: int = -1
+    #: the changeset id of ``ack`` (the last one the sender applied from the
+    #: recipient), and the highest sequence the recipient told the sender it
+    #: applied: a recipient whose database went back to a backup sees that
+    #: they do not match what it has
+    ack_cid: str = ""
+    acked: int = 0
 
     @property
     def after(self) -> int:
@@ -91,6 +97,8 @@ class Header:
             "len": self.length,
             "cid": self.cid,
             "base": self.after,
+            "ack_cid": self.ack_cid,
+            "acked": self.acked,
         }
 
     @classmethod
@@ -109,6 +117,8 @@ class Header:
                 length=int(data["len"]),
                 cid=str(data.get("cid", "")),
                 base=int(data.get("base", -1)),
+                ack_cid=str(data.get("ack_cid", "")),
+                acked=int(data.get("acked", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError(f"{origin}: envelope header is malformed") from exc
@@ -120,6 +130,8 @@ class Header:
             or not 1 <= header.part <= header.parts
             or (header.seq > 0 and not 0 <= header.after < header.seq)
             or len(header.cid) > 32
+            or len(header.ack_cid) > 32
+            or header.acked < 0
         ):
             raise MessageError(f"{origin}: envelope header has impossible numbers")
         return header

@@ -241,12 +241,14 @@ class Node:
                         link.peer,
                         "down",
                         effective,
-                        send_rules=digest != link.rules_hash,
+                        # a reloaded station may hold the rules of its backup's day
+                        send_rules=digest != link.rules_hash or link.reload_wanted,
                         rules_hash=digest,
                         initial_loads=[
                             t for t, r in effective.items() if "I" in r.down and t not in loaded
                         ],
                         announce_key=announce,
+                        reload=bool(link.reload_wanted),
                     )
                 )
             else:

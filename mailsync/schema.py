@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Connection,
     DateTime,
@@ -83,6 +84,14 @@ links = Table(
     # the highest inbound sequence our last message to the peer acknowledged
     Column("ack_sent", BigInteger, nullable=False, default=0),
     Column("gap_requested_at", _Time),
+    # the changeset id of the last changeset applied from the peer (acks name
+    # it, so a peer whose database went back to a backup notices)
+    Column("in_cid", String(32), nullable=False, default=""),
+    # remote: we lost changesets we had applied (a restored backup) and wait
+    # for a reload, asked for at reload_asked_at; host: a reload is to be built
+    Column("reload_wanted", Boolean, nullable=False, default=False),
+    Column("reload_asked_at", _Time),
+    Column("reload_seq", BigInteger, nullable=False, default=0),
     Column("last_contact", _Time),
     Column("last_sent", _Time),
 )
@@ -138,6 +147,7 @@ outbox = Table(
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
     Column("part", Integer, primary_key=True, autoincrement=False),
     Column("parts", Integer, nullable=False),
+    Column("cid", String(32), nullable=False, default=""),
     Column("blob", LargeBinary, nullable=False),
     Column("rows", BigInteger, nullable=False, default=0),
     Column("raw_size", BigInteger, nullable=False, default=0),

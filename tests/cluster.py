@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,27 @@ class Cluster:
             if any(s != sums[0] for s in sums[1:]):
                 return False
         return True
+
+    def backup(self, name: str) -> Path:
+        """A copy of a station's SQLite database, as a nightly backup takes it."""
+        copy = self.root / f"{name}.backup.db"
+        with sqlite3.connect(self.root / f"{name}.db") as src, sqlite3.connect(copy) as dst:
+            src.backup(dst)
+        src.close()
+        dst.close()
+        return copy
+
+    def restore(self, name: str, copy: Path) -> None:
+        """Put a station's database back to ``copy`` (its disk died) and reopen it."""
+        path = self.root / name / "mailsync.toml"
+        self.nodes[name].close()
+        self.engines[name].dispose()
+        with sqlite3.connect(copy) as src, sqlite3.connect(self.root / f"{name}.db") as dst:
+            src.backup(dst)
+        src.close()
+        dst.close()
+        self.engines[name] = open_engine(f"sqlite:///{self.root / (name + '.db')}")
+        self.nodes[name] = Node.open(path, memory=self.office)
 
     def close(self) -> None:
         for node in self.nodes.values():

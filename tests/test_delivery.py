@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, func, select, update
 
-from mailsync.schema import inbox, links, outbox
+from mailsync.schema import inbox, links, log, outbox
 from mailsync.transport.memory import MemoryPostOffice
 from tests.cluster import Cluster, customers
 
@@ -293,5 +293,55 @@ def test_a_large_changeset_travels_in_parts_and_a_lost_part_is_asked_for(
         with c.engines["hq"].connect() as conn:
             assert conn.execute(select(func.count()).select_from(outbox)).scalar() == 0
             assert conn.execute(select(func.count()).select_from(changes)).scalar() == 0
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("station_first", [False, True], ids=["host-first", "station-first"])
+def test_a_station_restored_from_an_old_backup_is_brought_up_to_date(
+    tmp_path: Path, station_first: bool
+) -> None:
+    """koeln's disk dies and last week's backup comes back: what it lost (its
+    own delivered rows, the host's rows and deletes) returns, what it does
+    after the restore reaches the host, and nothing is applied twice."""
+    c, _ = host_and_koeln(tmp_path, resend_after=0)
+    try:
+        c.execute("hq", customers.insert(), [{"id": i, "name": f"hq {i}"} for i in (1, 2, 3)])
+        c.execute("koeln", customers.insert(), {"id": 1001, "name": "koeln 1"})
+        c.sync("hq", "koeln", "hq", "koeln")
+        copy = c.backup("koeln")
+        # after the backup: both sides change things, and all of it is delivered
+        c.execute("koeln", customers.insert(), {"id": 1002, "name": "koeln 2"})
+        c.execute("koeln", update(customers).where(customers.c.id == 1001).values(city="Köln"))
+        c.sync("koeln", "hq", "koeln")
+        c.execute("koeln", customers.insert(), {"id": 1003, "name": "koeln 3"})
+        c.execute("hq", customers.insert(), {"id": 4, "name": "hq 4"})
+        c.execute("hq", delete(customers).where(customers.c.id == 2))
+        c.execute("hq", update(customers).where(customers.c.id == 3).values(city="Bonn"))
+        c.sync("koeln", "hq", "koeln", "hq")
+        assert c.agree("customers")
+        delivered = c.rows("hq", customers)
+
+        c.restore("koeln", copy)
+        assert len(c.rows("koeln", customers)) == 4  # last week's rows
+        # work goes on at the station before it hears from the host
+        c.execute("koeln", customers.insert(), {"id": 1004, "name": "after the restore"})
+        c.execute("koeln", update(customers).where(customers.c.id == 1).values(city="Porz"))
+        order = ("koeln", "hq") if station_first else ("hq", "koeln")
+        for _ in range(6):
+            c.sync(*order)
+            if settled(c):
+                break
+        assert settled(c), "no convergence after the restore"
+        rows = {r[0]: r for r in c.rows("hq", customers)}
+        assert set(rows) == {r[0] for r in delivered} | {1004}  # 2 stays deleted
+        assert rows[1001] == next(r for r in delivered if r[0] == 1001)  # city Köln kept
+        assert rows[1][2] == "Porz"  # the station's own change after the restore
+        assert c.rows("koeln", customers) == c.rows("hq", customers)
+        with c.engines["koeln"].connect() as conn:
+            events = set(conn.execute(select(log.c.event)).scalars())
+            (link,) = conn.execute(select(links)).all()
+        assert {"went-back", "reloaded"} <= events
+        assert not link.reload_wanted
     finally:
         c.close()
