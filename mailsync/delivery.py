@@ -262,10 +262,14 @@ class Delivery:
 
     def _reload_requested(self, conn: Connection, link: Any, payload: Any) -> None:
         """A station lost rows it had applied: the next build for it is a full
-        load that replaces its copy. A request made before the last reload
-        was applied (``in_seq`` below it) is stale and ignored."""
+        load that replaces its copy. While a reload is queued or on its way
+        (not yet acknowledged), a request again is answered by that one."""
         asked_at = payload.get("in_seq") if isinstance(payload, dict) else None
-        if not isinstance(asked_at, int) or link.reload_wanted or asked_at < link.reload_seq:
+        if (
+            not isinstance(asked_at, int)
+            or link.reload_wanted
+            or link.reload_seq > link.acked_seq
+        ):
             return
         peer = link.peer
         conn.execute(delete(loads).where(loads.c.station == peer))
@@ -355,9 +359,11 @@ class Delivery:
                 return header, body
 
             first, body = part(1)
+            held = [body]
+            del body
 
             def bodies() -> Iterator[bytes]:
-                yield body
+                yield held.pop()  # not kept alive while the later parts are read
                 for number in range(2, parts + 1):
                     header, more = part(number)
                     if header.cid != first.cid or header.seq != first.seq:

@@ -62,7 +62,8 @@ def build_message(header: Header, sender: Address, recipient: Address, envelope:
     domain = sender.email.rpartition("@")[2] or "mailsync.invalid"
     message_id = f"<{header.sender}.{header.seq}.{header.part}.{secrets.token_hex(6)}@{domain}>"
     subject = MimeHeader(subject_for(header), "utf-8").encode()
-    attachment = base64.encodebytes(envelope).decode("ascii").replace("\n", "\r\n")
+    # kept as bytes throughout: a part is megabytes, and every str copy counts
+    attachment = base64.encodebytes(envelope).replace(b"\n", b"\r\n")
     lines = [
         f"From: {sender.email}",
         f"To: {recipient.email}",
@@ -93,7 +94,8 @@ def build_message(header: Header, sender: Address, recipient: Address, envelope:
         f'Content-Disposition: attachment; filename="{name}"',
         "",
     ]
-    return ("\r\n".join(lines) + "\r\n" + attachment + f"\r\n--{boundary}--\r\n").encode("ascii")
+    head = ("\r\n".join(lines) + "\r\n").encode("ascii")
+    return b"".join((head, attachment, f"\r\n--{boundary}--\r\n".encode("ascii")))
 
 
 def is_mailsync(raw: bytes) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import distinct, func, or_, select
 
@@ -42,6 +42,8 @@ class LinkStatus:
     oldest_unacked: dt.datetime | None = None
     missing: tuple[int, ...] = ()
     missing_parts: tuple[tuple[int, int], ...] = ()
+    #: after a restored backup: what is being done about it, in words
+    restore: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ def node_status(node: Node) -> Status:
                     oldest_unacked=oldest,
                     missing=tuple(missing_sequences(link.in_seq, set(held))),
                     missing_parts=tuple(missing_parts(held)),
+                    restore=_restore_state(link, is_host),
                 )
             )
         tables = sorted({r.table for r in rules_mod.all_rules(conn)})
@@ -130,3 +133,22 @@ def node_status(node: Node) -> Status:
         key_id=node.ring.current.public.key_id,
         parked=parked_count,
     )
+
+
+def _restore_state(link: Any, is_host: bool) -> str | None:
+    """Say what is pending after a database went back to an older backup."""
+    if is_host and link.reload_wanted:
+        return f"{link.peer} went back to an older backup: a full reload is queued for it"
+    if is_host and link.reload_asked_at is not None:
+        return (
+            f"this database went back to an older backup: rows {link.peer} sent since "
+            "are missing here; re-enroll the station"
+        )
+    if not is_host and link.reload_wanted:
+        asked = link.reload_asked_at
+        return "this database went back to an older backup: " + (
+            f"waiting for the reload asked of {link.peer} at {asked:%Y-%m-%d %H:%M} UTC"
+            if asked is not None
+            else f"a reload from {link.peer} is asked for with the next sync"
+        )
+    return None

@@ -328,8 +328,10 @@ def test_a_station_restored_from_an_old_backup_is_brought_up_to_date(
         c.execute("koeln", customers.insert(), {"id": 1004, "name": "after the restore"})
         c.execute("koeln", update(customers).where(customers.c.id == 1).values(city="Porz"))
         order = ("koeln", "hq") if station_first else ("hq", "koeln")
+        said = set()
         for _ in range(6):
             c.sync(*order)
+            said |= {link.restore for n in ("hq", "koeln") for link in c.nodes[n].status().links}
             if settled(c):
                 break
         assert settled(c), "no convergence after the restore"
@@ -343,5 +345,17 @@ def test_a_station_restored_from_an_old_backup_is_brought_up_to_date(
             (link,) = conn.execute(select(links)).all()
         assert {"went-back", "reloaded"} <= events
         assert not link.reload_wanted
+        assert any(s and "waiting for the reload asked of hq" in s for s in said)
+        assert c.nodes["koeln"].status().links[0].restore is None
+        # the same backup once more (older than the first reload): noticed
+        # as soon as the host sends anything
+        c.restore("koeln", copy)
+        c.execute("hq", customers.insert(), {"id": 5, "name": "hq 5"})
+        for _ in range(6):
+            c.sync(*order)
+            if settled(c):
+                break
+        assert settled(c) and c.rows("koeln", customers) == c.rows("hq", customers)
+        assert {r[0] for r in c.rows("hq", customers)} == set(rows) | {5}
     finally:
         c.close()

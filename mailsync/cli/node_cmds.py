@@ -113,11 +113,13 @@ def status(ctx: typer.Context) -> None:
             str(link.unsent),
             str(link.unacked) + (f" (since {when(link.oldest_unacked)})" if link.unacked else ""),
             str(link.buffered),
-            ", ".join(f"#{s}" for s in link.missing[:10])
-            + (" …" if len(link.missing) > 10 else ""),
+            _missing(link.missing, link.missing_parts),
         )
     if st.links:
         console.print(table)
+    for link in st.links:
+        if link.restore:
+            console.print(f"[bold yellow]{escape(link.restore)}[/]")
     else:
         console.print(
             "no peers yet: "
@@ -137,6 +139,11 @@ def status(ctx: typer.Context) -> None:
             f"[bold red]{st.parked} row(s) could not be applied and are parked[/]: "
             "`mailsync errors list`, then `errors retry` or `errors drop`"
         )
+
+
+def _missing(seqs: tuple[int, ...], parts: tuple[tuple[int, int], ...]) -> str:
+    shown = [f"#{s}" for s in seqs] + [f"#{s} part {p}" for s, p in parts]
+    return ", ".join(shown[:10]) + (" …" if len(shown) > 10 else "")
 
 
 def register(app: typer.Typer) -> None:
