@@ -265,11 +265,7 @@ class Delivery:
         load that replaces its copy. While a reload is queued or on its way
         (not yet acknowledged), a request again is answered by that one."""
         asked_at = payload.get("in_seq") if isinstance(payload, dict) else None
-        if (
-            not isinstance(asked_at, int)
-            or link.reload_wanted
-            or link.reload_seq > link.acked_seq
-        ):
+        if not isinstance(asked_at, int) or link.reload_wanted or link.reload_seq > link.acked_seq:
             return
         peer = link.peer
         conn.execute(delete(loads).where(loads.c.station == peer))
