@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
 
-from mailsync import faults
+from mailsync import faults, ranges
 from mailsync import rules as rules_mod
 from mailsync.apply import apply_buffered
 from mailsync.changeset import ChangesetWriter, Control, Source, read_changeset
@@ -201,7 +201,17 @@ class Delivery:
                 peer=peer,
                 conn=conn,
             )
-        elif lost and not self.node.is_host and not link.reload_wanted:
+        if (forked or (lost and not link.reload_wanted)) and not self.node.is_host:
+            retired = ranges.retire_all(conn)
+            if retired:
+                self.journal.warning(
+                    "range",
+                    f"{retired} number lease(s) retired: numbers may have been issued from "
+                    "them after the backup was taken; new blocks are asked for",
+                    peer=peer,
+                    conn=conn,
+                )
+        if lost and not self.node.is_host and not link.reload_wanted:
             conn.execute(
                 update(links)
                 .where(links.c.peer == peer)
@@ -236,6 +246,14 @@ class Delivery:
         for record in read_changeset(stream, origin=where):
             if isinstance(record, Control) and record.kind == "reload" and self.node.is_host:
                 self._reload_requested(conn, link, record.payload)
+            if isinstance(record, Control) and record.kind == "ranges":
+                done = (
+                    ranges.host_incoming(conn, link.peer, record.payload)
+                    if self.node.is_host
+                    else ranges.station_incoming(conn, record.payload)
+                )
+                for line in done:
+                    self.journal.info("range", line, peer=link.peer, conn=conn)
             if isinstance(record, Control) and record.kind == "resend":
                 wanted = _parse_wanted(record.payload)
                 whole = [w for w in wanted if isinstance(w, int)]
@@ -435,7 +453,9 @@ class Delivery:
         request where a gap in what it sent us is old enough."""
         node = self.node
         due = []
-        limit = now() - dt.timedelta(minutes=node.config.gap_request_minutes)
+        limit_gap = dt.timedelta(minutes=node.config.gap_request_minutes)
+        limit = now() - limit_gap
+        resend = dt.timedelta(minutes=node.config.resend_after_minutes)
         for link in conn.execute(select(links)).all():
             oldest = conn.execute(
                 select(func.min(inbox.c.received_at)).where(inbox.c.peer == link.peer)
@@ -455,7 +475,17 @@ class Delivery:
                 and link.reload_wanted
                 and (link.reload_asked_at is None or _aware(link.reload_asked_at) <= limit)
             )
-            if not wanted and not reload and (link.in_seq <= link.ack_sent or link.peer in carried):
+            if node.is_host:
+                grants = ranges.host_outgoing(conn, link.peer, resend)
+                report, report_due = (grants or None), bool(grants)
+            else:
+                report, report_due = ranges.station_outgoing(conn, limit_gap)
+            if (
+                not wanted
+                and not reload
+                and not report_due
+                and (link.in_seq <= link.ack_sent or link.peer in carried)
+            ):
                 continue
             buffer = io.BytesIO()
             compressed = node.codec.body_writer(buffer)
@@ -465,6 +495,10 @@ class Delivery:
                 conn.execute(
                     update(links).where(links.c.peer == link.peer).values(gap_requested_at=now())
                 )
+            if report is not None:
+                writer.control("ranges", report)
+                if not node.is_host:
+                    ranges.station_reported(conn, report)
             if reload:
                 writer.control("reload", {"in_seq": int(link.in_seq)})
                 conn.execute(

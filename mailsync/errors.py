@@ -15,7 +15,8 @@ boundary with ``raise ... from exc`` so the cause stays inspectable.
     ├── RuleError            a station or table rule cannot be defined
     ├── TransportError       a mailbox cannot be reached or written
     ├── MessageError         a message/changeset cannot be read (set aside)
-    └── ApplyError           a changeset cannot be applied (link waits)
+    ├── ApplyError           a changeset cannot be applied (link waits)
+    └── RangeError           a number range cannot give a number
 
 ``scope`` says how much work an error abandons: ``"message"`` (set this one
 message aside and go on), ``"peer"`` (stop work on this link for the cycle),
@@ -80,3 +81,9 @@ class ApplyError(MailsyncError):
 
     exit_code = 5
     scope = "peer"
+
+
+class RangeError(MailsyncError):
+    """A number range cannot give a number (none left here, unknown range)."""
+
+    exit_code = 6

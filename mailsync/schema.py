@@ -22,6 +22,8 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Float,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -203,6 +205,68 @@ log = Table(
     Column("event", String(32), nullable=False),
     Column("peer", String(64)),
     Column("message", Text, nullable=False),
+)
+
+# Number ranges (DESIGN §8). The host defines them; a station learns a
+# range's definition with its first lease. ``next_free`` (host) is the first
+# number no lease has covered yet: blocks are carved upwards from ``first``.
+ranges = Table(
+    "mailsync_ranges",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("first", BigInteger, nullable=False),
+    Column("last", BigInteger, nullable=False),
+    Column("block", Integer, nullable=False),
+    Column("threshold", Float, nullable=False),
+    # a station may hold at most this many blocks it has not drawn from
+    Column("max_blocks", Integer, nullable=False),
+    Column("bind_table", String(128)),
+    Column("bind_column", String(128)),
+    Column("stations", Text),  # JSON list of station ids; NULL: every station
+    Column("next_free", BigInteger, nullable=False),
+    Column("created_at", _Time, nullable=False),
+    Column("asked_at", _Time),  # station: when it last asked for a block
+)
+
+# A station's own block size for a range, where it differs from the range's.
+range_blocks = Table(
+    "mailsync_range_blocks",
+    metadata,
+    Column("range_name", String(64), primary_key=True),
+    Column("station", String(64), primary_key=True),
+    Column("block", Integer, nullable=False),
+)
+
+# Numbers given back (a released lease's unused tail), free to lease again.
+range_free = Table(
+    "mailsync_range_free",
+    metadata,
+    Column("range_name", String(64), primary_key=True),
+    Column("first", BigInteger, primary_key=True, autoincrement=False),
+    Column("last", BigInteger, nullable=False),
+)
+
+# Blocks of a range leased to a node: the numbers first..last, of which
+# first..next-1 are issued. The host holds every lease (its own and the
+# stations'); a station holds its own, under the host's ids. ``state``:
+# active, release (asked back, host), released (given back), retired (its
+# holder went back to a backup: the unused rest is never issued again).
+leases = Table(
+    "mailsync_leases",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("range_name", String(64), nullable=False),
+    Column("holder", String(64), nullable=False),
+    Column("first", BigInteger, nullable=False),
+    Column("last", BigInteger, nullable=False),
+    Column("next", BigInteger, nullable=False),
+    Column("state", String(10), nullable=False, default="active"),
+    Column("granted_at", _Time, nullable=False),
+    # host: the station confirmed it holds the lease (and its last state);
+    # station: the host has heard our current ``next`` and state
+    Column("confirmed", Boolean, nullable=False, default=False),
+    Column("sent_at", _Time),  # host: grant or release last sent
+    Index("mailsync_leases_holder", "range_name", "holder", "first"),
 )
 
 #: Steps that bring the schema from version N to N + 1.

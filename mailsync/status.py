@@ -7,7 +7,7 @@ while a cycle runs elsewhere.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import distinct, func, or_, select
@@ -17,6 +17,7 @@ from mailsync import rules as rules_mod
 from mailsync.config import Role
 from mailsync.db import redact
 from mailsync.delivery import LOG_RETENTION_DAYS, held_parts, missing_parts, missing_sequences
+from mailsync.ranges import RangeUsage, usage
 from mailsync.schema import changes, links, log, now, outbox, parked
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class Status:
     errors: int
     key_id: str
     parked: int = 0
+    ranges: list[RangeUsage] = field(default_factory=list)
 
 
 def node_status(node: Node) -> Status:
@@ -112,6 +114,7 @@ def node_status(node: Node) -> Status:
         tables = sorted({r.table for r in rules_mod.all_rules(conn)})
         missing = capture.check_capture(conn, tables) if tables else []
         parked_count = int(conn.execute(select(func.count()).select_from(parked)).scalar() or 0)
+        range_usage = usage(conn)
         since = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
         counts: dict[str, int] = dict(
             conn.execute(
@@ -132,6 +135,7 @@ def node_status(node: Node) -> Status:
         errors=int(counts.get("apply-failed", 0)),
         key_id=node.ring.current.public.key_id,
         parked=parked_count,
+        ranges=range_usage,
     )
 
 

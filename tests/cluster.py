@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -59,7 +60,54 @@ notes = Table(  # a composite text key
     Column("topic", String(40), primary_key=True),
     Column("body", Unicode(2000)),
 )
-TABLES = ("customers", "invoices", "notes")
+orders = Table(  # a column bound to a number range in the range tests
+    "orders",
+    schema,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("order_no", String(20), unique=True),
+    Column("customer", Unicode(100)),
+)
+TABLES = ("customers", "invoices", "notes", "orders")
+
+
+class ChaosPostOffice(MemoryPostOffice):
+    """Delivers with faults while ``chaotic``: loss, duplicates, delay/reorder."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.chaotic = True
+        self.held: list[tuple[str, bytes]] = []
+        self.dropped = self.duplicated = self.delayed = 0
+        self.parts = 0  # changesets (first parts) in more than one part
+
+    def deliver(self, recipient: str, raw: bytes) -> str:
+        if b"X-Mailsync-Part: 1/" in raw and b"X-Mailsync-Part: 1/1\r\n" not in raw:
+            self.parts += 1
+        if not self.chaotic:
+            return super().deliver(recipient, raw)
+        roll = self.rng.random()
+        if roll < 0.15:
+            self.dropped += 1
+            return "dropped"
+        if roll < 0.30:
+            self.delayed += 1
+            self.held.append((recipient, raw))
+            return "held"
+        message_id = super().deliver(recipient, raw)
+        if roll < 0.40:
+            self.duplicated += 1
+            super().deliver(recipient, raw)
+        if self.held and self.rng.random() < 0.5:  # release a delayed one, out of order
+            late = self.held.pop(self.rng.randrange(len(self.held)))
+            super().deliver(*late)
+        return message_id
+
+    def calm(self) -> None:
+        self.chaotic = False
+        for recipient, raw in self.held:
+            super().deliver(recipient, raw)
+        self.held = []
 
 
 class Cluster:
@@ -162,6 +210,11 @@ class Cluster:
                 return False
         return True
 
+    def restart(self, name: str) -> None:
+        """Close a node and open it again, as a new process would."""
+        self.nodes[name].close()
+        self.nodes[name] = Node.open(self.root / name / "mailsync.toml", memory=self.office)
+
     def backup(self, name: str) -> Path:
         """A copy of a station's SQLite database, as a nightly backup takes it."""
         copy = self.root / f"{name}.backup.db"
@@ -188,3 +241,17 @@ class Cluster:
             node.close()
         for engine in self.engines.values():
             engine.dispose()
+
+
+def chaos_cluster(root: Path, seed: int) -> tuple[Cluster, ChaosPostOffice]:
+    """A host and three stations over a chaotic post office; resends and
+    gap requests go at once."""
+    office = ChaosPostOffice(seed)
+    c = Cluster(
+        root,
+        f"sqlite:///{root / 'hq.db'}",
+        ("koeln", "berlin", "muenchen"),
+        office=office,
+        node_settings={"resend_after_minutes": 0, "gap_request_minutes": 0},
+    )
+    return c, office

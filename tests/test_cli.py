@@ -242,6 +242,40 @@ def test_init_refuses_and_leaves_nothing_half_written(site: Path) -> None:
     assert_clean_error(other, "already belongs to node 'hq'")
 
 
+def test_number_ranges_through_the_cli(site: Path) -> None:
+    init_both(site)
+    hq, koeln = site / "hq", site / "koeln"
+    enroll(site)
+    out = mailsync(
+        "range", "add", "custno", "--start", "100", "--end", "999", "--block", "5", cwd=hq
+    )
+    assert "range custno 100-999, blocks of 5" in out.stdout
+    for args, needle in (
+        (("custno", "--start", "1", "--end", "9"), "exists already"),
+        (("bad", "--start", "9", "--end", "1"), "make no range"),
+        (("named", "--start", "1", "--end", "99", "--bind", "customers.name"), "NOT NULL"),
+    ):
+        assert_clean_error(mailsync("range", "add", *args, cwd=hq, ok=False), needle)
+    mailsync("sync", cwd=hq)
+    mailsync("sync", cwd=koeln)
+    assert mailsync("number", "next", "custno", cwd=koeln).stdout.strip() == "100"
+    assert "range custno: block 100-104: 1 used, 4 left" in mailsync("status", cwd=koeln).stdout
+    assert mailsync("number", "next", "custno", cwd=hq).stdout.strip() == "105"
+    shown = mailsync("range", "show", "custno", cwd=hq).stdout
+    assert "koeln" in shown and "100-104" in shown and "hq" in shown
+    assert "custno" in mailsync("range", "list", cwd=hq).stdout
+    assert_clean_error(mailsync("range", "remove", "custno", cwd=hq, ok=False), "still live")
+    proc = mailsync("number", "next", "nope", cwd=koeln, ok=False)
+    assert_clean_error(proc, "no number range 'nope'")
+    assert proc.returncode == 6
+    assert "blocks of 20 for koeln" in (
+        mailsync("range", "set-block", "custno", "20", "--station", "koeln", cwd=hq).stdout
+    )
+    assert (
+        "1 lease(s)" in mailsync("range", "release", "custno", "--station", "koeln", cwd=hq).stdout
+    )
+
+
 def test_station_commands_on_a_remote_are_refused(site: Path) -> None:
     init_both(site)
     proc = mailsync("station", "add", "x", "--email", "x@x.test", cwd=site / "koeln", ok=False)
@@ -274,6 +308,14 @@ def test_every_command_has_help(site: Path) -> None:
         ("errors", "list"),
         ("errors", "retry"),
         ("errors", "drop"),
+        ("range",),
+        ("range", "add"),
+        ("range", "list"),
+        ("range", "show"),
+        ("range", "set-block"),
+        ("range", "release"),
+        ("range", "remove"),
+        ("number", "next"),
     ):
         out = mailsync(*args, "--help", cwd=site).stdout
         assert "Usage" in out, args

@@ -18,51 +18,11 @@ from sqlalchemy import delete, func, select, update
 
 from mailsync.schema import inbox, links, log, outbox
 from mailsync.transport.memory import MemoryPostOffice
-from tests.cluster import Cluster, customers
+from tests.cluster import Cluster, chaos_cluster, customers
 
 SOAK = int(os.environ.get("MAILSYNC_SOAK", "0"))
 SEEDS = list(range(1, 1 + max(SOAK, 3)))
 ROUNDS = 40 if SOAK else 12
-
-
-class ChaosPostOffice(MemoryPostOffice):
-    """Delivers with faults while ``chaotic``: loss, duplicates, delay/reorder."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.rng = random.Random(seed)
-        self.chaotic = True
-        self.held: list[tuple[str, bytes]] = []
-        self.dropped = self.duplicated = self.delayed = 0
-        self.parts = 0  # changesets (first parts) in more than one part
-
-    def deliver(self, recipient: str, raw: bytes) -> str:
-        if b"X-Mailsync-Part: 1/" in raw and b"X-Mailsync-Part: 1/1\r\n" not in raw:
-            self.parts += 1
-        if not self.chaotic:
-            return super().deliver(recipient, raw)
-        roll = self.rng.random()
-        if roll < 0.15:
-            self.dropped += 1
-            return "dropped"
-        if roll < 0.30:
-            self.delayed += 1
-            self.held.append((recipient, raw))
-            return "held"
-        message_id = super().deliver(recipient, raw)
-        if roll < 0.40:
-            self.duplicated += 1
-            super().deliver(recipient, raw)
-        if self.held and self.rng.random() < 0.5:  # release a delayed one, out of order
-            late = self.held.pop(self.rng.randrange(len(self.held)))
-            super().deliver(*late)
-        return message_id
-
-    def calm(self) -> None:
-        self.chaotic = False
-        for recipient, raw in self.held:
-            super().deliver(recipient, raw)
-        self.held = []
 
 
 def workload(c: Cluster, rng: random.Random, owned: dict[str, list[int]], step: int) -> None:
@@ -99,14 +59,7 @@ CASES = [(seed, None) for seed in SEEDS] + [(100 + seed, 12_000) for seed in SEE
 
 @pytest.mark.parametrize(("seed", "limit"), CASES)
 def test_chaos_converges_exactly_once(tmp_path: Path, seed: int, limit: int | None) -> None:
-    office = ChaosPostOffice(seed)
-    c = Cluster(
-        tmp_path,
-        f"sqlite:///{tmp_path / 'hq.db'}",
-        ("koeln", "berlin", "muenchen"),
-        office=office,
-        node_settings={"resend_after_minutes": 0, "gap_request_minutes": 0},
-    )
+    c, office = chaos_cluster(tmp_path, seed)
     try:
         owned: dict[str, list[int]] = {name: [] for name in c.names}
         if limit:

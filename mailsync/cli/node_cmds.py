@@ -125,6 +125,20 @@ def status(ctx: typer.Context) -> None:
             "no peers yet: "
             + ("add stations" if st.role == "host" else "join the host with `mailsync join BUNDLE`")
         )
+    for use in st.ranges:
+        current = use.current
+        if current is None:
+            line = (
+                f"[bold red]none left[/] (asked at {when(use.asked_at)})"
+                if use.asked_at
+                else ("[bold red]none left[/]")
+            )
+        else:
+            line = (
+                f"block {current.first}-{current.last}: {current.used} used, {current.left} left; "
+                + ("next block held" if use.next_held else "next block not held yet")
+            )
+        console.print(f"range {escape(use.name)}: {line}")
     if st.capture_missing:
         console.print(
             f"[bold red]capture triggers missing or altered:[/] {', '.join(st.capture_missing)}"

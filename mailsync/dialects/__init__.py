@@ -9,11 +9,14 @@ origin, the safe horizon of the change log, upsert, and type adaptations.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection, Engine, Table
 
 from mailsync.errors import DatabaseError
+
+if TYPE_CHECKING:
+    from mailsync.ranges import RangeDef
 
 
 class Dialect(Protocol):
@@ -42,6 +45,14 @@ class Dialect(Protocol):
 
     def adapt_table(self, table: Table) -> None:
         """Adjust reflected column types so values round-trip exactly."""
+
+    def install_binding(self, conn: Connection, rdef: RangeDef, me: str, *, is_host: bool) -> None:
+        """Triggers on the range's bound column: fill it from this node's
+        leases when an insert leaves it NULL, and refuse a number outside
+        them (changes applied from a peer are exempt)."""
+
+    def drop_binding(self, conn: Connection, table: str, column: str) -> None:
+        """Remove a bound column's triggers, if present."""
 
 
 def dialect_for(bind: Connection | Engine) -> Dialect:
@@ -83,3 +94,21 @@ def quote_ident(quote: str, name: str) -> str:
 
 def trigger_name(table: str, suffix: str) -> str:
     return f"mailsync_{table}_{suffix}"
+
+
+def sql_text(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def binding_messages(rdef: RangeDef) -> tuple[str, str]:
+    """What a bound column's triggers say: a number outside the leases, and
+    none left."""
+    assert rdef.bind is not None
+    where = f"{rdef.bind[0]}.{rdef.bind[1]}"
+    return (
+        f"{where}: the number is outside this node's leases of number range {rdef.name} "
+        "(leave it empty to draw one)",
+        f"number range {rdef.name}: no numbers left on this node for {where} "
+        "(run `mailsync sync`; `mailsync status` says more)",
+    )

@@ -15,12 +15,22 @@ every id up to ``max(id)`` is final.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, Table, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from mailsync.dialects import pk_json, quote_ident, trigger_name, upsert_with
+from mailsync.dialects import (
+    binding_messages,
+    pk_json,
+    quote_ident,
+    sql_text,
+    trigger_name,
+    upsert_with,
+)
+
+if TYPE_CHECKING:
+    from mailsync.ranges import RangeDef
 
 _Q = '"'
 
@@ -128,3 +138,93 @@ class PostgreSQLDialect:
 
     def adapt_table(self, table: Table) -> None:
         return None
+
+    def install_binding(self, conn: Connection, rdef: RangeDef, me: str, *, is_host: bool) -> None:
+        assert rdef.bind is not None
+        table, column = rdef.bind
+        conn.exec_driver_sql(_DRAW_FUNCTION)
+        tq, cq = quote_ident(_Q, table), quote_ident(_Q, column)
+        fn = quote_ident(_Q, f"mailsync_rng_{table}_{column}")
+        outside, _ = binding_messages(rdef)
+        r, holder = sql_text(rdef.name), sql_text(me)
+        trigger = quote_ident(_Q, trigger_name(f"rng_{table}_{column}", "b"))
+        self.drop_binding(conn, table, column)
+        conn.exec_driver_sql(
+            f"CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $mailsync$\n"
+            "BEGIN\n"
+            "  IF coalesce(current_setting('mailsync.origin', true), '') <> '' THEN\n"
+            "    RETURN NEW;\n"
+            "  END IF;\n"
+            f"  IF NEW.{cq} IS NULL THEN\n"
+            "    IF TG_OP = 'INSERT' THEN\n"
+            f"      NEW.{cq} := mailsync_draw({r}, {holder}, {'true' if is_host else 'false'});\n"
+            "    END IF;\n"
+            "    RETURN NEW;\n"
+            "  END IF;\n"
+            f"  IF TG_OP = 'UPDATE' AND NEW.{cq}::text IS NOT DISTINCT FROM OLD.{cq}::text THEN\n"
+            "    RETURN NEW;\n"
+            "  END IF;\n"
+            f"  IF NEW.{cq}::text !~ '^[0-9]{{1,18}}$' OR NOT EXISTS (\n"
+            f"      SELECT 1 FROM mailsync_leases WHERE range_name = {r} AND holder = {holder}\n"
+            f'      AND NEW.{cq}::text::bigint BETWEEN "first" AND "last") THEN\n'
+            "    RAISE EXCEPTION USING ERRCODE = 'check_violation',\n"
+            f"      MESSAGE = {sql_text(outside)};\n"
+            "  END IF;\n"
+            "  RETURN NEW;\n"
+            "END $mailsync$"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE OF {cq} ON {tq} "
+            f"FOR EACH ROW EXECUTE FUNCTION {fn}()"
+        )
+
+    def drop_binding(self, conn: Connection, table: str, column: str) -> None:
+        exists = conn.execute(
+            text("SELECT to_regclass(:t)"), {"t": quote_ident(_Q, table)}
+        ).scalar()
+        if exists is not None:
+            trigger = quote_ident(_Q, trigger_name(f"rng_{table}_{column}", "b"))
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger} ON {quote_ident(_Q, table)}")
+        conn.exec_driver_sql(
+            f"DROP FUNCTION IF EXISTS {quote_ident(_Q, f'mailsync_rng_{table}_{column}')}()"
+        )
+
+
+# One number from this node's leases of a range (the host leases itself the
+# next block when it has none). Two sessions that pick the same lease queue
+# on its row; the second re-checks "next <= last" and takes the next number.
+_DRAW_FUNCTION = """
+CREATE OR REPLACE FUNCTION mailsync_draw(r text, me text, host boolean) RETURNS bigint
+LANGUAGE plpgsql AS $mailsync$
+DECLARE
+  n bigint;
+  f bigint;
+  b integer;
+  e bigint;
+BEGIN
+  FOR attempt IN 1..5 LOOP
+    UPDATE mailsync_leases SET "next" = "next" + 1
+      WHERE id = (SELECT id FROM mailsync_leases WHERE range_name = r AND holder = me
+                  AND state = 'active' AND "next" <= "last" ORDER BY "first" LIMIT 1)
+        AND "next" <= "last"
+      RETURNING "next" - 1 INTO n;
+    IF n IS NOT NULL THEN
+      RETURN n;
+    END IF;
+    IF NOT host THEN
+      EXIT;
+    END IF;
+    SELECT next_free, block, "last" INTO f, b, e FROM mailsync_ranges WHERE name = r FOR UPDATE;
+    IF f IS NULL OR f > e THEN
+      EXIT;
+    END IF;
+    UPDATE mailsync_ranges SET next_free = least(f + b, e + 1) WHERE name = r;
+    INSERT INTO mailsync_leases(range_name, holder, "first", "last", "next", state, granted_at,
+                                confirmed)
+      VALUES (r, me, f, least(f + b - 1, e), f, 'active', now(), true);
+  END LOOP;
+  RAISE EXCEPTION USING ERRCODE = 'check_violation',
+    MESSAGE = format('number range %s: no numbers left on this node '
+                     '(run `mailsync sync`; `mailsync status` says more)', r);
+END $mailsync$
+"""

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import decimal
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, Float, Numeric, Table, TypeDecorator, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect as SADialect
 
-from mailsync.dialects import pk_json, quote_ident, trigger_name, upsert_with
+from mailsync.dialects import (
+    binding_messages,
+    pk_json,
+    quote_ident,
+    sql_text,
+    trigger_name,
+    upsert_with,
+)
 from mailsync.schema import applying
+
+if TYPE_CHECKING:
+    from mailsync.ranges import RangeDef
 
 _ORIGIN = "(SELECT origin FROM mailsync_applying LIMIT 1)"
 
@@ -109,6 +119,64 @@ class SQLiteDialect:
 
     def upsert(self, conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
         upsert_with(sqlite_insert, conn, table, rows)
+
+    def _binding_ddl(self, rdef: RangeDef, me: str, is_host: bool) -> list[str]:
+        assert rdef.bind is not None
+        table, column = rdef.bind
+        q = '"'
+        tq, cq = quote_ident(q, table), quote_ident(q, column)
+        r, holder = sql_text(rdef.name), sql_text(me)
+        outside, dry = (sql_text(m) for m in binding_messages(rdef))
+        mine = f"range_name = {r} AND holder = {holder}"
+        usable = (
+            f"SELECT id FROM mailsync_leases WHERE {mine} AND state = 'active' "
+            f'AND "next" <= "last" ORDER BY "first" LIMIT 1'
+        )
+        local = "NOT EXISTS (SELECT 1 FROM mailsync_applying)"
+        wrong = (
+            f"NEW.{cq} IS NOT NULL AND {local} AND NOT EXISTS (SELECT 1 FROM mailsync_leases "
+            f"WHERE {mine} AND CAST(CAST(NEW.{cq} AS INTEGER) AS TEXT) = CAST(NEW.{cq} AS TEXT) "
+            f'AND CAST(NEW.{cq} AS INTEGER) BETWEEN "first" AND "last")'
+        )
+        fill = []
+        if is_host:  # the host leases itself the next block when it has none
+            fill += [
+                'INSERT INTO mailsync_leases(range_name, holder, "first", "last", "next", '
+                "state, granted_at, confirmed) SELECT name, "
+                f'{holder}, next_free, min(next_free + block - 1, "last"), next_free, '
+                "'active', strftime('%Y-%m-%d %H:%M:%S', 'now'), 1 FROM mailsync_ranges "
+                f'WHERE name = {r} AND next_free <= "last" AND NOT EXISTS ({usable});',
+                'UPDATE mailsync_ranges SET next_free = (SELECT max("last") + 1 FROM '
+                f"mailsync_leases WHERE range_name = {r}) WHERE name = {r} AND next_free <= "
+                f'(SELECT max("last") FROM mailsync_leases WHERE range_name = {r});',
+            ]
+        fill += [
+            f"SELECT RAISE(ABORT, {dry}) WHERE NOT EXISTS ({usable});",
+            f'UPDATE {tq} SET {cq} = (SELECT "next" FROM mailsync_leases WHERE id = ({usable})) '
+            "WHERE rowid = NEW.rowid;",
+            f'UPDATE mailsync_leases SET "next" = "next" + 1 WHERE id = ({usable});',
+        ]
+        name = f"rng_{table}_{column}"
+        return [
+            f"CREATE TRIGGER {quote_ident(q, trigger_name(name, 'bi'))} BEFORE INSERT ON {tq} "
+            f"WHEN {wrong} BEGIN SELECT RAISE(ABORT, {outside}); END",
+            f"CREATE TRIGGER {quote_ident(q, trigger_name(name, 'bu'))} BEFORE UPDATE OF {cq} "
+            f"ON {tq} WHEN NEW.{cq} IS NOT OLD.{cq} AND {wrong} "
+            f"BEGIN SELECT RAISE(ABORT, {outside}); END",
+            f"CREATE TRIGGER {quote_ident(q, trigger_name(name, 'ai'))} AFTER INSERT ON {tq} "
+            f"WHEN NEW.{cq} IS NULL AND {local} BEGIN {' '.join(fill)} END",
+        ]
+
+    def install_binding(self, conn: Connection, rdef: RangeDef, me: str, *, is_host: bool) -> None:
+        assert rdef.bind is not None
+        self.drop_binding(conn, *rdef.bind)
+        for ddl in self._binding_ddl(rdef, me, is_host):
+            conn.exec_driver_sql(ddl)
+
+    def drop_binding(self, conn: Connection, table: str, column: str) -> None:
+        for suffix in ("bi", "bu", "ai"):
+            name = trigger_name(f"rng_{table}_{column}", suffix)
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote_ident(chr(34), name)}")
 
     def adapt_table(self, table: Table) -> None:
         for column in table.columns:
