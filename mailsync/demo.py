@@ -3,14 +3,17 @@
 Builds three nodes in one folder — ``hq`` with the generated sample
 invoicing data, ``koeln`` and ``berlin`` with the empty schema — joined by a
 local post office (``mail/``, one Maildir per address). It syncs the initial
-loads, makes an edit on each node (a new customer at a station, a price
-change and a delete at the host, an e-mail change at the other station),
+loads (with each station's first blocks of the customer, invoice and line
+number ranges), makes an edit on each node (a customer and an invoice that a
+station numbers from its own leases while offline, a price change and a
+delete at the host, an e-mail change at the other station),
 syncs again and compares every table's row count and checksum across the
 three databases. Needs no server; leaves everything in the folder to look at.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,13 +22,19 @@ from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 
-from mailsync import samples
+from mailsync import ranges, samples
 from mailsync.checksum import TableChecksum, table_checksum
 from mailsync.db import open_engine
 from mailsync.errors import ConfigError
 from mailsync.node import CycleReport, Node, init_node
 
 MARKER = ".mailsync-demo"
+#: Number ranges for keys and numbers made on stations: first, last, block.
+DEMO_RANGES = {
+    "customer": (100_000, 199_999, 50),
+    "invoice": (100_000, 199_999, 50),
+    "invoice_line": (1_000_000, 1_999_999, 200),
+}
 NODES = ("hq", "koeln", "berlin")
 DOMAIN = "demo.example"
 
@@ -101,6 +110,13 @@ def run_demo(
         hq.add_rule("invoices", down="IUD", up="I")
         hq.add_rule("invoice_lines", down="IUD", up="I")
         say("hq: rules for customers, articles, invoices, invoice_lines")
+        with hq.engine.begin() as conn:
+            for name, (first, last, block) in DEMO_RANGES.items():
+                ranges.add_range(conn, name, first, last, block)
+        say(
+            "hq: number ranges "
+            + ", ".join(f"{n} {a}-{b} (blocks of {k})" for n, (a, b, k) in DEMO_RANGES.items())
+        )
 
         def sync(name: str) -> CycleReport:
             report = nodes[name].sync()
@@ -132,18 +148,55 @@ def _edit(nodes: dict[str, Node], say: Callable[[str], None]) -> None:
     cust = samples.metadata.tables["customers"]
     art = samples.metadata.tables["articles"]
     lines = samples.metadata.tables["invoice_lines"]
-    with nodes["koeln"].engine.begin() as conn:
+    inv = samples.metadata.tables["invoices"]
+    with nodes["koeln"].engine.begin() as conn:  # offline: numbers from its own leases
         row = conn.execute(select(cust).order_by(cust.c.id.desc()).limit(1)).mappings().one()
+        customer = ranges.draw(conn, "customer")
         new = dict(row)
         new.update(
-            id=900001,
-            customer_no="K-900001",
+            id=customer,
+            customer_no=f"K-{customer:06d}",
             name="Bäckerei Schäfer & Söhne",
             city="Köln",
             email="info@schaefer.example",
         )
         conn.execute(cust.insert().values(**new))
-    say("koeln: new customer 900001 'Bäckerei Schäfer & Söhne'")
+        invoice = ranges.draw(conn, "invoice")
+        conn.execute(
+            inv.insert().values(
+                id=invoice,
+                invoice_no=f"R-2026-{invoice:06d}",
+                customer_id=customer,
+                invoice_date=dt.date(2026, 11, 23),
+                due_date=dt.date(2026, 12, 7),
+                currency="EUR",
+                status="open",
+                total=Decimal("59.50"),
+            )
+        )
+        article = conn.execute(select(art).order_by(art.c.id).limit(1)).mappings().one()
+        for line_no in (1, 2):
+            conn.execute(
+                lines.insert().values(
+                    id=ranges.draw(conn, "invoice_line"),
+                    invoice_id=invoice,
+                    line_no=line_no,
+                    article_id=article["id"],
+                    description=article["name"],
+                    quantity=Decimal("1.000"),
+                    unit_price=article["unit_price"],
+                    discount_pct=Decimal("0.00"),
+                    line_total=article["unit_price"],
+                )
+            )
+        (lease,) = [
+            x for x in ranges.list_leases(conn, "customer") if x.holder == "koeln" and x.left
+        ]
+    say(
+        f"koeln (offline): customer K-{customer:06d} 'Bäckerei Schäfer & Söhne' and invoice "
+        f"R-2026-{invoice:06d} with 2 lines, numbered from its own leases "
+        f"(customers {lease.first}-{lease.last})"
+    )
     with nodes["hq"].engine.begin() as conn:
         conn.execute(
             update(art).where(art.c.id == 1).values(unit_price=art.c.unit_price * Decimal("1.05"))

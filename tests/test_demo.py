@@ -16,7 +16,9 @@ def test_demo_converges_and_can_run_again(tmp_path: Path) -> None:
     assert {t.rows for t in result.checksums["koeln"].values()} and result.checksums["hq"][
         "customers"
     ].rows == 41  # the station's new customer reached the host
-    assert any("900001" in line for line in lines)
+    assert result.checksums["hq"]["invoices"].rows == 61  # and its invoice
+    # numbered offline from the lease that came with the initial load
+    assert any("customer K-100000" in line and "100000-100049" in line for line in lines)
     for node in ("hq", "koeln", "berlin"):
         assert (tmp_path / "demo" / node / "mailsync.toml").exists()
     assert (tmp_path / "demo" / "mail" / "koeln@demo.example" / ".Processed").is_dir()
