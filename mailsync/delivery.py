@@ -156,7 +156,8 @@ class Delivery:
         ack are then not what it applied: their changes are built again
         (under new numbers, with the rows' current values). Inbound: the
         peer says we acknowledged more than we have applied — we lost rows
-        it sent; a station asks the host for a reload (see ``_controls``).
+        it sent. Either way a station has lost rows the host holds: it asks
+        for a reload (see ``_controls``) and retires its number leases.
         """
         peer = link.peer
         forked = header.ack > link.out_seq
@@ -201,7 +202,7 @@ class Delivery:
                 peer=peer,
                 conn=conn,
             )
-        if (forked or (lost and not link.reload_wanted)) and not self.node.is_host:
+        if (forked or lost) and not self.node.is_host and not link.reload_wanted:
             retired = ranges.retire_all(conn)
             if retired:
                 self.journal.warning(
@@ -211,20 +212,23 @@ class Delivery:
                     peer=peer,
                     conn=conn,
                 )
-        if lost and not self.node.is_host and not link.reload_wanted:
+        if (forked or lost) and not self.node.is_host and not link.reload_wanted:
+            # our own rows the peer applied are gone here too: a reload brings
+            # them back along with what we lost of the peer's
             conn.execute(
                 update(links)
                 .where(links.c.peer == peer)
                 .values(reload_wanted=True, reload_asked_at=None)
             )
-            self.journal.error(
-                "went-back",
-                f"{peer} says we applied its changesets up to #{header.acked}, but this "
-                f"database has only #{link.in_seq}: it was restored from an older backup; "
-                f"asking {peer} for a reload",
-                peer=peer,
-                conn=conn,
-            )
+            if lost:
+                self.journal.error(
+                    "went-back",
+                    f"{peer} says we applied its changesets up to #{header.acked}, but this "
+                    f"database has only #{link.in_seq}: it was restored from an older backup; "
+                    f"asking {peer} for a reload",
+                    peer=peer,
+                    conn=conn,
+                )
         if forked or lost:
             return conn.execute(select(links).where(links.c.peer == peer)).one()
         return link

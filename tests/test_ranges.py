@@ -257,3 +257,43 @@ def test_no_number_is_ever_issued_twice(tmp_path: Path, seed: int) -> None:
             assert conn.execute(select(leases.c.id)).all()
     finally:
         c.close()
+
+
+def test_a_range_limited_to_some_stations_leases_only_to_them(tmp_path: Path) -> None:
+    c = cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln", "berlin"))
+    try:
+        add(c, stations=["koeln"])
+        c.sync("hq", "koeln", "berlin")
+        assert [x.holder for x in my_leases(c.engines["hq"])] == ["koeln"]
+        with pytest.raises(RangeError, match="no number range"):
+            draw(c.engines["berlin"])
+    finally:
+        c.close()
+
+
+def test_a_station_back_on_an_old_backup_retires_its_leases(tmp_path: Path) -> None:
+    """Numbers koeln issued after its backup (on orders the host has) are
+    never issued again once the restore is noticed."""
+    c = cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}")
+    try:
+        add(c, block=10, bind="orders.order_no")
+        c.sync("hq", "koeln")
+        c.execute("koeln", orders.insert(), {"id": 1, "customer": "before"})
+        c.sync("koeln", "hq", "koeln")
+        copy = c.backup("koeln")
+        c.execute("koeln", orders.insert(), [{"id": i, "customer": "after"} for i in (2, 3, 4)])
+        c.sync("koeln", "hq", "koeln")
+        issued = {r[1] for r in c.rows("hq", orders)}
+        assert issued == {"1000", "1001", "1002", "1003"}
+        c.restore("koeln", copy)
+        c.execute("hq", orders.insert(), {"id": 50, "customer": "from the host"})
+        for _ in range(4):  # the host's message tells koeln it went back
+            c.sync("hq", "koeln")
+        assert all(x.state != "active" or x.first > 1009 for x in my_leases(c.engines["koeln"]))
+        c.execute("koeln", orders.insert(), {"id": 5, "customer": "after the restore"})
+        c.sync("koeln", "hq", "koeln")
+        numbers = [r[1] for r in c.rows("hq", orders)]
+        assert len(numbers) == len(set(numbers)) == 6
+        assert c.rows("koeln", orders) == c.rows("hq", orders)
+    finally:
+        c.close()
