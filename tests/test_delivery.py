@@ -312,3 +312,44 @@ def test_a_station_restored_from_an_old_backup_is_brought_up_to_date(
         assert {r[0] for r in c.rows("hq", customers)} == set(rows) | {5}
     finally:
         c.close()
+
+
+def test_a_reload_replaces_the_copy_but_keeps_undelivered_changes(db_url: str) -> None:
+    """The reload bookkeeping on its own, on SQLite and PostgreSQL (temporary
+    tables of loaded keys): rows the load does not bring go, rows with an
+    undelivered local change stay and are not overwritten."""
+    from mailsync.changeset import TableDef
+    from mailsync.db import open_engine
+    from mailsync.reload import Reload
+    from mailsync.schema import changes, ensure_schema
+    from tests.cluster import schema
+
+    engine = open_engine(db_url)
+    try:
+        ensure_schema(engine)
+        schema.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(customers.insert(), [{"id": i, "name": f"old {i}"} for i in range(1, 6)])
+            conn.execute(links.insert().values(peer="hq", address="hq@x.test", change_cursor=0))
+            conn.execute(changes.insert().values(tbl="customers", pk="[5]", op="U"))
+        tdef = TableDef(0, "customers", (("id", "INTEGER"), ("name", "VARCHAR")), ("id",))
+        with engine.begin() as conn:
+            reload = Reload(conn, "hq", ["customers"], 2)
+            rows = reload.loaded(tdef, [(1, "new 1"), (2, "new 2"), (5, "host 5"), (6, "new 6")])
+            assert [r[0] for r in rows] == [1, 2, 6]  # 5 has a change of ours on its way
+            for row in rows:
+                conn.execute(delete(customers).where(customers.c.id == row[0]))
+                conn.execute(customers.insert().values(id=row[0], name=row[1]))
+            doomed = []
+            for table, _pk, keys in reload.doomed():
+                conn.execute(delete(table).where(table.c.id.in_([k[0] for k in keys])))
+                reload.settled(table, keys)
+                doomed += keys
+            reload.close()
+            assert sorted(doomed) == [(3,), (4,)]
+            left = conn.execute(select(customers.c.id, customers.c.name).order_by("id")).all()
+        assert [tuple(r) for r in left] == [(1, "new 1"), (2, "new 2"), (5, "old 5"), (6, "new 6")]
+    finally:
+        with engine.begin() as conn:
+            schema.drop_all(conn)
+        engine.dispose()
