@@ -37,6 +37,7 @@ unit: $(STAMP)
 ## make bench: measurements, not part of make test
 bench: $(STAMP)
 	$(PY) bench/compression_levels.py
+	$(PY) bench/streaming_memory.py
 
 clean:
 	rm -rf $(VENV) mailsync-demo .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError
 
 from mailsync.errors import ConfigError
 from mailsync.keys import DEFAULT_GRACE_DAYS
+from mailsync.schedule import Schedule, parse_schedule, parse_zone
 from mailsync.transport.account import Secret
 
 DEFAULT_CONFIG = "mailsync.toml"
@@ -63,6 +64,9 @@ def check_email(value: str, what: str = "address") -> str:
 #: base64 and headers included.
 DEFAULT_MAX_MESSAGE_BYTES = 10_000_000
 
+#: The node's log in the database keeps this many days.
+DEFAULT_LOG_RETENTION_DAYS = 10
+
 
 @dataclass(frozen=True)
 class MailboxConfig:
@@ -92,6 +96,11 @@ class NodeConfig:
     key_grace_days: int = DEFAULT_GRACE_DAYS
     resend_after_minutes: float = DEFAULT_RESEND_AFTER_MINUTES
     gap_request_minutes: float = DEFAULT_GAP_REQUEST_MINUTES
+    log_retention_days: int = DEFAULT_LOG_RETENTION_DAYS
+    #: when ``mailsync serve`` syncs on its own ([[schedule]] tables)
+    schedules: tuple[Schedule, ...] = ()
+    #: the schedules' time zone (None: the machine's)
+    timezone: str | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -180,6 +189,13 @@ def load_config(path: Path) -> NodeConfig:
     gap = _get(node, "gap_request_minutes", int | float, where, DEFAULT_GAP_REQUEST_MINUTES)
     if resend < 0 or gap < 0:
         raise ConfigError(f"{where}: resend_after_minutes and gap_request_minutes must be >= 0")
+    retention = _get(node, "log_retention_days", int, where, DEFAULT_LOG_RETENTION_DAYS)
+    if retention < 1:
+        raise ConfigError(f"{where}: log_retention_days must be at least 1")
+    timezone = _get(node, "timezone", str, where, None)
+    if timezone:
+        parse_zone(timezone, where)
+    schedules = _schedules(data.get("schedule", []), path)
 
     box = data.get("mailbox")
     if not isinstance(box, dict):
@@ -228,7 +244,32 @@ def load_config(path: Path) -> NodeConfig:
         key_grace_days=grace,
         resend_after_minutes=float(resend),
         gap_request_minutes=float(gap),
+        log_retention_days=retention,
+        schedules=schedules,
+        timezone=timezone,
     )
+
+
+def _schedules(value: Any, path: Path) -> tuple[Schedule, ...]:
+    """The [[schedule]] tables: every (required), between and days."""
+    tables = [value] if isinstance(value, dict) else value
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{path}: schedule must be [[schedule]] tables")
+    out = []
+    for number, table in enumerate(tables, start=1):
+        where = f"{path} [[schedule]] #{number}"
+        unknown = set(table) - {"every", "between", "days"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+        out.append(
+            parse_schedule(
+                _get(table, "every", str, where),
+                _get(table, "between", str, where, None),
+                _get(table, "days", str, where, None),
+                where=where,
+            )
+        )
+    return tuple(out)
 
 
 def _q(value: str) -> str:

@@ -30,6 +30,7 @@ from mailsync import faults, ranges
 from mailsync import rules as rules_mod
 from mailsync.apply import apply_buffered
 from mailsync.changeset import ChangesetWriter, Control, Source, read_changeset
+from mailsync.config import DEFAULT_LOG_RETENTION_DAYS
 from mailsync.envelope import Header, read_header
 from mailsync.errors import ApplyError, MessageError, TransportError
 from mailsync.message import Address, build_message, extract_envelope, is_mailsync
@@ -42,8 +43,9 @@ if TYPE_CHECKING:
 #: The sequence number of unsequenced (control) messages: acks, resend requests.
 CONTROL_SEQ = 0
 
-#: Log entries older than this are purged at the end of a cycle.
-LOG_RETENTION_DAYS = 10
+#: Log entries older than this are purged at the end of a cycle (the default
+#: of ``log_retention_days``).
+LOG_RETENTION_DAYS = DEFAULT_LOG_RETENTION_DAYS
 
 #: At most this many sequence numbers or parts are asked for in one request.
 MAX_RESEND_REQUEST = 10_000
@@ -629,7 +631,7 @@ class Delivery:
                 safe.append(int(cursor if oldest is None else min(cursor, oldest)))
             if safe:
                 conn.execute(delete(changes).where(changes.c.id <= min(safe)))
-            cutoff = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
+            cutoff = now() - dt.timedelta(days=self.node.config.log_retention_days)
             conn.execute(delete(log).where(log.c.at < cutoff))
 
 

@@ -8,11 +8,16 @@ an application or the CLI configures it.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, select
 
 from mailsync.schema import log, now
+
+#: Levels from least to most severe: ``--level warning`` shows warnings and errors.
+LEVELS = ("debug", "info", "warning", "error")
 
 logger = logging.getLogger("mailsync")
 logger.addHandler(logging.NullHandler())
@@ -59,3 +64,44 @@ class Journal:
 
     def error(self, event: str, message: str, **kw: object) -> None:
         self.write("error", event, message, **kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Entry:
+    at: dt.datetime
+    level: str
+    event: str
+    peer: str | None
+    message: str
+
+
+def read_log(
+    engine: Engine,
+    *,
+    since: dt.datetime | None = None,
+    peer: str | None = None,
+    level: str = "debug",
+    limit: int | None = None,
+) -> list[Entry]:
+    """The node's log, oldest first: entries at ``level`` or above, since a
+    time, about one peer; ``limit`` keeps the newest."""
+    query = select(log).where(log.c.level.in_(LEVELS[LEVELS.index(level) :]))
+    if since is not None:
+        query = query.where(log.c.at >= since)
+    if peer is not None:
+        query = query.where(log.c.peer == peer)
+    query = query.order_by(log.c.id.desc())
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [
+        Entry(
+            r.at if r.at.tzinfo is not None else r.at.replace(tzinfo=dt.UTC),
+            r.level,
+            r.event,
+            r.peer,
+            r.message,
+        )
+        for r in reversed(rows)
+    ]

@@ -269,6 +269,22 @@ leases = Table(
     Index("mailsync_leases_holder", "range_name", "holder", "first"),
 )
 
+# The one ``mailsync serve`` that runs this node: where, since when, and how
+# its last cycle went. A row whose heartbeat is stale is a service that died.
+service = Table(
+    "mailsync_service",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", _Time, nullable=False),
+    Column("heartbeat_at", _Time, nullable=False),
+    Column("next_run_at", _Time),
+    Column("last_cycle_at", _Time),
+    Column("last_outcome", Text),
+    Column("stopped_at", _Time),
+)
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 

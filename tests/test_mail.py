@@ -314,3 +314,52 @@ def test_pop3_leaves_stray_mail_and_forwards_it_once(
     assert report.set_aside == 0 and report.received == 0
     mail_servers.wait_delivered()
     assert mail_servers.count("admin") == 1
+
+
+def test_serve_syncs_on_its_schedule_runs_once_and_stops_on_sigterm(
+    cluster: Cluster, mail_servers: MailServers
+) -> None:
+    """`mailsync serve` as a process: two cycles on a short interval, a
+    second instance refused with where the first runs, a clean stop."""
+    import signal
+    import subprocess
+    import sys
+
+    from mailsync.schema import log
+
+    config = cluster.root / "hq" / "mailsync.toml"
+    config.write_text(config.read_text() + '\n[[schedule]]\nevery = "2s"\n')
+    cli = [sys.executable, "-m", "mailsync", "--config", str(config)]
+
+    def cycles() -> int:
+        with cluster.engines["hq"].connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(log.c.message.like("sync cycle done%"))
+                ).scalar_one()
+            )
+
+    once = subprocess.run([*cli, "serve", "--once"], capture_output=True, text=True, timeout=120)
+    assert once.returncode == 0, once.stderr
+    assert cycles() == 1
+    proc = subprocess.Popen(
+        [*cli, "serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: cycles() >= 3, "two scheduled cycles", timeout=60)
+        second = subprocess.run([*cli, "serve"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert "runs already on" in second.stderr and f"(pid {proc.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        status = subprocess.run([*cli, "status"], capture_output=True, text=True, timeout=60)
+        assert "running since" in status.stdout and f"pid {proc.pid}" in status.stdout
+        assert "last cycle" in status.stdout and "ok:" in status.stdout
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "SIGTERM" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status = subprocess.run([*cli, "status"], capture_output=True, text=True, timeout=60)
+    assert "stopped since" in status.stdout

@@ -14,7 +14,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mailsync.cli import admin, demo_cmd, errors_cmds, keys_cmds, node_cmds, range_cmds
+from mailsync.cli import (
+    admin,
+    demo_cmd,
+    errors_cmds,
+    keys_cmds,
+    node_cmds,
+    range_cmds,
+    service_cmds,
+)
 from mailsync.cli.common import State
 from mailsync.errors import MailsyncError
 
@@ -48,6 +56,7 @@ def _root(
 
 
 node_cmds.register(app)
+service_cmds.register(app)
 app.add_typer(admin.station_app, name="station")
 app.add_typer(admin.table_app, name="table")
 range_cmds.register(app)

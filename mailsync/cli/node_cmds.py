@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 from enum import StrEnum
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mailsync.cli.common import State, console, open_node, when
+from mailsync.cli.common import State, console, open_node, print_json, when
 from mailsync.config import config_path
 from mailsync.keys import key_path, load_keyring
-from mailsync.node import init_node
+from mailsync.node import CycleReport, Node, init_node
+from mailsync.schedule import next_runs, parse_zone
+from mailsync.schema import now
+from mailsync.service import ServiceState, service_state
 
 
 class RoleChoice(StrEnum):
@@ -63,10 +68,32 @@ def init(
         )
 
 
-def sync(ctx: typer.Context) -> None:
+def sync(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
     """Run one sync cycle: receive, apply, capture, send."""
     with open_node(ctx) as node:
-        report = node.sync()
+        report = _with_progress(node) if console.is_terminal and not as_json else node.sync()
+    if as_json:
+        print_json(
+            {
+                "received": report.received,
+                "duplicates": report.duplicates,
+                "set_aside": report.set_aside,
+                "changesets_applied": len(report.applied),
+                "rows_applied": report.rows_applied,
+                "rows_parked": report.rows_parked,
+                "changesets_queued": len(report.built),
+                "parts_queued": sum(b.parts for b in report.built),
+                "rows_queued": report.rows_sent,
+                "sent": report.sent,
+                "errors": report.errors,
+            }
+        )
+        if report.errors:
+            raise typer.Exit(5)
+        return
     console.print(
         f"received {report.received} message(s)"
         + (f" ({report.duplicates} duplicate)" if report.duplicates else "")
@@ -87,15 +114,54 @@ def sync(ctx: typer.Context) -> None:
         raise typer.Exit(5)
 
 
-def status(ctx: typer.Context) -> None:
+def _with_progress(node: Node) -> CycleReport:
+    """A cycle with a live line on the terminal: each message received,
+    changeset applied and part sent as it happens."""
+    done = {"received": 0, "applied": 0, "sent": 0}
+
+    class Show(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage().split(": ", 1)[-1]
+            for key in done:
+                if key in text.split(" ", 3)[:3] or text.startswith(key):
+                    done[key] += 1
+            spinner.update(
+                f"received {done['received']}, applied {done['applied']}, "
+                f"sent {done['sent']} — {escape(text[:90])}"
+            )
+
+    handler = Show(logging.INFO)
+    logger = logging.getLogger("mailsync")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        with console.status("syncing…", spinner="dots") as spinner:
+            return node.sync()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
     """Show role, peers, last contact, pending changes, outbox and problems."""
     with open_node(ctx) as node:
         st = node.status()
+        service = service_state(node)
+        zone = parse_zone(node.config.timezone, str(node.config.path))
+        upcoming = next_runs(node.config.schedules, now(), zone, 1)
+    if as_json:
+        print_json({"node": st, "service": service})
+        return
     console.print(
         f"[bold]{escape(st.node_id)}[/] ({st.role}) <{escape(st.address)}>  "
         f"database {escape(st.database)}  key {st.key_id}"
     )
     console.print(f"tables synced: {', '.join(st.tables) or 'none yet'}")
+    console.print("service: " + _service_line(service, upcoming))
     table = Table(title="links" if st.links else None, show_edge=False)
     numeric = ("out #", "acked #", "in #", "pending", "outbox", "unacked", "buffered")
     for col in ("peer", "address", "last contact", "last sent", *numeric, "missing"):
@@ -158,6 +224,27 @@ def status(ctx: typer.Context) -> None:
 def _missing(seqs: tuple[int, ...], parts: tuple[tuple[int, int], ...]) -> str:
     shown = [f"#{s}" for s in seqs] + [f"#{s} part {p}" for s, p in parts]
     return ", ".join(shown[:10]) + (" …" if len(shown) > 10 else "")
+
+
+def _service_line(service: ServiceState, upcoming: list[dt.datetime]) -> str:
+    if not service.configured:
+        head = "not configured (no \\[[schedule]]; sync by hand or from cron)"
+    elif service.running:
+        head = (
+            f"[green]running[/] since {when(service.started_at)} on {escape(service.host or '')} "
+            f"(pid {service.pid})"
+        )
+        if service.next_run_at is not None:
+            head += f", next sync at {service.next_run_at.astimezone():%H:%M}"
+    else:
+        head = "[yellow]stopped[/]" + (
+            f" since {when(service.stopped_at)}" if service.stopped_at else ""
+        )
+        if upcoming:
+            head += f" (the schedule's next run would be {upcoming[0]:%a %H:%M})"
+    if service.last_cycle_at is not None:
+        head += f"; last cycle {when(service.last_cycle_at)}: {escape(service.last_outcome or '')}"
+    return head
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,124 @@
+"""The service loop, its single-instance claim, and the node's log."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+from mailsync.errors import ConfigError
+from mailsync.journal import read_log
+from mailsync.schema import log, now, service
+from mailsync.service import claim, serve, service_state
+from tests.cluster import Cluster
+
+
+def add_schedule(c: Cluster, name: str, text: str) -> Path:
+    path = c.root / name / "mailsync.toml"
+    path.write_text(path.read_text() + "\n" + text)
+    c.restart(name)
+    return path
+
+
+def cycles(c: Cluster, name: str) -> int:
+    with c.engines[name].connect() as conn:
+        query = select(func.count()).where(log.c.message.like("sync cycle done%"))
+        return int(conn.execute(query).scalar_one())
+
+
+def wait_for(condition: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_serve_runs_cycles_on_schedule_and_stops_between_them(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+    try:
+        path = add_schedule(c, "hq", '[[schedule]]\nevery = "1s"\n')
+        stop = threading.Event()
+        said: list[str] = []
+        worker = threading.Thread(
+            target=serve,
+            args=([path],),
+            kwargs={"stop": stop, "say": said.append, "memory": c.office},
+        )
+        worker.start()
+        try:
+            wait_for(lambda: cycles(c, "hq") >= 2, "two cycles")
+            state = service_state(c.nodes["hq"])
+            assert state.running and state.pid == os.getpid() and state.host == socket.gethostname()
+            assert state.last_outcome and state.last_outcome.startswith("ok:")
+            with pytest.raises(ConfigError, match="runs already on"):  # another process's claim
+                with c.engines["hq"].begin() as conn:
+                    conn.execute(update(service).values(pid=os.getppid()))
+                claim(c.engines["hq"], "second")
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+        assert not worker.is_alive()
+        assert any("next sync at" in line for line in said)
+    finally:
+        c.close()
+
+
+def test_a_node_without_schedule_is_not_served_and_once_runs_one_cycle(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+    try:
+        path = c.root / "hq" / "mailsync.toml"
+        with pytest.raises(ConfigError, match=r"no \[\[schedule\]\] to serve"):
+            serve([path], memory=c.office, say=lambda _: None)
+        assert not service_state(c.nodes["hq"]).configured
+        assert serve([path], once=True, memory=c.office, say=lambda _: None) == 0
+        assert cycles(c, "hq") == 1
+        state = service_state(c.nodes["hq"])
+        assert not state.running and state.stopped_at is not None
+    finally:
+        c.close()
+
+
+def test_old_log_entries_are_purged_and_the_log_reads_by_filter(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+    try:
+        old = now() - dt.timedelta(days=11)
+        with c.engines["hq"].begin() as conn:
+            conn.execute(
+                log.insert(),
+                [
+                    {"at": old, "level": "error", "event": "x", "peer": "koeln", "message": "old"},
+                    {
+                        "at": now(),
+                        "level": "warning",
+                        "event": "x",
+                        "peer": "koeln",
+                        "message": "new",
+                    },
+                ],
+            )
+        c.sync("hq")
+        engine = c.engines["hq"]
+        messages = [e.message for e in read_log(engine)]
+        assert "old" not in messages and "new" in messages
+        assert [e.message for e in read_log(engine, level="warning")] == ["new"]
+        assert read_log(engine, peer="nobody") == []
+        assert read_log(engine, since=now() + dt.timedelta(hours=1)) == []
+        # a longer retention keeps them
+        path = add_schedule(c, "hq", "")
+        path.write_text(path.read_text().replace("[node]\n", "[node]\nlog_retention_days = 30\n"))
+        c.restart("hq")
+        with c.engines["hq"].begin() as conn:
+            conn.execute(
+                log.insert().values(at=old, level="info", event="x", peer=None, message="kept")
+            )
+        c.sync("hq")
+        assert "kept" in [e.message for e in read_log(engine)]
+    finally:
+        c.close()
