@@ -276,6 +276,36 @@ def test_number_ranges_through_the_cli(site: Path) -> None:
     )
 
 
+def test_schedule_log_and_json_through_the_cli(site: Path) -> None:
+    import json
+
+    init_both(site)
+    hq = site / "hq"
+    out = mailsync(
+        "schedule", "--every", "15m", "--between", "22:00-02:00", "--days", "fri", cwd=hq
+    ).stdout
+    assert "every 15m between 22:00-02:00 on fri" in out
+    runs = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert len(runs) == 5 and set(runs) <= {"Fri", "Sat"}
+    assert_clean_error(mailsync("serve", cwd=hq, ok=False), "no [[schedule]] to serve")
+    assert_clean_error(mailsync("schedule", "--every", "soon", cwd=hq, ok=False), "not an interval")
+    assert "not configured" in mailsync("status", cwd=hq).stdout
+    config = hq / "mailsync.toml"
+    config.write_text(config.read_text() + '\n[[schedule]]\nevery = "1h"\ndays = "mon-fri"\n')
+    assert "every 1h on mon,tue,wed,thu,fri" in mailsync("schedule", cwd=hq).stdout
+    assert "service: stopped" in mailsync("status", cwd=hq).stdout
+    mailsync("sync", cwd=hq)
+    synced = json.loads(mailsync("sync", "--json", cwd=hq).stdout)
+    assert synced["errors"] == [] and synced["received"] == 0
+    status = json.loads(mailsync("status", "--json", cwd=hq).stdout)
+    assert status["node"]["node_id"] == "hq" and status["service"]["configured"] is True
+    entries = json.loads(mailsync("log", "--json", "--since", "1h", cwd=hq).stdout)
+    assert any(e["message"].startswith("sync cycle done") for e in entries)
+    assert "sync cycle" in mailsync("log", cwd=hq).stdout
+    assert_clean_error(mailsync("log", "--since", "yesterday", cwd=hq, ok=False), "--since")
+    assert_clean_error(mailsync("log", "--level", "loud", cwd=hq, ok=False), "--level")
+
+
 def test_station_commands_on_a_remote_are_refused(site: Path) -> None:
     init_both(site)
     proc = mailsync("station", "add", "x", "--email", "x@x.test", cwd=site / "koeln", ok=False)
@@ -316,6 +346,9 @@ def test_every_command_has_help(site: Path) -> None:
         ("range", "release"),
         ("range", "remove"),
         ("number", "next"),
+        ("serve",),
+        ("schedule",),
+        ("log",),
     ):
         out = mailsync(*args, "--help", cwd=site).stdout
         assert "Usage" in out, args
