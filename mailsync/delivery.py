@@ -140,6 +140,7 @@ class Delivery:
                 faults.point("after-buffer")
                 rx.processed(msg.id)  # only now: the buffer commit made it redundant
                 report.received += 1
+                report.received_from[header.sender] += 1
                 report.duplicates += duplicate
                 if header.seq == CONTROL_SEQ:
                     what = f"ack {header.ack}"
@@ -417,6 +418,7 @@ class Delivery:
                     )
                 except ApplyError as exc:
                     report.errors.append(str(exc))
+                    report.peer_errors.setdefault(peer, str(exc))
                     self.journal.error("apply-failed", str(exc), peer=peer)
                     break
                 faults.point("after-apply")
@@ -571,6 +573,7 @@ class Delivery:
                         .values(ack_sent=acked)
                     )
                 report.sent += 1
+                report.sent_to[peer] += 1
             for peer, seq, part, address, sent_at, *_ in pending:
                 with self.engine.connect() as conn:
                     stored: bytes | None = conn.execute(
@@ -607,6 +610,7 @@ class Delivery:
                         .values(ack_sent=header.ack)
                     )
                 report.sent += 1
+                report.sent_to[peer] += 1
                 again = "sent again" if sent_at is not None else "sent"
                 self.journal.info(
                     "sent", f"changeset {name} {again} to {peer} <{address}>", peer=peer

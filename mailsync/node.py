@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +64,25 @@ class CycleReport:
     built: list[Built] = field(default_factory=list)
     sent: int = 0
     errors: list[str] = field(default_factory=list)
+    #: per peer: messages received from it, sent to it, and its first error
+    received_from: Counter[str] = field(default_factory=Counter)
+    sent_to: Counter[str] = field(default_factory=Counter)
+    peer_errors: dict[str, str] = field(default_factory=dict)
+
+    def peer_outcomes(self) -> dict[str, str]:
+        """One line per peer something happened with in this cycle."""
+        peers = set(self.received_from) | set(self.sent_to) | set(self.peer_errors)
+        peers |= {a.peer for a in self.applied} | {b.peer for b in self.built}
+        out = {}
+        for peer in sorted(peers):
+            rows = sum(a.rows for a in self.applied if a.peer == peer)
+            text = (
+                f"{self.received_from[peer]} received, {rows} rows applied, "
+                f"{self.sent_to[peer]} sent"
+            )
+            error = self.peer_errors.get(peer)
+            out[peer] = f"failed: {error}" if error else f"ok: {text}"
+        return out
 
     @property
     def rows_applied(self) -> int:
@@ -284,6 +304,7 @@ class Node:
                 )
             except MailsyncError as exc:
                 report.errors.append(f"building for {plan.peer}: {exc}")
+                report.peer_errors.setdefault(plan.peer, f"building: {exc}")
                 self.journal.error(
                     "build-failed", f"building for {plan.peer}: {exc}", peer=plan.peer
                 )

@@ -282,6 +282,7 @@ service = Table(
     Column("next_run_at", _Time),
     Column("last_cycle_at", _Time),
     Column("last_outcome", Text),
+    Column("last_peers", Text),  # JSON: peer -> the last cycle's outcome with it
     Column("stopped_at", _Time),
 )
 

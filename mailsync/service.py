@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -58,6 +59,8 @@ class ServiceState:
     next_run_at: dt.datetime | None = None
     last_cycle_at: dt.datetime | None = None
     last_outcome: str | None = None
+    #: per peer, the outcome of the last cycle that had to do with it
+    last_peers: dict[str, str] = field(default_factory=dict)
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -97,6 +100,7 @@ def service_state(node: Node) -> ServiceState:
         _aware(row.next_run_at),
         _aware(row.last_cycle_at),
         row.last_outcome,
+        json.loads(row.last_peers) if row.last_peers else {},
     )
 
 
@@ -241,9 +245,12 @@ def _local(when: dt.datetime | None, zone: dt.tzinfo) -> str:
 def _cycle(node: Node, say: Callable[[str], None]) -> bool:
     """One sync cycle; a failure is logged and reported, never raised."""
     name = node.config.node_id
+    peers: dict[str, str] = {}
     try:
         report = node.sync()
         line = outcome(report)
+        stamp = f"{now():%Y-%m-%d %H:%M} UTC"
+        peers = {p: f"{text} (cycle of {stamp})" for p, text in report.peer_outcomes().items()}
         ok = not report.errors
     except MailsyncError as exc:
         line, ok = f"failed: {exc}", False
@@ -252,7 +259,11 @@ def _cycle(node: Node, say: Callable[[str], None]) -> bool:
         line, ok = f"failed: database: {str(exc).splitlines()[0]}", False
         node.journal.error("cycle", line)
     with contextlib.suppress(SQLAlchemyError):
-        record(node.engine, last_cycle_at=now(), last_outcome=line)
+        # a peer keeps the outcome of the last cycle that had to do with it
+        with node.engine.connect() as conn:
+            held = conn.execute(select(service.c.last_peers).where(_mine())).scalar()
+        merged = {**(json.loads(held) if held else {}), **peers}
+        record(node.engine, last_cycle_at=now(), last_outcome=line, last_peers=json.dumps(merged))
     say(f"{name}: {line}")
     return ok
 

@@ -43,6 +43,7 @@ def wait_for(condition: object, what: str, timeout: float = 30.0) -> None:
 def test_serve_runs_cycles_on_schedule_and_stops_between_them(tmp_path: Path) -> None:
     c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
     try:
+        c.host.add_rule("customers", down="IUD", up="IUD")
         path = add_schedule(c, "hq", '[[schedule]]\nevery = "1s"\n')
         stop = threading.Event()
         said: list[str] = []
@@ -57,6 +58,8 @@ def test_serve_runs_cycles_on_schedule_and_stops_between_them(tmp_path: Path) ->
             state = service_state(c.nodes["hq"])
             assert state.running and state.pid == os.getpid() and state.host == socket.gethostname()
             assert state.last_outcome and state.last_outcome.startswith("ok:")
+            wait_for(lambda: "koeln" in service_state(c.nodes["hq"]).last_peers, "koeln")
+            assert service_state(c.nodes["hq"]).last_peers["koeln"].startswith("ok: ")
             with pytest.raises(ConfigError, match="runs already on"):  # another process's claim
                 with c.engines["hq"].begin() as conn:
                     conn.execute(update(service).values(pid=os.getppid()))
@@ -77,8 +80,9 @@ def test_a_node_without_schedule_is_not_served_and_once_runs_one_cycle(tmp_path:
         with pytest.raises(ConfigError, match=r"no \[\[schedule\]\] to serve"):
             serve([path], memory=c.office, say=lambda _: None)
         assert not service_state(c.nodes["hq"]).configured
-        assert serve([path], once=True, memory=c.office, say=lambda _: None) == 0
-        assert cycles(c, "hq") == 1
+        station = c.root / "koeln" / "mailsync.toml"  # two nodes, one process
+        assert serve([path, station], once=True, memory=c.office, say=lambda _: None) == 0
+        assert cycles(c, "hq") == 1 and cycles(c, "koeln") == 1
         state = service_state(c.nodes["hq"])
         assert not state.running and state.stopped_at is not None
     finally:

@@ -162,6 +162,9 @@ def status(
     )
     console.print(f"tables synced: {', '.join(st.tables) or 'none yet'}")
     console.print("service: " + _service_line(service, upcoming))
+    for peer, line in service.last_peers.items():
+        colour = "red" if line.startswith("failed") else "green"
+        console.print(f"  with {escape(peer)}: [{colour}]{escape(line)}[/]")
     table = Table(title="links" if st.links else None, show_edge=False)
     numeric = ("out #", "acked #", "in #", "pending", "outbox", "unacked", "buffered")
     for col in ("peer", "address", "last contact", "last sent", *numeric, "missing"):
