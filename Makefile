@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install test-deps bench clean
+.PHONY: demo test lint typecheck unit install test-deps bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mailsync demo mailsync-demo
 
 ## make test: installs test servers where missing, then lint, types and the whole suite
-test: $(STAMP) test-deps lint typecheck unit
+test: $(STAMP) test-deps lint typecheck unit bench-quick
 
 test-deps:
 	bash scripts/install-test-deps.sh
@@ -36,8 +36,14 @@ unit: $(STAMP)
 
 ## make bench: measurements, not part of make test
 bench: $(STAMP)
-	$(PY) bench/compression_levels.py
+	$(PY) bench/pipeline.py --output docs/benchmarks.md
 	$(PY) bench/streaming_memory.py
+	$(PY) bench/compression_levels.py
+
+## the benchmarks' quick mode, once per `make test`, so that they never rot
+bench-quick: $(STAMP)
+	$(PY) bench/pipeline.py --quick > /dev/null
+	$(PY) bench/streaming_memory.py --quick > /dev/null
 
 clean:
 	rm -rf $(VENV) mailsync-demo .pytest_cache .mypy_cache .ruff_cache

@@ -35,11 +35,16 @@ QUICK = (2_000, 8_000)
 FULL = (50_000, 150_000, 450_000)
 
 
-def setup(root: Path, invoices: int, max_message_bytes: int) -> dict[str, int]:
-    """A host with the sample data and one joined station, rules for all tables."""
+def setup(
+    root: Path, invoices: int, max_message_bytes: int, host_url: str | None = None
+) -> dict[str, int]:
+    """A host with the sample data and one joined station, rules for all tables
+    (the host on ``host_url`` when given, else SQLite like the station)."""
     mail = f"maildir:{root / 'mail'}"
     for name, role in (("hq", "host"), ("koeln", "remote")):
         url = f"sqlite:///{root / (name + '.db')}"
+        if name == "hq" and host_url:
+            url = host_url
         engine = open_engine(url)
         samples.create_schema(engine)
         if name == "hq":

@@ -1,0 +1,433 @@
+"""Throughput, wire size and capture cost, each against a floor measured in
+the same run on the same machine (issue 8, sections 1-3).
+
+1. Initial load, host → station over a ``maildir:`` post office: rows/s end
+   to end (the host's build+send and the station's receive+apply, each in its
+   own process), against the same rows inserted into a fresh SQLite file by
+   the stdlib ``sqlite3`` ``executemany`` in one transaction (the apply-side
+   floor); peak RSS of each node.
+2. Steady state: changesets of 50 changed invoice lines, host → station:
+   changesets/s and rows/s, against the same updates made by ``executemany``
+   with one commit per changeset; and the capture triggers' cost (inserts and
+   updates with triggers vs. without).
+3. Wire size: bytes in the mailbox per row, against the same rows as CSV
+   compressed with zstd at level 19 (ratio above 1: we send more).
+
+Every figure is the median of ``--runs`` runs with min–max.
+
+    python bench/pipeline.py [--quick] [--runs 3] [--output docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zstandard
+from sqlalchemy import select, update
+
+sys.path.insert(0, str(Path(__file__).parent))
+from streaming_memory import run_child, setup
+
+from mailsync import samples
+from mailsync.capture import ensure_capture
+from mailsync.node import Node
+
+FULL = {"invoices": 333_334, "changesets": 1000, "capture_rows": 100_000}
+QUICK = {"invoices": 3_000, "changesets": 30, "capture_rows": 5_000}
+ROWS_PER_CHANGESET = 50
+
+
+class Figure:
+    """Several measurements of one quantity: median, min and max."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def show(self, fmt: str = "{:,.0f}") -> str:
+        if len(self.values) == 1:
+            return fmt.format(self.median)
+        return (
+            f"{fmt.format(self.median)} ({fmt.format(min(self.values))}–"
+            f"{fmt.format(max(self.values))})"
+        )
+
+
+def repeat(runs: int, measure: Callable[[], float]) -> Figure:
+    return Figure([measure() for _ in range(runs)])
+
+
+def mailbox_bytes(box: Path) -> tuple[int, int]:
+    """Messages and bytes in a Maildir, processed ones included."""
+    files = [p for p in box.rglob("*") if p.is_file() and p.parent.name in ("new", "cur")]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+# ------------------------------------------------------------- 1. initial load
+
+
+class Site:
+    """A host with the sample data and one station, restorable between runs."""
+
+    def __init__(self, root: Path, invoices: int) -> None:
+        self.root = root
+        self.counts = setup(root, invoices, 10_000_000)
+        # enrolled, with rules, nothing built yet: every run starts from here
+        for name in ("hq", "koeln"):
+            shutil.copy(root / f"{name}.db", root / f"{name}.template.db")
+        self.rows = sum(self.counts.values())
+
+    def reset(self) -> None:
+        for name in ("hq", "koeln"):
+            shutil.copy(self.root / f"{name}.template.db", self.root / f"{name}.db")
+        shutil.rmtree(self.root / "mail", ignore_errors=True)
+
+    def config(self, name: str) -> Path:
+        return self.root / name / "mailsync.toml"
+
+
+class PostgresSite(Site):
+    """The same, with the host's database on PostgreSQL (reset from a template)."""
+
+    def __init__(self, root: Path, invoices: int, server: Any) -> None:
+        self.root = root
+        self.server = server
+        for name in ("bench_hq", "bench_hq_template"):
+            server.drop_database(name)
+        server.create_database("bench_hq")
+        self.counts = setup(root, invoices, 10_000_000, host_url=server.url("bench_hq"))
+        shutil.copy(root / "koeln.db", root / "koeln.template.db")
+        server.create_database("bench_hq_template", template="bench_hq")
+        self.rows = sum(self.counts.values())
+
+    def reset(self) -> None:
+        shutil.copy(self.root / "koeln.template.db", self.root / "koeln.db")
+        shutil.rmtree(self.root / "mail", ignore_errors=True)
+        self.server.drop_database("bench_hq")
+        self.server.create_database("bench_hq", template="bench_hq_template")
+
+
+def floor_insert(source: Path, target: Path) -> float:
+    """Seconds to insert every sample row into a fresh SQLite file with
+    ``executemany`` in one transaction, rows streamed from the host's file."""
+    target.unlink(missing_ok=True)
+    from mailsync.db import open_engine
+
+    engine = open_engine(f"sqlite:///{target}")
+    samples.create_schema(engine)
+    engine.dispose()
+    src = sqlite3.connect(source)
+    dst = sqlite3.connect(target, isolation_level=None)
+    t0 = time.perf_counter()
+    dst.execute("BEGIN")
+    for table in samples.TABLES:
+        cols = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
+        marks = ", ".join("?" * len(cols))
+        rows = src.execute(f"SELECT {', '.join(cols)} FROM {table}")
+        dst.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", rows)
+    dst.execute("COMMIT")
+    seconds = time.perf_counter() - t0
+    src.close()
+    dst.close()
+    return seconds
+
+
+def initial_load(site: Site, runs: int, floor: Figure | None = None) -> dict[str, object]:
+    times: list[float] = []
+    host_rss: list[float] = []
+    station_rss: list[float] = []
+    wire: list[float] = []
+    for _ in range(runs):
+        site.reset()
+        host = run_child(site.config("hq"))
+        station = run_child(site.config("koeln"))
+        if station["rows_applied"] != site.rows:
+            raise SystemExit(f"applied {station['rows_applied']} of {site.rows} rows")
+        times.append(float(host["seconds"]) + float(station["seconds"]))  # type: ignore[arg-type]
+        host_rss.append(int(host["peak"]) / 2**20)  # type: ignore[call-overload]
+        station_rss.append(int(station["peak"]) / 2**20)  # type: ignore[call-overload]
+        wire.append(mailbox_bytes(site.root / "mail" / "koeln@bench.test")[1])
+    if floor is None:
+        seconds = repeat(
+            runs, lambda: floor_insert(site.root / "hq.template.db", site.root / "floor.db")
+        )
+        floor = Figure([site.rows / t for t in seconds.values])
+    ours = Figure([site.rows / t for t in times])
+    base = floor
+    return {
+        "rows": site.rows,
+        "counts": site.counts,
+        "ours": ours,
+        "floor": base,
+        "ratio": ours.median / base.median,
+        "host_rss": Figure(host_rss),
+        "station_rss": Figure(station_rss),
+        "wire": Figure(wire),
+    }
+
+
+# ------------------------------------------------------------- 2. steady state
+
+
+def _changed_lines(engine: object, step: int) -> list[int]:
+    first = 1 + (step * ROWS_PER_CHANGESET) % 900_000
+    return list(range(first, first + ROWS_PER_CHANGESET))
+
+
+def steady_state(site: Site, changesets: int, runs: int) -> dict[str, object]:
+    lines = samples.metadata.tables["invoice_lines"]
+    rates: list[float] = []
+    wire_per_row: list[float] = []
+    csv_per_row: list[float] = []
+    for _ in range(runs):
+        site.reset()
+        run_child(site.config("hq"))  # the initial load, then quiet
+        run_child(site.config("koeln"))
+        with Node.open(site.config("hq")) as hq, Node.open(site.config("koeln")) as koeln:
+            hq.sync()  # the station's ack
+            box = site.root / "mail" / "koeln@bench.test"
+            before = mailbox_bytes(box)[1]
+            csv_bytes = 0
+            cctx = zstandard.ZstdCompressor(level=19)
+            total = 0.0
+            for step in range(changesets):
+                ids = _changed_lines(hq.engine, step)
+                with hq.engine.begin() as conn:
+                    conn.execute(
+                        update(lines)
+                        .where(lines.c.id.in_(ids))
+                        .values(quantity=lines.c.quantity + 1)
+                    )
+                    rows = conn.execute(select(lines).where(lines.c.id.in_(ids))).all()
+                buf = io.StringIO()
+                csv.writer(buf).writerows(rows)
+                csv_bytes += len(cctx.compress(buf.getvalue().encode()))
+                t0 = time.perf_counter()
+                hq.sync()
+                report = koeln.sync()
+                total += time.perf_counter() - t0
+                if report.rows_applied != ROWS_PER_CHANGESET:
+                    raise SystemExit(f"changeset {step}: applied {report.rows_applied} rows")
+            hq.sync()
+            sent = mailbox_bytes(box)[1] - before
+        rates.append(changesets / total)
+        wire_per_row.append(sent / (changesets * ROWS_PER_CHANGESET))
+        csv_per_row.append(csv_bytes / (changesets * ROWS_PER_CHANGESET))
+    floor = repeat(runs, lambda: floor_updates(site.root / "koeln.db", changesets))
+    ours = Figure(rates)
+    base = Figure([changesets / s for s in floor.values])
+    return {
+        "changesets": changesets,
+        "ours": ours,
+        "rows": Figure([r * ROWS_PER_CHANGESET for r in rates]),
+        "floor": base,
+        "ratio": ours.median / base.median,
+        "wire_per_row": Figure(wire_per_row),
+        "csv_per_row": Figure(csv_per_row),
+        "wire_ratio": statistics.median(wire_per_row) / statistics.median(csv_per_row),
+    }
+
+
+def floor_updates(database: Path, changesets: int) -> float:
+    """The same updates, ``executemany`` with a commit per changeset."""
+    work = database.with_name("floor-steady.db")
+    shutil.copy(database, work)
+    conn = sqlite3.connect(work, isolation_level=None)
+    conn.executescript(
+        "DROP TRIGGER IF EXISTS mailsync_invoice_lines_ai;"
+        "DROP TRIGGER IF EXISTS mailsync_invoice_lines_au;"
+        "DROP TRIGGER IF EXISTS mailsync_invoice_lines_ad;"
+    )
+    t0 = time.perf_counter()
+    for step in range(changesets):
+        ids = _changed_lines(None, step)
+        conn.execute("BEGIN")
+        conn.executemany(
+            "UPDATE invoice_lines SET quantity = quantity + 1 WHERE id = ?", [(i,) for i in ids]
+        )
+        conn.execute("COMMIT")
+    seconds = time.perf_counter() - t0
+    conn.close()
+    work.unlink()
+    return seconds
+
+
+def capture_cost(root: Path, rows: int, runs: int) -> dict[str, Figure]:
+    """Inserts and updates of invoice lines, with the capture triggers vs. without."""
+    from mailsync.db import open_engine
+    from mailsync.schema import ensure_schema
+
+    def one(triggers: bool, what: str) -> float:
+        path = root / "capture.db"
+        path.unlink(missing_ok=True)
+        engine = open_engine(f"sqlite:///{path}")
+        samples.create_schema(engine)
+        ensure_schema(engine)
+        if triggers:
+            with engine.begin() as conn:
+                ensure_capture(conn, ["invoice_lines"])
+        engine.dispose()
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA foreign_keys = OFF")
+        data = [
+            (i, 1, 1, 1, "x", "1.000", "9.99", "0.00", "9.99", None, None)
+            for i in range(1, rows + 1)
+        ]
+        insert = "INSERT INTO invoice_lines VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+        if what == "update":
+            conn.execute("BEGIN")
+            conn.executemany(insert, data)
+            conn.execute("COMMIT")
+        t0 = time.perf_counter()
+        conn.execute("BEGIN")
+        if what == "insert":
+            conn.executemany(insert, data)
+        else:
+            conn.executemany(
+                "UPDATE invoice_lines SET quantity = quantity + 1 WHERE id = ?",
+                [(i,) for i in range(1, rows + 1)],
+            )
+        conn.execute("COMMIT")
+        seconds = time.perf_counter() - t0
+        conn.close()
+        return seconds
+
+    out = {}
+    for what in ("insert", "update"):
+        with_t = repeat(runs, lambda w=what: one(True, w))  # type: ignore[misc]
+        without = repeat(runs, lambda w=what: one(False, w))  # type: ignore[misc]
+        out[what] = Figure([a / b for a, b in zip(with_t.values, without.values, strict=True)])
+    return out
+
+
+# ------------------------------------------------------------------- report
+
+
+def markdown(load: dict[str, object], steady: dict[str, object], cap: dict[str, Figure]) -> str:
+    f = lambda key, src: src[key]  # noqa: E731
+    counts = load["counts"]
+    assert isinstance(counts, dict)
+    lines = [
+        "### 1. Initial load, host → station over Maildir",
+        "",
+        f"{load['rows']:,} rows ({', '.join(f'{n:,} {t}' for t, n in counts.items())}).",
+        "",
+        "| figure | mailsync | floor: sqlite3 executemany, one transaction | ratio |",
+        "|---|---|---|---|",
+        f"| rows/s end to end | {f('ours', load).show()} | {f('floor', load).show()} | "
+        f"{load['ratio']:.2f} |",
+        f"| peak RSS host / station, MiB | {f('host_rss', load).show()} / "
+        f"{f('station_rss', load).show()} | | |",
+        f"| bytes in the mailbox | {f('wire', load).show()} | | |",
+        "",
+        "### 2. Steady state: changesets of 50 changed invoice lines",
+        "",
+        f"{steady['changesets']:,} changesets, each: update on the host, host cycle "
+        "(build, seal, send), station cycle (receive, open, apply).",
+        "",
+        "| figure | mailsync | floor: executemany, a commit per changeset | ratio |",
+        "|---|---|---|---|",
+        f"| changesets/s | {f('ours', steady).show('{:,.1f}')} | "
+        f"{f('floor', steady).show('{:,.1f}')} | {steady['ratio']:.4f} |",
+        f"| rows/s | {f('rows', steady).show()} | | |",
+        "",
+        "| capture triggers (SQLite) | time with triggers ÷ without |",
+        "|---|---|",
+        f"| insert | {cap['insert'].show('{:.2f}')} |",
+        f"| update | {cap['update'].show('{:.2f}')} |",
+        "",
+        "### 3. Wire size per changed row",
+        "",
+        "| bytes per row | mailsync (sealed, base64, mail headers) | CSV + zstd -19 | ratio |",
+        "|---|---|---|---|",
+        f"| steady state, 50 rows a changeset | {f('wire_per_row', steady).show('{:,.1f}')} | "
+        f"{f('csv_per_row', steady).show('{:,.1f}')} | {steady['wire_ratio']:.2f} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def postgresql(sizes: dict[str, int], runs: int, sqlite_load: dict[str, object]) -> str:
+    """Section 5: the initial load and the steady state again, the host's
+    database on a PostgreSQL server started for the run (the test suite's)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from tests.servers.postgres import PostgresServer, find_bindir
+
+    if find_bindir() is None:
+        return "### 5. PostgreSQL as the host's database\n\nskipped: no PostgreSQL here\n"
+    with tempfile.TemporaryDirectory() as tmp, PostgresServer() as server:
+        site = PostgresSite(Path(tmp), sizes["invoices"], server)
+        floor = sqlite_load["floor"]
+        assert isinstance(floor, Figure)
+        load = initial_load(site, runs, floor)
+        steady = steady_state(site, sizes["changesets"], runs)
+        server.drop_database("bench_hq")
+        server.drop_database("bench_hq_template")
+    return "\n".join(
+        [
+            "### 5. PostgreSQL as the host's database (station on SQLite)",
+            "",
+            "| figure | mailsync | floor | ratio |",
+            "|---|---|---|---|",
+            f"| initial load, rows/s end to end | {load['ours'].show()} | "  # type: ignore[attr-defined]
+            f"{floor.show()} (sqlite3 executemany) | {load['ratio']:.2f} |",
+            f"| peak RSS host / station, MiB | {load['host_rss'].show()} / "  # type: ignore[attr-defined]
+            f"{load['station_rss'].show()} | | |",  # type: ignore[attr-defined]
+            f"| steady state, changesets/s | {steady['ours'].show('{:,.1f}')} | "  # type: ignore[attr-defined]
+            f"{steady['floor'].show('{:,.1f}')} (executemany, a commit each) | "  # type: ignore[attr-defined]
+            f"{steady['ratio']:.4f} |",
+            f"| steady state, wire bytes per row | {steady['wire_per_row'].show('{:,.1f}')} | "  # type: ignore[attr-defined]
+            f"{steady['csv_per_row'].show('{:,.1f}')} (CSV + zstd -19) | "  # type: ignore[attr-defined]
+            f"{steady['wire_ratio']:.2f} |",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--runs", type=int, default=None, help="runs per figure")
+    parser.add_argument("--output", type=Path, help="write the markdown here too")
+    parser.add_argument(
+        "--no-postgresql", action="store_true", help="skip section 5 (the host on PostgreSQL)"
+    )
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    runs = args.runs or (1 if args.quick else 3)
+    head = (
+        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python "
+        f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}; "
+        f"{'quick' if args.quick else 'full'} run, {runs} run(s) per figure"
+    )
+    print(head, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        site = Site(Path(tmp), sizes["invoices"])
+        load = initial_load(site, runs)
+        steady = steady_state(site, sizes["changesets"], runs)
+        cap = capture_cost(Path(tmp), sizes["capture_rows"], runs)
+    text = head + "\n\n" + markdown(load, steady, cap)
+    if not args.no_postgresql:
+        text += "\n" + postgresql(sizes, runs, load)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
