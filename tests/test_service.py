@@ -126,3 +126,31 @@ def test_old_log_entries_are_purged_and_the_log_reads_by_filter(tmp_path: Path) 
         assert "kept" in [e.message for e in read_log(engine)]
     finally:
         c.close()
+
+
+def test_repeated_failures_back_off_and_an_overrun_is_not_doubled(tmp_path: Path) -> None:
+    from mailsync.service import MAX_BACKOFF, _Served
+
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+    try:
+        add_schedule(c, "hq", '[[schedule]]\nevery = "1m"\n')
+        served = _Served(c.nodes["hq"])
+        start = dt.datetime(2026, 11, 23, 10, 0, 30, tzinfo=dt.UTC)
+        served.plan(start)
+        assert served.next == dt.datetime(2026, 11, 23, 10, 1, tzinfo=dt.UTC)
+        # a cycle that ran until 10:07:10 is followed by 10:08, not by the slots it missed
+        served.plan(start + dt.timedelta(minutes=6, seconds=40))
+        assert served.next == dt.datetime(2026, 11, 23, 10, 8, tzinfo=dt.UTC)
+        served.failures = 1  # the first failure: simply the next slot
+        served.plan(start)
+        assert served.next == dt.datetime(2026, 11, 23, 10, 1, tzinfo=dt.UTC)
+        pauses = []
+        for failures in (2, 3, 4, 10, 20):
+            served.failures = failures
+            served.plan(start)
+            assert served.next is not None
+            pauses.append(served.next - start)
+        assert pauses == sorted(pauses) and pauses[0] >= dt.timedelta(minutes=1)
+        assert pauses[-1] <= MAX_BACKOFF + dt.timedelta(minutes=1)
+    finally:
+        c.close()
