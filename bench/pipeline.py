@@ -44,8 +44,13 @@ from mailsync import samples
 from mailsync.capture import ensure_capture
 from mailsync.node import Node
 
-FULL = {"invoices": 333_334, "changesets": 1000, "capture_rows": 100_000}
-QUICK = {"invoices": 3_000, "changesets": 30, "capture_rows": 5_000}
+FULL = {
+    "invoices": 333_334,
+    "changesets": 1000,
+    "capture_rows": 100_000,
+    "mail_changesets": 200,
+}
+QUICK = {"invoices": 2_000, "changesets": 20, "capture_rows": 5_000, "mail_changesets": 5}
 ROWS_PER_CHANGESET = 50
 
 
@@ -361,6 +366,220 @@ def markdown(load: dict[str, object], steady: dict[str, object], cap: dict[str, 
     return "\n".join(lines) + "\n"
 
 
+def _mail_site(root: Path, servers: Any, receive: str) -> tuple[Node, Node]:
+    """hq and koeln over the real servers: SMTP submission with STARTTLS, and
+    koeln reading by ``receive`` (imaps or pop3s)."""
+    import os
+
+    from mailsync.db import open_engine
+    from mailsync.node import init_node
+    from tests.servers.mail import DOMAIN, password_of
+
+    nodes = {}
+    for name, role in (("hq", "host"), ("koeln", "remote")):
+        url = f"sqlite:///{root / (name + '.db')}"
+        engine = open_engine(url)
+        samples.create_schema(engine)
+        if name == "hq":
+            samples.generate(engine, customers=200, invoices=2000)
+        engine.dispose()
+        path = root / name / "mailsync.toml"
+        init_node(
+            path,
+            role=role,  # type: ignore[arg-type]
+            node_id=name,
+            database=url,
+            address=f"{name}@{DOMAIN}",
+            mail="maildir:unused",
+        )
+        scheme = "imaps" if name == "hq" else receive
+        user = f"{name}%40{DOMAIN}"
+        os.environ[f"BENCH_PW_{name.upper()}"] = password_of(name)
+        box = (
+            "[mailbox]\n"
+            f'address = "{name}@{DOMAIN}"\n'
+            f'send = "smtp+starttls://{user}@localhost:{servers.ports["smtp"]}"\n'
+            f'receive = "{scheme}://{user}@localhost:{servers.ports[scheme]}"\n'
+            f'password_env = "BENCH_PW_{name.upper()}"\n'
+            f'ca_file = "{servers.cert}"\n'
+        )
+        path.write_text(path.read_text().split("[mailbox]")[0] + box)
+        nodes[name] = Node.open(path)
+    hq, koeln = nodes["hq"], nodes["koeln"]
+    _, bundle = hq.add_station("koeln", f"koeln@{DOMAIN}", key=koeln.public_key)
+    koeln.join(bundle)
+    for table in samples.TABLES:
+        hq.add_rule(table, down="IUD", up="")
+    return hq, koeln
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _mail_run(root: Path, servers: Any, receive: str, changesets: int) -> tuple[float, float]:
+    """Seconds of host cycles and of station cycles for ``changesets``
+    changesets of 50 rows, each sent, delivered and received on its own
+    (waiting for the delivery is not counted)."""
+    lines = samples.metadata.tables["invoice_lines"]
+    hq, koeln = _mail_site(root, servers, receive)
+    try:
+        hq.sync()  # the initial load
+        servers.wait_delivered()
+        _until(lambda: koeln.sync().rows_applied > 0, "the initial load")
+        hq.sync()
+        host = station = 0.0
+        for step in range(changesets):
+            ids = _changed_lines(None, step)
+            with hq.engine.begin() as conn:
+                conn.execute(
+                    update(lines).where(lines.c.id.in_(ids)).values(quantity=lines.c.quantity + 1)
+                )
+            t0 = time.perf_counter()
+            report = hq.sync()
+            host += time.perf_counter() - t0
+            if report.errors:
+                raise SystemExit(f"host cycle: {report.errors}")
+            servers.wait_delivered()
+            _until(lambda: servers.count("koeln") > 0, "delivery")
+            t0 = time.perf_counter()
+            got = koeln.sync()
+            station += time.perf_counter() - t0
+            if got.errors or got.rows_applied != ROWS_PER_CHANGESET:
+                raise SystemExit(f"station cycle {step}: {got.errors or got.rows_applied}")
+        return host, station
+    finally:
+        hq.close()
+        koeln.close()
+
+
+def _raw_messages(servers: Any, count: int) -> list[bytes]:
+    """What hq sent koeln (kept in its Processed folder), for the baseline."""
+    import ssl
+
+    import imapclient
+
+    from tests.servers.mail import DOMAIN, password_of
+
+    context = ssl.create_default_context(cafile=str(servers.cert))
+    with imapclient.IMAPClient(
+        "localhost", port=servers.ports["imaps"], ssl=True, ssl_context=context
+    ) as client:
+        client.login(f"koeln@{DOMAIN}", password_of("koeln"))
+        client.select_folder("Processed", readonly=True)
+        uids = client.search(["FROM", f"hq@{DOMAIN}"])[-count:]
+        fetched = client.fetch(uids, ["RFC822"])
+        return [fetched[u][b"RFC822"] for u in uids]
+
+
+def _baseline(servers: Any, raws: list[bytes], receive: str) -> float:
+    """Seconds to send each message with aiosmtplib (a connection each, as a
+    cycle does) and fetch and delete it with imapclient or poplib."""
+    import asyncio
+    import poplib
+    import ssl
+
+    import aiosmtplib
+    import imapclient
+
+    from tests.servers.mail import DOMAIN, password_of
+
+    context = ssl.create_default_context(cafile=str(servers.cert))
+    user, password = f"koeln@{DOMAIN}", password_of("koeln")
+
+    async def send(raw: bytes) -> None:
+        smtp = aiosmtplib.SMTP(
+            hostname="localhost", port=servers.ports["smtp"], start_tls=True, tls_context=context
+        )
+        await smtp.connect()
+        await smtp.login(f"hq@{DOMAIN}", password_of("hq"))
+        await smtp.sendmail(f"hq@{DOMAIN}", [user], raw)
+        await smtp.quit()
+
+    def fetch() -> None:
+        if receive == "imaps":
+            with imapclient.IMAPClient(
+                "localhost", port=servers.ports["imaps"], ssl=True, ssl_context=context
+            ) as client:
+                client.login(user, password)
+                client.select_folder("INBOX")
+                uids = client.search(["ALL"])
+                client.fetch(uids, ["RFC822"])
+                client.delete_messages(uids)
+                client.uid_expunge(uids)
+        else:
+            pop = poplib.POP3_SSL("localhost", servers.ports["pop3s"], context=context)
+            pop.user(user)
+            pop.pass_(password)
+            for number in range(1, len(pop.list()[1]) + 1):
+                pop.uidl(number)
+                pop.retr(number)
+                pop.dele(number)
+            pop.quit()
+
+    total = 0.0
+    for raw in raws:
+        t0 = time.perf_counter()
+        asyncio.run(send(raw))
+        total += time.perf_counter() - t0
+        servers.wait_delivered()
+        _until(lambda: servers.count("koeln") > 0, "delivery")
+        t0 = time.perf_counter()
+        fetch()
+        total += time.perf_counter() - t0
+    return total
+
+
+def real_mail(changesets: int, runs: int) -> str:
+    """Section 4: changesets through Postfix and Dovecot, IMAP and POP3."""
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from tests.servers.mail import MailServers, binaries_present
+
+    title = "### 4. Real mail: Postfix (SMTP submission, STARTTLS) and Dovecot"
+    if not binaries_present():
+        return f"{title}\n\nskipped: Postfix/Dovecot not installed here\n"
+    rows = [
+        title,
+        "",
+        f"{changesets} changesets of 50 changed rows, each: host cycle (build, seal, one "
+        "SMTP session), delivery (not counted), station cycle (one IMAP or POP3 session, "
+        "open, apply, and its ack back by SMTP). Baseline: the same messages sent with "
+        "aiosmtplib and fetched and deleted with imapclient / poplib, a session each, no "
+        "database work.",
+        "",
+        "| station reads by | messages/s | s per host cycle | s per station cycle | "
+        "baseline messages/s | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    with MailServers() as servers:
+        raws: list[bytes] = []
+        for receive in ("imaps", "pop3s"):
+            host_s, station_s, base = [], [], []
+            for _ in range(runs):
+                servers.reset()
+                with tempfile.TemporaryDirectory() as tmp:
+                    h, st = _mail_run(Path(tmp), servers, receive, changesets)
+                if receive == "imaps" and not raws:
+                    raws = _raw_messages(servers, changesets)
+                host_s.append(h)
+                station_s.append(st)
+                servers.reset()
+                base.append(_baseline(servers, raws, receive))
+            ours = Figure([changesets / (h + s) for h, s in zip(host_s, station_s, strict=True)])
+            floor = Figure([len(raws) / b for b in base])
+            rows.append(
+                f"| {'IMAP' if receive == 'imaps' else 'POP3'} over TLS | {ours.show('{:,.1f}')} | "
+                f"{Figure([h / changesets for h in host_s]).show('{:.3f}')} | "
+                f"{Figure([s / changesets for s in station_s]).show('{:.3f}')} | "
+                f"{floor.show('{:,.1f}')} | {ours.median / floor.median:.2f} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
 def postgresql(sizes: dict[str, int], runs: int, sqlite_load: dict[str, object]) -> str:
     """Section 5: the initial load and the steady state again, the host's
     database on a PostgreSQL server started for the run (the test suite's)."""
@@ -404,6 +623,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="runs per figure")
     parser.add_argument("--output", type=Path, help="write the markdown here too")
     parser.add_argument(
+        "--no-mail", action="store_true", help="skip section 4 (Postfix and Dovecot)"
+    )
+    parser.add_argument(
         "--no-postgresql", action="store_true", help="skip section 5 (the host on PostgreSQL)"
     )
     args = parser.parse_args()
@@ -421,6 +643,8 @@ def main() -> None:
         steady = steady_state(site, sizes["changesets"], runs)
         cap = capture_cost(Path(tmp), sizes["capture_rows"], runs)
     text = head + "\n\n" + markdown(load, steady, cap)
+    if not args.no_mail:
+        text += "\n" + real_mail(sizes["mail_changesets"], runs)
     if not args.no_postgresql:
         text += "\n" + postgresql(sizes, runs, load)
     print(text)
