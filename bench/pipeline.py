@@ -226,8 +226,8 @@ def steady_state(site: Site, changesets: int, runs: int) -> dict[str, object]:
                 hq.sync()
                 report = koeln.sync()
                 total += time.perf_counter() - t0
-                if report.rows_applied != ROWS_PER_CHANGESET:
-                    raise SystemExit(f"changeset {step}: applied {report.rows_applied} rows")
+                if report.rows_applied != ROWS_PER_CHANGESET or report.errors:
+                    _explain(koeln, step, report)
             hq.sync()
             sent = mailbox_bytes(box)[1] - before
         rates.append(changesets / total)
@@ -246,6 +246,21 @@ def steady_state(site: Site, changesets: int, runs: int) -> dict[str, object]:
         "csv_per_row": Figure(csv_per_row),
         "wire_ratio": statistics.median(wire_per_row) / statistics.median(csv_per_row),
     }
+
+
+def _explain(node: Node, step: int, report: Any) -> None:
+    """A changeset that did not apply whole: say why (parked rows, errors)."""
+    from mailsync.apply import list_parked
+
+    with node.engine.connect() as conn:
+        parked = list_parked(conn)
+    print(
+        f"changeset {step}: {report.rows_applied} rows applied, {report.rows_parked} parked, "
+        f"errors {report.errors}; parked: {[(p.table, p.op, p.error) for p in parked[:5]]}",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(f"changeset {step} did not apply whole (see above)")
 
 
 def floor_updates(database: Path, changesets: int) -> float:
@@ -381,7 +396,7 @@ def _mail_site(root: Path, servers: Any, receive: str) -> tuple[Node, Node]:
         engine = open_engine(url)
         samples.create_schema(engine)
         if name == "hq":
-            samples.generate(engine, customers=200, invoices=2000)
+            samples.generate(engine, customers=200, invoices=5000)  # ~15,000 lines
         engine.dispose()
         path = root / name / "mailsync.toml"
         init_node(
@@ -450,7 +465,7 @@ def _mail_run(root: Path, servers: Any, receive: str, changesets: int) -> tuple[
             got = koeln.sync()
             station += time.perf_counter() - t0
             if got.errors or got.rows_applied != ROWS_PER_CHANGESET:
-                raise SystemExit(f"station cycle {step}: {got.errors or got.rows_applied}")
+                _explain(koeln, step, got)
         return host, station
     finally:
         hq.close()
