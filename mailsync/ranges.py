@@ -217,6 +217,22 @@ def _parse_bind(conn: Connection, name: str, bind: str) -> tuple[str, str]:
         raise ConfigError(
             f"range {name}: {bind} is {col.type}; a number range binds an integer or text column"
         )
+    rowid_alias = (
+        conn.dialect.name == "sqlite"
+        and col.primary_key
+        and len(table.primary_key.columns) == 1
+        and str(col.type).upper() == "INTEGER"
+    )
+    if rowid_alias or col.server_default is not None or col.identity is not None:
+        what = (
+            "the table's INTEGER PRIMARY KEY (SQLite's rowid)"
+            if rowid_alias
+            else "filled by the database (a default, SERIAL or IDENTITY)"
+        )
+        raise ConfigError(
+            f"range {name}: {bind} is {what}; a trigger cannot draw a range number for it",
+            hint="draw numbers with `mailsync number next` or the Python API instead",
+        )
     if conn.dialect.name == "sqlite" and not col.nullable:
         raise ConfigError(
             f"range {name}: {bind} is NOT NULL; on SQLite a bound column must allow NULL "
@@ -393,12 +409,18 @@ def draw(conn: Connection, name: str) -> int:
         )
         issued = conn.execute(
             update(leases)
-            .where(leases.c.id == usable, leases.c.next <= leases.c.last)
+            .where(
+                leases.c.id == usable, leases.c.state == "active", leases.c.next <= leases.c.last
+            )
             .values(next=leases.c.next + 1)
             .returning(leases.c.next)
         ).scalar()
         if issued is not None:
             return int(issued) - 1
+        # another session took the lease's last number, or retired it: try
+        # the next usable lease; only the host can make a new one
+        if conn.execute(select(usable)).scalar() is not None:
+            continue
         if not is_host or grant(conn, rdef, me, confirmed=True) is None:
             break
     raise _dry(conn, rdef, me, is_host)

@@ -127,7 +127,7 @@ def test_a_station_converges_through_the_cli(site: Path) -> None:
     with sqlite3.connect(hq / "app.db") as conn:
         assert conn.execute("SELECT name FROM customers WHERE id = 500").fetchone() == ("Łódź",)
     status = mailsync("status", cwd=hq).stdout
-    assert "hq (host)" in status and "koeln" in status
+    assert "hq (host)" in status and "koeln" in status and "no peers yet" not in status
     assert "hq (remote)" not in status
     assert "koeln (remote)" in mailsync("status", cwd=koeln).stdout
     # MAILSYNC_CONFIG selects a node from anywhere

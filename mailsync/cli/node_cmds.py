@@ -186,9 +186,9 @@ def status(
         )
     if st.links:
         console.print(table)
-    for link in st.links:
-        if link.restore:
-            console.print(f"[bold yellow]{escape(link.restore)}[/]")
+        for link in st.links:
+            if link.restore:
+                console.print(f"[bold yellow]{escape(link.restore)}[/]")
     else:
         console.print(
             "no peers yet: "

@@ -107,8 +107,8 @@ def binding_messages(rdef: RangeDef) -> tuple[str, str]:
     assert rdef.bind is not None
     where = f"{rdef.bind[0]}.{rdef.bind[1]}"
     return (
-        f"{where}: the number is outside this node's leases of number range {rdef.name} "
-        "(leave it empty to draw one)",
+        f"{where}: the number was not drawn on this node from number range {rdef.name} "
+        "(leave it empty to draw one, or draw it first with `mailsync number next`)",
         f"number range {rdef.name}: no numbers left on this node for {where} "
         "(run `mailsync sync`; `mailsync status` says more)",
     )

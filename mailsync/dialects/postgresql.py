@@ -166,7 +166,8 @@ class PostgreSQLDialect:
             "  END IF;\n"
             f"  IF NEW.{cq}::text !~ '^[0-9]{{1,18}}$' OR NOT EXISTS (\n"
             f"      SELECT 1 FROM mailsync_leases WHERE range_name = {r} AND holder = {holder}\n"
-            f'      AND NEW.{cq}::text::bigint BETWEEN "first" AND "last") THEN\n'
+            f'      AND NEW.{cq}::text::bigint >= "first"\n'
+            f'      AND NEW.{cq}::text::bigint < "next") THEN\n'
             "    RAISE EXCEPTION USING ERRCODE = 'check_violation',\n"
             f"      MESSAGE = {sql_text(outside)};\n"
             "  END IF;\n"
@@ -206,10 +207,14 @@ BEGIN
     UPDATE mailsync_leases SET "next" = "next" + 1
       WHERE id = (SELECT id FROM mailsync_leases WHERE range_name = r AND holder = me
                   AND state = 'active' AND "next" <= "last" ORDER BY "first" LIMIT 1)
-        AND "next" <= "last"
+        AND state = 'active' AND "next" <= "last"
       RETURNING "next" - 1 INTO n;
     IF n IS NOT NULL THEN
       RETURN n;
+    END IF;
+    IF EXISTS (SELECT 1 FROM mailsync_leases WHERE range_name = r AND holder = me
+               AND state = 'active' AND "next" <= "last") THEN
+      CONTINUE;
     END IF;
     IF NOT host THEN
       EXIT;

@@ -136,7 +136,7 @@ class SQLiteDialect:
         wrong = (
             f"NEW.{cq} IS NOT NULL AND {local} AND NOT EXISTS (SELECT 1 FROM mailsync_leases "
             f"WHERE {mine} AND CAST(CAST(NEW.{cq} AS INTEGER) AS TEXT) = CAST(NEW.{cq} AS TEXT) "
-            f'AND CAST(NEW.{cq} AS INTEGER) BETWEEN "first" AND "last")'
+            f'AND CAST(NEW.{cq} AS INTEGER) >= "first" AND CAST(NEW.{cq} AS INTEGER) < "next")'
         )
         fill = []
         if is_host:  # the host leases itself the next block when it has none
@@ -150,10 +150,16 @@ class SQLiteDialect:
                 f"mailsync_leases WHERE range_name = {r}) WHERE name = {r} AND next_free <= "
                 f'(SELECT max("last") FROM mailsync_leases WHERE range_name = {r});',
             ]
+        # The number is written before it counts as drawn (SQLite triggers
+        # have no variables), so the guard on updates must not see this write:
+        # an empty origin in the flag table marks it (its capture is not sent
+        # up; the insert's, which reads the row as built, is).
         fill += [
             f"SELECT RAISE(ABORT, {dry}) WHERE NOT EXISTS ({usable});",
+            "INSERT INTO mailsync_applying(origin) VALUES ('');",
             f'UPDATE {tq} SET {cq} = (SELECT "next" FROM mailsync_leases WHERE id = ({usable})) '
             "WHERE rowid = NEW.rowid;",
+            "DELETE FROM mailsync_applying WHERE origin = '';",
             f'UPDATE mailsync_leases SET "next" = "next" + 1 WHERE id = ({usable});',
         ]
         name = f"rng_{table}_{column}"
