@@ -234,7 +234,8 @@ def apply_buffered(
                 result.rows += target.guarded(conn, op, rows, park)
             values: dict[str, Any] = {"in_seq": seq, "in_cid": header.cid, "last_contact": now()}
             if reload is not None:
-                for table, tdef, keys in reload.doomed():
+                mirrored = _mirrored(rules)
+                for table, tdef, keys in reload.doomed(mirrored):
                     result.rows += _Target(table, tdef).guarded(conn, "D", keys, park)
                     reload.settled(table, keys)
                 reload.close()
@@ -256,6 +257,17 @@ def apply_buffered(
             hint="fix the cause; the changeset stays buffered and is applied next cycle",
         ) from exc
     return result
+
+
+def _mirrored(rules: dict[str, Rule]) -> Callable[[str], bool]:
+    """Tables a reload leaves equal to the host's: deletes travel down and
+    every row travels (no row filter)."""
+
+    def mirrored(table: str) -> bool:
+        rule = rules.get(table)
+        return rule is not None and "D" in rule.down and not rule.row_filter
+
+    return mirrored
 
 
 def _ops(rules: dict[str, Rule], table: str, direction: Direction) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import secrets
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,8 @@ class Delivery:
             }
             if rewind is not None:
                 values["change_cursor"] = min(link.change_cursor, rewind)
+            if link.acked_seq < link.key_announced_seq <= header.ack:
+                values["key_announced"] = None  # the announcement went with them
             conn.execute(update(links).where(links.c.peer == peer).values(**values))
             self.journal.error(
                 "went-back",
@@ -221,7 +224,9 @@ class Delivery:
             conn.execute(
                 update(links)
                 .where(links.c.peer == peer)
-                .values(reload_wanted=True, reload_asked_at=None)
+                .values(
+                    reload_wanted=True, reload_asked_at=None, reload_request=secrets.token_hex(8)
+                )
             )
             if lost:
                 self.journal.error(
@@ -254,11 +259,17 @@ class Delivery:
             if isinstance(record, Control) and record.kind == "reload" and self.node.is_host:
                 self._reload_requested(conn, link, record.payload)
             if isinstance(record, Control) and record.kind == "ranges":
-                done = (
-                    ranges.host_incoming(conn, link.peer, record.payload)
-                    if self.node.is_host
-                    else ranges.station_incoming(conn, record.payload)
-                )
+                try:
+                    done = (
+                        ranges.host_incoming(conn, link.peer, record.payload)
+                        if self.node.is_host
+                        else ranges.station_incoming(conn, record.payload)
+                    )
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    # signed by the peer, but not what this version reads
+                    raise MessageError(
+                        f"{where}: malformed number-range control ({type(exc).__name__}: {exc})"
+                    ) from exc
                 for line in done:
                     self.journal.info("range", line, peer=link.peer, conn=conn)
             if isinstance(record, Control) and record.kind == "resend":
@@ -288,14 +299,32 @@ class Delivery:
     def _reload_requested(self, conn: Connection, link: Any, payload: Any) -> None:
         """A station lost rows it had applied: the next build for it is a full
         load that replaces its copy. While a reload is queued or on its way
-        (not yet acknowledged), a request again is answered by that one."""
-        asked_at = payload.get("in_seq") if isinstance(payload, dict) else None
-        if not isinstance(asked_at, int) or link.reload_wanted or link.reload_seq > link.acked_seq:
+        (not yet acknowledged), a request again is answered by that one; a
+        request already served (the station asked again before the reload
+        reached it, and the mail was slow) is ignored."""
+        if not isinstance(payload, dict):
+            raise MessageError(f"reload request from {link.peer}: malformed")
+        asked_at, request = payload.get("in_seq"), payload.get("id")
+        if not isinstance(asked_at, int) or not isinstance(request, str | None):
+            raise MessageError(f"reload request from {link.peer}: malformed")
+        if link.reload_wanted or link.reload_seq > link.acked_seq:
+            return
+        if request is not None and request == link.reload_request:
             return
         peer = link.peer
         conn.execute(delete(loads).where(loads.c.station == peer))
-        conn.execute(delete(outbox).where(outbox.c.peer == peer))  # the load supersedes it
-        conn.execute(update(links).where(links.c.peer == peer).values(reload_wanted=True))
+        # the load supersedes what waits for the station; what those entries
+        # carried is built again from the change log (and our key announced)
+        rewind = conn.execute(
+            select(func.min(outbox.c.cursor_from)).where(outbox.c.peer == peer)
+        ).scalar()
+        conn.execute(delete(outbox).where(outbox.c.peer == peer))
+        values: dict[str, Any] = {"reload_wanted": True, "reload_request": request}
+        if rewind is not None:
+            values["change_cursor"] = min(int(link.change_cursor), int(rewind))
+        if link.key_announced_seq > link.acked_seq:
+            values["key_announced"] = None
+        conn.execute(update(links).where(links.c.peer == peer).values(**values))
         self.journal.warning(
             "reload",
             f"{peer} went back to an older backup (it has our changesets up to #{asked_at}): "
@@ -508,7 +537,7 @@ class Delivery:
                 if not node.is_host:
                     ranges.station_reported(conn, report)
             if reload:
-                writer.control("reload", {"in_seq": int(link.in_seq)})
+                writer.control("reload", {"in_seq": int(link.in_seq), "id": link.reload_request})
                 conn.execute(
                     update(links).where(links.c.peer == link.peer).values(reload_asked_at=now())
                 )

@@ -26,7 +26,7 @@ from typing import Any, Self
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, faults, trust
+from mailsync import capture, faults, ranges, trust
 from mailsync import rules as rules_mod
 from mailsync.apply import Applied
 from mailsync.build import Built, Direction, LinkPlan, build_for_link
@@ -415,7 +415,9 @@ class Node:
         self._require_host("a station")
         with self.engine.begin() as conn:
             rules_mod.remove_station(conn, station_id)
-            self.journal.info("station", f"station {station_id} removed", conn=conn)
+            retired = ranges.retire_station(conn, station_id)
+            leases = f"; {retired} number lease(s) retired" if retired else ""
+            self.journal.info("station", f"station {station_id} removed{leases}", conn=conn)
 
     def stations(self) -> list[rules_mod.Station]:
         with self.engine.connect() as conn:

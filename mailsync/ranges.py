@@ -145,6 +145,14 @@ def _me(conn: Connection) -> tuple[str, bool]:
 # ------------------------------------------------------------ administration
 
 
+def _host_only(conn: Connection, what: str) -> str:
+    """The host's node id; anywhere else, the error that says where to go."""
+    me, is_host = _me(conn)
+    if not is_host:
+        raise ConfigError(f"{what} on the host", hint="run this on the host's node")
+    return me
+
+
 def add_range(
     conn: Connection,
     name: str,
@@ -158,9 +166,7 @@ def add_range(
     stations: Iterable[str] | None = None,
 ) -> RangeDef:
     """Define a range on the host; a bound column gets its trigger at once."""
-    me, is_host = _me(conn)
-    if not is_host:
-        raise ConfigError("ranges are defined on the host", hint="run this on the host's node")
+    me = _host_only(conn, "ranges are defined")
     if not _NAME.match(name):
         raise ConfigError(f"range name {name!r}: use a-z, 0-9, - and _ (at most 64)")
     if conn.execute(select(ranges.c.name).where(ranges.c.name == name)).first():
@@ -271,6 +277,7 @@ def block_for(conn: Connection, rdef: RangeDef, station: str) -> int:
 
 def set_block(conn: Connection, name: str, block: int, station: str | None = None) -> None:
     """The block size of a range, or of one station's leases of it."""
+    _host_only(conn, "block sizes are set")
     rdef = get_range(conn, name)
     if not 1 <= block <= rdef.last - rdef.first + 1:
         raise ConfigError(f"range {name}: the block must be between 1 and the range's size")
@@ -287,8 +294,8 @@ def set_block(conn: Connection, name: str, block: int, station: str | None = Non
 
 def remove_range(conn: Connection, name: str) -> None:
     """Forget a range; refused while a station still holds numbers of it."""
+    me = _host_only(conn, "ranges are removed")
     rdef = get_range(conn, name)
-    me, _ = _me(conn)
     live = [
         lease
         for lease in list_leases(conn, name)
@@ -313,8 +320,8 @@ def release(conn: Connection, name: str, station: str | None = None) -> int:
     A station may ask for a new block when it needs one; releasing every
     station also closes the range to new grants, so that it can be removed.
     Returns the number of leases asked back."""
+    me = _host_only(conn, "numbers are asked back")
     get_range(conn, name)
-    me, _ = _me(conn)
     query = update(leases).where(
         leases.c.range_name == name, leases.c.holder != me, leases.c.state == "active"
     )
@@ -513,7 +520,11 @@ def host_outgoing(conn: Connection, station: str, resend_after: dt.timedelta) ->
             held = conn.execute(
                 select(func.count())
                 .select_from(leases)
-                .where(leases.c.range_name == rdef.name, leases.c.holder == station)
+                .where(
+                    leases.c.range_name == rdef.name,
+                    leases.c.holder == station,
+                    leases.c.state.in_(["active", "release"]),
+                )
             ).scalar()
             if not held:
                 grant(conn, rdef, station)
@@ -715,6 +726,18 @@ def station_reported(conn: Connection, payload: dict[str, Any]) -> None:
         conn.execute(
             update(ranges).where(ranges.c.name.in_(payload["want"])).values(asked_at=now())
         )
+
+
+def retire_station(conn: Connection, station: str) -> int:
+    """A station is removed: its leases end. Their unused numbers are not
+    leased again (the station may have issued some before it went); if it
+    is enrolled again, it gets fresh blocks."""
+    result = conn.execute(
+        update(leases)
+        .where(leases.c.holder == station, leases.c.state != "retired")
+        .values(state="retired", confirmed=True)
+    )
+    return int(result.rowcount)
 
 
 def retire_all(conn: Connection) -> int:

@@ -18,7 +18,7 @@ key say, is parked like any row that does not apply).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -108,11 +108,20 @@ class Reload:
         self._remember(tdef.name, keys)
         return keep
 
-    def doomed(self) -> Iterator[tuple[Table, TableDef, list[tuple[Any, ...]]]]:
+    def doomed(
+        self, mirrored: Callable[[str], bool]
+    ) -> Iterator[tuple[Table, TableDef, list[tuple[Any, ...]]]]:
         """Batches of local rows the load did not bring, children first, to
         be deleted by the caller; each batch must be :meth:`settled` (deleted
-        or parked) before the next is looked for."""
+        or parked) before the next is looked for.
+
+        Only tables that ``mirrored`` says follow the host's deletes with no
+        row filter: a row missing from the load of a filtered table may be
+        one outside the filter, and a table whose deletes do not travel down
+        keeps what the host deleted anyway."""
         for name in reversed(self.order):
+            if not mirrored(name):
+                continue
             table, seen = self.tables[name], self.seen[name]
             pk = list(table.primary_key.columns)
             tdef = TableDef(0, name, tuple((c.name, "") for c in pk), tuple(c.name for c in pk))

@@ -59,7 +59,15 @@ def parse_every(text: str, where: str) -> dt.timedelta:
     match = _EVERY.match(text)
     if not match or int(match.group(1)) == 0:
         raise ConfigError(f"{where}: every = {text!r} is not an interval like 15m, 2h or 30s")
-    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    every = dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    if every > dt.timedelta(days=1):
+        # runs are counted from each day's start: a longer interval would
+        # quietly mean "daily"
+        raise ConfigError(
+            f"{where}: every = {text!r} is longer than a day; runs start again each day",
+            hint='for fewer days, choose them: every = "24h" with days = "mon,thu"',
+        )
+    return every
 
 
 def _parse_time(text: str, where: str) -> dt.time:

@@ -94,6 +94,9 @@ links = Table(
     Column("reload_wanted", Boolean, nullable=False, default=False),
     Column("reload_asked_at", _Time),
     Column("reload_seq", BigInteger, nullable=False, default=0),
+    # remote: the id of the reload request in force; host: of the last one
+    # served (a request delayed in the mail must not cause a second reload)
+    Column("reload_request", String(32)),
     Column("last_contact", _Time),
     Column("last_sent", _Time),
 )

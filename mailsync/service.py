@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import Engine, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from mailsync.errors import ConfigError, MailsyncError
 from mailsync.node import CycleReport, Node
@@ -72,16 +73,26 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 def _alive(row: Any) -> bool:
     if row is None or row.stopped_at is not None:
         return False
+    beat = _aware(row.heartbeat_at)
+    fresh = beat is not None and now() - beat < STALE
     if row.host == socket.gethostname():
         try:
             os.kill(row.pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
-        return True
-    beat = _aware(row.heartbeat_at)
-    return beat is not None and now() - beat < STALE
+            pass
+        # the pid may have been reused since by something else: a process
+        # whose command line does not name mailsync must also have beaten
+        return fresh or _names_mailsync(row.pid)
+    return fresh
+
+
+def _names_mailsync(pid: int) -> bool:
+    try:
+        return b"mailsync" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the pid
 
 
 def service_state(node: Node) -> ServiceState:
@@ -128,7 +139,15 @@ def claim(engine: Engine, where: str) -> None:
             "next_run_at": None,
         }
         if row is None:
-            conn.execute(service.insert().values(id=1, **values))
+            try:
+                conn.execute(service.insert().values(id=1, **values))
+            except IntegrityError:
+                # another one made the row first, at the same moment
+                raise ConfigError(
+                    f"{where}: mailsync serve was started twice at the same moment; "
+                    "this one gives way",
+                    hint="`mailsync status` says where the other runs",
+                ) from None
         else:
             conn.execute(update(service).where(service.c.id == 1).values(**values))
 
@@ -178,7 +197,8 @@ class _Served:
         if self.failures > 1:
             pause = min(dt.timedelta(minutes=1) * 2 ** (self.failures - 2), MAX_BACKOFF)
         self.next = next_run(self.node.config.schedules, after + pause, self.zone)
-        record(self.node.engine, next_run_at=self.next)
+        with contextlib.suppress(SQLAlchemyError):  # only shown by status: not worth a stop
+            record(self.node.engine, next_run_at=self.next)
 
 
 def serve(
@@ -251,13 +271,17 @@ def _cycle(node: Node, say: Callable[[str], None]) -> bool:
         line = outcome(report)
         stamp = f"{now():%Y-%m-%d %H:%M} UTC"
         peers = {p: f"{text} (cycle of {stamp})" for p, text in report.peer_outcomes().items()}
-        ok = not report.errors
+        ok, raised = not report.errors, False
     except MailsyncError as exc:
-        line, ok = f"failed: {exc}", False
-        node.journal.error("cycle", f"sync cycle failed: {exc}")
+        line, ok, raised = f"failed: {exc}", False, True
     except SQLAlchemyError as exc:
-        line, ok = f"failed: database: {str(exc).splitlines()[0]}", False
-        node.journal.error("cycle", line)
+        line, ok, raised = f"failed: database: {str(exc).splitlines()[0]}", False, True
+    except Exception as exc:  # a bug must not stop the service: log it, retry later
+        line, ok, raised = f"failed: {type(exc).__name__}: {exc}", False, True
+        say(f"{name}: unexpected error:\n{traceback.format_exc()}")
+    if raised:
+        with contextlib.suppress(SQLAlchemyError):  # the database may be what failed
+            node.journal.error("cycle", f"sync cycle {line}")
     with contextlib.suppress(SQLAlchemyError):
         # a peer keeps the outcome of the last cycle that had to do with it
         with node.engine.connect() as conn:

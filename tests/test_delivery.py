@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, func, select, update
 
+from mailsync.errors import MessageError
 from mailsync.schema import inbox, links, log, outbox
 from mailsync.transport.memory import MemoryPostOffice
 from tests.cluster import Cluster, chaos_cluster, customers
@@ -300,6 +301,17 @@ def test_a_station_restored_from_an_old_backup_is_brought_up_to_date(
         assert not link.reload_wanted
         assert any(s and "waiting for the reload asked of hq" in s for s in said)
         assert c.nodes["koeln"].status().links[0].restore is None
+        # the request, sent again and slow in the mail, arrives once more
+        # after its reload was acknowledged: no second reload
+        hq = c.nodes["hq"]
+        with c.engines["hq"].begin() as conn:
+            served = conn.execute(select(links).where(links.c.peer == "koeln")).one()
+            assert served.reload_request and served.reload_seq <= served.acked_seq
+            hq.delivery._reload_requested(conn, served, {"in_seq": 1, "id": served.reload_request})
+            again = conn.execute(select(links.c.reload_wanted).where(links.c.peer == "koeln"))
+            assert again.scalar() is False
+            with pytest.raises(MessageError, match="reload request from koeln: malformed"):
+                hq.delivery._reload_requested(conn, served, {"in_seq": "x"})
         # the same backup once more (older than the first reload): noticed
         # as soon as the host sends anything
         c.restore("koeln", copy)
@@ -318,9 +330,11 @@ def test_a_reload_replaces_the_copy_but_keeps_undelivered_changes(db_url: str) -
     """The reload bookkeeping on its own, on SQLite and PostgreSQL (temporary
     tables of loaded keys): rows the load does not bring go, rows with an
     undelivered local change stay and are not overwritten."""
+    from mailsync.apply import _mirrored
     from mailsync.changeset import TableDef
     from mailsync.db import open_engine
     from mailsync.reload import Reload
+    from mailsync.rules import Rule
     from mailsync.schema import changes, ensure_schema
     from tests.cluster import schema
 
@@ -340,8 +354,9 @@ def test_a_reload_replaces_the_copy_but_keeps_undelivered_changes(db_url: str) -
             for row in rows:
                 conn.execute(delete(customers).where(customers.c.id == row[0]))
                 conn.execute(customers.insert().values(id=row[0], name=row[1]))
+            assert list(reload.doomed(lambda name: False)) == []  # deletes do not go down
             doomed = []
-            for table, _pk, keys in reload.doomed():
+            for table, _pk, keys in reload.doomed(lambda name: name == "customers"):
                 conn.execute(delete(table).where(table.c.id.in_([k[0] for k in keys])))
                 reload.settled(table, keys)
                 doomed += keys
@@ -349,6 +364,15 @@ def test_a_reload_replaces_the_copy_but_keeps_undelivered_changes(db_url: str) -
             assert sorted(doomed) == [(3,), (4,)]
             left = conn.execute(select(customers.c.id, customers.c.name).order_by("id")).all()
         assert [tuple(r) for r in left] == [(1, "new 1"), (2, "new 2"), (5, "old 5"), (6, "new 6")]
+        # which tables mirror the host: deletes go down, no row filter
+        mirrored = _mirrored(
+            {
+                "a": Rule("a", "*", "IUD", ""),
+                "b": Rule("b", "*", "IU", "IUD"),
+                "c": Rule("c", "*", "IUD", "", row_filter="region = 'west'"),
+            }
+        )
+        assert [mirrored(t) for t in ("a", "b", "c", "d")] == [True, False, False, False]
     finally:
         with engine.begin() as conn:
             schema.drop_all(conn)

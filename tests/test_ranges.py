@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mailsync import ranges
 from mailsync.errors import ConfigError, RangeError
-from mailsync.schema import leases, range_free
+from mailsync.schema import leases, log, range_free
 from tests.cluster import Cluster, chaos_cluster, orders
 
 SOAK = int(os.environ.get("MAILSYNC_SOAK", "0"))
@@ -73,6 +73,16 @@ def test_range_definitions_are_checked(tmp_path: Path, db_url: str) -> None:
             ranges.add_range(conn, "Order No", 1, 10, 5)
         with pytest.raises(ConfigError, match="on the host"), c.engines["koeln"].begin() as conn:
             ranges.add_range(conn, "order_no", 1, 10, 5)
+        for step in (
+            lambda conn: ranges.set_block(conn, "order_no", 5),
+            lambda conn: ranges.release(conn, "order_no"),
+            lambda conn: ranges.remove_range(conn, "order_no"),
+        ):
+            with (
+                pytest.raises(ConfigError, match="on the host"),
+                c.engines["koeln"].begin() as conn,
+            ):
+                step(conn)
         rdef = add(c, bind="orders.order_no", threshold=0.3)
         assert rdef.bind == ("orders", "order_no") and rdef.next_free == 1000
         with pytest.raises(ConfigError, match="exists already"):
@@ -307,5 +317,32 @@ def test_a_station_back_on_an_old_backup_retires_its_leases(tmp_path: Path) -> N
         numbers = [r[1] for r in c.rows("hq", orders)]
         assert len(numbers) == len(set(numbers)) == 6
         assert c.rows("koeln", orders) == c.rows("hq", orders)
+    finally:
+        c.close()
+
+
+def test_a_malformed_range_report_is_set_aside_not_crashed_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A station's report the host cannot read (another version, a bug) is
+    set aside with a message naming it; the host's cycle goes on."""
+    c = cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}")
+    try:
+        add(c)
+        c.sync("hq", "koeln")
+        real = ranges.station_outgoing
+
+        def garbled(conn: object, ask_again: object) -> tuple[dict[str, object], bool]:
+            report, _ = real(conn, ask_again)  # type: ignore[arg-type]
+            assert report is not None
+            return {**report, "leases": [[1, "many", "active"]]}, True
+
+        monkeypatch.setattr(ranges, "station_outgoing", garbled)
+        c.sync("koeln")
+        report = c.sync("hq")["hq"]
+        assert report.set_aside == 1 and not report.errors
+        with c.engines["hq"].connect() as conn:
+            said = " ".join(conn.execute(select(log.c.message)).scalars())
+        assert "malformed number-range control (ValueError" in said
     finally:
         c.close()

@@ -76,6 +76,7 @@ def test_spring_forward_skips_the_missing_hour_and_fall_back_runs_once() -> None
     [
         ("0m", None, None, "not an interval"),
         ("15x", None, None, "not an interval"),
+        ("2d", None, None, "longer than a day"),
         ("15m", "25:00-01:00", None, "not a time of day"),
         ("15m", "06:00", None, "not a window"),
         ("15m", "06:00-06:00", None, "empty window"),

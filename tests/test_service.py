@@ -154,3 +154,39 @@ def test_repeated_failures_back_off_and_an_overrun_is_not_doubled(tmp_path: Path
         assert pauses[-1] <= MAX_BACKOFF + dt.timedelta(minutes=1)
     finally:
         c.close()
+
+
+def test_a_reused_pid_does_not_hold_the_claim_and_a_bug_does_not_stop_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from mailsync.node import Node
+
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+    other = subprocess.Popen(["sleep", "60"])  # alive, and not mailsync
+    try:
+        claim(c.engines["hq"], "first")
+        stale = now() - dt.timedelta(hours=1)
+        with c.engines["hq"].begin() as conn:
+            conn.execute(update(service).values(pid=other.pid, heartbeat_at=now()))
+        with pytest.raises(ConfigError, match="runs already on"):  # it beats: trusted
+            claim(c.engines["hq"], "second")
+        with c.engines["hq"].begin() as conn:
+            conn.execute(update(service).values(pid=other.pid, heartbeat_at=stale))
+        claim(c.engines["hq"], "second")  # a stale beat from a pid someone else has now
+
+        def boom(self: Node) -> None:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(Node, "sync", boom)
+        said: list[str] = []
+        path = c.root / "hq" / "mailsync.toml"
+        assert serve([path], once=True, memory=c.office, say=said.append) == 1
+        assert any("RuntimeError: boom" in line for line in said)
+        logged = [e.message for e in read_log(c.engines["hq"])]
+        assert "sync cycle failed: RuntimeError: boom" in logged
+    finally:
+        other.kill()
+        other.wait()
+        c.close()

@@ -88,7 +88,8 @@ def _since(text: str) -> dt.datetime:
         raise ConfigError(
             f"--since {text!r}: give an age like 30m, 2h, 3d or a time like 2026-11-20 08:00"
         ) from None
-    return value if value.tzinfo is not None else value.astimezone()
+    # a time without zone is local; the log stores UTC
+    return (value if value.tzinfo is not None else value.astimezone()).astimezone(dt.UTC)
 
 
 def log(
