@@ -8,11 +8,14 @@ an application or the CLI configures it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync.schema import log, now
 
@@ -36,6 +39,35 @@ class Journal:
     def __init__(self, engine: Engine, node: str) -> None:
         self._engine = engine
         self._node = node
+        self._held: list[dict[str, object]] | None = None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold the entries written without a transaction and write them in
+        one at the end: a commit each cost a fifth of a small sync cycle.
+        (Entries that describe work commit with it all the same; a process
+        killed mid-cycle loses only the held ones.) Entries keep their times,
+        and the log is read in time order."""
+        if self._held is not None:
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(SQLAlchemyError):  # do not hide what failed
+                self._flush()
+            raise
+        else:
+            self._flush()
+        finally:
+            self._held = None
+
+    def _flush(self) -> None:
+        held, self._held = self._held or [], []
+        if held:
+            with self._engine.begin() as conn:
+                conn.execute(log.insert(), held)
 
     def write(
         self,
@@ -52,6 +84,8 @@ class Journal:
         values = {"at": now(), "level": level, "event": event, "peer": peer, "message": message}
         if conn is not None:
             conn.execute(log.insert().values(**values))
+        elif self._held is not None:
+            self._held.append(values)
         else:
             with self._engine.begin() as own:
                 own.execute(log.insert().values(**values))
@@ -90,7 +124,7 @@ def read_log(
         query = query.where(log.c.at >= since)
     if peer is not None:
         query = query.where(log.c.peer == peer)
-    query = query.order_by(log.c.id.desc())
+    query = query.order_by(log.c.at.desc(), log.c.id.desc())
     if limit is not None:
         query = query.limit(limit)
     with engine.connect() as conn:

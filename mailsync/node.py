@@ -217,21 +217,22 @@ class Node:
     def sync(self) -> CycleReport:
         """Run one cycle: receive, apply, build, send, purge."""
         report = CycleReport()
-        self.journal.info("cycle", "sync cycle started")
         try:
-            self._step(report, self.delivery.receive)
-            self.delivery.apply(report)
-            self._build(report)
-            self._step(report, self.delivery.send)
-            self.delivery.purge()
+            with self.journal.deferred():
+                self.journal.info("cycle", "sync cycle started")
+                self._step(report, self.delivery.receive)
+                self.delivery.apply(report)
+                self._build(report)
+                self._step(report, self.delivery.send)
+                self.delivery.purge()
+                self.journal.info(
+                    "cycle",
+                    f"sync cycle done: {report.received} received, {report.rows_applied} rows "
+                    f"applied, {report.rows_sent} rows queued, {report.sent} messages sent"
+                    + (f", {len(report.errors)} errors" if report.errors else ""),
+                )
         except SQLAlchemyError as exc:
             raise describe_db_error(self.engine, exc, "sync cycle failed") from exc
-        self.journal.info(
-            "cycle",
-            f"sync cycle done: {report.received} received, {report.rows_applied} rows applied, "
-            f"{report.rows_sent} rows queued, {report.sent} messages sent"
-            + (f", {len(report.errors)} errors" if report.errors else ""),
-        )
         return report
 
     def _step(self, report: CycleReport, step: Any) -> None:
