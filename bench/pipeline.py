@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import platform
 import shutil
 import sqlite3
@@ -635,6 +636,24 @@ def postgresql(sizes: dict[str, int], runs: int, sqlite_load: dict[str, object])
     )
 
 
+def machine() -> str:
+    """CPU model, cores and memory: the figures are this machine's."""
+    model = platform.processor() or platform.machine()
+    memory = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f", {int(line.split()[1]) / 2**20:.0f} GiB RAM"
+                break
+    except OSError:
+        pass
+    return f"{model} ({platform.machine()}), {os.cpu_count()} cores{memory}, {platform.system()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -650,9 +669,9 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     runs = args.runs or (1 if args.quick else 3)
     head = (
-        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python "
-        f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}; "
-        f"{'quick' if args.quick else 'full'} run, {runs} run(s) per figure"
+        f"machine: {machine()}, Python {platform.python_version()}, SQLite "
+        f"{sqlite3.sqlite_version}; {'quick' if args.quick else 'full'} run, "
+        f"{runs} run(s) per figure"
     )
     print(head, flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -289,7 +289,7 @@ def test_schedule_log_and_json_through_the_cli(site: Path) -> None:
     assert len(runs) == 5 and set(runs) <= {"Fri", "Sat"}
     assert_clean_error(mailsync("serve", cwd=hq, ok=False), "no [[schedule]] to serve")
     assert_clean_error(mailsync("schedule", "--every", "soon", cwd=hq, ok=False), "not an interval")
-    assert "not configured" in mailsync("status", cwd=hq).stdout
+    assert "not configured (no [[schedule]];" in mailsync("status", cwd=hq).stdout
     config = hq / "mailsync.toml"
     config.write_text(config.read_text() + '\n[[schedule]]\nevery = "1h"\ndays = "mon-fri"\n')
     assert "every 1h on mon,tue,wed,thu,fri" in mailsync("schedule", cwd=hq).stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,10 @@ from rich.console import Console
 from mailsync.config import config_path
 from mailsync.node import Node
 
-console = Console(highlight=False, soft_wrap=True)
+# Into a file or a pipe, rich would assume 80 columns and squeeze the links
+# table to "koe…"; a log file or a mail from cron has room.
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
 
 
 @dataclass
@@ -34,6 +39,19 @@ def when(value: dt.datetime | None) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def age(value: dt.datetime | None) -> str:
+    """How long ago, shortly: 45s, 12m, 3h, 5d."""
+    if value is None:
+        return "never"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    seconds = max(0, int((dt.datetime.now(dt.UTC) - value).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _plain(value: Any) -> Any:

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mailsync.cli.common import State, console, open_node, print_json, when
+from mailsync.cli.common import State, age, console, open_node, print_json, when
 from mailsync.config import config_path
 from mailsync.keys import key_path, load_keyring
 from mailsync.node import CycleReport, Node, init_node
@@ -180,7 +180,7 @@ def status(
             str(link.in_seq),
             str(link.pending_changes),
             str(link.unsent),
-            str(link.unacked) + (f" (since {when(link.oldest_unacked)})" if link.unacked else ""),
+            str(link.unacked) + (f" ({age(link.oldest_unacked)} old)" if link.unacked else ""),
             str(link.buffered),
             _missing(link.missing, link.missing_parts),
         )
@@ -196,7 +196,9 @@ def status(
         )
     for use in st.ranges:
         current = use.current
-        if current is None:
+        if current is None and st.role == "host":
+            line = "no block of its own yet (leased itself at the first draw)"
+        elif current is None:
             line = (
                 f"[bold red]none left[/] (asked at {when(use.asked_at)})"
                 if use.asked_at
@@ -231,7 +233,7 @@ def _missing(seqs: tuple[int, ...], parts: tuple[tuple[int, int], ...]) -> str:
 
 def _service_line(service: ServiceState, upcoming: list[dt.datetime]) -> str:
     if not service.configured:
-        head = "not configured (no \\[[schedule]]; sync by hand or from cron)"
+        head = f"not configured (no {escape('[[schedule]]')}; sync by hand or from cron)"
     elif service.running:
         head = (
             f"[green]running[/] since {when(service.started_at)} on {escape(service.host or '')} "
