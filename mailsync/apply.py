@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mailsync import capture, faults
 from mailsync.build import Direction, key_filter
 from mailsync.changeset import Control, RowBatch, Source, TableDef, pack, read_changeset, unpack
+from mailsync.conflicts import Detector
 from mailsync.db import reflect
 from mailsync.dialects import dialect_for
 from mailsync.envelope import Header
@@ -48,6 +49,8 @@ class Applied:
     parked: int = 0
     #: a full load that replaced this node's copy (it went back to a backup)
     reloaded: bool = False
+    #: conflicts found, a line per table and outcome (see :mod:`mailsync.conflicts`)
+    conflicts: list[str] = field(default_factory=list)
 
 
 RulesFor = Callable[[Connection], dict[str, Rule]]
@@ -192,6 +195,14 @@ def apply_buffered(
             rules = rules_for(conn)
             targets: dict[int, _Target | None] = {}
             reload: Reload | None = None
+            detector = Detector(
+                conn,
+                peer=peer,
+                seq=seq,
+                ack=header.ack,
+                host_side=direction == "up",
+                rules=rules,
+            )
 
             def park(tdef: TableDef, op: str, row: tuple[Any, ...], error: str) -> None:
                 park_row(conn, peer, seq, tdef, op, row, error)
@@ -231,7 +242,13 @@ def apply_buffered(
                 rows = record.rows
                 if reload is not None and record.op == "I":
                     rows = reload.loaded(record.table, rows)
+                elif reload is None:
+                    detector.rules = rules  # they may have come with this changeset
+                    rows = detector.resolve(target.table, record.table, record.op, rows)
+                if not rows:
+                    continue
                 result.rows += target.guarded(conn, op, rows, park)
+            result.conflicts = detector.summary()
             values: dict[str, Any] = {"in_seq": seq, "in_cid": header.cid, "last_contact": now()}
             if reload is not None:
                 mirrored = _mirrored(rules)

@@ -37,6 +37,7 @@ from sqlalchemy import (
     Table,
     Time,
     case,
+    delete,
     func,
     literal,
     or_,
@@ -51,7 +52,7 @@ from mailsync.db import dependency_order, reflect
 from mailsync.envelope import Codec, Header
 from mailsync.keys import PublicKey
 from mailsync.rules import Rule
-from mailsync.schema import changes, links, loads, now, outbox
+from mailsync.schema import changes, horizons, links, loads, now, outbox
 
 Direction = Literal["down", "up"]
 
@@ -378,6 +379,12 @@ def build_for_link(
             values["reload_seq"] = seq
         # the link row first: the sealer reads it to pick the signing key
         conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
+        # what this changeset covers of our change log, for conflict tests
+        # (a number reused after a restore replaces its old row)
+        conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))
+        conn.execute(
+            horizons.insert().values(peer=plan.peer, seq=seq, horizon=max(cursor, horizon))
+        )
         cid = secrets.token_hex(8)
         size = 0
         parts = spool.parts

@@ -35,7 +35,17 @@ from mailsync.config import DEFAULT_LOG_RETENTION_DAYS
 from mailsync.envelope import Header, read_header
 from mailsync.errors import ApplyError, MessageError, TransportError
 from mailsync.message import Address, build_message, extract_envelope, is_mailsync
-from mailsync.schema import changes, inbox, links, loads, log, mailbox_seen, now, outbox
+from mailsync.schema import (
+    changes,
+    horizons,
+    inbox,
+    links,
+    loads,
+    log,
+    mailbox_seen,
+    now,
+    outbox,
+)
 from mailsync.transport import open_receiver, open_sender
 
 if TYPE_CHECKING:
@@ -254,6 +264,9 @@ class Delivery:
     ) -> None:
         """An unsequenced message: an ack, perhaps asking for missing envelopes."""
         self._acknowledged(conn, link, ack)
+        # the peer's changesets from now on name this ack or a later one (one
+        # built earlier and still in the mail is tested against what is left)
+        conn.execute(delete(horizons).where(horizons.c.peer == link.peer, horizons.c.seq < ack))
         _, stream = self.node.codec.open(blob, where, self.node.ring, keys)
         for record in read_changeset(stream, origin=where):
             if isinstance(record, Control) and record.kind == "reload" and self.node.is_host:
@@ -466,6 +479,12 @@ class Delivery:
                 "(it had gone back to an older backup)",
                 peer=peer,
             )
+        for line in applied.conflicts:
+            self.journal.warning(
+                "conflict",
+                f"changeset #{seq} from {peer}: {line} (`mailsync conflicts list`)",
+                peer=peer,
+            )
         if applied.parked:
             self.journal.error(
                 "parked",
@@ -654,6 +673,10 @@ class Delivery:
         the peer or packed into outbox entries; those after the oldest
         unacknowledged entry's starting cursor stay until its ack comes, so
         a station offline for a month still gets its deletes.
+
+        A peer that may send us rows keeps, besides, the changes past the
+        horizon of the last changeset it sent: its next changeset (perhaps
+        one still in the mail) is tested against them for conflicts.
         """
         with self.engine.begin() as conn:
             safe = []
@@ -662,6 +685,17 @@ class Delivery:
                     select(func.min(outbox.c.cursor_from)).where(outbox.c.peer == peer)
                 ).scalar()
                 safe.append(int(cursor if oldest is None else min(cursor, oldest)))
+                rules = self.node.rules_for(peer)(conn)
+                inbound = (r.up if self.node.is_host else r.down for r in rules.values())
+                if any(inbound):
+                    seen = conn.execute(
+                        select(horizons.c.horizon)
+                        .where(horizons.c.peer == peer)
+                        .order_by(horizons.c.seq)
+                        .limit(1)
+                    ).scalar()
+                    if seen is not None:
+                        safe.append(int(seen))
             if safe:
                 conn.execute(delete(changes).where(changes.c.id <= min(safe)))
             cutoff = now() - dt.timedelta(days=self.node.config.log_retention_days)

@@ -23,11 +23,13 @@ from mailsync import capture
 from mailsync.config import check_email, check_node_id
 from mailsync.db import reflect
 from mailsync.errors import ConfigError, RuleError
-from mailsync.schema import ALL_STATIONS, links, loads, now, outbox, rules, stations
+from mailsync.schema import ALL_STATIONS, horizons, links, loads, now, outbox, rules, stations
 
 OP_NAMES = {"I": "insert", "U": "update", "D": "delete"}
 _BY_NAME = {v: k for k, v in OP_NAMES.items()}
 CONFLICT_POLICIES = ("host-wins", "remote-wins", "newest-wins", "manual")
+#: The policies :mod:`mailsync.conflicts` carries out so far.
+BUILT_POLICIES = ("host-wins", "remote-wins")
 
 
 def parse_ops(value: str, what: str = "operations") -> str:
@@ -149,6 +151,7 @@ def remove_station(conn: Connection, station_id: str) -> None:
     conn.execute(delete(rules).where(rules.c.station == station_id))
     conn.execute(delete(loads).where(loads.c.station == station_id))
     conn.execute(delete(outbox).where(outbox.c.peer == station_id))
+    conn.execute(delete(horizons).where(horizons.c.peer == station_id))
     conn.execute(delete(links).where(links.c.peer == station_id))
     conn.execute(delete(stations).where(stations.c.id == station_id))
 
@@ -187,6 +190,10 @@ def add_rule(
     if conflict not in CONFLICT_POLICIES:
         raise RuleError(
             f"conflict policy {conflict!r} is not one of {', '.join(CONFLICT_POLICIES)}"
+        )
+    if conflict not in BUILT_POLICIES:
+        raise RuleError(
+            f"conflict policy {conflict!r} is not built yet; use " + " or ".join(BUILT_POLICIES)
         )
     target = station or ALL_STATIONS
     if station is not None:

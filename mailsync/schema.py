@@ -192,6 +192,37 @@ parked = Table(
     Column("parked_at", _Time, nullable=False),
 )
 
+# A row changed here and at a peer before either had the other's change: the
+# version that lost is kept here with the one that won (DESIGN §9).
+conflicts = Table(
+    "mailsync_conflicts",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", _Time, nullable=False),
+    Column("peer", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),  # the peer's changeset
+    Column("tbl", String(128), nullable=False),
+    Column("pk", Text, nullable=False),  # JSON
+    Column("op", String(1), nullable=False),  # the peer's operation: I, U or D
+    Column("policy", String(16), nullable=False),
+    Column("kept", String(8), nullable=False),  # "ours" or "theirs"
+    Column("columns", Text, nullable=False),  # JSON: the names of both versions' values
+    Column("ours", LargeBinary),  # packed values; NULL: no such row here
+    Column("theirs", LargeBinary),  # packed values; NULL: the peer deleted it
+)
+
+# The change-log position each outbound changeset was built up to: a peer's
+# changeset says which of ours it had applied (its ack), so our changes past
+# that changeset's horizon are the ones it had not seen — the test for a
+# conflict. Rows older than the peer's latest ack are pruned.
+horizons = Table(
+    "mailsync_horizons",
+    metadata,
+    Column("peer", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("horizon", BigInteger, nullable=False),
+)
+
 mailbox_seen = Table(
     "mailsync_mailbox_seen",
     metadata,

@@ -18,7 +18,7 @@ from mailsync.config import Role
 from mailsync.db import redact
 from mailsync.delivery import LOG_RETENTION_DAYS, held_parts, missing_parts, missing_sequences
 from mailsync.ranges import RangeUsage, usage
-from mailsync.schema import changes, links, log, now, outbox, parked
+from mailsync.schema import changes, conflicts, links, log, now, outbox, parked
 
 if TYPE_CHECKING:
     from mailsync.node import Node
@@ -61,6 +61,8 @@ class Status:
     key_id: str
     parked: int = 0
     ranges: list[RangeUsage] = field(default_factory=list)
+    #: conflicts recorded and not yet dropped (`mailsync conflicts list`)
+    conflicts: int = 0
 
 
 def node_status(node: Node) -> Status:
@@ -114,6 +116,9 @@ def node_status(node: Node) -> Status:
         tables = sorted({r.table for r in rules_mod.all_rules(conn)})
         missing = capture.check_capture(conn, tables) if tables else []
         parked_count = int(conn.execute(select(func.count()).select_from(parked)).scalar() or 0)
+        conflict_count = int(
+            conn.execute(select(func.count()).select_from(conflicts)).scalar() or 0
+        )
         range_usage = usage(conn)
         since = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
         counts: dict[str, int] = dict(
@@ -136,6 +141,7 @@ def node_status(node: Node) -> Status:
         key_id=node.ring.current.public.key_id,
         parked=parked_count,
         ranges=range_usage,
+        conflicts=conflict_count,
     )
 
 

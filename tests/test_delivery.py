@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, func, select, update
 
+from mailsync.conflicts import list_conflicts
 from mailsync.errors import MessageError
 from mailsync.schema import inbox, links, log, outbox
 from mailsync.transport.memory import MemoryPostOffice
@@ -26,10 +27,21 @@ SEEDS = list(range(1, 1 + max(SOAK, 3)))
 ROUNDS = 40 if SOAK else 12
 
 
-def workload(c: Cluster, rng: random.Random, owned: dict[str, list[int]], step: int) -> None:
-    """One random edit per node; each node edits only rows it created (no
-    conflicts: conflict resolution is a separate feature)."""
+#: Rows every node edits now and then: the conflicts of the chaos test.
+SHARED = range(1, 7)
+
+
+def workload(
+    c: Cluster, rng: random.Random, owned: dict[str, list[int]], step: int, written: set[str]
+) -> None:
+    """One random edit per node of a row it created, and now and then one of
+    a shared row — concurrent edits of those are conflicts."""
     for index, name in enumerate(c.names):
+        if rng.random() < 0.3:
+            value = f"{name} {step}"
+            shared = customers.c.id == rng.choice(SHARED)
+            c.execute(name, update(customers).where(shared).values(city=value))
+            written.add(value)
         mine = owned[name]
         roll = rng.random()
         if roll < 0.5 or not mine:
@@ -74,14 +86,16 @@ def test_chaos_converges_exactly_once(tmp_path: Path, seed: int, limit: int | No
             ]
             c.execute("hq", customers.insert(), bulk)
             owned["hq"] = [row["id"] for row in bulk]
+        c.execute("hq", customers.insert(), [{"id": i, "name": f"shared {i}"} for i in SHARED])
         c.host.add_rule("customers", down="IUD", up="IUD")
         # the stations get their rules (and capture triggers) before they edit
         office.chaotic = False
-        c.sync(*c.names)
+        c.sync(*c.names, *c.names)
         office.chaotic = True
         rng = random.Random(seed)
+        written: set[str] = set()
         for step in range(ROUNDS):
-            workload(c, rng, owned, step)
+            workload(c, rng, owned, step, written)
             for name in rng.sample(c.names, len(c.names)):
                 assert not c.nodes[name].sync().errors
         assert office.dropped and office.duplicated and office.delayed
@@ -102,8 +116,21 @@ def test_chaos_converges_exactly_once(tmp_path: Path, seed: int, limit: int | No
                     select(links.c.out_seq, links.c.in_seq).where(links.c.peer == name)
                 ).one()
             assert station.in_seq == host.out_seq and host.in_seq == station.out_seq
-        expected = sorted(i for rows in owned.values() for i in rows)
+        expected = sorted([*SHARED, *(i for rows in owned.values() for i in rows)])
         assert [r[0] for r in c.rows("hq", customers)] == expected
+        # concurrent edits of the shared rows were conflicts, each kept with
+        # both versions, and settled the same way everywhere (checked above)
+        found = []
+        for engine in c.engines.values():
+            with engine.connect() as conn:
+                found += list_conflicts(conn)
+        assert found, "the shared rows should have been edited concurrently"
+        for conflict in found:
+            assert conflict.table == "customers" and conflict.key[0] in SHARED
+            for version in (conflict.ours, conflict.theirs):
+                assert version is not None and len(version) == len(conflict.columns)
+                city = dict(zip(conflict.columns, version, strict=True))["city"]
+                assert city in written
     finally:
         c.close()
 

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from mailsync.cli import (
     admin,
+    conflicts_cmds,
     demo_cmd,
     errors_cmds,
     keys_cmds,
@@ -62,6 +63,7 @@ app.add_typer(admin.table_app, name="table")
 range_cmds.register(app)
 keys_cmds.register(app)
 errors_cmds.register(app)
+conflicts_cmds.register(app)
 demo_cmd.register(app)
 
 

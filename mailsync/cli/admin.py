@@ -157,18 +157,29 @@ def table_add(
         "--filter",
         help="Down direction only: SQL predicate a row must match; :station is the station id.",
     ),
+    conflict: str = typer.Option(
+        "host-wins",
+        "--conflict",
+        help="A row changed on both sides before either heard of the other: "
+        "host-wins or remote-wins (the loser is kept: `mailsync conflicts list`).",
+    ),
 ) -> None:
     """Sync a table (or change its rule); the capture triggers are installed now."""
     down_ops = parse_ops(down, "--down")
     up_ops = parse_ops(up, "--up")
     with open_node(ctx) as node:
         rule, warnings = node.add_rule(
-            table, down=down_ops, up=up_ops, station=station, row_filter=row_filter
+            table,
+            down=down_ops,
+            up=up_ops,
+            station=station,
+            row_filter=row_filter,
+            conflict=conflict,
         )
     scope = f"station {rule.station}" if station else "all stations"
     console.print(
         f"table [bold]{escape(table)}[/] ({escape(scope)}): down {describe_ops(rule.down)}, "
-        f"up {describe_ops(rule.up)}"
+        f"up {describe_ops(rule.up)}, conflicts: {rule.conflict}"
     )
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")

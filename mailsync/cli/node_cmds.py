@@ -219,6 +219,11 @@ def status(
         console.print(f"[yellow]{st.set_aside} message(s) set aside as unrecognized[/] (see log)")
     if st.errors:
         console.print(f"[bold red]{st.errors} changeset(s) failed to apply[/] (see log)")
+    if st.conflicts:
+        console.print(
+            f"[yellow]{st.conflicts} conflict(s) recorded[/]: rows changed here and at a peer "
+            "at once; the losing versions are kept (`mailsync conflicts list`)"
+        )
     if st.parked:
         console.print(
             f"[bold red]{st.parked} row(s) could not be applied and are parked[/]: "
