@@ -12,8 +12,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from mailsync.config import config_path
+from mailsync.errors import ConfigError
 from mailsync.node import Node
 
 # Into a file or a pipe, rich would assume 80 columns and squeeze the links
@@ -39,6 +41,23 @@ def when(value: dt.datetime | None) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def chosen_ids(ids: list[int] | None, all_: bool, what: str, listed_by: str) -> list[int] | None:
+    """IDs named on the command line, or None for ``--all``; neither is an error."""
+    if all_:
+        return None
+    if not ids:
+        raise ConfigError(f"name the {what} (IDs from `mailsync {listed_by}`) or pass --all")
+    return ids
+
+
+def grid(*columns: str) -> Table:
+    """A borderless table with these column headings."""
+    table = Table(show_edge=False)
+    for col in columns:
+        table.add_column(col)
+    return table
 
 
 def age(value: dt.datetime | None) -> str:

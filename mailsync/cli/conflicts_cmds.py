@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from mailsync.cli.common import console, open_node, print_json, when
+from mailsync.cli.common import chosen_ids, console, grid, open_node, print_json, when
 from mailsync.conflicts import drop_conflicts, list_conflicts
-from mailsync.errors import ConfigError
 
 conflicts_app = typer.Typer(
     help="Rows changed here and at a peer before either had the other's change.",
@@ -45,11 +43,9 @@ def conflicts_list(
     if not found:
         console.print("no conflicts recorded")
         return
-    grid = Table(show_edge=False)
-    for col in ("id", "when", "with", "table", "key", "kept", "ours", "theirs"):
-        grid.add_column(col)
+    table = grid("id", "when", "with", "table", "key", "kept", "ours", "theirs")
     for c in found:
-        grid.add_row(
+        table.add_row(
             str(c.id),
             when(c.at),
             f"{escape(c.peer)} #{c.seq}",
@@ -59,7 +55,7 @@ def conflicts_list(
             escape(_values(c.columns, c.ours, c.theirs)[:120]),
             escape(_values(c.columns, c.theirs, c.ours)[:120]),
         )
-    console.print(grid)
+    console.print(table)
 
 
 @conflicts_app.command("drop")
@@ -69,10 +65,9 @@ def conflicts_drop(
     all_: bool = typer.Option(False, "--all", help="Every recorded conflict."),
 ) -> None:
     """Forget recorded conflicts once dealt with (the rows stay as they are)."""
-    if not ids and not all_:
-        raise ConfigError("name the conflicts (IDs from `mailsync conflicts list`) or pass --all")
+    chosen = chosen_ids(ids, all_, "conflicts", "conflicts list")
     with open_node(ctx) as node, node.engine.begin() as conn:
-        gone = drop_conflicts(conn, None if all_ else ids)
+        gone = drop_conflicts(conn, chosen)
     console.print(f"{gone} conflict record(s) dropped")
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from mailsync.apply import drop_parked, list_parked, retry_parked
-from mailsync.cli.common import console, open_node, when
-from mailsync.errors import ConfigError
+from mailsync.cli.common import chosen_ids, console, grid, open_node, when
 
 errors_app = typer.Typer(
     help="Rows that could not be applied (parked, so that they never stall a link).",
@@ -17,11 +15,7 @@ errors_app = typer.Typer(
 
 
 def _ids(ids: list[int] | None, all_: bool) -> list[int] | None:
-    if all_:
-        return None
-    if not ids:
-        raise ConfigError("name the parked rows (IDs from `mailsync errors list`) or pass --all")
-    return ids
+    return chosen_ids(ids, all_, "parked rows", "errors list")
 
 
 @errors_app.command("list")
@@ -32,9 +26,7 @@ def errors_list(ctx: typer.Context) -> None:
     if not rows:
         console.print("no parked rows")
         return
-    table = Table(show_edge=False)
-    for col in ("id", "from", "table", "op", "values", "error", "parked"):
-        table.add_column(col)
+    table = grid("id", "from", "table", "op", "values", "error", "parked")
     for r in rows:
         values = ", ".join(f"{k}={v!r}" for k, v in r.values.items())
         table.add_row(
