@@ -28,6 +28,7 @@ import platform
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -636,6 +637,31 @@ def postgresql(sizes: dict[str, int], runs: int, sqlite_load: dict[str, object])
     )
 
 
+PREAMBLE = """# Benchmarks
+
+Written by `bench/pipeline.py` (`make bench`) at commit {commit}, {runs} run(s)
+per figure. Each figure is the median of the runs with min–max; each ratio is
+against a baseline measured in the same run on the same machine: below 1 is
+slower than the floor (for wire size, above 1 is bigger). How each figure is
+taken: the docstring of `bench/pipeline.py`.
+
+"""
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "(unknown)"
+    return done.stdout.strip()
+
+
 def machine() -> str:
     """CPU model, cores and memory: the figures are this machine's."""
     model = platform.processor() or platform.machine()
@@ -687,7 +713,7 @@ def main() -> None:
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        args.output.write_text(PREAMBLE.format(commit=_commit(), runs=runs) + text)
 
 
 if __name__ == "__main__":
