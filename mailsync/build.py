@@ -366,6 +366,18 @@ def build_for_link(
             values["rules_hash"] = plan.rules_hash
         if writer.summary.records <= 1:
             conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
+            # nothing of ours up to here goes to this peer: its changesets
+            # need not be tested against it (and the purge may drop it)
+            latest = (
+                select(func.max(horizons.c.seq))
+                .where(horizons.c.peer == plan.peer)
+                .scalar_subquery()
+            )
+            conn.execute(
+                update(horizons)
+                .where(horizons.c.peer == plan.peer, horizons.c.seq == latest)
+                .values(horizon=max(cursor, horizon))
+            )
             return None
         summary = writer.close()
         compressed.close()  # type: ignore[no-untyped-call]  # ends the zstd frame; the spool stays open

@@ -109,6 +109,8 @@ class Delivery:
         self.engine: Engine = node.engine
         self.journal = node.journal
         self._forward: list[bytes] = []
+        #: per peer, the highest ack its bare acks carried this cycle
+        self._bare_acks: dict[str, int] = {}
 
     # ---------------------------------------------------------------- receive
 
@@ -264,9 +266,7 @@ class Delivery:
     ) -> None:
         """An unsequenced message: an ack, perhaps asking for missing envelopes."""
         self._acknowledged(conn, link, ack)
-        # the peer's changesets from now on name this ack or a later one (one
-        # built earlier and still in the mail is tested against what is left)
-        conn.execute(delete(horizons).where(horizons.c.peer == link.peer, horizons.c.seq < ack))
+        self._bare_acks[link.peer] = max(ack, self._bare_acks.get(link.peer, 0))
         _, stream = self.node.codec.open(blob, where, self.node.ring, keys)
         for record in read_changeset(stream, origin=where):
             if isinstance(record, Control) and record.kind == "reload" and self.node.is_host:
@@ -467,6 +467,22 @@ class Delivery:
                 report.applied.append(applied)
                 self._log_applied(applied, peer, seq)
                 in_seq = seq
+            self._forget_horizons(peer)
+
+    def _forget_horizons(self, peer: str) -> None:
+        """After the apply: the peer's changesets from now on name the ack of
+        its latest bare ack or a later one — except those still buffered
+        (fetched with it, or early), which keep the horizons they name. One
+        built earlier and still in the mail is tested against what is left."""
+        ack = self._bare_acks.pop(peer, 0)
+        if not ack:
+            return
+        with self.engine.begin() as conn:
+            for blob in conn.execute(
+                select(inbox.c.blob).where(inbox.c.peer == peer, inbox.c.part == 1)
+            ).scalars():
+                ack = min(ack, read_header(blob, f"buffered changeset from {peer}").ack)
+            conn.execute(delete(horizons).where(horizons.c.peer == peer, horizons.c.seq < ack))
 
     def _log_applied(self, applied: Any, peer: str, seq: int) -> None:
         self.journal.info(
