@@ -131,6 +131,12 @@ def coerce_key(values: Sequence[Any], columns: Sequence[Column[Any]]) -> tuple[A
     return tuple(out)
 
 
+def logged_key(pk: str, columns: Sequence[Column[Any]]) -> tuple[Any, ...]:
+    """A key as the change log holds it (JSON written by the capture
+    triggers), in the columns' Python types."""
+    return coerce_key(json.loads(pk, parse_float=Decimal), columns)
+
+
 def key_filter(table: Table, keys: Sequence[tuple[Any, ...]]) -> Any:
     pk = list(table.primary_key.columns)
     if len(pk) == 1:
@@ -226,9 +232,7 @@ class _Builder:
         )
         result = self.conn.execute(query, execution_options={"yield_per": self.batch})
         for part in batches(iter(result), self.batch):
-            keyed = [
-                (coerce_key(json.loads(pk, parse_float=Decimal), pk_cols), op) for pk, op in part
-            ]
+            keyed = [(logged_key(pk, pk_cols), op) for pk, op in part]
             rows = self.conn.execute(
                 self.scoped_select(table, name).where(key_filter(table, [k for k, _ in keyed]))
             ).all()

@@ -23,12 +23,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete, or_, select
 
-from mailsync.build import coerce_key, key_filter
+from mailsync.build import key_filter, logged_key
 from mailsync.changeset import TableDef, pack, unpack
 from mailsync.rules import Rule
 from mailsync.schema import changes, conflicts, horizons, now
@@ -96,9 +95,7 @@ class Detector:
                 )
                 .distinct()
             ).scalars()
-            self._pending[table.name] = {
-                coerce_key(json.loads(pk, parse_float=Decimal), columns) for pk in rows
-            }
+            self._pending[table.name] = {logged_key(pk, columns) for pk in rows}
         return self._pending[table.name]
 
     def resolve(

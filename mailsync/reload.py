@@ -17,9 +17,7 @@ key say, is parked like any row that does not apply).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
@@ -33,7 +31,7 @@ from sqlalchemy import (
     select,
 )
 
-from mailsync.build import coerce_key
+from mailsync.build import logged_key
 from mailsync.changeset import TableDef
 from mailsync.db import dependency_order, reflect
 from mailsync.schema import changes, links, outbox
@@ -82,7 +80,7 @@ class Reload:
         )
         for name, pk in rows:
             columns = list(self.tables[name].primary_key.columns)
-            key = coerce_key(json.loads(pk, parse_float=Decimal), columns)
+            key = logged_key(pk, columns)
             pending.setdefault(name, set()).add(key)
         return pending
 
