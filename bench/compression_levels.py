@@ -22,8 +22,9 @@ from sqlalchemy import select
 
 from mailsync import samples
 from mailsync.build import type_name
-from mailsync.changeset import ChangesetWriter
-from mailsync.db import open_engine, reflect
+from mailsync.store.engine import open_engine
+from mailsync.store.reflection import reflect
+from mailsync.wire.changeset import ChangesetWriter
 
 LEVELS = (1, 3, 6, 9, 12, 19)
 

@@ -133,7 +133,7 @@ def floor_insert(source: Path, target: Path) -> float:
     """Seconds to insert every sample row into a fresh SQLite file with
     ``executemany`` in one transaction, rows streamed from the host's file."""
     target.unlink(missing_ok=True)
-    from mailsync.db import open_engine
+    from mailsync.store.engine import open_engine
 
     engine = open_engine(f"sqlite:///{target}")
     samples.create_schema(engine)
@@ -291,8 +291,8 @@ def floor_updates(database: Path, changesets: int) -> float:
 
 def capture_cost(root: Path, rows: int, runs: int) -> dict[str, Figure]:
     """Inserts and updates of invoice lines, with the capture triggers vs. without."""
-    from mailsync.db import open_engine
-    from mailsync.schema import ensure_schema
+    from mailsync.store.engine import open_engine
+    from mailsync.store.tables import ensure_schema
 
     def one(triggers: bool, what: str) -> float:
         path = root / "capture.db"
@@ -388,8 +388,8 @@ def _mail_site(root: Path, servers: Any, receive: str) -> tuple[Node, Node]:
     koeln reading by ``receive`` (imaps or pop3s)."""
     import os
 
-    from mailsync.db import open_engine
     from mailsync.node import init_node
+    from mailsync.store.engine import open_engine
     from tests.servers.mail import DOMAIN, password_of
 
     nodes = {}

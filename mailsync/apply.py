@@ -23,17 +23,25 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture, faults
 from mailsync.build import Direction, key_filter
-from mailsync.changeset import Control, RowBatch, Source, TableDef, pack, read_changeset, unpack
 from mailsync.conflicts import Detector
-from mailsync.db import reflect
 from mailsync.dialects import dialect_for
-from mailsync.envelope import Header
-from mailsync.errors import ApplyError, MailsyncError, SchemaError
+from mailsync.errors import ApplyError, MailsyncError, SchemaError, first_line
 from mailsync.keys import PublicKey
 from mailsync.reload import Reload
 from mailsync.rules import Rule, replace_rules
-from mailsync.schema import inbox, links, now, parked
+from mailsync.store.reflection import reflect
+from mailsync.store.tables import inbox, links, now, parked
 from mailsync.trust import trust_key
+from mailsync.wire.changeset import (
+    Control,
+    RowBatch,
+    Source,
+    TableDef,
+    pack,
+    read_changeset,
+    unpack,
+)
+from mailsync.wire.envelope import Header
 
 
 @dataclass
@@ -133,16 +141,11 @@ class _Target:
                     self.run(conn, op, [row])
                 done += 1
             except SQLAlchemyError as exc:
-                park(self.tdef, op, row, _first_line(exc))
+                park(self.tdef, op, row, first_line(exc))
         return done
 
 
 Parker = Callable[[TableDef, str, tuple[Any, ...], str], None]
-
-
-def _first_line(exc: BaseException) -> str:
-    detail = str(getattr(exc, "orig", exc)).strip().splitlines()
-    return detail[0] if detail else type(exc).__name__
 
 
 def park_row(
@@ -268,9 +271,8 @@ def apply_buffered(
     except MailsyncError as exc:
         raise ApplyError(f"{origin}: {exc}", hint=exc.hint) from exc
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", exc)).strip().splitlines()
         raise ApplyError(
-            f"{origin}: table {table_name}: {detail[0] if detail else type(exc).__name__}",
+            f"{origin}: table {table_name}: {first_line(exc)}",
             hint="fix the cause; the changeset stays buffered and is applied next cycle",
         ) from exc
     return result
@@ -354,7 +356,7 @@ def retry_parked(engine: Engine, ids: list[int] | None) -> tuple[int, int]:
                 done += 1
             except (SQLAlchemyError, MailsyncError) as exc:
                 conn.execute(
-                    update(parked).where(parked.c.id == r.id).values(error=_first_line(exc))
+                    update(parked).where(parked.c.id == r.id).values(error=first_line(exc))
                 )
                 failed += 1
             dialect.end_apply(conn)

@@ -47,12 +47,12 @@ from sqlalchemy import (
     update,
 )
 
-from mailsync.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
-from mailsync.db import dependency_order, reflect
-from mailsync.envelope import Codec, Header
 from mailsync.keys import PublicKey
 from mailsync.rules import Rule
-from mailsync.schema import changes, horizons, links, loads, now, outbox
+from mailsync.store.reflection import dependency_order, reflect
+from mailsync.store.tables import changes, horizons, links, loads, now, outbox
+from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
+from mailsync.wire.envelope import Codec, Header
 
 Direction = Literal["down", "up"]
 

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 
 from sqlalchemy import Connection
 
-from mailsync.db import reflect
 from mailsync.dialects import dialect_for
-from mailsync.schema import changes
+from mailsync.store.reflection import reflect
+from mailsync.store.tables import changes
 
 __all__ = ["changes", "check_capture", "drop_capture", "ensure_capture"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from mailsync.changeset import pack
-from mailsync.db import reflect
+from mailsync.store.reflection import reflect
+from mailsync.wire.changeset import pack
 
 
 @dataclass(frozen=True)

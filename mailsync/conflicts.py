@@ -28,9 +28,9 @@ from typing import Any
 from sqlalchemy import Connection, Table, delete, or_, select
 
 from mailsync.build import key_filter, logged_key
-from mailsync.changeset import TableDef, pack, unpack
 from mailsync.rules import Rule
-from mailsync.schema import changes, conflicts, horizons, now
+from mailsync.store.tables import changes, conflicts_table, horizons, now
+from mailsync.wire.changeset import TableDef, pack, unpack
 
 #: The policies built so far (DESIGN §9 also names newest-wins and manual).
 POLICIES = ("host-wins", "remote-wins")
@@ -124,7 +124,7 @@ class Detector:
             if mine == theirs:
                 continue  # the same edit on both sides, or both deleted it
             self.conn.execute(
-                conflicts.insert().values(
+                conflicts_table.insert().values(
                     at=now(),
                     peer=self.peer,
                     seq=self.seq,
@@ -186,9 +186,9 @@ def list_conflicts(
     conn: Connection, *, table: str | None = None, limit: int | None = None
 ) -> list[Conflict]:
     """Recorded conflicts, newest first."""
-    query = select(conflicts).order_by(conflicts.c.id.desc())
+    query = select(conflicts_table).order_by(conflicts_table.c.id.desc())
     if table is not None:
-        query = query.where(conflicts.c.tbl == table)
+        query = query.where(conflicts_table.c.tbl == table)
     if limit is not None:
         query = query.limit(limit)
     return [
@@ -212,7 +212,7 @@ def list_conflicts(
 
 def drop_conflicts(conn: Connection, ids: Sequence[int] | None = None) -> int:
     """Forget recorded conflicts (all, or these ids) once dealt with."""
-    query = delete(conflicts)
+    query = delete(conflicts_table)
     if ids is not None:
-        query = query.where(conflicts.c.id.in_(list(ids)))
+        query = query.where(conflicts_table.c.id.in_(list(ids)))
     return int(conn.execute(query).rowcount)

@@ -30,23 +30,23 @@ from sqlalchemy import Connection, Engine, delete, func, select, update
 from mailsync import faults, ranges
 from mailsync import rules as rules_mod
 from mailsync.apply import apply_buffered
-from mailsync.changeset import ChangesetWriter, Control, Source, read_changeset
 from mailsync.config import DEFAULT_LOG_RETENTION_DAYS
-from mailsync.envelope import Header, read_header
 from mailsync.errors import ApplyError, MessageError, TransportError
-from mailsync.message import Address, build_message, extract_envelope, is_mailsync
-from mailsync.schema import (
+from mailsync.store.tables import (
     changes,
     horizons,
     inbox,
     links,
     loads,
-    log,
+    log_table,
     mailbox_seen,
     now,
     outbox,
 )
 from mailsync.transport import open_receiver, open_sender
+from mailsync.wire.changeset import ChangesetWriter, Control, Source, read_changeset
+from mailsync.wire.envelope import Header, read_header
+from mailsync.wire.message import Address, build_message, extract_envelope, is_mailsync
 
 if TYPE_CHECKING:
     from mailsync.node import CycleReport, Node
@@ -715,7 +715,7 @@ class Delivery:
             if safe:
                 conn.execute(delete(changes).where(changes.c.id <= min(safe)))
             cutoff = now() - dt.timedelta(days=self.node.config.log_retention_days)
-            conn.execute(delete(log).where(log.c.at < cutoff))
+            conn.execute(delete(log_table).where(log_table.c.at < cutoff))
 
 
 def _parse_wanted(payload: Any) -> list[Wanted]:

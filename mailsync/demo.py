@@ -24,9 +24,9 @@ from sqlalchemy import delete, func, select, update
 
 from mailsync import ranges, samples
 from mailsync.checksum import TableChecksum, table_checksum
-from mailsync.db import open_engine
 from mailsync.errors import ConfigError
 from mailsync.node import CycleReport, Node, init_node
+from mailsync.store.engine import open_engine
 
 MARKER = ".mailsync-demo"
 #: Number ranges for keys and numbers made on stations: first, last, block.

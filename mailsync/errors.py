@@ -30,6 +30,16 @@ from typing import Literal
 Scope = Literal["message", "peer", "cycle"]
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of what a driver or library said, for one-line messages.
+
+    SQLAlchemy wraps the driver's error in ``orig`` and appends the statement
+    and a link on later lines; a bare exception with no text is named by its
+    type."""
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return detail[0] if detail else type(exc).__name__
+
+
 class MailsyncError(Exception):
     """Base of every error mailsync reports to a user."""
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mailsync import trust
-from mailsync.changeset import Control, RowBatch, Summary, read_changeset
-from mailsync.envelope import Header, read_header
 from mailsync.errors import MessageError
-from mailsync.message import extract_envelope
 from mailsync.node import Node
+from mailsync.wire.changeset import Control, RowBatch, Summary, read_changeset
+from mailsync.wire.envelope import Header, read_header
+from mailsync.wire.message import extract_envelope
 
 
 @dataclass

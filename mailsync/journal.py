@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync.schema import log, now
+from mailsync.store.tables import log_table, now
 
 #: Levels from least to most severe: ``--level warning`` shows warnings and errors.
 LEVELS = ("debug", "info", "warning", "error")
@@ -67,7 +67,7 @@ class Journal:
         held, self._held = self._held or [], []
         if held:
             with self._engine.begin() as conn:
-                conn.execute(log.insert(), held)
+                conn.execute(log_table.insert(), held)
 
     def write(
         self,
@@ -83,12 +83,12 @@ class Journal:
         logger.log(_LEVELS[level], "%s: %s", self._node, message)
         values = {"at": now(), "level": level, "event": event, "peer": peer, "message": message}
         if conn is not None:
-            conn.execute(log.insert().values(**values))
+            conn.execute(log_table.insert().values(**values))
         elif self._held is not None:
             self._held.append(values)
         else:
             with self._engine.begin() as own:
-                own.execute(log.insert().values(**values))
+                own.execute(log_table.insert().values(**values))
 
     def info(self, event: str, message: str, **kw: object) -> None:
         self.write("info", event, message, **kw)  # type: ignore[arg-type]
@@ -119,12 +119,12 @@ def read_log(
 ) -> list[Entry]:
     """The node's log, oldest first: entries at ``level`` or above, since a
     time, about one peer; ``limit`` keeps the newest."""
-    query = select(log).where(log.c.level.in_(LEVELS[LEVELS.index(level) :]))
+    query = select(log_table).where(log_table.c.level.in_(LEVELS[LEVELS.index(level) :]))
     if since is not None:
-        query = query.where(log.c.at >= since)
+        query = query.where(log_table.c.at >= since)
     if peer is not None:
-        query = query.where(log.c.peer == peer)
-    query = query.order_by(log.c.at.desc(), log.c.id.desc())
+        query = query.where(log_table.c.peer == peer)
+    query = query.order_by(log_table.c.at.desc(), log_table.c.id.desc())
     if limit is not None:
         query = query.limit(limit)
     with engine.connect() as conn:

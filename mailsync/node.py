@@ -39,18 +39,18 @@ from mailsync.config import (
     load_config,
     render_config,
 )
-from mailsync.db import check_connection, describe_db_error, open_engine, redact
 from mailsync.delivery import Delivery, SeenInDatabase
 from mailsync.dialects import dialect_for
 from mailsync.enroll import Bundle
-from mailsync.envelope import Codec, Header
 from mailsync.errors import ConfigError, DatabaseError, MailsyncError, TransportError
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
-from mailsync.message import part_bytes
-from mailsync.schema import ensure_schema, get_meta, links, loads, set_meta
 from mailsync.status import LinkStatus, Status, node_status
+from mailsync.store.engine import check_connection, describe_db_error, open_engine, redact
+from mailsync.store.tables import ensure_schema, get_meta, links, loads, set_meta
 from mailsync.transport import TransportContext
+from mailsync.wire.envelope import Codec, Header
+from mailsync.wire.message import part_bytes
 
 
 @dataclass

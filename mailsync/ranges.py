@@ -35,10 +35,19 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
-from mailsync.db import open_engine, reflect
 from mailsync.dialects import dialect_for
 from mailsync.errors import ConfigError, RangeError
-from mailsync.schema import get_meta, leases, links, now, range_blocks, range_free, ranges
+from mailsync.store.engine import open_engine
+from mailsync.store.reflection import reflect
+from mailsync.store.tables import (
+    get_meta,
+    leases,
+    links,
+    now,
+    range_blocks,
+    range_free,
+    ranges_table,
+)
 
 #: Range names: like node ids, they appear in triggers and messages.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -169,7 +178,7 @@ def add_range(
     me = _host_only(conn, "ranges are defined")
     if not _NAME.match(name):
         raise ConfigError(f"range name {name!r}: use a-z, 0-9, - and _ (at most 64)")
-    if conn.execute(select(ranges.c.name).where(ranges.c.name == name)).first():
+    if conn.execute(select(ranges_table.c.name).where(ranges_table.c.name == name)).first():
         raise ConfigError(f"range {name} exists already", hint="`mailsync range show " + name + "`")
     if first < 0 or last < first:
         raise ConfigError(f"range {name}: --start {first} and --end {last} make no range")
@@ -186,7 +195,7 @@ def add_range(
                 raise ConfigError(f"{bind} is bound to range {other.name} already")
     listed = sorted(set(stations)) if stations else None
     conn.execute(
-        ranges.insert().values(
+        ranges_table.insert().values(
             name=name,
             first=first,
             last=last,
@@ -249,14 +258,14 @@ def _parse_bind(conn: Connection, name: str, bind: str) -> tuple[str, str]:
 
 
 def get_range(conn: Connection, name: str) -> RangeDef:
-    row = conn.execute(select(ranges).where(ranges.c.name == name)).first()
+    row = conn.execute(select(ranges_table).where(ranges_table.c.name == name)).first()
     if row is None:
         raise RangeError(f"no number range {name!r} here", hint="`mailsync range list`")
     return _def(row)
 
 
 def list_ranges(conn: Connection) -> list[RangeDef]:
-    return [_def(r) for r in conn.execute(select(ranges).order_by(ranges.c.name))]
+    return [_def(r) for r in conn.execute(select(ranges_table).order_by(ranges_table.c.name))]
 
 
 def list_leases(conn: Connection, name: str | None = None) -> list[Lease]:
@@ -282,7 +291,7 @@ def set_block(conn: Connection, name: str, block: int, station: str | None = Non
     if not 1 <= block <= rdef.last - rdef.first + 1:
         raise ConfigError(f"range {name}: the block must be between 1 and the range's size")
     if station is None:
-        conn.execute(update(ranges).where(ranges.c.name == name).values(block=block))
+        conn.execute(update(ranges_table).where(ranges_table.c.name == name).values(block=block))
         return
     conn.execute(
         delete(range_blocks).where(
@@ -311,7 +320,7 @@ def remove_range(conn: Connection, name: str) -> None:
         dialect_for(conn).drop_binding(conn, rdef.bind[0], rdef.bind[1])
     for table in (leases, range_free, range_blocks):
         conn.execute(delete(table).where(table.c.range_name == name))
-    conn.execute(delete(ranges).where(ranges.c.name == name))
+    conn.execute(delete(ranges_table).where(ranges_table.c.name == name))
 
 
 def release(conn: Connection, name: str, station: str | None = None) -> int:
@@ -328,7 +337,7 @@ def release(conn: Connection, name: str, station: str | None = None) -> int:
     if station is not None:
         query = query.where(leases.c.holder == station)
     else:
-        conn.execute(update(ranges).where(ranges.c.name == name).values(stations="[]"))
+        conn.execute(update(ranges_table).where(ranges_table.c.name == name).values(stations="[]"))
     result = conn.execute(query.values(state="release", confirmed=False, sent_at=None))
     return int(result.rowcount)
 
@@ -359,12 +368,14 @@ def _allocate(conn: Connection, rdef: RangeDef, size: int) -> tuple[int, int] | 
             )
         return free.first, last
     start = conn.execute(
-        select(ranges.c.next_free).where(ranges.c.name == rdef.name).with_for_update()
+        select(ranges_table.c.next_free).where(ranges_table.c.name == rdef.name).with_for_update()
     ).scalar_one()
     if start > rdef.last:
         return None
     last = min(rdef.last, start + size - 1)
-    conn.execute(update(ranges).where(ranges.c.name == rdef.name).values(next_free=last + 1))
+    conn.execute(
+        update(ranges_table).where(ranges_table.c.name == rdef.name).values(next_free=last + 1)
+    )
     return int(start), int(last)
 
 
@@ -479,7 +490,9 @@ def usage(conn: Connection) -> list[RangeUsage]:
         mine = [
             lease for lease in list_leases(conn, rdef.name) if lease.holder == me and lease.left > 0
         ]
-        asked = conn.execute(select(ranges.c.asked_at).where(ranges.c.name == rdef.name)).scalar()
+        asked = conn.execute(
+            select(ranges_table.c.asked_at).where(ranges_table.c.name == rdef.name)
+        ).scalar()
         out.append(
             RangeUsage(
                 rdef.name,
@@ -588,7 +601,7 @@ def host_incoming(conn: Connection, station: str, payload: Any) -> list[str]:
             values["confirmed"] = False  # still to be given back
         conn.execute(update(leases).where(leases.c.id == lease.id).values(**values))
     for name in payload.get("want", []):
-        wanted = conn.execute(select(ranges).where(ranges.c.name == str(name))).first()
+        wanted = conn.execute(select(ranges_table).where(ranges_table.c.name == str(name))).first()
         if wanted is None or not _def(wanted).serves(station):
             continue
         rdef = _def(wanted)
@@ -637,10 +650,12 @@ def station_incoming(conn: Connection, payload: Any) -> list[str]:
             "bind_table": table or None,
             "bind_column": column or None,
         }
-        if conn.execute(select(ranges.c.name).where(ranges.c.name == name)).first():
-            conn.execute(update(ranges).where(ranges.c.name == name).values(**values))
+        if conn.execute(select(ranges_table.c.name).where(ranges_table.c.name == name)).first():
+            conn.execute(update(ranges_table).where(ranges_table.c.name == name).values(**values))
         else:
-            conn.execute(ranges.insert().values(name=name, next_free=0, created_at=now(), **values))
+            conn.execute(
+                ranges_table.insert().values(name=name, next_free=0, created_at=now(), **values)
+            )
         rdef = get_range(conn, name)
         if rdef.bind is not None and conn.dialect.has_table(conn, rdef.bind[0]):
             dialect_for(conn).install_binding(conn, rdef, me, is_host=False)
@@ -659,7 +674,9 @@ def station_incoming(conn: Connection, payload: Any) -> list[str]:
                     confirmed=False,
                 )
             )
-            conn.execute(update(ranges).where(ranges.c.name == name).values(asked_at=None))
+            conn.execute(
+                update(ranges_table).where(ranges_table.c.name == name).values(asked_at=None)
+            )
             done.append(f"granted {name} {g['first']}-{g['last']}")
         else:
             conn.execute(
@@ -704,7 +721,7 @@ def station_outgoing(
         low = current is None or current.left < rdef.threshold * current.size
         if low and not spare:
             asked = conn.execute(
-                select(ranges.c.asked_at).where(ranges.c.name == rdef.name)
+                select(ranges_table.c.asked_at).where(ranges_table.c.name == rdef.name)
             ).scalar()
             if asked is not None and asked.tzinfo is None:
                 asked = asked.replace(tzinfo=dt.UTC)
@@ -724,7 +741,9 @@ def station_reported(conn: Connection, payload: dict[str, Any]) -> None:
         conn.execute(update(leases).where(leases.c.id.in_(ids)).values(confirmed=True))
     if payload.get("want"):
         conn.execute(
-            update(ranges).where(ranges.c.name.in_(payload["want"])).values(asked_at=now())
+            update(ranges_table)
+            .where(ranges_table.c.name.in_(payload["want"]))
+            .values(asked_at=now())
         )
 
 

@@ -32,9 +32,9 @@ from sqlalchemy import (
 )
 
 from mailsync.build import logged_key
-from mailsync.changeset import TableDef
-from mailsync.db import dependency_order, reflect
-from mailsync.schema import changes, links, outbox
+from mailsync.store.reflection import dependency_order, reflect
+from mailsync.store.tables import changes, links, outbox
+from mailsync.wire.changeset import TableDef
 
 
 class Reload:

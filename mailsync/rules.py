@@ -21,9 +21,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture
 from mailsync.config import check_email, check_node_id
-from mailsync.db import reflect
-from mailsync.errors import ConfigError, RuleError
-from mailsync.schema import ALL_STATIONS, horizons, links, loads, now, outbox, rules, stations
+from mailsync.errors import ConfigError, RuleError, first_line
+from mailsync.store.reflection import reflect
+from mailsync.store.tables import (
+    ALL_STATIONS,
+    horizons,
+    links,
+    loads,
+    now,
+    outbox,
+    rules_table,
+    stations,
+)
 
 OP_NAMES = {"I": "insert", "U": "update", "D": "delete"}
 _BY_NAME = {v: k for k, v in OP_NAMES.items()}
@@ -91,7 +100,9 @@ def _rule(row: Any) -> Rule:
 
 
 def all_rules(conn: Connection) -> list[Rule]:
-    rows = conn.execute(select(rules).order_by(rules.c.tbl, rules.c.station)).all()
+    rows = conn.execute(
+        select(rules_table).order_by(rules_table.c.tbl, rules_table.c.station)
+    ).all()
     return [_rule(r) for r in rows]
 
 
@@ -148,7 +159,7 @@ def add_station(
 
 def remove_station(conn: Connection, station_id: str) -> None:
     get_station(conn, station_id)
-    conn.execute(delete(rules).where(rules.c.station == station_id))
+    conn.execute(delete(rules_table).where(rules_table.c.station == station_id))
     conn.execute(delete(loads).where(loads.c.station == station_id))
     conn.execute(delete(outbox).where(outbox.c.peer == station_id))
     conn.execute(delete(horizons).where(horizons.c.peer == station_id))
@@ -168,8 +179,9 @@ def _check_filter(conn: Connection, table_name: str, row_filter: str) -> None:
                 .limit(1)
             )
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        raise RuleError(f"row filter for table {table_name!r} does not work: {detail}") from exc
+        raise RuleError(
+            f"row filter for table {table_name!r} does not work: {first_line(exc)}"
+        ) from exc
 
 
 def add_rule(
@@ -216,12 +228,12 @@ def add_rule(
         "row_filter": row_filter or None,
         "conflict": conflict,
     }
-    where = and_(rules.c.tbl == table_name, rules.c.station == target)
-    if conn.execute(select(rules.c.id).where(where)).first():
-        conn.execute(update(rules).where(where).values(**values))
+    where = and_(rules_table.c.tbl == table_name, rules_table.c.station == target)
+    if conn.execute(select(rules_table.c.id).where(where)).first():
+        conn.execute(update(rules_table).where(where).values(**values))
     else:
         conn.execute(
-            rules.insert().values(tbl=table_name, station=target, created_at=now(), **values)
+            rules_table.insert().values(tbl=table_name, station=target, created_at=now(), **values)
         )
     capture.ensure_capture(conn, [table_name])
     return Rule(table_name, target, down, up, row_filter or None, conflict), warnings
@@ -229,28 +241,30 @@ def add_rule(
 
 def remove_rule(conn: Connection, table_name: str, station: str | None = None) -> None:
     target = station or ALL_STATIONS
-    where = and_(rules.c.tbl == table_name, rules.c.station == target)
-    if conn.execute(select(rules.c.id).where(where)).first() is None:
+    where = and_(rules_table.c.tbl == table_name, rules_table.c.station == target)
+    if conn.execute(select(rules_table.c.id).where(where)).first() is None:
         scope = f"station {station!r}" if station else "all stations"
         raise RuleError(f"no rule for table {table_name!r} and {scope}")
-    conn.execute(delete(rules).where(where))
+    conn.execute(delete(rules_table).where(where))
     if station is None:
         conn.execute(delete(loads).where(loads.c.tbl == table_name))
     else:
         conn.execute(
             delete(loads).where(and_(loads.c.tbl == table_name, loads.c.station == station))
         )
-    remaining = conn.execute(select(rules.c.id).where(rules.c.tbl == table_name)).first()
+    remaining = conn.execute(
+        select(rules_table.c.id).where(rules_table.c.tbl == table_name)
+    ).first()
     if remaining is None:
         capture.drop_capture(conn, table_name)
 
 
 def replace_rules(conn: Connection, received: list[Rule]) -> list[str]:
     """On a remote: take the rules the host sent; returns the tables they name."""
-    conn.execute(delete(rules))
+    conn.execute(delete(rules_table))
     for rule in received:
         conn.execute(
-            rules.insert().values(
+            rules_table.insert().values(
                 tbl=rule.table,
                 station=ALL_STATIONS,
                 down_ops=rule.down,

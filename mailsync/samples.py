@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync.changeset import batches
+from mailsync.wire.changeset import batches
 
 metadata = MetaData()
 
@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--invoices", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    from mailsync.db import open_engine, redact
-    from mailsync.errors import MailsyncError
+    from mailsync.errors import MailsyncError, first_line
+    from mailsync.store.engine import open_engine, redact
 
     try:
         engine = open_engine(args.db)
@@ -316,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        print(f"error: {redact(args.db)}: {detail}", file=sys.stderr)
+        print(f"error: {redact(args.db)}: {first_line(exc)}", file=sys.stderr)
         return 2
     print(", ".join(f"{n} {t}" for t, n in counts.items()))
     return 0

@@ -34,10 +34,10 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from mailsync.errors import ConfigError, MailsyncError
+from mailsync.errors import ConfigError, MailsyncError, first_line
 from mailsync.node import CycleReport, Node
 from mailsync.schedule import next_run, parse_zone
-from mailsync.schema import now, service
+from mailsync.store.tables import now, service_table
 
 #: Seconds between heartbeats of a running service.
 HEARTBEAT = 30.0
@@ -97,7 +97,7 @@ def _names_mailsync(pid: int) -> bool:
 
 def service_state(node: Node) -> ServiceState:
     with node.engine.connect() as conn:
-        row = conn.execute(select(service).where(service.c.id == 1)).first()
+        row = conn.execute(select(service_table).where(service_table.c.id == 1)).first()
     configured = bool(node.config.schedules)
     if row is None:
         return ServiceState(configured, False)
@@ -121,8 +121,8 @@ def claim(engine: Engine, where: str) -> None:
     with engine.begin() as conn:
         # a write first: it takes SQLite's write lock (a row lock on
         # PostgreSQL), so two services starting at once cannot both pass
-        conn.execute(update(service).where(service.c.id == 1).values(id=1))
-        row = conn.execute(select(service).where(service.c.id == 1)).first()
+        conn.execute(update(service_table).where(service_table.c.id == 1).values(id=1))
+        row = conn.execute(select(service_table).where(service_table.c.id == 1)).first()
         if row is not None and _alive(row) and not (row.host == host and row.pid == pid):
             since = _aware(row.started_at)
             raise ConfigError(
@@ -140,7 +140,7 @@ def claim(engine: Engine, where: str) -> None:
         }
         if row is None:
             try:
-                conn.execute(service.insert().values(id=1, **values))
+                conn.execute(service_table.insert().values(id=1, **values))
             except IntegrityError:
                 # another one made the row first, at the same moment
                 raise ConfigError(
@@ -149,21 +149,21 @@ def claim(engine: Engine, where: str) -> None:
                     hint="`mailsync status` says where the other runs",
                 ) from None
         else:
-            conn.execute(update(service).where(service.c.id == 1).values(**values))
+            conn.execute(update(service_table).where(service_table.c.id == 1).values(**values))
 
 
 def _mine() -> Any:
     return (
-        (service.c.id == 1)
-        & (service.c.host == socket.gethostname())
-        & (service.c.pid == os.getpid())
+        (service_table.c.id == 1)
+        & (service_table.c.host == socket.gethostname())
+        & (service_table.c.pid == os.getpid())
     )
 
 
 def record(engine: Engine, **values: Any) -> None:
     """Update this service's row (heartbeat, next run, last outcome, stop)."""
     with engine.begin() as conn:
-        conn.execute(update(service).where(_mine()).values(heartbeat_at=now(), **values))
+        conn.execute(update(service_table).where(_mine()).values(heartbeat_at=now(), **values))
 
 
 def outcome(report: CycleReport) -> str:
@@ -275,7 +275,7 @@ def _cycle(node: Node, say: Callable[[str], None]) -> bool:
     except MailsyncError as exc:
         line, ok, raised = f"failed: {exc}", False, True
     except SQLAlchemyError as exc:
-        line, ok, raised = f"failed: database: {str(exc).splitlines()[0]}", False, True
+        line, ok, raised = f"failed: database: {first_line(exc)}", False, True
     except Exception as exc:  # a bug must not stop the service: log it, retry later
         line, ok, raised = f"failed: {type(exc).__name__}: {exc}", False, True
         say(f"{name}: unexpected error:\n{traceback.format_exc()}")
@@ -285,7 +285,7 @@ def _cycle(node: Node, say: Callable[[str], None]) -> bool:
     with contextlib.suppress(SQLAlchemyError):
         # a peer keeps the outcome of the last cycle that had to do with it
         with node.engine.connect() as conn:
-            held = conn.execute(select(service.c.last_peers).where(_mine())).scalar()
+            held = conn.execute(select(service_table.c.last_peers).where(_mine())).scalar()
         merged = {**(json.loads(held) if held else {}), **peers}
         record(node.engine, last_cycle_at=now(), last_outcome=line, last_peers=json.dumps(merged))
     say(f"{name}: {line}")

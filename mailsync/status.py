@@ -15,10 +15,10 @@ from sqlalchemy import distinct, func, or_, select
 from mailsync import capture
 from mailsync import rules as rules_mod
 from mailsync.config import Role
-from mailsync.db import redact
 from mailsync.delivery import LOG_RETENTION_DAYS, held_parts, missing_parts, missing_sequences
 from mailsync.ranges import RangeUsage, usage
-from mailsync.schema import changes, conflicts, links, log, now, outbox, parked
+from mailsync.store.engine import redact
+from mailsync.store.tables import changes, conflicts_table, links, log_table, now, outbox, parked
 
 if TYPE_CHECKING:
     from mailsync.node import Node
@@ -117,15 +117,15 @@ def node_status(node: Node) -> Status:
         missing = capture.check_capture(conn, tables) if tables else []
         parked_count = int(conn.execute(select(func.count()).select_from(parked)).scalar() or 0)
         conflict_count = int(
-            conn.execute(select(func.count()).select_from(conflicts)).scalar() or 0
+            conn.execute(select(func.count()).select_from(conflicts_table)).scalar() or 0
         )
         range_usage = usage(conn)
         since = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
         counts: dict[str, int] = dict(
             conn.execute(
-                select(log.c.event, func.count())
-                .where(log.c.at >= since, log.c.event.in_(["rejected", "apply-failed"]))
-                .group_by(log.c.event)
+                select(log_table.c.event, func.count())
+                .where(log_table.c.at >= since, log_table.c.event.in_(["rejected", "apply-failed"]))
+                .group_by(log_table.c.event)
             ).all()
         )
     return Status(

@@ -13,7 +13,7 @@ import datetime as dt
 from sqlalchemy import Connection, and_, delete, or_, select, update
 
 from mailsync.keys import DEFAULT_GRACE_DAYS, PublicKey
-from mailsync.schema import now, peer_keys
+from mailsync.store.tables import now, peer_keys
 
 
 def trust_key(conn: Connection, peer: str, key: PublicKey) -> bool:

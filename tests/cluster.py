@@ -26,9 +26,9 @@ from sqlalchemy import (
 )
 
 from mailsync.checksum import TableChecksum, table_checksum
-from mailsync.db import open_engine
 from mailsync.enroll import read_bundle, write_bundle
 from mailsync.node import CycleReport, Node, init_node
+from mailsync.store.engine import open_engine
 from mailsync.transport.memory import MemoryPostOffice
 
 DOMAIN = "example.test"

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import Engine, delete, select, text, update
 
 from mailsync import capture
-from mailsync.db import open_engine
 from mailsync.dialects import dialect_for
-from mailsync.schema import changes, ensure_schema
+from mailsync.store.engine import open_engine
+from mailsync.store.tables import changes, ensure_schema
 from tests.cluster import customers, notes, schema
 
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailsync.changeset import ChangesetWriter, Control, RowBatch, TableDef, read_changeset
 from mailsync.errors import MessageError
+from mailsync.wire.changeset import ChangesetWriter, Control, RowBatch, TableDef, read_changeset
 
 offsets = st.integers(min_value=-23 * 60 - 59, max_value=23 * 60 + 59).map(
     lambda m: dt.timezone(dt.timedelta(minutes=m))

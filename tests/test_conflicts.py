@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, update
 
 from mailsync.conflicts import list_conflicts
 from mailsync.errors import RuleError
-from mailsync.schema import conflicts
+from mailsync.store.tables import conflicts_table
 from mailsync.transport.memory import MemoryPostOffice
 from tests.cluster import Cluster, customers
 
@@ -109,7 +109,9 @@ def test_both_sides_end_with_the_winner_and_keep_the_loser(
         assert c.agree("customers") and city(c, "hq", 3) == "Köln again"
         assert (recorded(c, "hq"), recorded(c, "koeln")) == before
         with c.engines["hq"].connect() as conn:
-            assert conn.execute(select(conflicts.c.peer).distinct()).scalars().all() == ["koeln"]
+            assert conn.execute(select(conflicts_table.c.peer).distinct()).scalars().all() == [
+                "koeln"
+            ]
 
         # what an admin sees
         config = str(c.root / "koeln" / "mailsync.toml")

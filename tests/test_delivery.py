@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, select, update
 
 from mailsync.conflicts import list_conflicts
 from mailsync.errors import MessageError
-from mailsync.schema import inbox, links, log, outbox
+from mailsync.store.tables import inbox, links, log_table, outbox
 from mailsync.transport.memory import MemoryPostOffice
 from tests.cluster import Cluster, chaos_cluster, customers
 
@@ -232,7 +232,7 @@ def test_a_row_that_cannot_be_applied_is_parked_not_stalling(tmp_path: Path, db_
 def test_a_large_changeset_travels_in_parts_and_a_lost_part_is_asked_for(
     tmp_path: Path,
 ) -> None:
-    from mailsync.schema import changes
+    from mailsync.store.tables import changes
 
     c, office = host_and_koeln(tmp_path, resend_after=10_000)
     try:
@@ -322,7 +322,7 @@ def test_a_station_restored_from_an_old_backup_is_brought_up_to_date(
         assert rows[1][2] == "Porz"  # the station's own change after the restore
         assert c.rows("koeln", customers) == c.rows("hq", customers)
         with c.engines["koeln"].connect() as conn:
-            events = set(conn.execute(select(log.c.event)).scalars())
+            events = set(conn.execute(select(log_table.c.event)).scalars())
             (link,) = conn.execute(select(links)).all()
         assert {"went-back", "reloaded"} <= events
         assert not link.reload_wanted
@@ -358,11 +358,11 @@ def test_a_reload_replaces_the_copy_but_keeps_undelivered_changes(db_url: str) -
     tables of loaded keys): rows the load does not bring go, rows with an
     undelivered local change stay and are not overwritten."""
     from mailsync.apply import _mirrored
-    from mailsync.changeset import TableDef
-    from mailsync.db import open_engine
     from mailsync.reload import Reload
     from mailsync.rules import Rule
-    from mailsync.schema import changes, ensure_schema
+    from mailsync.store.engine import open_engine
+    from mailsync.store.tables import changes, ensure_schema
+    from mailsync.wire.changeset import TableDef
     from tests.cluster import schema
 
     engine = open_engine(db_url)

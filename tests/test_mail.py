@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from mailsync.schema import outbox
+from mailsync.store.tables import outbox
 from tests.cluster import Cluster, customers
 from tests.servers.mail import DOMAIN, MailServers, password_of
 
@@ -325,7 +325,7 @@ def test_serve_syncs_on_its_schedule_runs_once_and_stops_on_sigterm(
     import subprocess
     import sys
 
-    from mailsync.schema import log
+    from mailsync.store.tables import log_table
 
     config = cluster.root / "hq" / "mailsync.toml"
     config.write_text(config.read_text() + '\n[[schedule]]\nevery = "2s"\n')
@@ -335,7 +335,7 @@ def test_serve_syncs_on_its_schedule_runs_once_and_stops_on_sigterm(
         with cluster.engines["hq"].connect() as conn:
             return int(
                 conn.execute(
-                    select(func.count()).where(log.c.message.like("sync cycle done%"))
+                    select(func.count()).where(log_table.c.message.like("sync cycle done%"))
                 ).scalar_one()
             )
 

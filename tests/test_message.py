@@ -8,10 +8,10 @@ import email.policy
 
 import pytest
 
-from mailsync.envelope import Codec, Header, read_header
 from mailsync.errors import MessageError
 from mailsync.keys import KeyPair
-from mailsync.message import Address, build_message, extract_envelope, is_mailsync
+from mailsync.wire.envelope import Codec, Header, read_header
+from mailsync.wire.message import Address, build_message, extract_envelope, is_mailsync
 
 HQ, KOELN = KeyPair.generate(), KeyPair.generate()
 

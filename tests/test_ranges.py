@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mailsync import ranges
 from mailsync.errors import ConfigError, RangeError
-from mailsync.schema import leases, log, range_free
+from mailsync.store.tables import leases, log_table, range_free
 from tests.cluster import Cluster, chaos_cluster, orders
 
 SOAK = int(os.environ.get("MAILSYNC_SOAK", "0"))
@@ -342,7 +342,7 @@ def test_a_malformed_range_report_is_set_aside_not_crashed_on(
         report = c.sync("hq")["hq"]
         assert report.set_aside == 1 and not report.errors
         with c.engines["hq"].connect() as conn:
-            said = " ".join(conn.execute(select(log.c.message)).scalars())
+            said = " ".join(conn.execute(select(log_table.c.message)).scalars())
         assert "malformed number-range control (ValueError" in said
     finally:
         c.close()

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from mailsync import samples
 from mailsync.checksum import table_checksum
-from mailsync.db import open_engine
+from mailsync.store.engine import open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, update
 
-from mailsync.changeset import pack, unpack
-from mailsync.envelope import Header, read_header
-from mailsync.message import Address, build_message, extract_envelope
-from mailsync.schema import log
+from mailsync.store.tables import log_table
 from mailsync.transport.maildir import deliver
+from mailsync.wire.changeset import pack, unpack
+from mailsync.wire.envelope import Header, read_header
+from mailsync.wire.message import Address, build_message, extract_envelope
 from tests.cluster import Cluster, customers
 
 
@@ -60,15 +60,19 @@ def rewrap(raw: bytes, envelope: bytes) -> bytes:
 
 def rejections(c: Cluster, name: str) -> list[str]:
     with c.engines[name].connect() as conn:
-        return list(conn.execute(select(log.c.message).where(log.c.event == "rejected")).scalars())
+        return list(
+            conn.execute(
+                select(log_table.c.message).where(log_table.c.event == "rejected")
+            ).scalars()
+        )
 
 
 def test_both_enrollment_paths_round_trip(tmp_path: Path) -> None:
     c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",), transport="maildir")
     try:
         c.names.append("berlin")
-        from mailsync.db import open_engine
         from mailsync.node import Node, init_node
+        from mailsync.store.engine import open_engine
         from tests.cluster import schema
 
         engine = open_engine(f"sqlite:///{tmp_path / 'berlin.db'}")
@@ -242,7 +246,7 @@ def test_key_rotation_keeps_mail_flowing(cluster: Cluster) -> None:
     cluster.converge()
     assert cluster.agree("customers")
     with cluster.engines["hq"].begin() as conn:
-        from mailsync.schema import links
+        from mailsync.store.tables import links
 
         conn.execute(update(links).values(acked_seq=links.c.key_announced_seq))
     # a station rotates too

@@ -14,8 +14,8 @@ from sqlalchemy import func, select, update
 
 from mailsync.errors import ConfigError
 from mailsync.journal import read_log
-from mailsync.schema import log, now, service
 from mailsync.service import claim, serve, service_state
+from mailsync.store.tables import log_table, now, service_table
 from tests.cluster import Cluster
 
 
@@ -28,7 +28,7 @@ def add_schedule(c: Cluster, name: str, text: str) -> Path:
 
 def cycles(c: Cluster, name: str) -> int:
     with c.engines[name].connect() as conn:
-        query = select(func.count()).where(log.c.message.like("sync cycle done%"))
+        query = select(func.count()).where(log_table.c.message.like("sync cycle done%"))
         return int(conn.execute(query).scalar_one())
 
 
@@ -62,7 +62,7 @@ def test_serve_runs_cycles_on_schedule_and_stops_between_them(tmp_path: Path) ->
             assert service_state(c.nodes["hq"]).last_peers["koeln"].startswith("ok: ")
             with pytest.raises(ConfigError, match="runs already on"):  # another process's claim
                 with c.engines["hq"].begin() as conn:
-                    conn.execute(update(service).values(pid=os.getppid()))
+                    conn.execute(update(service_table).values(pid=os.getppid()))
                 claim(c.engines["hq"], "second")
         finally:
             stop.set()
@@ -95,7 +95,7 @@ def test_old_log_entries_are_purged_and_the_log_reads_by_filter(tmp_path: Path) 
         old = now() - dt.timedelta(days=11)
         with c.engines["hq"].begin() as conn:
             conn.execute(
-                log.insert(),
+                log_table.insert(),
                 [
                     {"at": old, "level": "error", "event": "x", "peer": "koeln", "message": "old"},
                     {
@@ -120,7 +120,9 @@ def test_old_log_entries_are_purged_and_the_log_reads_by_filter(tmp_path: Path) 
         c.restart("hq")
         with c.engines["hq"].begin() as conn:
             conn.execute(
-                log.insert().values(at=old, level="info", event="x", peer=None, message="kept")
+                log_table.insert().values(
+                    at=old, level="info", event="x", peer=None, message="kept"
+                )
             )
         c.sync("hq")
         assert "kept" in [e.message for e in read_log(engine)]
@@ -169,11 +171,11 @@ def test_a_reused_pid_does_not_hold_the_claim_and_a_bug_does_not_stop_serve(
         claim(c.engines["hq"], "first")
         stale = now() - dt.timedelta(hours=1)
         with c.engines["hq"].begin() as conn:
-            conn.execute(update(service).values(pid=other.pid, heartbeat_at=now()))
+            conn.execute(update(service_table).values(pid=other.pid, heartbeat_at=now()))
         with pytest.raises(ConfigError, match="runs already on"):  # it beats: trusted
             claim(c.engines["hq"], "second")
         with c.engines["hq"].begin() as conn:
-            conn.execute(update(service).values(pid=other.pid, heartbeat_at=stale))
+            conn.execute(update(service_table).values(pid=other.pid, heartbeat_at=stale))
         claim(c.engines["hq"], "second")  # a stale beat from a pid someone else has now
 
         def boom(self: Node) -> None:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import delete, func, select, update
 
 from mailsync.errors import RuleError, SchemaError
-from mailsync.schema import changes, inbox, links, log
+from mailsync.store.tables import changes, inbox, links, log_table
 from tests.cluster import Cluster, customers, invoices, notes
 
 T0 = dt.datetime(2026, 11, 2, 8, 30, 0)
@@ -153,7 +153,9 @@ def test_remote_refuses_what_its_rules_do_not_allow(cluster: Cluster) -> None:
     assert cluster.rows("koeln", notes) == []
     with cluster.engines["koeln"].connect() as conn:
         refused = (
-            conn.execute(select(log.c.message).where(log.c.event == "refused")).scalars().all()
+            conn.execute(select(log_table.c.message).where(log_table.c.event == "refused"))
+            .scalars()
+            .all()
         )
     assert any("notes" in m for m in refused)
 
@@ -260,10 +262,10 @@ def test_unknown_table_and_keyless_table_are_refused(cluster: Cluster) -> None:
 
 
 def test_over_maildir_with_stray_mail_set_aside(tmp_path: Path, db_url: str) -> None:
-    from mailsync.envelope import Codec, Header
     from mailsync.keys import KeyPair
-    from mailsync.message import Address, build_message
     from mailsync.transport.maildir import deliver
+    from mailsync.wire.envelope import Codec, Header
+    from mailsync.wire.message import Address, build_message
 
     c = Cluster(tmp_path, db_url, transport="maildir")
     try:
@@ -291,7 +293,9 @@ def test_over_maildir_with_stray_mail_set_aside(tmp_path: Path, db_url: str) -> 
         assert not list((box / "new").iterdir()) and not list((box / "cur").iterdir())
         with c.engines["koeln"].connect() as conn:
             reasons = (
-                conn.execute(select(log.c.message).where(log.c.event == "rejected")).scalars().all()
+                conn.execute(select(log_table.c.message).where(log_table.c.event == "rejected"))
+                .scalars()
+                .all()
             )
         assert any("not a mailsync message" in r for r in reasons)
         assert any("unknown sender 'mallory'" in r for r in reasons)

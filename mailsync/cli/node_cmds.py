@@ -15,8 +15,8 @@ from mailsync.config import config_path
 from mailsync.keys import key_path, load_keyring
 from mailsync.node import CycleReport, Node, init_node
 from mailsync.schedule import next_runs, parse_zone
-from mailsync.schema import now
 from mailsync.service import ServiceState, service_state
+from mailsync.store.tables import now
 
 
 class RoleChoice(StrEnum):

@@ -16,9 +16,9 @@ from mailsync.config import config_path, load_config
 from mailsync.errors import ConfigError
 from mailsync.journal import LEVELS, read_log
 from mailsync.schedule import Schedule, next_runs, parse_schedule, parse_zone
-from mailsync.schema import now
 from mailsync.service import serve as run_service
 from mailsync.service import stop_on_signals
+from mailsync.store.tables import now
 
 _AGO = re.compile(r"^(\d+)\s*(m|h|d)$")
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, Table, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from mailsync.dialects import (
+from mailsync.dialects.base import (
     binding_messages,
     pk_json,
     quote_ident,

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Engine, Float, Numeric, Table, TypeDecorator,
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect as SADialect
 
-from mailsync.dialects import (
+from mailsync.dialects.base import (
     binding_messages,
     pk_json,
     quote_ident,
@@ -24,7 +24,7 @@ from mailsync.dialects import (
     trigger_name,
     upsert_with,
 )
-from mailsync.schema import applying
+from mailsync.store.tables import applying
 
 if TYPE_CHECKING:
     from mailsync.ranges import RangeDef

@@ -12,117 +12,24 @@ cycle) and chosen by the scheme of a URL in the node config:
 ``memory:``                                    in-process, for tests
 ===========================================  ==================================
 
-Receivers identify messages by a stable id (a Maildir file name; later IMAP
-UIDVALIDITY+UID or a POP3 UIDL) and remove a message only when told that the
-commit which made it redundant has happened (:meth:`Receiver.processed`).
-New transports register a factory with :func:`register`.
+The protocols live in :mod:`.base`; this module is the registry. New
+transports register a factory with :func:`register`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import TracebackType
-from typing import Protocol, Self, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from mailsync.errors import ConfigError
-from mailsync.transport.account import Secret
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One message as a receiver found it."""
-
-    id: str
-    raw: bytes
-
-
-class Sender(Protocol):
-    """An open outgoing connection for one cycle."""
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    def send(self, sender: str, recipient: str, raw: bytes) -> None:
-        """Hand one message to the mail system (envelope from/to addresses)."""
-
-
-class Receiver(Protocol):
-    """An open mailbox for one cycle."""
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    def fetch(self) -> Iterator[Incoming]:
-        """The messages waiting in the mailbox, oldest first."""
-
-    def processed(self, message_id: str) -> None:
-        """The message is no longer needed: its content is committed."""
-
-    def set_aside(self, message_id: str, reason: str) -> None:
-        """The message is not ours or not valid: move it out of the way."""
-
-
-class Session:
-    """Context-manager plumbing for transports: ``with`` opens, and
-    :meth:`close` (a no-op here) runs on the way out, error or not."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        return None
-
-
-class SeenStore(Protocol):
-    """Message ids a receiver must not take again (POP3 mail left on the server)."""
-
-    def seen(self, message_id: str) -> bool: ...
-
-    def remember(self, message_id: str) -> None: ...
-
-    def keep_only(self, present: set[str]) -> None:
-        """Forget ids no longer in the mailbox."""
-
-
-@dataclass
-class TransportContext:
-    """What a transport factory may need beyond its URL."""
-
-    address: str
-    base_dir: Path
-    keep_processed: bool = True
-    memory: object | None = None
-    secret: Secret = field(default_factory=Secret)
-    ca_file: Path | None = None
-    insecure: bool = False
-    timeout: float = 60.0
-    processed_folder: str = "Processed"
-    unrecognized_folder: str = "Unrecognized"
-    seen: SeenStore | None = None
-    retry_backoff: float = 1.0
-
+from mailsync.transport.base import (
+    Incoming,
+    Receiver,
+    SeenStore,
+    Sender,
+    Session,
+    TransportContext,
+)
 
 SenderFactory = Callable[[str, TransportContext], Sender]
 ReceiverFactory = Callable[[str, TransportContext], Receiver]
@@ -187,3 +94,16 @@ def _load_builtin() -> None:
         register(scheme, receiver=imap.ImapReceiver)
     for scheme in ("pop3", "pop3+starttls", "pop3s"):
         register(scheme, receiver=pop3.Pop3Receiver)
+
+
+__all__ = [
+    "Incoming",
+    "Receiver",
+    "SeenStore",
+    "Sender",
+    "Session",
+    "TransportContext",
+    "open_receiver",
+    "open_sender",
+    "register",
+]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from mailsync.errors import ConfigError, TransportError
+from mailsync.errors import ConfigError, TransportError, first_line
 
 logger = logging.getLogger("mailsync")
 
@@ -183,5 +183,4 @@ def connection_error(account: Account, exc: BaseException, doing: str) -> Transp
         )
     if isinstance(exc, TimeoutError):
         return TransportError(f"{account.display}: {doing}: timed out")
-    text = str(exc).strip() or type(exc).__name__
-    return TransportError(f"{account.display}: {doing}: {text.splitlines()[0]}")
+    return TransportError(f"{account.display}: {doing}: {first_line(exc)}")

@@ -22,8 +22,8 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from mailsync.errors import TransportError
-from mailsync.transport import Incoming, Session, TransportContext
 from mailsync.transport.account import Account, connection_error, parse_account
+from mailsync.transport.base import Incoming, Session, TransportContext
 
 #: Messages fetched per round trip, at most ...
 FETCH_BATCH = 100

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Self
 
 from mailsync.errors import ConfigError, TransportError
-from mailsync.transport import Incoming, Session, TransportContext
+from mailsync.transport.base import Incoming, Session, TransportContext
 
 PROCESSED = ".Processed"
 UNRECOGNIZED = ".Unrecognized"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from mailsync.errors import ConfigError
-from mailsync.transport import Incoming, Session, TransportContext
+from mailsync.transport.base import Incoming, Session, TransportContext
 
 
 @dataclass

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from typing import Self
 
 from mailsync.errors import TransportError
-from mailsync.transport import Incoming, Session, TransportContext
 from mailsync.transport.account import Account, connection_error, parse_account
+from mailsync.transport.base import Incoming, Session, TransportContext
 
 
 class Pop3Receiver(Session):

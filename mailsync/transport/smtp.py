@@ -24,8 +24,8 @@ from tenacity import (
 )
 
 from mailsync.errors import TransportError
-from mailsync.transport import Session, TransportContext
 from mailsync.transport.account import Account, connection_error, parse_account
+from mailsync.transport.base import Session, TransportContext
 
 #: Attempts per message before a transient failure is reported.
 SEND_ATTEMPTS = 3

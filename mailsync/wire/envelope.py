@@ -38,9 +38,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from mailsync.changeset import Source, pack, unpack
 from mailsync.errors import MessageError
 from mailsync.keys import KeyRing, PublicKey
+from mailsync.wire.changeset import Source, pack, unpack
 
 MAGIC = b"MSYE"
 ENVELOPE_VERSION = 2

@@ -23,8 +23,8 @@ from email.header import Header as MimeHeader
 from email.message import Message
 from email.utils import formatdate
 
-from mailsync.envelope import Header
 from mailsync.errors import MessageError
+from mailsync.wire.envelope import Header
 
 MAILER = "mailsync"
 ATTACHMENT_TYPE = "application/octet-stream"

@@ -35,6 +35,7 @@ from sqlalchemy import (
 )
 
 from mailsync.errors import DatabaseError
+from mailsync.store.engine import describe_db_error
 
 SCHEMA_VERSION = 1
 PREFIX = "mailsync_"
@@ -46,7 +47,7 @@ _Time = DateTime(timezone=True)
 
 metadata = MetaData()
 
-meta = Table(
+meta_table = Table(
     "mailsync_meta",
     metadata,
     Column("key", String(64), primary_key=True),
@@ -120,7 +121,7 @@ stations = Table(
     Column("created_at", _Time, nullable=False),
 )
 
-rules = Table(
+rules_table = Table(
     "mailsync_rules",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -194,7 +195,7 @@ parked = Table(
 
 # A row changed here and at a peer before either had the other's change: the
 # version that lost is kept here with the one that won (DESIGN §9).
-conflicts = Table(
+conflicts_table = Table(
     "mailsync_conflicts",
     metadata,
     Column("id", _Id, primary_key=True, autoincrement=True),
@@ -230,7 +231,7 @@ mailbox_seen = Table(
     Column("uid", String(200), primary_key=True),
 )
 
-log = Table(
+log_table = Table(
     "mailsync_log",
     metadata,
     Column("id", _Id, primary_key=True, autoincrement=True),
@@ -244,7 +245,7 @@ log = Table(
 # Number ranges (DESIGN §8). The host defines them; a station learns a
 # range's definition with its first lease. ``next_free`` (host) is the first
 # number no lease has covered yet: blocks are carved upwards from ``first``.
-ranges = Table(
+ranges_table = Table(
     "mailsync_ranges",
     metadata,
     Column("name", String(64), primary_key=True),
@@ -305,7 +306,7 @@ leases = Table(
 
 # The one ``mailsync serve`` that runs this node: where, since when, and how
 # its last cycle went. A row whose heartbeat is stale is a service that died.
-service = Table(
+service_table = Table(
     "mailsync_service",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),  # always 1
@@ -333,10 +334,12 @@ def ensure_schema(engine: Engine) -> None:
     try:
         with engine.begin() as conn:
             metadata.create_all(conn, checkfirst=True)
-            row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+            row = conn.execute(
+                select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).first()
             version = int(row[0]) if row else SCHEMA_VERSION
             if row is None:
-                conn.execute(meta.insert().values(key="schema_version", value=str(version)))
+                conn.execute(meta_table.insert().values(key="schema_version", value=str(version)))
             if version > SCHEMA_VERSION:
                 raise DatabaseError(
                     f"{engine.url.render_as_string(hide_password=True)}: the mailsync tables are "
@@ -347,23 +350,23 @@ def ensure_schema(engine: Engine) -> None:
                 MIGRATIONS[version](conn)
                 version += 1
                 conn.execute(
-                    meta.update().where(meta.c.key == "schema_version").values(value=str(version))
+                    meta_table.update()
+                    .where(meta_table.c.key == "schema_version")
+                    .values(value=str(version))
                 )
     except DatabaseError:
         raise
     except Exception as exc:
-        from mailsync.db import describe_db_error
-
         raise describe_db_error(engine, exc, "cannot create the mailsync tables") from exc
 
 
 def get_meta(conn: Connection, key: str) -> str | None:
-    row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+    row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == key)).first()
     return None if row is None else str(row[0])
 
 
 def set_meta(conn: Connection, key: str, value: str) -> None:
     if get_meta(conn, key) is None:
-        conn.execute(meta.insert().values(key=key, value=value))
+        conn.execute(meta_table.insert().values(key=key, value=value))
     else:
-        conn.execute(meta.update().where(meta.c.key == key).values(value=value))
+        conn.execute(meta_table.update().where(meta_table.c.key == key).values(value=value))

@@ -1,0 +1,75 @@
+"""Opening the application database and wording its errors.
+
+mailsync reaches any database through SQLAlchemy; what differs per database
+(trigger DDL, upsert, the "applying from peer X" flag) lives in
+:mod:`mailsync.dialects`. Errors from the driver are turned into one-line
+:class:`~mailsync.errors.DatabaseError` messages that name the database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+from mailsync.errors import ConfigError, DatabaseError, first_line
+
+#: How long a SQLite connection waits for another writer before giving up.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def redact(engine_or_url: Engine | str) -> str:
+    """The database URL with any password hidden, for messages and logs."""
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
+    return url.render_as_string(hide_password=True)
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets real transactions (``BEGIN IMMEDIATE``).
+
+    pysqlite's default transaction handling runs SELECTs outside any
+    transaction, so a changeset built from several reads would not see one
+    consistent snapshot; the driver is put in autocommit mode and mailsync
+    emits ``BEGIN IMMEDIATE`` itself, which also takes the write lock up
+    front instead of failing on a lock upgrade.
+    """
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+            @event.listens_for(engine, "connect")
+            def _connect(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.isolation_level = None
+
+            @event.listens_for(engine, "begin")
+            def _begin(conn: Connection) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+            return engine
+        return create_engine(parsed, pool_pre_ping=True)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"database URL {url!r} is not valid: {exc}") from exc
+    except NoSuchModuleError as exc:
+        raise ConfigError(f"database URL {redact(url)}: no driver for it ({exc})") from exc
+    except ImportError as exc:
+        raise ConfigError(
+            f"database URL {redact(url)}: its driver is not installed ({exc.name})",
+            hint="for PostgreSQL: pip install 'mailsync[postgresql]'",
+        ) from exc
+
+
+def describe_db_error(engine: Engine, exc: BaseException, doing: str) -> DatabaseError:
+    """A one-line DatabaseError for a driver error, naming the database."""
+    return DatabaseError(f"{redact(engine)}: {doing}: {first_line(exc)}")
+
+
+def check_connection(engine: Engine) -> None:
+    """Open and close one connection, so a bad URL fails early and clearly."""
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        raise describe_db_error(engine, exc, "cannot open the database") from exc

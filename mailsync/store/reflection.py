@@ -1,0 +1,108 @@
+"""The application's tables as the database has them, reflected and cached.
+
+Reflection costs a dozen catalog queries per table, and a cycle looks at
+every synced table several times: over half a small cycle went there. So a
+reflected table is kept per engine and reused while a cheap fingerprint of
+the schema is unchanged (SQLite's schema_version; on PostgreSQL the catalog
+rows' row versions of the table, its columns, defaults and constraints).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from sqlalchemy import Connection, Engine, MetaData, Table, inspect, text
+from sqlalchemy.exc import NoSuchTableError
+
+from mailsync.dialects import dialect_for
+from mailsync.errors import SchemaError
+from mailsync.store.engine import redact
+
+
+def table_names(conn: Connection) -> list[str]:
+    """The application's tables (mailsync's own excluded)."""
+    return sorted(n for n in inspect(conn).get_table_names() if not n.startswith("mailsync_"))
+
+
+_reflected: weakref.WeakKeyDictionary[Engine, dict[str, tuple[Any, Table]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+_PG_FINGERPRINT = """
+SELECT c.oid::bigint, c.xmin::text,
+  (SELECT string_agg(a.attnum::text || ':' || a.xmin::text, ',' ORDER BY a.attnum)
+     FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0),
+  (SELECT string_agg(d.oid::text || ':' || d.xmin::text, ',' ORDER BY d.oid)
+     FROM pg_attrdef d WHERE d.adrelid = c.oid),
+  (SELECT string_agg(x.oid::text || ':' || x.xmin::text, ',' ORDER BY x.oid)
+     FROM pg_constraint x WHERE x.conrelid = c.oid)
+FROM pg_class c WHERE c.oid = to_regclass(:t)
+"""
+
+
+def _fingerprint(conn: Connection, name: str) -> Any:
+    """Something that changes whenever table ``name`` might have; None when
+    there is no cheap way to tell (no caching then)."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        return conn.exec_driver_sql("PRAGMA schema_version").scalar()
+    if dialect == "postgresql":
+        quoted = conn.dialect.identifier_preparer.quote(name)
+        row = conn.execute(text(_PG_FINGERPRINT), {"t": quoted}).first()
+        return tuple(row) if row is not None else None
+    return None
+
+
+def reflect(conn: Connection, name: str) -> Table:
+    """A table as the database has it; SchemaError if missing or keyless.
+
+    The same :class:`Table` is returned while the schema is unchanged:
+    callers must not alter it."""
+    mark = _fingerprint(conn, name)
+    if mark is not None:
+        held = _reflected.get(conn.engine, {}).get(name)
+        if held is not None and held[0] == mark:
+            return held[1]
+    table = _reflect(conn, name)
+    if mark is not None:
+        _reflected.setdefault(conn.engine, {})[name] = (mark, table)
+    return table
+
+
+def _reflect(conn: Connection, name: str) -> Table:
+    try:
+        table = Table(name, MetaData(), autoload_with=conn)
+    except NoSuchTableError:
+        raise SchemaError(
+            f"table {name!r} does not exist in {redact(conn.engine)}",
+            hint="create the application schema first, or check the name",
+        ) from None
+    if not table.primary_key.columns:
+        raise SchemaError(
+            f"table {name!r} in {redact(conn.engine)} has no primary key; "
+            "mailsync needs one to tell rows apart",
+            hint="add a primary key (an integer from a number range, or a UUID)",
+        )
+    dialect_for(conn).adapt_table(table)
+    return table
+
+
+def dependency_order(conn: Connection, names: list[str]) -> list[str]:
+    """``names`` ordered parents before children (by foreign keys), else in
+    the given order; tables in a cycle of foreign keys come last."""
+    wanted = set(names)
+    parents = {
+        name: {fk.referred_table.name for fk in reflect(conn, name).foreign_key_constraints}
+        & wanted - {name}
+        for name in names
+    }
+    order: list[str] = []
+    remaining = list(names)
+    while True:
+        ready = [n for n in remaining if parents[n] <= set(order)]
+        if not ready:
+            return order + remaining
+        for name in ready:
+            order.append(name)
+            remaining.remove(name)
