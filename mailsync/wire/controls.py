@@ -1,0 +1,379 @@
+"""Control records: one dataclass and one validating parser per kind.
+
+A changeset carries, besides rows, control records (``["C", kind,
+payload]``). Signed by a peer is not the same as well-formed: a buggy or
+hostile station can sign anything, so every payload is checked here, once,
+before any code acts on it; what does not parse raises
+:class:`~mailsync.errors.MessageError` naming the kind and what is wrong,
+and the message is set aside.
+
+Unsequenced messages (sequence 0, acted on as soon as they arrive):
+
+============  =======================  =====================================
+kind          dataclass                what it says
+============  =======================  =====================================
+``resend``    :class:`Resend`          send these changesets / parts again
+``reload``    :class:`ReloadRequest`   I went back to a backup: reload me
+``ranges``    :class:`RangeReport`     station → host: lease use, blocks wanted
+``ranges``    :class:`RangeGrants`     host → station: blocks granted, asked back
+============  =======================  =====================================
+
+Sequenced changesets (applied with the rows, in the same transaction):
+
+============  =======================  =====================================
+``key``       :class:`KeyAnnouncement` the sender's next public key
+``rules``     :class:`RulesUpdate`     a station's effective table rules
+``reload``    :class:`FullLoad`        these tables follow in full: replace
+============  =======================  =====================================
+
+The wire keeps the name ``reload`` for both a request and a full load (older
+nodes read it so); which one is meant follows from whether the message is
+sequenced, and only :func:`parse_unsequenced` / :func:`parse_sequenced`
+decide it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailsync.errors import MessageError
+
+#: At most this many sequence numbers or parts are asked for in one request.
+MAX_RESEND_REQUEST = 10_000
+#: At most this many leases, wanted ranges, grants or tables in one control.
+MAX_ITEMS = 10_000
+#: Longest name (table, range, column) a control may carry.
+MAX_NAME = 200
+
+
+def _fail(kind: str, what: str) -> MessageError:
+    return MessageError(f"malformed {kind!r} control: {what}")
+
+
+def _int(kind: str, value: Any, what: str) -> int:
+    # bool is an int in Python; on the wire it is not a number
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(kind, f"{what} is not an integer")
+    return value
+
+
+def _str(kind: str, value: Any, what: str, *, limit: int = MAX_NAME) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise _fail(kind, f"{what} is not a name of 1–{limit} characters")
+    return value
+
+
+def _list(kind: str, value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _fail(kind, f"{what} is not a list")
+    if len(value) > MAX_ITEMS:
+        raise _fail(kind, f"{what} has {len(value):,} items (at most {MAX_ITEMS:,})")
+    return value
+
+
+def _dict(kind: str, value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(kind, f"{what} is not a map")
+    return value
+
+
+# ------------------------------------------------------------------ unsequenced
+
+#: What a resend request names: a whole changeset, or one part of one.
+Wanted = int | tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Resend:
+    """Send these again: whole changesets (seq) and single parts (seq, part)."""
+
+    wanted: tuple[Wanted, ...]
+
+    KIND = "resend"
+
+    def payload(self) -> list[Any]:
+        return [w if isinstance(w, int) else list(w) for w in self.wanted]
+
+    @classmethod
+    def parse(cls, payload: Any) -> Resend:
+        wanted: list[Wanted] = []
+        for item in _list(cls.KIND, payload, "the list")[:MAX_RESEND_REQUEST]:
+            if isinstance(item, list) and len(item) == 2:
+                seq, part = (_int(cls.KIND, i, "a [seq, part] pair") for i in item)
+                if seq < 1 or part < 1:
+                    raise _fail(cls.KIND, f"[{seq}, {part}] is not a changeset part")
+                wanted.append((seq, part))
+            else:
+                seq = _int(cls.KIND, item, "a sequence number")
+                if seq < 1:
+                    raise _fail(cls.KIND, f"{seq} is not a sequence number")
+                wanted.append(seq)
+        return cls(tuple(wanted))
+
+    def describe(self) -> str:
+        shown = [f"#{w}" if isinstance(w, int) else f"#{w[0]} part {w[1]}" for w in self.wanted]
+        return ", ".join(shown[:20]) + (" …" if len(shown) > 20 else "")
+
+
+@dataclass(frozen=True)
+class ReloadRequest:
+    """A station went back to a backup and has our changesets up to
+    ``in_seq``; ``request`` tells a delayed duplicate from a new request."""
+
+    in_seq: int
+    request: str | None
+
+    KIND = "reload"
+
+    def payload(self) -> dict[str, Any]:
+        return {"in_seq": self.in_seq, "id": self.request}
+
+    @classmethod
+    def parse(cls, payload: Any) -> ReloadRequest:
+        data = _dict(cls.KIND, payload, "the request")
+        in_seq = _int(cls.KIND, data.get("in_seq"), "in_seq")
+        request = data.get("id")
+        if request is not None:
+            request = _str(cls.KIND, request, "id", limit=64)
+        return cls(in_seq, request)
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """One lease as its holder reports it: next number to draw, state."""
+
+    lease_id: int
+    next: int
+    state: str
+
+
+@dataclass(frozen=True)
+class RangeReport:
+    """Station → host: the use and state of every lease the station holds,
+    and the ranges it wants another block of."""
+
+    leases: tuple[LeaseState, ...] = ()
+    want: tuple[str, ...] = ()
+
+    KIND = "ranges"
+    STATES = ("active", "release", "released", "retired")
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "leases": [[s.lease_id, s.next, s.state] for s in self.leases],
+            "want": list(self.want),
+        }
+
+    @classmethod
+    def parse(cls, payload: Any) -> RangeReport:
+        data = _dict(cls.KIND, payload, "the report")
+        leases = []
+        for item in _list(cls.KIND, data.get("leases", []), "leases"):
+            if not isinstance(item, list) or len(item) != 3:
+                raise _fail(cls.KIND, "a lease is not [id, next, state]")
+            state = _str(cls.KIND, item[2], "a lease state")
+            if state not in cls.STATES:
+                raise _fail(cls.KIND, f"lease state {state[:20]!r} is unknown")
+            leases.append(
+                LeaseState(
+                    _int(cls.KIND, item[0], "a lease id"), _int(cls.KIND, item[1], "next"), state
+                )
+            )
+        want = tuple(
+            _str(cls.KIND, name, "a range name")
+            for name in _list(cls.KIND, data.get("want", []), "want")
+        )
+        return cls(tuple(leases), want)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One block leased to a station, with its range's definition."""
+
+    lease_id: int
+    range: str
+    start: int
+    end: int
+    block: int
+    threshold: float
+    max_blocks: int
+    bind: str | None
+    first: int
+    last: int
+    next: int
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": self.lease_id,
+            "range": self.range,
+            "start": self.start,
+            "end": self.end,
+            "block": self.block,
+            "threshold": self.threshold,
+            "max_blocks": self.max_blocks,
+            "bind": self.bind,
+            "first": self.first,
+            "last": self.last,
+            "next": self.next,
+        }
+
+    @classmethod
+    def parse(cls, data: Any) -> Grant:
+        kind = RangeGrants.KIND
+        g = _dict(kind, data, "a grant")
+        ints = {
+            k: _int(kind, g.get(k), k)
+            for k in ("id", "start", "end", "block", "max_blocks", "first", "last", "next")
+        }
+        threshold = g.get("threshold")
+        if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+            raise _fail(kind, "threshold is not a number")
+        if not 0 <= threshold <= 1:
+            raise _fail(kind, f"threshold {threshold} is not between 0 and 1")
+        bind = g.get("bind")
+        if bind is not None:
+            bind = _str(kind, bind, "bind", limit=2 * MAX_NAME + 1)
+            if bind.count(".") != 1:
+                raise _fail(kind, f"bind {bind[:40]!r} is not table.column")
+        if not ints["start"] <= ints["first"] <= ints["next"] <= ints["last"] + 1:
+            raise _fail(kind, "the block's numbers are not in order")
+        if ints["last"] > ints["end"] or ints["block"] < 1 or ints["max_blocks"] < 1:
+            raise _fail(kind, "the block lies outside its range")
+        return cls(
+            lease_id=ints["id"],
+            range=_str(kind, g.get("range"), "range"),
+            start=ints["start"],
+            end=ints["end"],
+            block=ints["block"],
+            threshold=float(threshold),
+            max_blocks=ints["max_blocks"],
+            bind=bind,
+            first=ints["first"],
+            last=ints["last"],
+            next=ints["next"],
+        )
+
+
+@dataclass(frozen=True)
+class RangeGrants:
+    """Host → station: blocks granted (or granted again, unconfirmed), and
+    leases the host asks back."""
+
+    grants: tuple[Grant, ...] = ()
+    release: tuple[int, ...] = ()
+
+    KIND = "ranges"
+
+    def __bool__(self) -> bool:
+        return bool(self.grants or self.release)
+
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.grants:
+            out["grant"] = [g.payload() for g in self.grants]
+        if self.release:
+            out["release"] = list(self.release)
+        return out
+
+    @classmethod
+    def parse(cls, payload: Any) -> RangeGrants:
+        data = _dict(cls.KIND, payload, "the grants")
+        grants = tuple(Grant.parse(g) for g in _list(cls.KIND, data.get("grant", []), "grant"))
+        release = tuple(
+            _int(cls.KIND, i, "a lease id")
+            for i in _list(cls.KIND, data.get("release", []), "release")
+        )
+        return cls(grants, release)
+
+
+UnsequencedControl = Resend | ReloadRequest | RangeReport | RangeGrants
+
+
+def parse_unsequenced(kind: str, payload: Any, *, from_host: bool) -> UnsequencedControl:
+    """The control record of an unsequenced message, checked; ``from_host``
+    says which side sent it (a ``ranges`` record is a report or grants)."""
+    if kind == Resend.KIND:
+        return Resend.parse(payload)
+    if kind == ReloadRequest.KIND and not from_host:
+        return ReloadRequest.parse(payload)
+    if kind == "ranges":
+        return RangeGrants.parse(payload) if from_host else RangeReport.parse(payload)
+    raise MessageError(f"control {kind[:40]!r} is not one an unsequenced message carries")
+
+
+# -------------------------------------------------------------------- sequenced
+
+
+@dataclass(frozen=True)
+class KeyAnnouncement:
+    """The sender's next public key (a ``msk1:`` token)."""
+
+    token: str
+
+    KIND = "key"
+
+    def payload(self) -> str:
+        return self.token
+
+    @classmethod
+    def parse(cls, payload: Any) -> KeyAnnouncement:
+        return cls(_str(cls.KIND, payload, "the key", limit=1000))
+
+
+@dataclass(frozen=True)
+class RulesUpdate:
+    """The effective table rules of the receiving station (wire dicts; the
+    rules module reads each one)."""
+
+    rules: tuple[dict[str, Any], ...]
+
+    KIND = "rules"
+
+    def payload(self) -> list[dict[str, Any]]:
+        return list(self.rules)
+
+    @classmethod
+    def parse(cls, payload: Any) -> RulesUpdate:
+        rules = []
+        for item in _list(cls.KIND, payload, "the rules"):
+            rule = _dict(cls.KIND, item, "a rule")
+            for key in ("table", "station", "down", "up"):
+                _str(cls.KIND, rule.get(key, "") or "-", key)
+            rules.append(rule)
+        return cls(tuple(rules))
+
+
+@dataclass(frozen=True)
+class FullLoad:
+    """These tables follow in full and replace the receiver's copy."""
+
+    tables: tuple[str, ...] = field(default_factory=tuple)
+
+    KIND = "reload"
+
+    def payload(self) -> list[str]:
+        return list(self.tables)
+
+    @classmethod
+    def parse(cls, payload: Any) -> FullLoad:
+        names = _list(cls.KIND, payload, "the tables")
+        return cls(tuple(_str(cls.KIND, t, "a table name") for t in names))
+
+
+SequencedControl = KeyAnnouncement | RulesUpdate | FullLoad
+
+_SEQUENCED: dict[str, type[KeyAnnouncement] | type[RulesUpdate] | type[FullLoad]] = {
+    c.KIND: c for c in (KeyAnnouncement, RulesUpdate, FullLoad)
+}
+
+
+def parse_sequenced(kind: str, payload: Any) -> SequencedControl:
+    """A control record inside a sequenced changeset, checked."""
+    parser = _SEQUENCED.get(kind)
+    if parser is None:
+        raise MessageError(f"control {kind[:40]!r} is not one a changeset carries")
+    return parser.parse(payload)
+
+
+Control = UnsequencedControl | SequencedControl
