@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, upd
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture, faults
+from mailsync import link as links_mod
 from mailsync.build import Direction, key_filter
 from mailsync.conflicts import Detector
 from mailsync.dialects import dialect_for
@@ -30,7 +31,7 @@ from mailsync.keys import PublicKey
 from mailsync.reload import Reload
 from mailsync.rules import Rule, replace_rules
 from mailsync.store.reflection import reflect
-from mailsync.store.tables import inbox, links, now, parked
+from mailsync.store.tables import now, parked
 from mailsync.trust import trust_key
 from mailsync.wire.changeset import (
     Control,
@@ -252,7 +253,6 @@ def apply_buffered(
                     continue
                 result.rows += target.guarded(conn, op, rows, park)
             result.conflicts = detector.summary()
-            values: dict[str, Any] = {"in_seq": seq, "in_cid": header.cid, "last_contact": now()}
             if reload is not None:
                 mirrored = _mirrored(rules)
                 for table, tdef, keys in reload.doomed(mirrored):
@@ -260,10 +260,8 @@ def apply_buffered(
                     reload.settled(table, keys)
                 reload.close()
                 result.reloaded = True
-                values.update(reload_wanted=False, reload_asked_at=None)
-            conn.execute(update(links).where(links.c.peer == peer).values(**values))
-            # its parts, and anything older it supersedes
-            conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= seq))
+            # the sequence number, its parts and anything older they supersede
+            links_mod.applied(conn, peer, seq, header.cid, reloaded=result.reloaded)
             faults.point("in-apply")
             dialect.end_apply(conn)
     except ApplyError:

@@ -47,10 +47,11 @@ from sqlalchemy import (
     update,
 )
 
+from mailsync import link as links_mod
 from mailsync.keys import PublicKey
 from mailsync.rules import Rule
 from mailsync.store.reflection import dependency_order, reflect
-from mailsync.store.tables import changes, horizons, links, loads, now, outbox
+from mailsync.store.tables import changes, horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
 from mailsync.wire.envelope import Codec, Header
 
@@ -342,8 +343,8 @@ def build_for_link(
         contextlib.closing(_KeySpool()) as keys,
         engine.begin() as conn,
     ):
-        link = conn.execute(select(links).where(links.c.peer == plan.peer)).one()
-        cursor = int(link.change_cursor)
+        link = links_mod.one(conn, plan.peer)
+        cursor = link.change_cursor
         compressed = codec.body_writer(spool)  # type: ignore[arg-type]
         counter = _CountingSink(compressed)
         writer = ChangesetWriter(counter, {"from": plan.me, "to": plan.peer})
@@ -365,11 +366,9 @@ def build_for_link(
         for name in reversed(ordered):
             for chunk in keys.read(name):
                 writer.rows(builder.tdef(name), "D", chunk)
-        values: dict[str, Any] = {"change_cursor": max(cursor, horizon)}
-        if plan.send_rules:
-            values["rules_hash"] = plan.rules_hash
+        rules_hash = plan.rules_hash if plan.send_rules else None
         if writer.summary.records <= 1:
-            conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
+            links_mod.nothing_built(conn, plan.peer, max(cursor, horizon), rules_hash)
             # nothing of ours up to here goes to this peer: its changesets
             # need not be tested against it (and the purge may drop it)
             latest = (
@@ -385,16 +384,17 @@ def build_for_link(
             return None
         summary = writer.close()
         compressed.close()  # type: ignore[no-untyped-call]  # ends the zstd frame; the spool stays open
-        seq = int(link.out_seq) + 1
-        values["out_seq"] = seq
-        if plan.announce_key is not None:
-            values["key_announced"] = plan.announce_key.key_id
-            values["key_announced_seq"] = seq
-        if plan.reload:
-            values["reload_wanted"] = False
-            values["reload_seq"] = seq
+        seq = link.out_seq + 1
         # the link row first: the sealer reads it to pick the signing key
-        conn.execute(update(links).where(links.c.peer == plan.peer).values(**values))
+        links_mod.built(
+            conn,
+            plan.peer,
+            seq,
+            max(cursor, horizon),
+            rules_hash=rules_hash,
+            announced_key=plan.announce_key.key_id if plan.announce_key is not None else None,
+            reload=plan.reload,
+        )
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
         conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))
@@ -409,13 +409,13 @@ def build_for_link(
                 sender=plan.me,
                 recipient=plan.peer,
                 seq=seq,
-                ack=int(link.in_seq),
+                ack=link.in_seq,
                 part=number,
                 parts=parts,
                 cid=cid,
                 base=0 if plan.reload else -1,
-                ack_cid=str(link.in_cid),
-                acked=int(link.acked_seq),
+                ack_cid=link.in_cid,
+                acked=link.acked_seq,
             )
             blob = seal(conn, header, body)
             size += len(blob)
@@ -430,7 +430,7 @@ def build_for_link(
                     rows=summary.rows if number == 1 else 0,
                     raw_size=counter.count if number == 1 else 0,
                     cursor_from=cursor,
-                    ack=int(link.in_seq),
+                    ack=link.in_seq,
                     created_at=now(),
                 )
             )

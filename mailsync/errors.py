@@ -18,16 +18,28 @@ boundary with ``raise ... from exc`` so the cause stays inspectable.
     ├── ApplyError           a changeset cannot be applied (link waits)
     └── RangeError           a number range cannot give a number
 
-``scope`` says how much work an error abandons: ``"message"`` (set this one
-message aside and go on), ``"peer"`` (stop work on this link for the cycle),
-``"cycle"`` (stop the whole cycle).
+``scope`` says how much work an error abandons, from least to most:
+
+- ``"message"``: set this one message aside and go on;
+- ``"peer"``: stop work on this link for the rest of the stage (its
+  other messages wait for the next cycle); every other link goes on;
+- ``"mailbox"``: this node's own mailbox cannot be used (server down, wrong
+  password): the stage that needs it stops, the rest of the cycle goes on;
+- ``"cycle"``: stop the whole cycle (the database is gone, a bug).
+
+A raiser that knows better than its class passes ``scope=`` (an SMTP server
+refusing one recipient is a ``"peer"`` matter, not the mailbox's). The
+cycle confines each error with :func:`mailsync.cycle.contain.contained`.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-Scope = Literal["message", "peer", "cycle"]
+Scope = Literal["message", "peer", "mailbox", "cycle"]
+
+#: Scopes from the narrowest to the widest.
+SCOPES: tuple[Scope, ...] = ("message", "peer", "mailbox", "cycle")
 
 
 def first_line(exc: BaseException) -> str:
@@ -46,9 +58,13 @@ class MailsyncError(Exception):
     exit_code: int = 1
     scope: Scope = "cycle"
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, scope: Scope | None = None
+    ) -> None:
         super().__init__(message)
         self.hint = hint
+        if scope is not None:
+            self.scope = scope
 
 
 class ConfigError(MailsyncError):
@@ -64,7 +80,12 @@ class DatabaseError(MailsyncError):
 
 
 class SchemaError(DatabaseError):
-    """A table is missing, lacks a primary key, or its columns do not match."""
+    """A table is missing, lacks a primary key, or its columns do not match.
+
+    It spoils the links that carry the table, not the database: a cycle
+    holds those links and serves the others."""
+
+    scope = "peer"
 
 
 class RuleError(MailsyncError):
@@ -77,7 +98,7 @@ class TransportError(MailsyncError):
     """A mailbox cannot be reached, read or written."""
 
     exit_code = 4
-    scope = "peer"
+    scope = "mailbox"
 
 
 class MessageError(MailsyncError):

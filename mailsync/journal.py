@@ -76,11 +76,22 @@ class Journal:
         message: str,
         *,
         peer: str | None = None,
+        seq: int | None = None,
         conn: Connection | None = None,
     ) -> None:
         """Record an entry, in ``conn``'s transaction when given (so it commits
-        or rolls back with the work it describes), else on its own."""
-        logger.log(_LEVELS[level], "%s: %s", self._node, message)
+        or rolls back with the work it describes), else on its own.
+
+        The logging record carries the structured fields as attributes
+        (``node``, ``event``, ``peer``, ``seq``): a handler (the CLI's
+        progress line, a JSON formatter) reads those, never the prose."""
+        logger.log(
+            _LEVELS[level],
+            "%s: %s",
+            self._node,
+            message,
+            extra={"node": self._node, "event": event, "peer": peer, "seq": seq},
+        )
         values = {"at": now(), "level": level, "event": event, "peer": peer, "message": message}
         if conn is not None:
             conn.execute(log_table.insert().values(**values))
@@ -90,14 +101,38 @@ class Journal:
             with self._engine.begin() as own:
                 own.execute(log_table.insert().values(**values))
 
-    def info(self, event: str, message: str, **kw: object) -> None:
-        self.write("info", event, message, **kw)  # type: ignore[arg-type]
+    def info(
+        self,
+        event: str,
+        message: str,
+        *,
+        peer: str | None = None,
+        seq: int | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        self.write("info", event, message, peer=peer, seq=seq, conn=conn)
 
-    def warning(self, event: str, message: str, **kw: object) -> None:
-        self.write("warning", event, message, **kw)  # type: ignore[arg-type]
+    def warning(
+        self,
+        event: str,
+        message: str,
+        *,
+        peer: str | None = None,
+        seq: int | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        self.write("warning", event, message, peer=peer, seq=seq, conn=conn)
 
-    def error(self, event: str, message: str, **kw: object) -> None:
-        self.write("error", event, message, **kw)  # type: ignore[arg-type]
+    def error(
+        self,
+        event: str,
+        message: str,
+        *,
+        peer: str | None = None,
+        seq: int | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        self.write("error", event, message, peer=peer, seq=seq, conn=conn)
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,24 @@
-"""A node — one installation — and its sync cycle.
+"""A node — one installation — as a program sees it: the façade.
 
-``Node.open(config).sync()`` runs one cycle (DESIGN §4)::
-
-    receive → check → buffer → apply in sequence order → capture/route/pack
-    → send → purge
-
-Every step is idempotent and commits before the next one depends on it: a
-message leaves the mailbox only after the commit that buffered it (or found
-it a duplicate); an outbox entry, its sequence number and the change-log
-cursor commit together; a buffered changeset, its rows and the link's
-inbound sequence number commit together. A cycle killed at any instant and
-run again loses nothing and applies nothing twice.
+``Node.open(config)`` opens the config, keys and database; ``.sync()`` runs
+one cycle (:mod:`mailsync.cycle`), ``.status()`` reads the state,
+``.join()`` / ``.rotate_keys()`` change the node's identity, and the admin
+methods (stations, rules) hand over to :mod:`mailsync.admin`. The cycle
+never sees the node: it gets a :class:`~mailsync.cycle.context.CycleContext`.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from sqlalchemy import Connection, Engine, select, update
-from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, faults, ranges, trust
+from mailsync import ranges, trust
 from mailsync import rules as rules_mod
-from mailsync.apply import Applied
-from mailsync.build import Built, Direction, LinkPlan, build_for_link
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -39,62 +28,18 @@ from mailsync.config import (
     load_config,
     render_config,
 )
-from mailsync.delivery import Delivery, SeenInDatabase
-from mailsync.dialects import dialect_for
+from mailsync.cycle.context import CycleContext
+from mailsync.cycle.report import CycleReport
+from mailsync.cycle.run import run_cycle
 from mailsync.enroll import Bundle
-from mailsync.errors import ConfigError, DatabaseError, MailsyncError, TransportError
+from mailsync.errors import ConfigError, DatabaseError
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
 from mailsync.status import LinkStatus, Status, node_status
-from mailsync.store.engine import check_connection, describe_db_error, open_engine, redact
-from mailsync.store.tables import ensure_schema, get_meta, links, loads, set_meta
+from mailsync.store.engine import check_connection, open_engine, redact
+from mailsync.store.tables import ensure_schema, get_meta, links, set_meta
 from mailsync.transport import TransportContext
 from mailsync.wire.envelope import Codec, Header
-from mailsync.wire.message import part_bytes
-
-
-@dataclass
-class CycleReport:
-    """What one sync cycle did."""
-
-    received: int = 0
-    duplicates: int = 0
-    set_aside: int = 0
-    applied: list[Applied] = field(default_factory=list)
-    built: list[Built] = field(default_factory=list)
-    sent: int = 0
-    errors: list[str] = field(default_factory=list)
-    #: per peer: messages received from it, sent to it, and its first error
-    received_from: Counter[str] = field(default_factory=Counter)
-    sent_to: Counter[str] = field(default_factory=Counter)
-    peer_errors: dict[str, str] = field(default_factory=dict)
-
-    def peer_outcomes(self) -> dict[str, str]:
-        """One line per peer something happened with in this cycle."""
-        peers = set(self.received_from) | set(self.sent_to) | set(self.peer_errors)
-        peers |= {a.peer for a in self.applied} | {b.peer for b in self.built}
-        out = {}
-        for peer in sorted(peers):
-            rows = sum(a.rows for a in self.applied if a.peer == peer)
-            text = (
-                f"{self.received_from[peer]} received, {rows} rows applied, "
-                f"{self.sent_to[peer]} sent"
-            )
-            error = self.peer_errors.get(peer)
-            out[peer] = f"failed: {error}" if error else f"ok: {text}"
-        return out
-
-    @property
-    def rows_applied(self) -> int:
-        return sum(a.rows for a in self.applied)
-
-    @property
-    def rows_parked(self) -> int:
-        return sum(a.parked for a in self.applied)
-
-    @property
-    def rows_sent(self) -> int:
-        return sum(b.rows for b in self.built)
 
 
 class Node:
@@ -105,14 +50,31 @@ class Node:
     ) -> None:
         self.config = config
         self.engine = engine
-        self.ring = ring
-        self.memory = memory
-        self.codec = Codec(config.compression_level)
         self.journal = Journal(engine, config.node_id)
-        self.dialect = dialect_for(engine)
-        #: seconds; the SMTP retry backoff base (tests make it small)
-        self.retry_backoff = 1.0
-        self.delivery = Delivery(self)
+        self.cycle = CycleContext(
+            config, engine, ring, Codec(config.compression_level), self.journal, memory=memory
+        )
+
+    @property
+    def ring(self) -> KeyRing:
+        return self.cycle.ring
+
+    @property
+    def codec(self) -> Codec:
+        return self.cycle.codec
+
+    @property
+    def memory(self) -> object | None:
+        return self.cycle.memory
+
+    @property
+    def retry_backoff(self) -> float:
+        """Seconds; the SMTP retry backoff base (tests make it small)."""
+        return self.cycle.retry_backoff
+
+    @retry_backoff.setter
+    def retry_backoff(self, value: float) -> None:
+        self.cycle.retry_backoff = value
 
     @classmethod
     def open(
@@ -169,161 +131,21 @@ class Node:
             )
 
     def transport_context(self) -> TransportContext:
-        box = self.config.mailbox
-        return TransportContext(
-            address=box.address,
-            base_dir=self.config.base_dir,
-            keep_processed=box.keep_processed,
-            memory=self.memory,
-            secret=box.secret,
-            ca_file=box.ca_file,
-            insecure=box.insecure,
-            timeout=box.timeout,
-            processed_folder=box.processed_folder,
-            unrecognized_folder=box.unrecognized_folder,
-            seen=SeenInDatabase(self.engine, box.receive),
-            retry_backoff=self.retry_backoff,
-        )
-
-    def rules_for(self, peer: str) -> Any:
-        station = peer if self.is_host else None
-        return lambda conn: rules_mod.effective_rules(conn, station)
-
-    def sender_keys(self, conn: Connection, peer: str) -> list[PublicKey]:
-        return trust.usable_keys(conn, peer, self.config.key_grace_days)
+        return self.cycle.transport_context()
 
     def seal(self, conn: Connection, header: Header, body: bytes) -> bytes:
-        """Encrypt for the peer's current key; sign with our old key until the
-        peer has acknowledged the message that announced our new one."""
-        peer = trust.current_key(conn, header.recipient)
-        if peer is None:
-            raise ConfigError(
-                f"no public key for {header.recipient!r}",
-                hint="enroll it again (`mailsync station add --key` / `mailsync join`)",
-            )
-        link = conn.execute(select(links).where(links.c.peer == header.recipient)).one()
-        signer = self.ring.current.sign
-        previous = self.ring.usable_previous(self.config.key_grace_days)
-        if previous and link.acked_seq < link.key_announced_seq:
-            signer = previous[0].sign
-        return self.codec.seal(header, body, peer, signer)
-
-    @property
-    def inbound(self) -> Direction:
-        return "up" if self.is_host else "down"
+        """Seal a changeset for its recipient (see :meth:`CycleContext.seal`)."""
+        return self.cycle.seal(conn, header, body)
 
     # --------------------------------------------------------------- the cycle
 
     def sync(self) -> CycleReport:
         """Run one cycle: receive, apply, build, send, purge."""
-        report = CycleReport()
-        try:
-            with self.journal.deferred():
-                self.journal.info("cycle", "sync cycle started")
-                self._step(report, self.delivery.receive)
-                self.delivery.apply(report)
-                self._build(report)
-                self._step(report, self.delivery.send)
-                self.delivery.purge()
-                self.journal.info(
-                    "cycle",
-                    f"sync cycle done: {report.received} received, {report.rows_applied} rows "
-                    f"applied, {report.rows_sent} rows queued, {report.sent} messages sent"
-                    + (f", {len(report.errors)} errors" if report.errors else ""),
-                )
-        except SQLAlchemyError as exc:
-            raise describe_db_error(self.engine, exc, "sync cycle failed") from exc
-        return report
-
-    def _step(self, report: CycleReport, step: Any) -> None:
-        """Run a mailbox step; a mailbox failure is reported and the cycle goes on."""
-        try:
-            step(report)
-        except TransportError as exc:
-            report.errors.append(str(exc) + (f" (hint: {exc.hint})" if exc.hint else ""))
-            self.journal.error("mailbox", str(exc))
-
-    def _plans(self, conn: Connection) -> list[LinkPlan]:
-        me = self.config.node_id
-        mine = self.ring.current.public
-        plans = []
-        for link in conn.execute(select(links).order_by(links.c.peer)).all():
-            announce = None if link.key_announced == mine.key_id else mine
-            if self.is_host:
-                effective = rules_mod.effective_rules(conn, link.peer)
-                digest = rules_mod.rules_hash(effective)
-                loaded = {
-                    r[0]
-                    for r in conn.execute(select(loads.c.tbl).where(loads.c.station == link.peer))
-                }
-                plans.append(
-                    LinkPlan(
-                        me,
-                        link.peer,
-                        "down",
-                        effective,
-                        # a reloaded station may hold the rules of its backup's day
-                        send_rules=digest != link.rules_hash or link.reload_wanted,
-                        rules_hash=digest,
-                        initial_loads=[
-                            t for t, r in effective.items() if "I" in r.down and t not in loaded
-                        ],
-                        announce_key=announce,
-                        reload=bool(link.reload_wanted),
-                    )
-                )
-            else:
-                plans.append(
-                    LinkPlan(
-                        me,
-                        link.peer,
-                        "up",
-                        rules_mod.effective_rules(conn, None),
-                        announce_key=announce,
-                    )
-                )
-        return plans
-
-    def _build(self, report: CycleReport) -> None:
-        with self.engine.begin() as conn:
-            plans = self._plans(conn)
-            tables = sorted({t for p in plans for t in p.rules})
-            repaired = capture.ensure_capture(conn, tables) if tables else []
-        for name in repaired:
-            self.journal.warning("capture", f"capture triggers of table {name} (re)installed")
-        horizon = self.dialect.change_horizon(self.engine)
-        for plan in plans:
-            try:
-                built = build_for_link(
-                    self.engine,
-                    self.codec,
-                    plan,
-                    horizon,
-                    self.config.batch_rows,
-                    self.seal,
-                    part_bytes(self.config.mailbox.max_message_bytes),
-                )
-            except MailsyncError as exc:
-                report.errors.append(f"building for {plan.peer}: {exc}")
-                report.peer_errors.setdefault(plan.peer, f"building: {exc}")
-                self.journal.error(
-                    "build-failed", f"building for {plan.peer}: {exc}", peer=plan.peer
-                )
-                continue
-            if built is not None:
-                faults.point("after-build")
-                report.built.append(built)
-                self.journal.info(
-                    "queued",
-                    f"changeset #{built.seq} for {built.peer}: {built.rows} rows, "
-                    f"{built.raw_size} bytes raw, {built.size} bytes packed"
-                    + (f" in {built.parts} parts" if built.parts > 1 else ""),
-                    peer=built.peer,
-                )
+        return run_cycle(self.cycle)
 
     def status(self) -> Status:
         """Role, peers, last contact, queues and problems, read from the database."""
-        return node_status(self)
+        return node_status(self.engine, self.config, self.ring.current.public.key_id)
 
     # ------------------------------------------------------------ host admin
 
@@ -378,7 +200,7 @@ class Node:
         if bundle.station_keys is not None:
             ring = KeyRing(me, bundle.station_keys)
             write_keyring(key_path(self.config.path), ring)
-            self.ring = ring
+            self.cycle.ring = ring
         with self.engine.begin() as conn:
             others = conn.execute(select(links.c.peer).where(links.c.peer != bundle.host_id)).all()
             if others:
@@ -404,7 +226,7 @@ class Node:
         signed with the old key, which keeps opening mail for the grace period."""
         ring = self.ring.rotated(self.config.key_grace_days)
         write_keyring(key_path(self.config.path), ring)
-        self.ring = ring
+        self.cycle.ring = ring
         self.journal.info("keys", f"keys rotated: new key {ring.current.public.key_id}")
         return ring.current.public
 

@@ -20,13 +20,13 @@ from sqlalchemy import Connection, Integer, and_, delete, func, select, text, up
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture
+from mailsync import link as links_mod
 from mailsync.config import check_email, check_node_id
 from mailsync.errors import ConfigError, RuleError, first_line
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import (
     ALL_STATIONS,
     horizons,
-    links,
     loads,
     now,
     outbox,
@@ -153,7 +153,7 @@ def add_station(
         stations.insert().values(id=station_id, label=label, email=email, created_at=now())
     )
     cursor = conn.execute(select(func.coalesce(func.max(capture.changes.c.id), 0))).scalar()
-    conn.execute(links.insert().values(peer=station_id, address=email, change_cursor=cursor))
+    links_mod.create(conn, station_id, email, change_cursor=int(cursor or 0))
     return Station(station_id, label, email)
 
 
@@ -163,7 +163,7 @@ def remove_station(conn: Connection, station_id: str) -> None:
     conn.execute(delete(loads).where(loads.c.station == station_id))
     conn.execute(delete(outbox).where(outbox.c.peer == station_id))
     conn.execute(delete(horizons).where(horizons.c.peer == station_id))
-    conn.execute(delete(links).where(links.c.peer == station_id))
+    links_mod.forget(conn, station_id)
     conn.execute(delete(stations).where(stations.c.id == station_id))
 
 

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import distinct, func, or_, select
+from sqlalchemy import Engine, distinct, func, or_, select
 
 from mailsync import capture
 from mailsync import rules as rules_mod
-from mailsync.config import Role
-from mailsync.delivery import LOG_RETENTION_DAYS, held_parts, missing_parts, missing_sequences
+from mailsync.config import NodeConfig, Role
+from mailsync.link import Link, all_links, held_parts, missing_parts, missing_sequences
 from mailsync.ranges import RangeUsage, usage
 from mailsync.store.engine import redact
-from mailsync.store.tables import changes, conflicts_table, links, log_table, now, outbox, parked
-
-if TYPE_CHECKING:
-    from mailsync.node import Node
+from mailsync.store.tables import changes, conflicts_table, log_table, now, outbox, parked
 
 
 @dataclass(frozen=True)
@@ -65,12 +61,12 @@ class Status:
     conflicts: int = 0
 
 
-def node_status(node: Node) -> Status:
+def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
     """Role, peers, last contact, queues and problems, read from the database."""
-    is_host = node.is_host
-    with node.engine.begin() as conn:
+    is_host = config.role == "host"
+    with engine.begin() as conn:
         result = []
-        for link in conn.execute(select(links).order_by(links.c.peer)).all():
+        for link in all_links(conn):
             routed = (
                 or_(changes.c.origin.is_(None), changes.c.origin != link.peer)
                 if is_host
@@ -120,7 +116,7 @@ def node_status(node: Node) -> Status:
             conn.execute(select(func.count()).select_from(conflicts_table)).scalar() or 0
         )
         range_usage = usage(conn)
-        since = now() - dt.timedelta(days=LOG_RETENTION_DAYS)
+        since = now() - dt.timedelta(days=config.log_retention_days)
         counts: dict[str, int] = dict(
             conn.execute(
                 select(log_table.c.event, func.count())
@@ -129,23 +125,23 @@ def node_status(node: Node) -> Status:
             ).all()
         )
     return Status(
-        node_id=node.config.node_id,
-        role=node.config.role,
-        address=node.config.mailbox.address,
-        database=redact(node.engine),
+        node_id=config.node_id,
+        role=config.role,
+        address=config.mailbox.address,
+        database=redact(engine),
         links=result,
         tables=tables,
         capture_missing=missing,
         set_aside=int(counts.get("rejected", 0)),
         errors=int(counts.get("apply-failed", 0)),
-        key_id=node.ring.current.public.key_id,
+        key_id=key_id,
         parked=parked_count,
         ranges=range_usage,
         conflicts=conflict_count,
     )
 
 
-def _restore_state(link: Any, is_host: bool) -> str | None:
+def _restore_state(link: Link, is_host: bool) -> str | None:
     """Say what is pending after a database went back to an older backup."""
     if is_host and link.reload_wanted:
         return f"{link.peer} went back to an older backup: a full reload is queued for it"

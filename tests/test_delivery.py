@@ -17,9 +17,12 @@ import pytest
 from sqlalchemy import delete, func, select, update
 
 from mailsync.conflicts import list_conflicts
+from mailsync.cycle import controls
 from mailsync.errors import MessageError
+from mailsync.link import Link
 from mailsync.store.tables import inbox, links, log_table, outbox
 from mailsync.transport.memory import MemoryPostOffice
+from mailsync.wire.controls import ReloadRequest
 from tests.cluster import Cluster, chaos_cluster, customers
 
 SOAK = int(os.environ.get("MAILSYNC_SOAK", "0"))
@@ -334,11 +337,12 @@ def test_a_station_restored_from_an_old_backup_is_brought_up_to_date(
         with c.engines["hq"].begin() as conn:
             served = conn.execute(select(links).where(links.c.peer == "koeln")).one()
             assert served.reload_request and served.reload_seq <= served.acked_seq
-            hq.delivery._reload_requested(conn, served, {"in_seq": 1, "id": served.reload_request})
+            request = ReloadRequest.parse({"in_seq": 1, "id": served.reload_request})
+            controls._reload_requested(hq.cycle, conn, Link.from_row(served), request)
             again = conn.execute(select(links.c.reload_wanted).where(links.c.peer == "koeln"))
             assert again.scalar() is False
-            with pytest.raises(MessageError, match="reload request from koeln: malformed"):
-                hq.delivery._reload_requested(conn, served, {"in_seq": "x"})
+            with pytest.raises(MessageError, match="malformed 'reload' control: in_seq"):
+                ReloadRequest.parse({"in_seq": "x"})
         # the same backup once more (older than the first reload): noticed
         # as soon as the host sends anything
         c.restore("koeln", copy)

@@ -121,10 +121,13 @@ def _with_progress(node: Node) -> CycleReport:
 
     class Show(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
+            # the journal's structured fields, not its wording
+            key = {"received": "received", "applied": "applied", "sent": "sent"}.get(
+                str(getattr(record, "event", ""))
+            )
+            if key is not None:
+                done[key] += 1
             text = record.getMessage().split(": ", 1)[-1]
-            for key in done:
-                if key in text.split(" ", 3)[:3] or text.startswith(key):
-                    done[key] += 1
             spinner.update(
                 f"received {done['received']}, applied {done['applied']}, "
                 f"sent {done['sent']} — {escape(text[:90])}"

@@ -71,7 +71,8 @@ class MaildirSender(Session):
             deliver(self._root / recipient, raw)
         except OSError as exc:
             raise TransportError(
-                f"cannot deliver to {recipient} in post office {self._root}: {exc.strerror}"
+                f"cannot deliver to {recipient} in post office {self._root}: {exc.strerror}",
+                scope="peer",
             ) from exc
 
 

@@ -134,6 +134,7 @@ class SmtpSender(Session):
                     f"{acc.display}: the server refused a {len(raw):,}-byte message as too large "
                     f"({exc.code} {exc.message})",
                     hint=f"set max_message_bytes in [mailbox] below {len(raw):,}",
+                    scope="peer",
                 ) from exc
             self._fail_or_retry(exc.code, exc.message, exc)
         except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -144,6 +145,7 @@ class SmtpSender(Session):
             raise TransportError(
                 f"{acc.display}: recipient {recipient} refused ({detail})",
                 hint="check the peer's address (`mailsync station show` / the bundle)",
+                scope="peer",
             ) from exc
         except aiosmtplib.SMTPResponseException as exc:
             self._fail_or_retry(exc.code, exc.message, exc)
@@ -155,7 +157,9 @@ class SmtpSender(Session):
         if 400 <= code < 500:
             self._drop()
             raise _Transient(f"{code} {message}") from exc
-        raise TransportError(f"{self.account.display}: {code} {message}") from exc
+        # a permanent refusal of this message (policy, content): the next
+        # recipient may well be accepted
+        raise TransportError(f"{self.account.display}: {code} {message}", scope="peer") from exc
 
     def _drop(self) -> None:
         if self._smtp is not None:

@@ -1,0 +1,73 @@
+"""Build: capture → route → pack, one changeset per link that has something.
+
+The capture triggers of every synced table are checked (and put back if
+someone dropped them); then, per link, the role decides what may travel
+(:meth:`Role.plan <mailsync.cycle.context.Role.plan>`: the station's rules
+and row filters, initial loads, a reload, our new key) and
+:func:`mailsync.build.build_for_link` packs the changes up to one change-log
+horizon, read once for all links, into sealed parts in the outbox. A link
+whose build fails is held with its reason; the others are built.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection
+
+from mailsync import capture, faults
+from mailsync import link as links_mod
+from mailsync.build import LinkPlan, build_for_link
+from mailsync.cycle.contain import contained
+from mailsync.cycle.context import CycleContext
+from mailsync.cycle.report import CycleReport
+from mailsync.wire.message import part_bytes
+
+
+def plans(ctx: CycleContext, conn: Connection) -> list[LinkPlan]:
+    """What may travel on each link now (routing)."""
+    mine = ctx.ring.current.public
+    return [
+        ctx.role.plan(conn, ctx.me, link, None if link.key_announced == mine.key_id else mine)
+        for link in links_mod.all_links(conn)
+    ]
+
+
+def build(ctx: CycleContext, report: CycleReport) -> None:
+    """Queue the next changeset for every link that has something to carry."""
+    with ctx.engine.begin() as conn:
+        planned = plans(ctx, conn)
+        tables = sorted({t for p in planned for t in p.rules})
+        repaired = capture.ensure_capture(conn, tables) if tables else []
+    for name in repaired:
+        ctx.journal.warning("capture", f"capture triggers of table {name} (re)installed")
+    horizon = ctx.dialect.change_horizon(ctx.engine)
+    part_size = part_bytes(ctx.config.mailbox.max_message_bytes)
+    for plan in planned:
+        with contained(
+            report,
+            ctx.journal,
+            scope="peer",
+            event="build-failed",
+            peer=plan.peer,
+            doing=f"building for {plan.peer}",
+        ):
+            built = build_for_link(
+                ctx.engine,
+                ctx.codec,
+                plan,
+                horizon,
+                ctx.config.batch_rows,
+                ctx.seal,
+                part_size,
+            )
+            if built is None:
+                continue
+            faults.point("after-build")
+            report.built.append(built)
+            ctx.journal.info(
+                "queued",
+                f"changeset #{built.seq} for {built.peer}: {built.rows} rows, "
+                f"{built.raw_size} bytes raw, {built.size} bytes packed"
+                + (f" in {built.parts} parts" if built.parts > 1 else ""),
+                peer=built.peer,
+                seq=built.seq,
+            )

@@ -1,0 +1,174 @@
+"""What a cycle needs of its node, and what differs between host and remote.
+
+:class:`CycleContext` is the narrow door between the node and its cycle:
+config, database, keys, codec, journal and the mailbox settings — nothing
+else of the node reaches a stage. :class:`Role` holds every decision that
+differs between the host and a remote, so no stage branches on the role.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sqlalchemy import Connection, Engine, select
+
+from mailsync import link as links_mod
+from mailsync import ranges, trust
+from mailsync import rules as rules_mod
+from mailsync.build import Direction, LinkPlan
+from mailsync.config import NodeConfig
+from mailsync.dialects import Dialect, dialect_for
+from mailsync.errors import ConfigError
+from mailsync.journal import Journal
+from mailsync.keys import KeyRing, PublicKey
+from mailsync.link import Link
+from mailsync.rules import Rule
+from mailsync.store.seen import SeenInDatabase
+from mailsync.store.tables import loads
+from mailsync.transport import TransportContext
+from mailsync.wire.controls import RangeGrants, RangeReport
+from mailsync.wire.envelope import Codec, Header
+
+
+@dataclass(frozen=True)
+class Role:
+    """Host or remote: which way changes come in, whose rules apply, what
+    control traffic a link carries."""
+
+    name: Literal["host", "remote"]
+
+    @property
+    def is_host(self) -> bool:
+        return self.name == "host"
+
+    @property
+    def inbound(self) -> Direction:
+        """The direction changesets we apply travelled."""
+        return "up" if self.is_host else "down"
+
+    @property
+    def outbound(self) -> Direction:
+        return "down" if self.is_host else "up"
+
+    @property
+    def accepts_rules(self) -> bool:
+        """A remote takes its rules (and full loads) from the host."""
+        return not self.is_host
+
+    @property
+    def can_be_reloaded(self) -> bool:
+        """A remote that lost rows asks the host for a reload; the host is
+        the reference copy and has nobody to ask."""
+        return not self.is_host
+
+    def rules(self, conn: Connection, peer: str) -> dict[str, Rule]:
+        """The rules in force on the link with ``peer``: the station's on the
+        host, the ones the host sent on a remote."""
+        return rules_mod.effective_rules(conn, peer if self.is_host else None)
+
+    def plan(self, conn: Connection, me: str, link: Link, announce: PublicKey | None) -> LinkPlan:
+        """What may travel to ``link.peer`` in this build."""
+        effective = self.rules(conn, link.peer)
+        if not self.is_host:
+            return LinkPlan(me, link.peer, "up", effective, announce_key=announce)
+        digest = rules_mod.rules_hash(effective)
+        loaded = {
+            r[0] for r in conn.execute(select(loads.c.tbl).where(loads.c.station == link.peer))
+        }
+        return LinkPlan(
+            me,
+            link.peer,
+            "down",
+            effective,
+            # a reloaded station may hold the rules of its backup's day
+            send_rules=digest != link.rules_hash or link.reload_wanted,
+            rules_hash=digest,
+            initial_loads=[t for t, r in effective.items() if "I" in r.down and t not in loaded],
+            announce_key=announce,
+            reload=link.reload_wanted,
+        )
+
+    def ranges_out(
+        self, conn: Connection, peer: str, resend: dt.timedelta, ask_again: dt.timedelta
+    ) -> tuple[RangeGrants | RangeReport | None, bool]:
+        """The number-range control due to ``peer``, and whether it must go
+        now (a host's grants always must; a station's report when it has
+        something to confirm or ask for)."""
+        if self.is_host:
+            grants = RangeGrants.parse(ranges.host_outgoing(conn, peer, resend))
+            return (grants or None), bool(grants)
+        report, due = ranges.station_outgoing(conn, ask_again)
+        return (None if report is None else RangeReport.parse(report)), due
+
+    def ranges_in(
+        self, conn: Connection, peer: str, control: RangeGrants | RangeReport
+    ) -> list[str]:
+        """Act on a peer's number-range control; lines for the log."""
+        if isinstance(control, RangeReport):
+            return ranges.host_incoming(conn, peer, control.payload()) if self.is_host else []
+        return [] if self.is_host else ranges.station_incoming(conn, control.payload())
+
+
+@dataclass
+class CycleContext:
+    """Everything a stage may use of its node."""
+
+    config: NodeConfig
+    engine: Engine
+    ring: KeyRing
+    codec: Codec
+    journal: Journal
+    #: the in-process post office of ``memory:`` mailboxes (tests, demo)
+    memory: object | None = None
+    #: seconds; the SMTP retry backoff base (tests make it small)
+    retry_backoff: float = 1.0
+    dialect: Dialect = field(init=False)
+    role: Role = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dialect = dialect_for(self.engine)
+        self.role = Role(self.config.role)
+
+    @property
+    def me(self) -> str:
+        return self.config.node_id
+
+    def transport_context(self) -> TransportContext:
+        box = self.config.mailbox
+        return TransportContext(
+            address=box.address,
+            base_dir=self.config.base_dir,
+            keep_processed=box.keep_processed,
+            memory=self.memory,
+            secret=box.secret,
+            ca_file=box.ca_file,
+            insecure=box.insecure,
+            timeout=box.timeout,
+            processed_folder=box.processed_folder,
+            unrecognized_folder=box.unrecognized_folder,
+            seen=SeenInDatabase(self.engine, box.receive),
+            retry_backoff=self.retry_backoff,
+        )
+
+    def sender_keys(self, conn: Connection, peer: str) -> list[PublicKey]:
+        """The peer's keys that may sign what it sends now."""
+        return trust.usable_keys(conn, peer, self.config.key_grace_days)
+
+    def seal(self, conn: Connection, header: Header, body: bytes) -> bytes:
+        """Encrypt for the peer's current key; sign with our old key until the
+        peer has acknowledged the message that announced our new one."""
+        peer = trust.current_key(conn, header.recipient)
+        if peer is None:
+            raise ConfigError(
+                f"no public key for {header.recipient!r}",
+                hint="enroll it again (`mailsync station add --key` / `mailsync join`)",
+                scope="peer",
+            )
+        link = links_mod.one(conn, header.recipient)
+        signer = self.ring.current.sign
+        previous = self.ring.usable_previous(self.config.key_grace_days)
+        if previous and link.acked_seq < link.key_announced_seq:
+            signer = previous[0].sign
+        return self.codec.seal(header, body, peer, signer)

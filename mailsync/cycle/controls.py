@@ -1,0 +1,199 @@
+"""Control traffic: acting on a peer's unsequenced message, and composing ours.
+
+An unsequenced message (sequence 0) carries the sender's ack and perhaps a
+resend request, a reload request or number-range traffic
+(:mod:`mailsync.wire.controls`). It is acted on as soon as it arrives, in
+the transaction that takes it out of the mailbox, and never acknowledged.
+Ours go out ahead of any data: a bare ack where the peer has not heard what
+we applied (and no data message carries it), a resend request where a gap
+in what it sent us is old enough, a reload request after a restore, and
+the number-range report or grants.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from mailsync import link as links_mod
+from mailsync import ranges
+from mailsync.cycle.context import CycleContext
+from mailsync.cycle.report import CycleReport
+from mailsync.keys import PublicKey
+from mailsync.link import Link, aware
+from mailsync.store.tables import loads, now, outbox
+from mailsync.wire.changeset import ChangesetWriter, Control, read_changeset
+from mailsync.wire.controls import (
+    MAX_RESEND_REQUEST,
+    RangeGrants,
+    RangeReport,
+    ReloadRequest,
+    Resend,
+    Wanted,
+    parse_unsequenced,
+)
+from mailsync.wire.envelope import Header
+
+#: The sequence number of unsequenced (control) messages: acks, resend requests.
+CONTROL_SEQ = 0
+
+
+# ------------------------------------------------------------------- inbound
+
+
+def act_on(
+    ctx: CycleContext,
+    conn: Connection,
+    link: Link,
+    ack: int,
+    blob: bytes,
+    where: str,
+    keys: list[PublicKey],
+    report: CycleReport,
+) -> None:
+    """An unsequenced message from ``link.peer``: its ack, then its controls.
+
+    Every record is parsed before any is acted on: a malformed one sets the
+    whole message aside (MessageError) and its transaction rolls back."""
+    links_mod.acknowledged(conn, link, ack)
+    peer = link.peer
+    report.bare_acks[peer] = max(ack, report.bare_acks.get(peer, 0))
+    _, stream = ctx.codec.open(blob, where, ctx.ring, keys)
+    from_host = not ctx.role.is_host
+    controls = [
+        parse_unsequenced(record.kind, record.payload, from_host=from_host)
+        for record in read_changeset(stream, origin=where)
+        if isinstance(record, Control)
+    ]
+    for control in controls:
+        if isinstance(control, ReloadRequest):
+            _reload_requested(ctx, conn, links_mod.one(conn, peer), control)
+        elif isinstance(control, RangeGrants | RangeReport):
+            for line in ctx.role.ranges_in(conn, peer, control):
+                ctx.journal.info("range", line, peer=peer, conn=conn)
+        else:
+            _resend(conn, peer, control)
+            ctx.journal.info(
+                "resend-request",
+                f"{peer} asks again for {control.describe()}",
+                peer=peer,
+                conn=conn,
+            )
+
+
+def _resend(conn: Connection, peer: str, control: Resend) -> None:
+    """Mark the parts the peer asks for as never sent: they go this cycle."""
+    whole = [w for w in control.wanted if isinstance(w, int)]
+    if whole:
+        conn.execute(
+            outbox.update()
+            .where(outbox.c.peer == peer, outbox.c.seq.in_(whole))
+            .values(sent_at=None)
+        )
+    for seq, part in (w for w in control.wanted if isinstance(w, tuple)):
+        conn.execute(
+            outbox.update()
+            .where(outbox.c.peer == peer, outbox.c.seq == seq, outbox.c.part == part)
+            .values(sent_at=None)
+        )
+
+
+def _reload_requested(
+    ctx: CycleContext, conn: Connection, link: Link, control: ReloadRequest
+) -> None:
+    """A station lost rows it had applied: the next build for it is a full
+    load that replaces its copy. While a reload is queued or on its way
+    (not yet acknowledged), a request again is answered by that one; a
+    request already served (the station asked again before the reload
+    reached it, and the mail was slow) is ignored."""
+    if link.reload_wanted or link.reload_seq > link.acked_seq:
+        return
+    if control.request is not None and control.request == link.reload_request:
+        return
+    conn.execute(loads.delete().where(loads.c.station == link.peer))
+    links_mod.reload_requested(conn, link, control.request)
+    ctx.journal.warning(
+        "reload",
+        f"{link.peer} went back to an older backup (it has our changesets up to "
+        f"#{control.in_seq}): its tables are sent again in full",
+        peer=link.peer,
+        conn=conn,
+    )
+
+
+# ------------------------------------------------------------------ outbound
+
+
+@dataclass(frozen=True)
+class OutgoingControl:
+    """A sealed unsequenced message for one peer, and the ack it carries."""
+
+    peer: str
+    address: str
+    blob: bytes
+    ack: int
+
+
+def due(ctx: CycleContext, conn: Connection, carried: set[str]) -> list[OutgoingControl]:
+    """Unsequenced messages due now, one per peer at most (``carried``: the
+    peers a data message sealed with our current ack goes to anyway)."""
+    cfg = ctx.config
+    gap_after = dt.timedelta(minutes=cfg.gap_request_minutes)
+    limit = now() - gap_after
+    resend_after = dt.timedelta(minutes=cfg.resend_after_minutes)
+    out = []
+    for link in links_mod.all_links(conn):
+        wanted: list[Wanted] = []
+        oldest = links_mod.oldest_buffered(conn, link.peer)
+        asked = link.gap_requested_at
+        if oldest is not None and oldest <= limit and (asked is None or asked <= limit):
+            held = links_mod.held_parts(conn, link.peer)
+            wanted.extend(links_mod.missing_sequences(link.in_seq, set(held)))
+            wanted.extend(links_mod.missing_parts(held))
+            del wanted[MAX_RESEND_REQUEST:]
+        reload = (
+            ctx.role.can_be_reloaded
+            and link.reload_wanted
+            and (link.reload_asked_at is None or aware(link.reload_asked_at) <= limit)
+        )
+        ranges_control, ranges_due = ctx.role.ranges_out(conn, link.peer, resend_after, gap_after)
+        if (
+            not wanted
+            and not reload
+            and not ranges_due
+            and (link.in_seq <= link.ack_sent or link.peer in carried)
+        ):
+            continue
+        buffer = io.BytesIO()
+        compressed = ctx.codec.body_writer(buffer)
+        writer = ChangesetWriter(compressed, {"from": ctx.me, "to": link.peer})
+        if wanted:
+            writer.control(Resend.KIND, Resend(tuple(wanted)).payload())
+            links_mod.gap_requested(conn, link.peer)
+        if ranges_control is not None:
+            writer.control(ranges_control.KIND, ranges_control.payload())
+            if isinstance(ranges_control, RangeReport):
+                ranges.station_reported(conn, ranges_control.payload())
+        if reload:
+            request = ReloadRequest(link.in_seq, link.reload_request)
+            writer.control(ReloadRequest.KIND, request.payload())
+            links_mod.reload_asked(conn, link.peer)
+        writer.close()
+        compressed.close()  # type: ignore[no-untyped-call]
+        header = Header(
+            ctx.me,
+            link.peer,
+            CONTROL_SEQ,
+            ack=link.in_seq,
+            ack_cid=link.in_cid,
+            acked=link.acked_seq,
+        )
+        out.append(
+            OutgoingControl(
+                link.peer, link.address, ctx.seal(conn, header, buffer.getvalue()), link.in_seq
+            )
+        )
+    return out

@@ -1,0 +1,189 @@
+"""Receive: take mail from this node's mailbox, check it, buffer it.
+
+Per message: is it mailsync's, addressed to us, from a known peer, signed
+with a key we trust for it? A control message is acted on at once; a part
+of a changeset is buffered, still sealed, in ``mailsync_inbox``. Each in its
+own transaction, and only after that commit may the mailbox forget the
+message (:meth:`Receiver.processed`). Anything that fails a check is set
+aside with its reason (:meth:`Receiver.set_aside`) and the next message is
+read: a bad message never stops the cycle.
+
+Before a peer's ack is believed, it is checked against what this database
+holds: a peer that applied more of ours than we have sent, or whose ack names
+another changeset than ours, shows that our database went back to a backup
+(:func:`_went_back`).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, delete, select
+
+from mailsync import faults, ranges
+from mailsync import link as links_mod
+from mailsync.cycle import controls
+from mailsync.cycle.context import CycleContext
+from mailsync.cycle.report import CycleReport
+from mailsync.errors import MessageError
+from mailsync.link import Link
+from mailsync.store.tables import inbox, now, outbox
+from mailsync.transport import open_receiver
+from mailsync.wire.envelope import Header, read_header
+from mailsync.wire.message import extract_envelope, is_mailsync
+
+
+def receive(ctx: CycleContext, report: CycleReport) -> None:
+    """Read every message in the mailbox once (one connection per cycle)."""
+    me = ctx.me
+    box = ctx.config.mailbox
+    with open_receiver(box.receive, ctx.transport_context()) as rx:
+        for msg in rx.fetch():
+            where = f"message {msg.id}"
+            try:
+                if not is_mailsync(msg.raw):
+                    raise MessageError(f"{where}: not a mailsync message")
+                blob = extract_envelope(msg.raw, where)
+                header = read_header(blob, where)
+                if header.recipient != me:
+                    raise MessageError(f"{where}: addressed to {header.recipient!r}, not {me!r}")
+                with ctx.engine.begin() as conn:
+                    link = links_mod.get(conn, header.sender)
+                    if link is None:
+                        raise MessageError(f"{where}: unknown sender {header.sender!r}")
+                    keys = ctx.sender_keys(conn, header.sender)
+                    ctx.codec.verify(blob, where, keys)
+                    link = _went_back(ctx, conn, link, header)
+                    if header.seq == controls.CONTROL_SEQ:
+                        controls.act_on(ctx, conn, link, header.ack, blob, where, keys, report)
+                        duplicate = False
+                    else:
+                        duplicate = _buffer(conn, link, header, blob)
+            except MessageError as exc:
+                if box.forward_unrecognized:
+                    report.forward.append(msg.raw)
+                rx.set_aside(msg.id, str(exc))
+                ctx.journal.warning("rejected", f"set aside: {exc}")
+                report.set_aside += 1
+                continue
+            faults.point("after-buffer")
+            rx.processed(msg.id)  # only now: the buffer commit made it redundant
+            report.received += 1
+            report.received_from[header.sender] += 1
+            report.duplicates += duplicate
+            if header.seq == controls.CONTROL_SEQ:
+                what = f"ack {header.ack}"
+            else:
+                part = f" part {header.part}/{header.parts}" if header.parts > 1 else ""
+                what = f"{'duplicate ' if duplicate else ''}changeset #{header.seq}{part}"
+            ctx.journal.info(
+                "received",
+                f"{what} from {header.sender}",
+                peer=header.sender,
+                seq=header.seq or None,
+            )
+
+
+def _went_back(ctx: CycleContext, conn: Connection, link: Link, header: Header) -> Link:
+    """Notice, before its ack is believed, that our database went back to
+    an older backup; returns the (possibly updated) link.
+
+    Outbound: the peer applied a sequence number we have not reached, or
+    one whose changeset id is not the entry we hold under that number —
+    it applied the changesets of our lost future. Our entries up to its
+    ack are then not what it applied: their changes are built again
+    (under new numbers, with the rows' current values). Inbound: the
+    peer says we acknowledged more than we have applied — we lost rows
+    it sent. Either way a station has lost rows the host holds: it asks
+    for a reload (see :mod:`.controls`) and retires its number leases.
+    """
+    peer = link.peer
+    forked = header.ack > link.out_seq
+    if not forked and header.ack > link.acked_seq and header.ack_cid:
+        ours = conn.execute(
+            select(outbox.c.cid).where(
+                outbox.c.peer == peer, outbox.c.seq == header.ack, outbox.c.part == 1
+            )
+        ).scalar()
+        forked = ours is not None and ours != header.ack_cid
+    if forked:
+        links_mod.outbound_went_back(conn, link, header.ack)
+        ctx.journal.error(
+            "went-back",
+            f"{peer} has applied changesets up to #{header.ack} from us that this "
+            f"database does not hold (we were at #{link.out_seq}): it was restored from "
+            "an older backup; our changes since are sent again under new numbers",
+            peer=peer,
+            conn=conn,
+        )
+    lost = header.acked > link.in_seq
+    if lost and not ctx.role.can_be_reloaded and link.reload_asked_at is None:
+        # the host is the reference copy: nobody can reload it (logged once)
+        links_mod.lost_inbound_noticed(conn, peer)
+        ctx.journal.error(
+            "went-back",
+            f"{peer} says we applied its changesets up to #{header.acked}, but this "
+            f"database has only #{link.in_seq}: it was restored from an older backup; "
+            f"the rows {peer} sent since are missing here — re-enroll the station",
+            peer=peer,
+            conn=conn,
+        )
+    if (forked or lost) and ctx.role.can_be_reloaded and not link.reload_wanted:
+        retired = ranges.retire_all(conn)
+        if retired:
+            ctx.journal.warning(
+                "range",
+                f"{retired} number lease(s) retired: numbers may have been issued from "
+                "them after the backup was taken; new blocks are asked for",
+                peer=peer,
+                conn=conn,
+            )
+        # our own rows the peer applied are gone here too: a reload brings
+        # them back along with what we lost of the peer's
+        links_mod.reload_wanted(conn, peer)
+        if lost:
+            ctx.journal.error(
+                "went-back",
+                f"{peer} says we applied its changesets up to #{header.acked}, but this "
+                f"database has only #{link.in_seq}: it was restored from an older backup; "
+                f"asking {peer} for a reload",
+                peer=peer,
+                conn=conn,
+            )
+    if forked or lost:
+        return links_mod.one(conn, peer)
+    return link
+
+
+def _buffer(conn: Connection, link: Link, header: Header, blob: bytes) -> bool:
+    """Buffer one part (in the caller's transaction); True if a duplicate."""
+    peer, seq = link.peer, header.seq
+    links_mod.acknowledged(conn, link, header.ack)
+    if seq <= link.in_seq:
+        # sent again: the peer has not heard our ack, so it goes again
+        links_mod.duplicate_received(conn, peer, seq)
+        return True
+    held = conn.execute(
+        select(inbox.c.part, inbox.c.parts, inbox.c.cid).where(
+            inbox.c.peer == peer, inbox.c.seq == seq
+        )
+    ).all()
+    if held and held[0].cid != header.cid:
+        if len(held) == held[0].parts:
+            return True  # a complete changeset under this number is held already
+        # a partial one from an earlier build of this sequence number (its
+        # sender went back to a backup): the sender's current one replaces it
+        conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq == seq))
+    elif any(r.part == header.part for r in held):
+        return True
+    conn.execute(
+        inbox.insert().values(
+            peer=peer,
+            seq=seq,
+            part=header.part,
+            parts=header.parts,
+            cid=header.cid,
+            base=header.after,
+            blob=blob,
+            received_at=now(),
+        )
+    )
+    return False

@@ -1,0 +1,58 @@
+"""What one cycle did, and what its stages hand each other."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mailsync.apply import Applied
+from mailsync.build import Built
+
+
+@dataclass
+class CycleReport:
+    """What one sync cycle did (returned by ``Node.sync()``), plus the
+    hand-offs between stages: nothing passes between them in hidden state."""
+
+    received: int = 0
+    duplicates: int = 0
+    set_aside: int = 0
+    applied: list[Applied] = field(default_factory=list)
+    built: list[Built] = field(default_factory=list)
+    sent: int = 0
+    errors: list[str] = field(default_factory=list)
+    #: per peer: messages received from it, sent to it, and its first error
+    received_from: Counter[str] = field(default_factory=Counter)
+    sent_to: Counter[str] = field(default_factory=Counter)
+    peer_errors: dict[str, str] = field(default_factory=dict)
+    #: receive → send: unrecognized mail to forward (``forward_unrecognized``)
+    forward: list[bytes] = field(default_factory=list)
+    #: receive → apply: per peer, the highest ack its bare acks carried
+    bare_acks: dict[str, int] = field(default_factory=dict)
+
+    def peer_outcomes(self) -> dict[str, str]:
+        """One line per peer something happened with in this cycle."""
+        peers = set(self.received_from) | set(self.sent_to) | set(self.peer_errors)
+        peers |= {a.peer for a in self.applied} | {b.peer for b in self.built}
+        out = {}
+        for peer in sorted(peers):
+            rows = sum(a.rows for a in self.applied if a.peer == peer)
+            text = (
+                f"{self.received_from[peer]} received, {rows} rows applied, "
+                f"{self.sent_to[peer]} sent"
+            )
+            error = self.peer_errors.get(peer)
+            out[peer] = f"failed: {error}" if error else f"ok: {text}"
+        return out
+
+    @property
+    def rows_applied(self) -> int:
+        return sum(a.rows for a in self.applied)
+
+    @property
+    def rows_parked(self) -> int:
+        return sum(a.parked for a in self.applied)
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(b.rows for b in self.built)

@@ -1,0 +1,50 @@
+"""The spine of the cycle: the stages in order, each failure contained.
+
+Every stage is idempotent and commits before the next one depends on it: a
+message leaves the mailbox only after the commit that buffered it (or found
+it a duplicate); an outbox entry, its sequence number and the change-log
+cursor commit together; a buffered changeset, its rows and the link's
+inbound sequence number commit together. A cycle killed at any instant and
+run again loses nothing and applies nothing twice.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from mailsync.cycle.apply import apply
+from mailsync.cycle.build import build
+from mailsync.cycle.contain import contained
+from mailsync.cycle.context import CycleContext
+from mailsync.cycle.purge import purge
+from mailsync.cycle.receive import receive
+from mailsync.cycle.report import CycleReport
+from mailsync.cycle.send import send
+from mailsync.store.engine import describe_db_error
+
+
+def run_cycle(ctx: CycleContext) -> CycleReport:
+    """receive → apply → build → send → purge, one cycle."""
+    report = CycleReport()
+    journal = ctx.journal
+    try:
+        with journal.deferred():
+            journal.info("cycle", "sync cycle started")
+            # the mailbox steps: a mailbox that cannot be reached ends its
+            # stage, and the rest of the cycle goes on without it
+            with contained(report, journal, scope="mailbox", event="mailbox"):
+                receive(ctx, report)
+            apply(ctx, report)
+            build(ctx, report)
+            with contained(report, journal, scope="mailbox", event="mailbox"):
+                send(ctx, report)
+            purge(ctx)
+            journal.info(
+                "cycle",
+                f"sync cycle done: {report.received} received, {report.rows_applied} rows "
+                f"applied, {report.rows_sent} rows queued, {report.sent} messages sent"
+                + (f", {len(report.errors)} errors" if report.errors else ""),
+            )
+    except SQLAlchemyError as exc:
+        raise describe_db_error(ctx.engine, exc, "sync cycle failed") from exc
+    return report

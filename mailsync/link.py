@@ -1,0 +1,325 @@
+"""A link — (this node, one peer) — and every change of its state.
+
+One row of ``mailsync_links`` per peer holds the link's sequence numbers
+(what we sent, what the peer acknowledged, what we applied), the change-log
+cursor, what we told the peer (our key, its rules, our ack) and the restore
+bookkeeping. :class:`Link` is that row, typed; the functions below are its
+named transitions, and this module (with the cycle that calls them) is the
+only writer of the table, so the link's state machine can be read in one
+place:
+
+- :func:`acknowledged` — the peer applied our changesets up to ``ack``
+- :func:`outbound_went_back` / :func:`reload_wanted` /
+  :func:`lost_inbound_noticed` — a database went back to a backup
+- :func:`reload_requested` / :func:`reload_asked` — the reload handshake
+- :func:`built` / :func:`nothing_built` — a changeset was queued (or not)
+- :func:`applied` — a changeset from the peer was applied
+- :func:`sent` / :func:`ack_sent` / :func:`duplicate_received` /
+  :func:`gap_requested` — what the peer has heard from us
+
+It also answers the inbox questions both the cycle and ``status`` ask: what
+is buffered from a peer, what is missing, what applies next.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sqlalchemy import Connection, Row, delete, func, insert, select, update
+
+from mailsync.store.tables import inbox, links, now, outbox
+
+
+def aware(value: dt.datetime) -> dt.datetime:
+    """SQLite hands timestamps back without their (UTC) zone."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One row of ``mailsync_links``: the state of the link with ``peer``."""
+
+    peer: str
+    address: str
+    #: the last sequence number we gave a changeset for the peer
+    out_seq: int
+    #: the last sequence number we applied from the peer
+    in_seq: int
+    #: the highest of ours the peer said it applied
+    acked_seq: int
+    #: the change log up to here is routed (packed, or not for this peer)
+    change_cursor: int
+    #: the rules the peer was last sent (host), as a digest
+    rules_hash: str | None
+    #: the key id of ours this peer was told about, and in which changeset
+    key_announced: str | None
+    key_announced_seq: int
+    #: the highest inbound sequence our last message to the peer acknowledged
+    ack_sent: int
+    gap_requested_at: dt.datetime | None
+    #: the changeset id of the last changeset applied from the peer
+    in_cid: str
+    #: remote: we lost changesets and wait for a reload; host: one is to be built
+    reload_wanted: bool
+    reload_asked_at: dt.datetime | None
+    reload_seq: int
+    #: remote: the id of the reload request in force; host: of the last one served
+    reload_request: str | None
+    last_contact: dt.datetime | None
+    last_sent: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Link:
+        m = row._mapping
+        times = ("gap_requested_at", "reload_asked_at", "last_contact", "last_sent")
+        values = {f.name: m[f.name] for f in fields(cls)}
+        for name in times:
+            if values[name] is not None:
+                values[name] = aware(values[name])
+        return cls(**values)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def get(conn: Connection, peer: str) -> Link | None:
+    row = conn.execute(select(links).where(links.c.peer == peer)).first()
+    return None if row is None else Link.from_row(row)
+
+
+def one(conn: Connection, peer: str) -> Link:
+    row = conn.execute(select(links).where(links.c.peer == peer)).one()
+    return Link.from_row(row)
+
+
+def all_links(conn: Connection) -> list[Link]:
+    return [Link.from_row(r) for r in conn.execute(select(links).order_by(links.c.peer))]
+
+
+def peers(conn: Connection) -> list[str]:
+    return list(conn.execute(select(links.c.peer).order_by(links.c.peer)).scalars())
+
+
+def last_contact(conn: Connection) -> dt.datetime | None:
+    """The latest contact with any peer (a remote has one)."""
+    value = conn.execute(select(func.max(links.c.last_contact))).scalar()
+    return None if value is None else aware(value)
+
+
+# ----------------------------------------------------------- enrol, forget
+
+
+def create(conn: Connection, peer: str, address: str, *, change_cursor: int = 0) -> None:
+    """A new link: a station enrolled on the host, the host joined on a remote."""
+    conn.execute(insert(links).values(peer=peer, address=address, change_cursor=change_cursor))
+
+
+def readdress(conn: Connection, peer: str, address: str) -> None:
+    conn.execute(update(links).where(links.c.peer == peer).values(address=address))
+
+
+def forget(conn: Connection, peer: str) -> None:
+    conn.execute(delete(links).where(links.c.peer == peer))
+
+
+def key_told(conn: Connection, peer: str, key_id: str) -> None:
+    """The peer learnt our key outside a changeset (its enrollment bundle)."""
+    conn.execute(update(links).where(links.c.peer == peer).values(key_announced=key_id))
+
+
+# --------------------------------------------------------------- transitions
+
+
+def acknowledged(conn: Connection, link: Link, ack: int) -> None:
+    """The peer applied everything of ours up to ``ack``: those envelopes are
+    delivered and leave the outbox; we heard from the peer now."""
+    values: dict[str, Any] = {"last_contact": now()}
+    if ack > link.acked_seq:
+        values["acked_seq"] = min(ack, link.out_seq)
+        conn.execute(delete(outbox).where(outbox.c.peer == link.peer, outbox.c.seq <= ack))
+    conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
+
+
+def _rewind_point(conn: Connection, peer: str, upto: int | None = None) -> int | None:
+    """The change-log cursor the outbox entries (up to ``upto``) started from."""
+    query = select(func.min(outbox.c.cursor_from)).where(outbox.c.peer == peer)
+    if upto is not None:
+        query = query.where(outbox.c.seq <= upto)
+    value = conn.execute(query).scalar()
+    return None if value is None else int(value)
+
+
+def outbound_went_back(conn: Connection, link: Link, ack: int) -> None:
+    """The peer applied changesets of ours up to ``ack`` that this database
+    does not hold as it sent them (we were restored from a backup): our
+    entries up to there are dropped, their changes built again under new
+    numbers from the rewound cursor."""
+    rewind = _rewind_point(conn, link.peer, ack)
+    conn.execute(delete(outbox).where(outbox.c.peer == link.peer, outbox.c.seq <= ack))
+    values: dict[str, Any] = {"out_seq": max(link.out_seq, ack), "acked_seq": ack}
+    if rewind is not None:
+        values["change_cursor"] = min(link.change_cursor, rewind)
+    if link.acked_seq < link.key_announced_seq <= ack:
+        values["key_announced"] = None  # the announcement went with them
+    conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
+
+
+def lost_inbound_noticed(conn: Connection, peer: str) -> None:
+    """Host: a station says we applied more of it than we hold (the host went
+    back); remembered so that it is said once."""
+    conn.execute(update(links).where(links.c.peer == peer).values(reload_asked_at=now()))
+
+
+def reload_wanted(conn: Connection, peer: str) -> None:
+    """Remote: we lost what the host sent; ask it for a reload (new request id)."""
+    conn.execute(
+        update(links)
+        .where(links.c.peer == peer)
+        .values(reload_wanted=True, reload_asked_at=None, reload_request=secrets.token_hex(8))
+    )
+
+
+def reload_asked(conn: Connection, peer: str) -> None:
+    """Remote: the reload request went out in this cycle's controls."""
+    conn.execute(update(links).where(links.c.peer == peer).values(reload_asked_at=now()))
+
+
+def reload_requested(conn: Connection, link: Link, request: str | None) -> None:
+    """Host: a station asked for a reload; the next build for it is a full
+    load, which supersedes what waits in its outbox (the changes those
+    entries carried are built again, our key announced again)."""
+    rewind = _rewind_point(conn, link.peer)
+    conn.execute(delete(outbox).where(outbox.c.peer == link.peer))
+    values: dict[str, Any] = {"reload_wanted": True, "reload_request": request}
+    if rewind is not None:
+        values["change_cursor"] = min(link.change_cursor, rewind)
+    if link.key_announced_seq > link.acked_seq:
+        values["key_announced"] = None
+    conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
+
+
+def nothing_built(conn: Connection, peer: str, cursor: int, rules_hash: str | None) -> None:
+    """Routing found nothing for the peer up to ``cursor``."""
+    values: dict[str, Any] = {"change_cursor": cursor}
+    if rules_hash is not None:
+        values["rules_hash"] = rules_hash
+    conn.execute(update(links).where(links.c.peer == peer).values(**values))
+
+
+def built(
+    conn: Connection,
+    peer: str,
+    seq: int,
+    cursor: int,
+    *,
+    rules_hash: str | None = None,
+    announced_key: str | None = None,
+    reload: bool = False,
+) -> None:
+    """Changeset ``seq`` for the peer was queued, covering the change log up
+    to ``cursor``; it carries the rules, our key or a full reload if said."""
+    values: dict[str, Any] = {"change_cursor": cursor, "out_seq": seq}
+    if rules_hash is not None:
+        values["rules_hash"] = rules_hash
+    if announced_key is not None:
+        values["key_announced"] = announced_key
+        values["key_announced_seq"] = seq
+    if reload:
+        values["reload_wanted"] = False
+        values["reload_seq"] = seq
+    conn.execute(update(links).where(links.c.peer == peer).values(**values))
+
+
+def applied(conn: Connection, peer: str, seq: int, cid: str, *, reloaded: bool) -> None:
+    """Changeset ``seq`` from the peer is applied (in the same transaction
+    as its rows); its parts and anything older leave the inbox buffer."""
+    values: dict[str, Any] = {"in_seq": seq, "in_cid": cid, "last_contact": now()}
+    if reloaded:
+        values.update(reload_wanted=False, reload_asked_at=None)
+    conn.execute(update(links).where(links.c.peer == peer).values(**values))
+    conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= seq))
+
+
+def duplicate_received(conn: Connection, peer: str, seq: int) -> None:
+    """The peer sent ``seq`` again: it has not heard our ack, which goes again."""
+    conn.execute(
+        update(links).where(links.c.peer == peer, links.c.ack_sent >= seq).values(ack_sent=seq - 1)
+    )
+
+
+def ack_sent(conn: Connection, peer: str, ack: int) -> None:
+    """A message carrying our ack ``ack`` went to the peer."""
+    conn.execute(
+        update(links).where(links.c.peer == peer, links.c.ack_sent < ack).values(ack_sent=ack)
+    )
+
+
+def sent(conn: Connection, peer: str, seq: int, part: int, ack: int) -> None:
+    """A part of ours went to the peer (again), carrying our ack ``ack``."""
+    conn.execute(
+        update(outbox)
+        .where(outbox.c.peer == peer, outbox.c.seq == seq, outbox.c.part == part)
+        .values(sent_at=now(), send_count=outbox.c.send_count + 1)
+    )
+    conn.execute(update(links).where(links.c.peer == peer).values(last_sent=now()))
+    ack_sent(conn, peer, ack)
+
+
+def gap_requested(conn: Connection, peer: str) -> None:
+    conn.execute(update(links).where(links.c.peer == peer).values(gap_requested_at=now()))
+
+
+# -------------------------------------------------------------------- inbox
+
+
+def held_parts(conn: Connection, peer: str) -> dict[int, tuple[int, set[int]]]:
+    """What the inbox buffer holds from ``peer``: seq → (parts, parts present)."""
+    held: dict[int, tuple[int, set[int]]] = {}
+    for seq, part, parts in conn.execute(
+        select(inbox.c.seq, inbox.c.part, inbox.c.parts).where(inbox.c.peer == peer)
+    ):
+        held.setdefault(seq, (parts, set()))[1].add(part)
+    return held
+
+
+def missing_sequences(applied: int, held: set[int]) -> list[int]:
+    """The sequence numbers between the last applied and the buffered ones."""
+    return [s for s in range(applied + 1, max(held, default=0)) if s not in held]
+
+
+def missing_parts(held: dict[int, tuple[int, set[int]]]) -> list[tuple[int, int]]:
+    """(seq, part) of the parts absent from partly received changesets;
+    ``held`` maps seq to (number of parts, parts present)."""
+    return [
+        (seq, part)
+        for seq, (parts, present) in sorted(held.items())
+        for part in range(1, parts + 1)
+        if part not in present
+    ]
+
+
+def oldest_buffered(conn: Connection, peer: str) -> dt.datetime | None:
+    value = conn.execute(select(func.min(inbox.c.received_at)).where(inbox.c.peer == peer)).scalar()
+    return None if value is None else aware(value)
+
+
+def next_complete(conn: Connection, peer: str, in_seq: int) -> tuple[int, int] | None:
+    """The changeset to apply next, once all its parts are here: (seq, parts)."""
+    row = conn.execute(
+        select(inbox.c.seq, inbox.c.parts, func.count())
+        .where(inbox.c.peer == peer, inbox.c.seq > in_seq, inbox.c.base <= in_seq)
+        .group_by(inbox.c.seq, inbox.c.parts)
+        .order_by(inbox.c.seq)
+        .limit(1)
+    ).first()
+    if row is None or row[2] < row[1]:
+        return None
+    return int(row[0]), int(row[1])
+
+
+def drop_stale(conn: Connection, peer: str, in_seq: int) -> None:
+    """Duplicates a crash left in the buffer after their changeset applied."""
+    conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= in_seq))
