@@ -101,38 +101,14 @@ class Journal:
             with self._engine.begin() as own:
                 own.execute(log_table.insert().values(**values))
 
-    def info(
-        self,
-        event: str,
-        message: str,
-        *,
-        peer: str | None = None,
-        seq: int | None = None,
-        conn: Connection | None = None,
-    ) -> None:
-        self.write("info", event, message, peer=peer, seq=seq, conn=conn)
+    def info(self, event: str, message: str, **kw: object) -> None:
+        self.write("info", event, message, **kw)  # type: ignore[arg-type]
 
-    def warning(
-        self,
-        event: str,
-        message: str,
-        *,
-        peer: str | None = None,
-        seq: int | None = None,
-        conn: Connection | None = None,
-    ) -> None:
-        self.write("warning", event, message, peer=peer, seq=seq, conn=conn)
+    def warning(self, event: str, message: str, **kw: object) -> None:
+        self.write("warning", event, message, **kw)  # type: ignore[arg-type]
 
-    def error(
-        self,
-        event: str,
-        message: str,
-        *,
-        peer: str | None = None,
-        seq: int | None = None,
-        conn: Connection | None = None,
-    ) -> None:
-        self.write("error", event, message, peer=peer, seq=seq, conn=conn)
+    def error(self, event: str, message: str, **kw: object) -> None:
+        self.write("error", event, message, **kw)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from sqlalchemy import Connection
 from mailsync import capture, faults
 from mailsync import link as links_mod
 from mailsync.build import LinkPlan, build_for_link
-from mailsync.cycle.contain import contained
+from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.wire.message import part_bytes
@@ -42,14 +42,8 @@ def build(ctx: CycleContext, report: CycleReport) -> None:
     horizon = ctx.dialect.change_horizon(ctx.engine)
     part_size = part_bytes(ctx.config.mailbox.max_message_bytes)
     for plan in planned:
-        with contained(
-            report,
-            ctx.journal,
-            scope="peer",
-            event="build-failed",
-            peer=plan.peer,
-            doing=f"building for {plan.peer}",
-        ):
+        peer = plan.peer
+        with for_peer(report, ctx.journal, peer, "build-failed", f"building for {peer}"):
             built = build_for_link(
                 ctx.engine,
                 ctx.codec,

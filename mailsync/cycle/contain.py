@@ -62,3 +62,10 @@ def contained(
         if peer is not None:
             report.peer_errors.setdefault(peer, f"{doing}: {exc}" if doing else str(exc))
         journal.error(event, line, peer=peer)
+
+
+def for_peer(
+    report: CycleReport, journal: Journal, peer: str, event: str, doing: str
+) -> contextlib.AbstractContextManager[Outcome]:
+    """The guard around one peer's share of a stage."""
+    return contained(report, journal, scope="peer", event=event, peer=peer, doing=doing)

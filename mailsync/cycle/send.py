@@ -24,7 +24,7 @@ from sqlalchemy import select
 from mailsync import faults
 from mailsync import link as links_mod
 from mailsync.cycle import controls
-from mailsync.cycle.contain import contained
+from mailsync.cycle.contain import contained, for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import TransportError
@@ -76,13 +76,9 @@ def send(ctx: CycleContext, report: CycleReport) -> None:
                 ctx.journal.info("forwarded", f"unrecognized message forwarded to {target}")
         held: set[str] = set()
         for control in outgoing:
-            with contained(
-                report,
-                ctx.journal,
-                scope="peer",
-                event="send-failed",
-                peer=control.peer,
-                doing=f"sending to {control.peer}",
+            peer = control.peer
+            with for_peer(
+                report, ctx.journal, peer, "send-failed", f"sending to {peer}"
             ) as outcome:
                 _send_control(ctx, report, tx, me, control)
             if outcome.failed:
@@ -90,14 +86,7 @@ def send(ctx: CycleContext, report: CycleReport) -> None:
         for peer, parts in groupby(pending, key=lambda r: r.peer):
             if peer in held:
                 continue
-            with contained(
-                report,
-                ctx.journal,
-                scope="peer",
-                event="send-failed",
-                peer=peer,
-                doing=f"sending to {peer}",
-            ):
+            with for_peer(report, ctx.journal, peer, "send-failed", f"sending to {peer}"):
                 _send_parts(ctx, report, tx, me, peer, parts)
 
 
