@@ -23,12 +23,14 @@ from typing import Any
 
 import pytest
 
-# The only mailsync modules this file names (the sync steps are being split
-# into mailsync/cycle/*; none of it is reached into here).
+# The only mailsync modules this file names: delivery.py is being split into
+# mailsync/cycle/*, so nothing of it (or of node's internals) is named here.
 from mailsync import CycleReport
 from mailsync.errors import TransportError
 from mailsync.transport.memory import MemoryPostOffice
 from tests.cluster import DOMAIN, Cluster, customers
+from tests.servers.mail import MailServers, password_of
+from tests.test_mail import deliver_and_sync, mailbox, wait_for
 
 ISSUE_14 = pytest.mark.xfail(strict=True, reason="issue 14: per-peer containment in send")
 
@@ -185,3 +187,49 @@ def test_a_bare_ack_that_cannot_reach_one_station_does_not_hold_up_another(
     c.nodes["berlin"].sync()
     berlin = link(c, "berlin", "hq")
     assert berlin.acked_seq == berlin.out_seq == 1 and berlin.unacked == berlin.unsent == 0
+
+
+@ISSUE_14
+def test_a_station_address_postfix_refuses_does_not_hold_up_another(
+    tmp_path: Path, mail_servers: MailServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal of the memory case, from a real SMTP server: berlin's
+    mailbox is deleted at the provider, and RCPT TO gets a 550."""
+    c = Cluster(
+        tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln", "berlin"), transport="maildir"
+    )
+    try:
+        for name in c.names:
+            monkeypatch.setenv(f"TEST_PW_{name.upper()}", password_of(name))
+            c.set_mailbox(name, mailbox(mail_servers, name))
+        c.host.add_rule("customers", down="IUD", up="IUD", row_filter="city = :station")
+        deliver_and_sync(c, mail_servers, "hq", "koeln", "berlin")  # the rules
+        for station in ("koeln", "berlin"):
+            deliver_and_sync(c, mail_servers, station, "hq")  # their acks
+        mail_servers.wait_delivered()
+        assert mail_servers.count("koeln") == mail_servers.count("berlin") == 0
+
+        mail_servers.set_unknown("berlin")
+        c.execute("hq", customers.insert(), [customer(1, "berlin"), customer(2, "koeln")])
+        report = c.host.sync()
+        mail_servers.set_unknown()
+
+        assert report.sent_to["koeln"] == 1, (
+            f"koeln's changeset was not sent in the cycle in which berlin's mail failed: "
+            f"sent_to={dict(report.sent_to)}, errors={report.errors}"
+        )
+        wait_for(lambda: mail_servers.count("koeln") == 1, "koeln's changeset delivered")
+        assert c.nodes["koeln"].sync().rows_applied == 1
+        assert [r[0] for r in c.rows("koeln", customers)] == [2]
+        assert set(report.peer_errors) == {"berlin"}, report.peer_errors
+        assert f"recipient {address('berlin')} refused (550" in report.peer_errors["berlin"]
+        assert report.sent_to["berlin"] == 0
+        assert link(c, "hq", "berlin").unsent == 1
+        # the mailbox is back: what waited goes
+        report = c.host.sync()
+        assert not report.errors and report.sent_to["berlin"] == 1
+        wait_for(lambda: mail_servers.count("berlin") == 1, "berlin's changeset delivered")
+        assert c.nodes["berlin"].sync().rows_applied == 1
+        assert [r[0] for r in c.rows("berlin", customers)] == [1]
+    finally:
+        c.close()
