@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install test-deps bench bench-quick clean
+.PHONY: demo test lint typecheck unit imports install test-deps bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,17 @@ test-deps:
 	bash scripts/install-test-deps.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mailsync tests samples bench
-	$(VENV)/bin/ruff format --check mailsync tests samples bench
+	$(VENV)/bin/ruff check mailsync tests samples bench scripts
+	$(VENV)/bin/ruff format --check mailsync tests samples bench scripts
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy scripts/check_imports.py
+
+## make imports: import circles and layering rules (scripts/check_imports.py);
+## not part of `make test` until the circles of issue 14 are gone
+imports: $(STAMP)
+	$(PY) scripts/check_imports.py
 
 unit: $(STAMP)
 	$(PY) -m pytest

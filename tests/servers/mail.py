@@ -55,8 +55,17 @@ class _LmtpRelay:
     """aiosmtpd handler: hands each message to Dovecot's LMTP socket, and only
     then answers 250 (as Postfix does once the message is queued)."""
 
-    def __init__(self, lmtp_socket: Path) -> None:
+    def __init__(self, lmtp_socket: Path, unknown: set[str]) -> None:
         self.socket = lmtp_socket
+        self.unknown = unknown  # users whose RCPT TO gets a 550, as Postfix answers
+
+    async def handle_RCPT(
+        self, server: object, session: object, envelope: object, address: str, options: object
+    ) -> str:
+        if address.lower().removesuffix(f"@{DOMAIN}") in self.unknown:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)  # type: ignore[attr-defined]
+        return "250 OK"
 
     async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
         import asyncio
@@ -92,6 +101,8 @@ class MailServers:
         self.dovecot: subprocess.Popen[bytes] | None = None
         self.postfix_up = False
         self._controllers: list[object] = []
+        #: users the SMTP server answers RCPT TO with 550 (see ``set_unknown``)
+        self.unknown: set[str] = set()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> Self:
@@ -283,7 +294,7 @@ protocol lmtp {{
         if first:
             (pf / "queue").mkdir(parents=True)
             (pf / "data").mkdir()
-            (pf / "vmailbox").write_text("".join(f"{u}@{DOMAIN} {u}/\n" for u in USERS))
+            self._write_vmailbox(pf)
             (pf / "maillog").touch()
             shutil.chown(pf / "maillog", "postfix", "postdrop")
             shutil.chown(pf / "data", "postfix", "postfix")
@@ -295,6 +306,46 @@ protocol lmtp {{
         self.postfix_up = True
         if not _wait_port(self.ports["smtp"], None):
             raise RuntimeError(f"Postfix did not start:\n{self._tail('postfix/maillog')}")
+
+    def _write_vmailbox(self, pf: Path) -> None:
+        known = [u for u in USERS if u not in self.unknown]
+        (pf / "vmailbox").write_text("".join(f"{u}@{DOMAIN} {u}/\n" for u in known))
+
+    def set_unknown(self, *users: str) -> None:
+        """Make the SMTP server refuse mail for ``users`` at RCPT TO with a 550
+        (their mailboxes deleted at the provider); no users: all known again.
+
+        Postfix reads its mailbox table at process start: it is reloaded, and
+        this returns once a new connection gets the new answer for each user.
+        """
+        changed = self.unknown.symmetric_difference(users)
+        self.unknown.clear()
+        self.unknown.update(users)  # aiosmtpd's relay holds this very set
+        if self.smtp == "aiosmtpd" or not changed:
+            return
+        pf = self._postfix_dirs()
+        self._write_vmailbox(pf)
+        if not self.postfix_up:
+            return  # read when it starts
+        subprocess.run(["postfix", "-c", str(pf), "reload"], check=True, capture_output=True)
+        deadline = time.monotonic() + 20
+        for user in sorted(changed):
+            want = 550 if user in self.unknown else 250
+            while (code := self._rcpt_code(user)) != want:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"Postfix still answers {code} for {user}, not {want}")
+                time.sleep(0.02)
+
+    def _rcpt_code(self, user: str) -> int:
+        """What a new SMTP connection hears at RCPT TO for ``user`` (nothing is sent)."""
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", self.ports["smtp"], timeout=10) as smtp:
+            smtp.ehlo()
+            smtp.mail(f"postmaster@{DOMAIN}")
+            code, _ = smtp.rcpt(f"{user}@{DOMAIN}")
+            smtp.rset()
+            return code
 
     def _write_postfix_config(self, pf: Path) -> None:
         d, p = self.dir, self.ports
@@ -384,7 +435,7 @@ message_size_limit = 10240000
 
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(str(self.cert), str(self.dir / "key.pem"))
-        relay = _LmtpRelay(self.dir / "lmtp")
+        relay = _LmtpRelay(self.dir / "lmtp", self.unknown)
         common = {
             "hostname": "127.0.0.1",
             "authenticator": authenticate,
@@ -449,7 +500,8 @@ message_size_limit = 10240000
         raise AssertionError(f"Postfix queue not empty after {timeout} s:\n{out}")
 
     def reset(self) -> None:
-        """Empty every mailbox (between tests)."""
+        """Empty every mailbox and know every user again (between tests)."""
+        self.set_unknown()
         for user in USERS:
             subprocess.run(
                 [
