@@ -42,6 +42,7 @@ from mailsync.wire.changeset import (
     read_changeset,
     unpack,
 )
+from mailsync.wire.controls import FullLoad, KeyAnnouncement, RulesUpdate, parse_sequenced
 from mailsync.wire.envelope import Header
 
 
@@ -214,14 +215,15 @@ def apply_buffered(
 
             for record in read_changeset(stream, origin=origin):
                 if isinstance(record, Control):
-                    if record.kind == "reload" and accept_rules and reload is None:
-                        reload = Reload(conn, peer, [str(t) for t in record.payload], RELOAD_BATCH)
-                    elif record.kind == "key":
+                    control = parse_sequenced(record.kind, record.payload)
+                    if isinstance(control, FullLoad) and accept_rules and reload is None:
+                        reload = Reload(conn, peer, list(control.tables), RELOAD_BATCH)
+                    elif isinstance(control, KeyAnnouncement):
                         # signed with the key we trust now: the peer's next one
-                        trust_key(conn, peer, PublicKey.parse(str(record.payload)))
+                        trust_key(conn, peer, PublicKey.parse(control.token))
                         result.key_received = True
-                    elif record.kind == "rules" and accept_rules:
-                        received = [Rule.from_wire(r) for r in record.payload]
+                    elif isinstance(control, RulesUpdate) and accept_rules:
+                        received = [Rule.from_wire(r) for r in control.rules]
                         tables = replace_rules(conn, received)
                         capture.ensure_capture(conn, tables)
                         rules = rules_for(conn)

@@ -53,6 +53,7 @@ from mailsync.rules import Rule
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import changes, horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
+from mailsync.wire.controls import FullLoad, KeyAnnouncement, RulesUpdate, SequencedControl
 from mailsync.wire.envelope import Codec, Header
 
 Direction = Literal["down", "up"]
@@ -349,12 +350,15 @@ def build_for_link(
         counter = _CountingSink(compressed)
         writer = ChangesetWriter(counter, {"from": plan.me, "to": plan.peer})
         builder = _Builder(conn, engine, plan, writer, batch_rows, keys)
+        controls: list[SequencedControl] = []
         if plan.announce_key is not None:
-            writer.control("key", plan.announce_key.token())
+            controls.append(KeyAnnouncement(plan.announce_key.token()))
         if plan.reload:
-            writer.control("reload", list(plan.initial_loads))
+            controls.append(FullLoad(tuple(plan.initial_loads)))
         if plan.send_rules:
-            writer.control("rules", [r.to_wire() for r in plan.rules.values()])
+            controls.append(RulesUpdate(tuple(r.to_wire() for r in plan.rules.values())))
+        for control in controls:
+            writer.control(control.KIND, control.payload())
         names = [n for n in plan.rules if plan.ops(n)]
         ordered = dependency_order(conn, names) if names else []
         for name in ordered:

@@ -32,7 +32,6 @@ from tests.cluster import DOMAIN, Cluster, customers
 from tests.servers.mail import MailServers, password_of
 from tests.test_mail import deliver_and_sync, mailbox, wait_for
 
-ISSUE_14 = pytest.mark.xfail(strict=True, reason="issue 14: per-peer containment in send")
 
 
 def address(name: str) -> str:
@@ -55,6 +54,7 @@ class RefusingPostOffice(MemoryPostOffice):
                 f"refused (550 5.1.1 <{recipient}>: Recipient address rejected: "
                 "User unknown in virtual mailbox table)",
                 hint="check the peer's address (`mailsync station show` / the bundle)",
+                scope="peer",
             )
         return super().deliver(recipient, raw)
 
@@ -112,7 +112,6 @@ def assert_koeln_served_and_berlin_held(
     assert office.pending(address("berlin")) == 0
 
 
-@ISSUE_14
 def test_a_changeset_over_the_size_limit_for_one_station_does_not_hold_up_another(
     cluster: Cluster, office: RefusingPostOffice
 ) -> None:
@@ -140,7 +139,6 @@ def test_a_changeset_over_the_size_limit_for_one_station_does_not_hold_up_anothe
     assert c.rows("berlin", customers)[0][7] == photo
 
 
-@ISSUE_14
 def test_a_station_address_the_mail_server_refuses_does_not_hold_up_another(
     cluster: Cluster, office: RefusingPostOffice
 ) -> None:
@@ -161,7 +159,6 @@ def test_a_station_address_the_mail_server_refuses_does_not_hold_up_another(
     assert [r[0] for r in c.rows("berlin", customers)] == [1]
 
 
-@ISSUE_14
 def test_a_bare_ack_that_cannot_reach_one_station_does_not_hold_up_another(
     cluster: Cluster, office: RefusingPostOffice
 ) -> None:
@@ -189,7 +186,6 @@ def test_a_bare_ack_that_cannot_reach_one_station_does_not_hold_up_another(
     assert berlin.acked_seq == berlin.out_seq == 1 and berlin.unacked == berlin.unsent == 0
 
 
-@ISSUE_14
 def test_a_station_address_postfix_refuses_does_not_hold_up_another(
     tmp_path: Path, mail_servers: MailServers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
