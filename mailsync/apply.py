@@ -23,13 +23,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture, faults
 from mailsync import link as links_mod
-from mailsync.build import Direction, key_filter
 from mailsync.conflicts import Detector
 from mailsync.dialects import dialect_for
 from mailsync.errors import ApplyError, MailsyncError, SchemaError, first_line
 from mailsync.keys import PublicKey
 from mailsync.reload import Reload
-from mailsync.rules import Rule, replace_rules
+from mailsync.rules import Direction, Rule, replace_rules
+from mailsync.store.changelog import key_filter
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import now, parked
 from mailsync.trust import trust_key

@@ -18,24 +18,18 @@ every step on the receiver.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import json
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import (
     Column,
     Connection,
-    Date,
-    DateTime,
     Engine,
     Row,
     Table,
-    Time,
     case,
     delete,
     func,
@@ -43,20 +37,18 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    tuple_,
     update,
 )
 
 from mailsync import link as links_mod
 from mailsync.keys import PublicKey
-from mailsync.rules import Rule
+from mailsync.rules import Direction, Rule
+from mailsync.store.changelog import key_filter, logged_key
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import changes, horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
 from mailsync.wire.controls import FullLoad, KeyAnnouncement, RulesUpdate, SequencedControl
 from mailsync.wire.envelope import Codec, Header
-
-Direction = Literal["down", "up"]
 
 
 @dataclass
@@ -115,35 +107,6 @@ def type_name(column: Column[Any], engine: Engine) -> str:
         return str(column.type.compile(dialect=engine.dialect))
     except Exception:  # a type the dialect cannot render: the class name will do
         return type(column.type).__name__
-
-
-def coerce_key(values: Sequence[Any], columns: Sequence[Column[Any]]) -> tuple[Any, ...]:
-    """Key values from the change log's JSON back to the column's Python type."""
-    out = []
-    for value, column in zip(values, columns, strict=True):
-        if isinstance(value, str):
-            ctype = column.type
-            if isinstance(ctype, DateTime):
-                value = dt.datetime.fromisoformat(value.replace(" ", "T"))
-            elif isinstance(ctype, Date):
-                value = dt.date.fromisoformat(value)
-            elif isinstance(ctype, Time):
-                value = dt.time.fromisoformat(value)
-        out.append(value)
-    return tuple(out)
-
-
-def logged_key(pk: str, columns: Sequence[Column[Any]]) -> tuple[Any, ...]:
-    """A key as the change log holds it (JSON written by the capture
-    triggers), in the columns' Python types."""
-    return coerce_key(json.loads(pk, parse_float=Decimal), columns)
-
-
-def key_filter(table: Table, keys: Sequence[tuple[Any, ...]]) -> Any:
-    pk = list(table.primary_key.columns)
-    if len(pk) == 1:
-        return pk[0].in_([k[0] for k in keys])
-    return tuple_(*pk).in_(keys)
 
 
 class _Builder:

@@ -27,8 +27,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, delete, or_, select
 
-from mailsync.build import key_filter, logged_key
 from mailsync.rules import Rule
+from mailsync.store.changelog import key_filter, logged_key
 from mailsync.store.tables import changes, conflicts_table, horizons, now
 from mailsync.wire.changeset import TableDef, pack, unpack
 

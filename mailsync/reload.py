@@ -31,7 +31,7 @@ from sqlalchemy import (
     select,
 )
 
-from mailsync.build import logged_key
+from mailsync.store.changelog import logged_key
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import changes, links, outbox
 from mailsync.wire.changeset import TableDef

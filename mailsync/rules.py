@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Integer, and_, delete, func, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,6 +33,9 @@ from mailsync.store.tables import (
     rules_table,
     stations,
 )
+
+#: Which way changes travel: ``down`` host → remote, ``up`` remote → host.
+Direction = Literal["down", "up"]
 
 OP_NAMES = {"I": "insert", "U": "update", "D": "delete"}
 _BY_NAME = {v: k for k, v in OP_NAMES.items()}

@@ -33,7 +33,6 @@ from tests.servers.mail import MailServers, password_of
 from tests.test_mail import deliver_and_sync, mailbox, wait_for
 
 
-
 def address(name: str) -> str:
     return f"{name}@{DOMAIN}"
 

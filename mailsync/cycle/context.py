@@ -17,14 +17,14 @@ from sqlalchemy import Connection, Engine, select
 from mailsync import link as links_mod
 from mailsync import ranges, trust
 from mailsync import rules as rules_mod
-from mailsync.build import Direction, LinkPlan
+from mailsync.build import LinkPlan
 from mailsync.config import NodeConfig
 from mailsync.dialects import Dialect, dialect_for
 from mailsync.errors import ConfigError
 from mailsync.journal import Journal
 from mailsync.keys import KeyRing, PublicKey
 from mailsync.link import Link
-from mailsync.rules import Rule
+from mailsync.rules import Direction, Rule
 from mailsync.store.seen import SeenInDatabase
 from mailsync.store.tables import loads
 from mailsync.transport import TransportContext
