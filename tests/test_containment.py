@@ -25,7 +25,7 @@ import pytest
 
 # The only mailsync modules this file names: delivery.py is being split into
 # mailsync/cycle/*, so nothing of it (or of node's internals) is named here.
-from mailsync import CycleReport
+from mailsync import CycleReport, trust
 from mailsync.errors import TransportError
 from mailsync.transport.memory import MemoryPostOffice
 from tests.cluster import DOMAIN, Cluster, customers
@@ -183,6 +183,30 @@ def test_a_bare_ack_that_cannot_reach_one_station_does_not_hold_up_another(
     c.nodes["berlin"].sync()
     berlin = link(c, "berlin", "hq")
     assert berlin.acked_seq == berlin.out_seq == 1 and berlin.unacked == berlin.unsent == 0
+
+
+def test_a_station_the_host_cannot_seal_for_does_not_hold_up_another(
+    cluster: Cluster, office: RefusingPostOffice
+) -> None:
+    """berlin's key is gone from the host (an admin's slip): neither its
+    changeset nor the ack it is owed can be sealed; koeln is served all the
+    same."""
+    c = cluster
+    c.execute("berlin", customers.insert(), customer(3, "berlin"))
+    assert c.nodes["berlin"].sync().sent == 1
+    office.refused.add(address("berlin"))
+    assert c.host.sync().rows_applied == 1  # berlin's row arrived; its ack did not go
+    office.refused.clear()
+    with c.engines["hq"].begin() as conn:
+        trust.forget_peer(conn, "berlin")
+    c.execute("hq", customers.insert(), [customer(1, "berlin"), customer(2, "koeln")])
+    report = c.host.sync()
+
+    assert_koeln_served_and_berlin_held(c, office, report, 2, "no public key for 'berlin'")
+    assert any(e.startswith("controls for berlin: no public key") for e in report.errors)
+    assert link(c, "hq", "berlin").unsent == 0  # nothing was built for it ...
+    # ... and its cursor stayed: both new rows still wait (status counts before the filter)
+    assert link(c, "hq", "berlin").pending_changes == 2
 
 
 def test_a_station_address_postfix_refuses_does_not_hold_up_another(

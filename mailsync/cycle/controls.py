@@ -20,10 +20,11 @@ from sqlalchemy import Connection
 
 from mailsync import link as links_mod
 from mailsync import ranges
+from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.keys import PublicKey
-from mailsync.link import Link, aware
+from mailsync.link import Link
 from mailsync.store.tables import loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Control, read_changeset
 from mailsync.wire.controls import (
@@ -137,63 +138,77 @@ class OutgoingControl:
     ack: int
 
 
-def due(ctx: CycleContext, conn: Connection, carried: set[str]) -> list[OutgoingControl]:
+def due(
+    ctx: CycleContext, conn: Connection, carried: set[str], report: CycleReport
+) -> list[OutgoingControl]:
     """Unsequenced messages due now, one per peer at most (``carried``: the
-    peers a data message sealed with our current ack goes to anyway)."""
+    peers a data message sealed with our current ack goes to anyway). A
+    peer whose message cannot be composed (no key to seal it for) is held
+    with its reason; what composing it wrote is rolled back to its savepoint."""
+    out = []
+    for link in links_mod.all_links(conn):
+        peer = link.peer
+        with (
+            for_peer(report, ctx.journal, peer, "send-failed", f"controls for {peer}"),
+            conn.begin_nested(),
+        ):
+            control = _compose(ctx, conn, link, carried)
+            if control is not None:
+                out.append(control)
+    return out
+
+
+def _compose(
+    ctx: CycleContext, conn: Connection, link: Link, carried: set[str]
+) -> OutgoingControl | None:
     cfg = ctx.config
     gap_after = dt.timedelta(minutes=cfg.gap_request_minutes)
     limit = now() - gap_after
     resend_after = dt.timedelta(minutes=cfg.resend_after_minutes)
-    out = []
-    for link in links_mod.all_links(conn):
-        wanted: list[Wanted] = []
-        oldest = links_mod.oldest_buffered(conn, link.peer)
-        asked = link.gap_requested_at
-        if oldest is not None and oldest <= limit and (asked is None or asked <= limit):
-            held = links_mod.held_parts(conn, link.peer)
-            wanted.extend(links_mod.missing_sequences(link.in_seq, set(held)))
-            wanted.extend(links_mod.missing_parts(held))
-            del wanted[MAX_RESEND_REQUEST:]
-        reload = (
-            ctx.role.can_be_reloaded
-            and link.reload_wanted
-            and (link.reload_asked_at is None or aware(link.reload_asked_at) <= limit)
-        )
-        ranges_control, ranges_due = ctx.role.ranges_out(conn, link.peer, resend_after, gap_after)
-        if (
-            not wanted
-            and not reload
-            and not ranges_due
-            and (link.in_seq <= link.ack_sent or link.peer in carried)
-        ):
-            continue
-        buffer = io.BytesIO()
-        compressed = ctx.codec.body_writer(buffer)
-        writer = ChangesetWriter(compressed, {"from": ctx.me, "to": link.peer})
-        if wanted:
-            writer.control(Resend.KIND, Resend(tuple(wanted)).payload())
-            links_mod.gap_requested(conn, link.peer)
-        if ranges_control is not None:
-            writer.control(ranges_control.KIND, ranges_control.payload())
-            if isinstance(ranges_control, RangeReport):
-                ranges.station_reported(conn, ranges_control.payload())
-        if reload:
-            request = ReloadRequest(link.in_seq, link.reload_request)
-            writer.control(ReloadRequest.KIND, request.payload())
-            links_mod.reload_asked(conn, link.peer)
-        writer.close()
-        compressed.close()  # type: ignore[no-untyped-call]
-        header = Header(
-            ctx.me,
-            link.peer,
-            CONTROL_SEQ,
-            ack=link.in_seq,
-            ack_cid=link.in_cid,
-            acked=link.acked_seq,
-        )
-        out.append(
-            OutgoingControl(
-                link.peer, link.address, ctx.seal(conn, header, buffer.getvalue()), link.in_seq
-            )
-        )
-    return out
+    wanted: list[Wanted] = []
+    oldest = links_mod.oldest_buffered(conn, link.peer)
+    asked = link.gap_requested_at
+    if oldest is not None and oldest <= limit and (asked is None or asked <= limit):
+        held = links_mod.held_parts(conn, link.peer)
+        wanted.extend(links_mod.missing_sequences(link.in_seq, set(held)))
+        wanted.extend(links_mod.missing_parts(held))
+        del wanted[MAX_RESEND_REQUEST:]
+    reload = (
+        ctx.role.can_be_reloaded
+        and link.reload_wanted
+        and (link.reload_asked_at is None or link.reload_asked_at <= limit)
+    )
+    ranges_control, ranges_due = ctx.role.ranges_out(conn, link.peer, resend_after, gap_after)
+    if (
+        not wanted
+        and not reload
+        and not ranges_due
+        and (link.in_seq <= link.ack_sent or link.peer in carried)
+    ):
+        return None
+    buffer = io.BytesIO()
+    compressed = ctx.codec.body_writer(buffer)
+    writer = ChangesetWriter(compressed, {"from": ctx.me, "to": link.peer})
+    if wanted:
+        writer.control(Resend.KIND, Resend(tuple(wanted)).payload())
+        links_mod.gap_requested(conn, link.peer)
+    if ranges_control is not None:
+        writer.control(ranges_control.KIND, ranges_control.payload())
+        if isinstance(ranges_control, RangeReport):
+            ranges.station_reported(conn, ranges_control.payload())
+    if reload:
+        request = ReloadRequest(link.in_seq, link.reload_request)
+        writer.control(ReloadRequest.KIND, request.payload())
+        links_mod.reload_asked(conn, link.peer)
+    writer.close()
+    compressed.close()  # type: ignore[no-untyped-call]
+    header = Header(
+        ctx.me,
+        link.peer,
+        CONTROL_SEQ,
+        ack=link.in_seq,
+        ack_cid=link.in_cid,
+        acked=link.acked_seq,
+    )
+    blob = ctx.seal(conn, header, buffer.getvalue())
+    return OutgoingControl(link.peer, link.address, blob, link.in_seq)

@@ -56,7 +56,7 @@ def send(ctx: CycleContext, report: CycleReport) -> None:
         # a peer that gets a data message sealed with our current ack
         # learns it from that (a resent one carries the ack of its day)
         carried = {r.peer for r in pending if r.ack >= r.in_seq}
-        outgoing = controls.due(ctx, conn, carried=carried)
+        outgoing = controls.due(ctx, conn, carried, report)
     forward, report.forward = report.forward, []
     if not pending and not forward and not outgoing:
         return
