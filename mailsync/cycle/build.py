@@ -19,6 +19,7 @@ from mailsync.build import LinkPlan, build_for_link
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
+from mailsync.errors import MailsyncError
 from mailsync.wire.message import part_bytes
 
 
@@ -36,7 +37,7 @@ def build(ctx: CycleContext, report: CycleReport) -> None:
     with ctx.engine.begin() as conn:
         planned = plans(ctx, conn)
         tables = sorted({t for p in planned for t in p.rules})
-        repaired = capture.ensure_capture(conn, tables) if tables else []
+        repaired, broken = _ensure_capture(conn, tables)
     for name in repaired:
         ctx.journal.warning("capture", f"capture triggers of table {name} (re)installed")
     horizon = ctx.dialect.change_horizon(ctx.engine)
@@ -44,6 +45,9 @@ def build(ctx: CycleContext, report: CycleReport) -> None:
     for plan in planned:
         peer = plan.peer
         with for_peer(report, ctx.journal, peer, "build-failed", f"building for {peer}"):
+            for table in plan.rules:
+                if table in broken:  # its capture cannot be trusted: hold the link
+                    raise broken[table]
             built = build_for_link(
                 ctx.engine,
                 ctx.codec,
@@ -65,3 +69,31 @@ def build(ctx: CycleContext, report: CycleReport) -> None:
                 peer=built.peer,
                 seq=built.seq,
             )
+
+
+def _ensure_capture(
+    conn: Connection, tables: list[str]
+) -> tuple[list[str], dict[str, MailsyncError]]:
+    """Check (and repair) the capture triggers of ``tables``: the tables
+    repaired, and the ones that failed with their error (a table dropped
+    under a station's rule), so that only the links carrying those are
+    held. All at once in one savepoint; table by table only after a failure."""
+    if not tables:
+        return [], {}
+    try:
+        with conn.begin_nested():
+            return capture.ensure_capture(conn, tables), {}
+    except MailsyncError as exc:
+        if exc.scope not in ("message", "peer"):
+            raise
+    repaired: list[str] = []
+    broken: dict[str, MailsyncError] = {}
+    for table in tables:
+        try:
+            with conn.begin_nested():
+                repaired += capture.ensure_capture(conn, [table])
+        except MailsyncError as exc:
+            if exc.scope not in ("message", "peer"):
+                raise
+            broken[table] = exc
+    return repaired, broken

@@ -64,11 +64,21 @@ def act_on(
     report.bare_acks[peer] = max(ack, report.bare_acks.get(peer, 0))
     _, stream = ctx.codec.open(blob, where, ctx.ring, keys)
     from_host = not ctx.role.is_host
-    controls = [
-        parse_unsequenced(record.kind, record.payload, from_host=from_host)
-        for record in read_changeset(stream, origin=where)
-        if isinstance(record, Control)
-    ]
+    controls = []
+    for record in read_changeset(stream, origin=where):
+        if not isinstance(record, Control):
+            continue
+        control = parse_unsequenced(record.kind, record.payload, from_host=from_host)
+        if control is None:
+            ctx.journal.info(
+                "control-ignored",
+                f"{where}: control {record.kind[:40]!r} from {peer} is not one this node "
+                "acts on; ignored",
+                peer=peer,
+                conn=conn,
+            )
+        else:
+            controls.append(control)
     for control in controls:
         if isinstance(control, ReloadRequest):
             _reload_requested(ctx, conn, links_mod.one(conn, peer), control)

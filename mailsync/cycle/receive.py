@@ -17,13 +17,14 @@ another changeset than ours, shows that our database went back to a backup
 from __future__ import annotations
 
 from sqlalchemy import Connection, delete, select
+from sqlalchemy.exc import DataError
 
 from mailsync import faults, ranges
 from mailsync import link as links_mod
 from mailsync.cycle import controls
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
-from mailsync.errors import MessageError
+from mailsync.errors import MessageError, first_line
 from mailsync.link import Link
 from mailsync.store.tables import inbox, now, outbox
 from mailsync.transport import open_receiver
@@ -52,11 +53,16 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                     keys = ctx.sender_keys(conn, header.sender)
                     ctx.codec.verify(blob, where, keys)
                     link = _went_back(ctx, conn, link, header)
-                    if header.seq == controls.CONTROL_SEQ:
-                        controls.act_on(ctx, conn, link, header.ack, blob, where, keys, report)
-                        duplicate = False
-                    else:
-                        duplicate = _buffer(conn, link, header, blob)
+                    try:
+                        if header.seq == controls.CONTROL_SEQ:
+                            controls.act_on(ctx, conn, link, header.ack, blob, where, keys, report)
+                            duplicate = False
+                        else:
+                            duplicate = _buffer(conn, link, header, blob)
+                    except (DataError, OverflowError) as exc:
+                        # signed, but with a value our columns cannot hold:
+                        # this message's fault, not the database's
+                        raise MessageError(f"{where}: {first_line(exc)}") from exc
             except MessageError as exc:
                 if box.forward_unrecognized:
                     report.forward.append(msg.raw)

@@ -34,8 +34,12 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
             # stage, and the rest of the cycle goes on without it
             with contained(report, journal, scope="mailbox", event="mailbox"):
                 receive(ctx, report)
-            apply(ctx, report)
-            build(ctx, report)
+            # a peer's failure is contained inside each stage; one that
+            # escapes without naming its peer still ends only its stage
+            with contained(report, journal, scope="peer", event="apply-failed"):
+                apply(ctx, report)
+            with contained(report, journal, scope="peer", event="build-failed"):
+                build(ctx, report)
             with contained(report, journal, scope="mailbox", event="mailbox"):
                 send(ctx, report)
             purge(ctx)

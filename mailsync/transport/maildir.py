@@ -10,6 +10,7 @@ or not valid go to ``.Unrecognized`` — both atomic renames.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -60,6 +61,9 @@ def deliver(maildir: Path, raw: bytes) -> str:
     return name
 
 
+_WHOLE_OFFICE = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
 class MaildirSender(Session):
     """Delivers into the recipient's Maildir in the post office."""
 
@@ -70,9 +74,12 @@ class MaildirSender(Session):
         try:
             deliver(self._root / recipient, raw)
         except OSError as exc:
+            # a full or read-only disk, or a post office we may not write,
+            # fails every recipient alike; anything else is this one's folder
+            whole = exc.errno in _WHOLE_OFFICE or not os.access(self._root, os.W_OK)
             raise TransportError(
                 f"cannot deliver to {recipient} in post office {self._root}: {exc.strerror}",
-                scope="peer",
+                scope="mailbox" if whole else "peer",
             ) from exc
 
 

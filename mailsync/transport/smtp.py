@@ -23,7 +23,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from mailsync.errors import TransportError
+from mailsync.errors import Scope, TransportError
 from mailsync.transport.account import Account, connection_error, parse_account
 from mailsync.transport.base import Session, TransportContext
 
@@ -32,7 +32,13 @@ SEND_ATTEMPTS = 3
 
 
 class _Transient(Exception):
-    """A failure worth another try on a new connection."""
+    """A failure worth another try on a new connection; ``recipient`` when
+    the server put off this one recipient (452 mailbox full, greylisting),
+    not the connection."""
+
+    def __init__(self, text: str, *, recipient: bool = False) -> None:
+        super().__init__(text)
+        self.recipient = recipient
 
 
 async def _drain() -> None:
@@ -108,7 +114,9 @@ class SmtpSender(Session):
         except _Transient as exc:
             raise TransportError(
                 f"{self.account.display}: sending to {recipient} failed {SEND_ATTEMPTS} times "
-                f"({exc}); it stays in the outbox for the next cycle"
+                f"({exc}); it stays in the outbox for the next cycle",
+                # a full mailbox holds its peer; a flaky server, everyone
+                scope="peer" if exc.recipient else "mailbox",
             ) from exc
 
     async def _send_with_retries(self, sender: str, recipient: str, raw: bytes) -> None:
@@ -136,11 +144,12 @@ class SmtpSender(Session):
                     hint=f"set max_message_bytes in [mailbox] below {len(raw):,}",
                     scope="peer",
                 ) from exc
-            self._fail_or_retry(exc.code, exc.message, exc)
+            # MAIL FROM refused (auth, sender not ours): every message alike
+            self._fail_or_retry(exc.code, exc.message, exc, scope="mailbox")
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [e.code for e in exc.recipients]
             if all(400 <= c < 500 for c in codes):
-                raise _Transient(str(exc)) from exc
+                raise _Transient(str(exc), recipient=True) from exc
             detail = "; ".join(f"{e.code} {e.message}" for e in exc.recipients)
             raise TransportError(
                 f"{acc.display}: recipient {recipient} refused ({detail})",
@@ -153,13 +162,16 @@ class SmtpSender(Session):
             self._drop()
             raise _Transient(str(exc) or type(exc).__name__) from exc
 
-    def _fail_or_retry(self, code: int, message: str, exc: Exception) -> None:
+    def _fail_or_retry(
+        self, code: int, message: str, exc: Exception, *, scope: Scope = "peer"
+    ) -> None:
+        """4xx: another try; 5xx: reported, by default as this message's
+        peer's matter (DATA refused for policy or content: the next
+        recipient may well be accepted)."""
         if 400 <= code < 500:
             self._drop()
             raise _Transient(f"{code} {message}") from exc
-        # a permanent refusal of this message (policy, content): the next
-        # recipient may well be accepted
-        raise TransportError(f"{self.account.display}: {code} {message}", scope="peer") from exc
+        raise TransportError(f"{self.account.display}: {code} {message}", scope=scope) from exc
 
     def _drop(self) -> None:
         if self._smtp is not None:

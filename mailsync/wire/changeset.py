@@ -280,7 +280,8 @@ def read_changeset(source: Source, *, origin: str = "changeset") -> Iterator[Rec
             yield _record(obj, tables, summary, origin)
     except MessageError:
         raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+    except (ValueError, TypeError, ArithmeticError, msgpack.UnpackException) as exc:
+        # ArithmeticError: decimal.InvalidOperation from a garbled Decimal
         raise MessageError(f"{origin}: changeset is corrupt ({exc})") from exc
     if not ended:
         raise MessageError(f"{origin}: changeset is truncated (no trailer)")

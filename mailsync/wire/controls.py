@@ -5,7 +5,9 @@ payload]``). Signed by a peer is not the same as well-formed: a buggy or
 hostile station can sign anything, so every payload is checked here, once,
 before any code acts on it; what does not parse raises
 :class:`~mailsync.errors.MessageError` naming the kind and what is wrong,
-and the message is set aside.
+and the message is set aside. A kind this version does not know parses to
+None and is ignored, so a peer one version ahead still gets its ack and
+rows through.
 
 Unsequenced messages (sequence 0, acted on as soon as they arrive):
 
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailsync.errors import MessageError
+from mailsync.wire.envelope import MAX_WIRE_INT
 
 #: At most this many sequence numbers or parts are asked for in one request.
 MAX_RESEND_REQUEST = 10_000
@@ -55,6 +58,8 @@ def _int(kind: str, value: Any, what: str) -> int:
     # bool is an int in Python; on the wire it is not a number
     if not isinstance(value, int) or isinstance(value, bool):
         raise _fail(kind, f"{what} is not an integer")
+    if not 0 <= value <= MAX_WIRE_INT:  # what a BIGINT column holds
+        raise _fail(kind, f"{what} {value} is out of range")
     return value
 
 
@@ -135,7 +140,7 @@ class ReloadRequest:
         in_seq = _int(cls.KIND, data.get("in_seq"), "in_seq")
         request = data.get("id")
         if request is not None:
-            request = _str(cls.KIND, request, "id", limit=64)
+            request = _str(cls.KIND, request, "id", limit=32)  # mailsync_links.reload_request
         return cls(in_seq, request)
 
 
@@ -234,7 +239,8 @@ class Grant:
         bind = g.get("bind")
         if bind is not None:
             bind = _str(kind, bind, "bind", limit=2 * MAX_NAME + 1)
-            if bind.count(".") != 1:
+            table, dot, column = bind.partition(".")
+            if not (table and dot and column):
                 raise _fail(kind, f"bind {bind[:40]!r} is not table.column")
         if not ints["start"] <= ints["first"] <= ints["next"] <= ints["last"] + 1:
             raise _fail(kind, "the block's numbers are not in order")
@@ -290,16 +296,21 @@ class RangeGrants:
 UnsequencedControl = Resend | ReloadRequest | RangeReport | RangeGrants
 
 
-def parse_unsequenced(kind: str, payload: Any, *, from_host: bool) -> UnsequencedControl:
+def parse_unsequenced(kind: str, payload: Any, *, from_host: bool) -> UnsequencedControl | None:
     """The control record of an unsequenced message, checked; ``from_host``
-    says which side sent it (a ``ranges`` record is a report or grants)."""
+    says which side sent it (a ``ranges`` record is a report or grants).
+
+    None for a kind this side does not act on (a newer peer's, or a reload
+    request sent to a remote): the caller ignores it, so that a peer one
+    version ahead still gets its ack through. A known kind is parsed
+    strictly."""
     if kind == Resend.KIND:
         return Resend.parse(payload)
     if kind == ReloadRequest.KIND and not from_host:
         return ReloadRequest.parse(payload)
     if kind == "ranges":
         return RangeGrants.parse(payload) if from_host else RangeReport.parse(payload)
-    raise MessageError(f"control {kind[:40]!r} is not one an unsequenced message carries")
+    return None
 
 
 # -------------------------------------------------------------------- sequenced
@@ -338,8 +349,17 @@ class RulesUpdate:
         rules = []
         for item in _list(cls.KIND, payload, "the rules"):
             rule = _dict(cls.KIND, item, "a rule")
-            for key in ("table", "station", "down", "up"):
-                _str(cls.KIND, rule.get(key, "") or "-", key)
+            for key in ("table", "station"):
+                _str(cls.KIND, rule.get(key), key)
+            for key in ("down", "up"):
+                ops = rule.get(key)
+                if not isinstance(ops, str) or not set(ops) <= set("IUD"):
+                    raise _fail(cls.KIND, f"{key} is not a set of operations (I, U, D)")
+            row_filter = rule.get("row_filter")
+            if row_filter is not None and not isinstance(row_filter, str):
+                raise _fail(cls.KIND, "row_filter is not text")
+            if not isinstance(rule.get("conflict", "host-wins"), str):
+                raise _fail(cls.KIND, "conflict is not a policy name")
             rules.append(rule)
         return cls(tuple(rules))
 
@@ -368,12 +388,11 @@ _SEQUENCED: dict[str, type[KeyAnnouncement] | type[RulesUpdate] | type[FullLoad]
 }
 
 
-def parse_sequenced(kind: str, payload: Any) -> SequencedControl:
-    """A control record inside a sequenced changeset, checked."""
+def parse_sequenced(kind: str, payload: Any) -> SequencedControl | None:
+    """A control record inside a sequenced changeset, checked; None for a
+    kind this version does not know (ignored, as for unsequenced ones)."""
     parser = _SEQUENCED.get(kind)
-    if parser is None:
-        raise MessageError(f"control {kind[:40]!r} is not one a changeset carries")
-    return parser.parse(payload)
+    return None if parser is None else parser.parse(payload)
 
 
 Control = UnsequencedControl | SequencedControl

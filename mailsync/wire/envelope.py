@@ -124,7 +124,8 @@ class Header:
             raise MessageError(f"{origin}: envelope header is malformed") from exc
         if not isinstance(header.eph, bytes):
             raise MessageError(f"{origin}: envelope header is malformed")
-        if (
+        numbers = (header.seq, header.ack, header.parts, header.length, header.acked, header.after)
+        if any(n > MAX_WIRE_INT for n in numbers) or (
             header.seq < 0
             or header.ack < 0
             or not 1 <= header.part <= header.parts
@@ -135,6 +136,11 @@ class Header:
         ):
             raise MessageError(f"{origin}: envelope header has impossible numbers")
         return header
+
+
+#: The largest number a header may carry: what a signed 64-bit column holds
+#: (mailsync's sequence numbers are BIGINT on every database).
+MAX_WIRE_INT = 2**63 - 1
 
 
 class Codec:
