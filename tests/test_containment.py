@@ -12,22 +12,41 @@ over a memory post office whose server can refuse recipients (as mailsync's
 SMTP sender reports a 5xx answer to RCPT TO), and the refusal once more over
 real Postfix. Only the public API is used: the node, its config, its status
 and its cycle report (``peer_errors``, ``sent_to``, ``errors``).
+
+A station's input is untrusted (DESIGN §12): berlin, with its own valid
+keys, sends what a buggy or hostile station might — numbers no column holds,
+an over-long id, a garbled value, a control kind from a newer version — or
+the host's table under berlin's rule is dropped, or berlin's mailbox is
+full. Each time one host cycle sets berlin's message aside (or holds
+berlin's link) with its reason, does not raise, and serves koeln. These
+forge messages with the wire codecs (``mailsync.wire``), as berlin's own
+mailsync would seal them, and read the node's log table.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterator
+import socket
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+from sqlalchemy import select
 
 # The only mailsync modules this file names: delivery.py is being split into
-# mailsync/cycle/*, so nothing of it (or of node's internals) is named here.
+# mailsync/cycle/*, so nothing of it (or of node's internals) is named here;
+# the wire codecs and the log table are what a station and an admin see.
 from mailsync import CycleReport, trust
 from mailsync.errors import TransportError
+from mailsync.store.tables import changes, log_table
 from mailsync.transport.memory import MemoryPostOffice
+from mailsync.wire.changeset import ChangesetWriter
+from mailsync.wire.envelope import Codec, Header
+from mailsync.wire.message import Address, build_message
 from tests.cluster import DOMAIN, Cluster, customers
 from tests.servers.mail import MailServers, password_of
 from tests.test_mail import deliver_and_sync, mailbox, wait_for
@@ -76,27 +95,43 @@ def office() -> RefusingPostOffice:
     return RefusingPostOffice()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, office: RefusingPostOffice) -> Iterator[Cluster]:
-    """hq, koeln and berlin with their rules in place and every outbox empty."""
-    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln", "berlin"), office=office)
+def started(tmp_path: Path, host_url: str, office: RefusingPostOffice) -> Cluster:
+    """hq (on ``host_url``), koeln and berlin with their rules in place and
+    every outbox empty."""
+    c = Cluster(tmp_path, host_url, ("koeln", "berlin"), office=office)
     try:
         c.host.add_rule("customers", down="IUD", up="IUD", row_filter="city = :station")
         c.sync("hq", "koeln", "berlin", "hq")
         for peer in ("koeln", "berlin"):
             assert (link(c, "hq", peer).unsent, link(c, "hq", peer).unacked) == (0, 0)
             assert office.pending(address(peer)) == 0
-        yield c
-    finally:
+    except BaseException:
         c.close()
+        raise
+    return c
 
 
-def assert_koeln_served_and_berlin_held(
-    c: Cluster, office: RefusingPostOffice, report: CycleReport, koeln_row: int, berlin_error: str
+@pytest.fixture
+def cluster(tmp_path: Path, office: RefusingPostOffice) -> Iterator[Cluster]:
+    """The cluster with the host on SQLite."""
+    c = started(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", office)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def db_cluster(tmp_path: Path, db_url: str, office: RefusingPostOffice) -> Iterator[Cluster]:
+    """The cluster with the host on each database (what a column holds differs)."""
+    c = started(tmp_path, db_url, office)
+    yield c
+    c.close()
+
+
+def assert_koeln_served(
+    c: Cluster, office: MemoryPostOffice, report: CycleReport, koeln_row: int
 ) -> None:
     """After one host cycle (``report``): koeln's changeset is in koeln's
-    mailbox and applies there; the report blames berlin alone; berlin got
-    nothing."""
+    mailbox and applies there."""
     assert office.pending(address("koeln")) == 1, (
         f"koeln's changeset was not sent in the cycle in which berlin's mail failed: "
         f"sent_to={dict(report.sent_to)}, errors={report.errors}"
@@ -104,6 +139,14 @@ def assert_koeln_served_and_berlin_held(
     assert report.sent_to["koeln"] == 1
     assert c.nodes["koeln"].sync().rows_applied == 1
     assert [r[0] for r in c.rows("koeln", customers)] == [koeln_row]
+
+
+def assert_koeln_served_and_berlin_held(
+    c: Cluster, office: MemoryPostOffice, report: CycleReport, koeln_row: int, berlin_error: str
+) -> None:
+    """After one host cycle (``report``): koeln is served; the report blames
+    berlin alone; berlin got nothing."""
+    assert_koeln_served(c, office, report, koeln_row)
     assert set(report.peer_errors) == {"berlin"}, report.peer_errors
     assert berlin_error in report.peer_errors["berlin"]
     assert any(berlin_error in e for e in report.errors), report.errors
@@ -252,3 +295,295 @@ def test_a_station_address_postfix_refuses_does_not_hold_up_another(
         assert [r[0] for r in c.rows("berlin", customers)] == [1]
     finally:
         c.close()
+
+
+# ---------------------------------------------------- what a station sends
+
+
+Write = Callable[[ChangesetWriter], None]
+
+
+def from_berlin(c: Cluster, office: MemoryPostOffice, write: Write, **fields: Any) -> None:
+    """Put into hq's mailbox a message sealed as berlin's mailsync seals one:
+    signed with berlin's own key, for hq's. Unsequenced (controls) unless
+    ``seq`` is given; it carries berlin's real ack unless ``ack`` is."""
+    fields.setdefault("ack", link(c, "berlin", "hq").in_seq)
+    if fields.setdefault("seq", 0):
+        fields.setdefault("cid", uuid.uuid4().hex)
+    header = Header("berlin", "hq", **fields)
+    codec = Codec()
+    buffer = io.BytesIO()
+    body = codec.body_writer(buffer)
+    writer = ChangesetWriter(body, {"from": "berlin", "to": "hq"})
+    write(writer)
+    writer.close()
+    body.close()  # type: ignore[no-untyped-call]
+    sealed = codec.seal(
+        header, buffer.getvalue(), c.host.ring.current.public, c.nodes["berlin"].ring.current.sign
+    )
+    sender, recipient = Address("berlin", address("berlin")), Address("hq", address("hq"))
+    office.deliver(address("hq"), build_message(header, sender, recipient, sealed))
+
+
+def control(kind: str, payload: Any) -> Write:
+    return lambda writer: writer.control(kind, payload)
+
+
+def logged(c: Cluster, event: str) -> list[str]:
+    """hq's log lines of ``event``."""
+    with c.engines["hq"].connect() as conn:
+        query = select(log_table.c.message).where(log_table.c.event == event)
+        return list(conn.execute(query).scalars())
+
+
+def assert_set_aside_and_koeln_served(
+    c: Cluster, office: MemoryPostOffice, report: CycleReport, reason: str
+) -> None:
+    """berlin's message left hq's mailbox for the side, with ``reason`` in
+    its rejection and in a 'rejected' log line; nobody's link is held, and
+    koeln's customer 2 went out in the same cycle."""
+    assert report.set_aside == 1, (report.set_aside, report.errors)
+    assert office.pending(address("hq")) == 0
+    ((_, why),) = office.aside[address("hq")]
+    assert reason in why, why
+    assert any(reason in line for line in logged(c, "rejected")), logged(c, "rejected")
+    assert not report.peer_errors, report.peer_errors
+    assert_koeln_served(c, office, report, 2)
+
+
+@pytest.mark.parametrize("wanted", [[2**64 - 1], [[2**63, 1]]], ids=["sequence-number", "part"])
+def test_a_resend_request_for_a_number_no_column_holds_is_set_aside(
+    db_cluster: Cluster, office: RefusingPostOffice, wanted: list[Any]
+) -> None:
+    """It used to reach the outbox query: SQLite cannot bind the number, and
+    the cycle failed on every run, for every station."""
+    c = db_cluster
+    from_berlin(c, office, control("resend", wanted))
+    c.execute("hq", customers.insert(), customer(2, "koeln"))
+    report = c.host.sync()
+
+    assert_set_aside_and_koeln_served(c, office, report, "is out of range")
+
+
+def test_a_reload_request_with_an_id_longer_than_its_column_is_set_aside(
+    db_cluster: Cluster, office: RefusingPostOffice
+) -> None:
+    """mailsync_links.reload_request is String(32): PostgreSQL refused the
+    40 characters and the cycle failed; SQLite stored them and reloaded."""
+    c = db_cluster
+    from_berlin(c, office, control("reload", {"in_seq": 0, "id": "r" * 40}))
+    c.execute("hq", customers.insert(), customer(2, "koeln"))
+    report = c.host.sync()
+
+    assert_set_aside_and_koeln_served(c, office, report, "id is not a name of 1–32 characters")
+    # no full load went to berlin (on SQLite, where the id fit, one did)
+    assert report.sent_to["berlin"] == 0 and office.pending(address("berlin")) == 0
+
+
+def test_a_header_ack_no_column_holds_is_set_aside(
+    db_cluster: Cluster, office: RefusingPostOffice
+) -> None:
+    """An ack beyond what we sent reads as our database gone back to a
+    backup: the 2**63 went into out_seq, a BIGINT, and failed the cycle."""
+    c = db_cluster
+    from_berlin(c, office, lambda writer: None, ack=2**63)
+    c.execute("hq", customers.insert(), customer(2, "koeln"))
+    report = c.host.sync()
+
+    assert_set_aside_and_koeln_served(c, office, report, "envelope header has impossible numbers")
+    berlin = link(c, "hq", "berlin")  # not taken for a restored backup of hq's
+    assert (berlin.out_seq, berlin.acked_seq, berlin.restore) == (1, 1, None)
+
+
+def berlin_rows(*rows: tuple[Any, ...], between: Write | None = None) -> Write:
+    """A changeset of berlin's customers, ``between`` written after the first row."""
+
+    def write(writer: ChangesetWriter) -> None:
+        table = writer.table(
+            "customers", [("id", "INTEGER"), ("name", "VARCHAR"), ("city", "VARCHAR")], ["id"]
+        )
+        first, *rest = rows
+        writer.rows(table, "I", [first])
+        if between is not None:
+            between(writer)
+        writer.rows(table, "I", rest)
+
+    return write
+
+
+def test_a_changeset_with_a_garbled_decimal_holds_only_its_station(
+    db_cluster: Cluster, office: RefusingPostOffice
+) -> None:
+    """The Decimal's text is decoded in the apply stage: the
+    decimal.InvalidOperation it raised escaped every guard and failed the
+    cycle. Now the changeset is corrupt: berlin's link is held, koeln served."""
+    c = db_cluster
+    garbled = msgpack.ExtType(1, b"12,50 EUR")  # 1: a Decimal's extension type
+    rows = berlin_rows((5, "Kunde 5", "berlin"), (6, garbled, "berlin"))
+    from_berlin(c, office, rows, seq=1)
+    c.execute("hq", customers.insert(), customer(2, "koeln"))
+    report = c.host.sync()
+
+    assert report.set_aside == 0 and report.received_from["berlin"] == 1
+    assert_koeln_served_and_berlin_held(c, office, report, 2, "changeset is corrupt")
+    assert any("changeset #1 from berlin" in line for line in logged(c, "apply-failed"))
+    berlin = link(c, "hq", "berlin")
+    assert (berlin.in_seq, berlin.buffered) == (0, 1)  # it waits, for an admin to see
+    assert [r[0] for r in c.rows("hq", customers)] == [2]  # nothing of it applied
+
+
+def test_a_control_kind_from_a_newer_version_is_ignored_and_its_ack_acted_on(
+    cluster: Cluster, office: RefusingPostOffice
+) -> None:
+    """A rolling upgrade: berlin, one version ahead, sends its ack with a
+    control this host does not know. The whole message used to be set
+    aside, ack included, so hq's changeset for berlin was never taken out
+    of the outbox and went again and again."""
+    c = cluster
+    c.execute("hq", customers.insert(), customer(1, "berlin"))
+    c.host.sync()
+    assert c.nodes["berlin"].sync().rows_applied == 1
+    assert office.pending(address("hq")) == 1  # berlin's own bare ack ...
+    office.boxes[address("hq")].clear()  # ... is replaced by the newer version's
+    from_berlin(c, office, control("future-thing", {"since": "2.0"}))
+    assert link(c, "hq", "berlin").unacked == 1
+    c.execute("hq", customers.insert(), customer(2, "koeln"))
+    report = c.host.sync()
+
+    assert report.set_aside == 0 and not report.errors, report.errors
+    assert report.received_from["berlin"] == 1
+    berlin = link(c, "hq", "berlin")
+    assert berlin.acked_seq == berlin.out_seq == 2 and berlin.unacked == 0  # rules, customer 1
+    (line,) = logged(c, "control-ignored")
+    assert "'future-thing' from berlin" in line
+    assert_koeln_served(c, office, report, 2)
+
+
+def test_a_control_kind_from_a_newer_version_inside_a_changeset_applies_the_rows_around_it(
+    cluster: Cluster, office: RefusingPostOffice
+) -> None:
+    """The changeset used to fail as a whole and hold berlin's link."""
+    c = cluster
+    rows = berlin_rows(
+        (5, "Kunde 5", "berlin"),
+        (6, "Kunde 6", "berlin"),
+        between=control("future-thing", {"since": "2.0"}),
+    )
+    from_berlin(c, office, rows, seq=1)
+    c.execute("hq", customers.insert(), customer(2, "koeln"))
+    report = c.host.sync()
+
+    assert not report.errors, report.errors
+    assert report.rows_applied == 2
+    assert [r[0] for r in c.rows("hq", customers)] == [2, 5, 6]
+    assert link(c, "hq", "berlin").in_seq == 1
+    assert_koeln_served(c, office, report, 2)
+
+
+def customer_changes(c: Cluster) -> list[int]:
+    """The ids of hq's change-log entries for customers."""
+    with c.engines["hq"].connect() as conn:
+        query = select(changes.c.id).where(changes.c.tbl == "customers").order_by(changes.c.id)
+        return list(conn.execute(query).scalars())
+
+
+def test_a_table_dropped_under_one_station_s_rule_holds_only_that_station(
+    db_cluster: Cluster, office: RefusingPostOffice
+) -> None:
+    """The capture check of every synced table ran before any link was
+    built: a table dropped on the host failed it, and with it the build
+    for every station and the purge after it — on every cycle."""
+    c = db_cluster
+    for name in ("hq", "berlin"):
+        with c.engines[name].begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE berlin_only (id INTEGER PRIMARY KEY, note TEXT)")
+    c.host.add_rule("berlin_only", down="IUD", up="IUD", station="berlin")
+    c.sync("hq", "berlin", "hq")
+    # a change koeln gets and acknowledges: its ack waits in hq's mailbox
+    c.execute("hq", customers.insert(), customer(1, "koeln"))
+    c.host.sync()
+    assert c.nodes["koeln"].sync().rows_applied == 1
+    (acknowledged,) = customer_changes(c)
+    with c.engines["hq"].begin() as conn:
+        conn.exec_driver_sql("DROP TABLE berlin_only")
+    c.execute("hq", customers.insert(), customer(2, "koeln"))
+    report = c.host.sync()
+
+    assert set(report.peer_errors) == {"berlin"}, report.peer_errors
+    assert "berlin_only" in report.peer_errors["berlin"]
+    assert "does not exist" in report.peer_errors["berlin"]
+    assert any("building for berlin" in line for line in logged(c, "build-failed"))
+    assert report.sent_to["berlin"] == 0
+    # purge ran: what koeln acknowledged is gone, what it has yet to is kept
+    (waiting,) = customer_changes(c)
+    assert waiting > acknowledged
+    assert office.pending(address("koeln")) == 1
+    assert c.nodes["koeln"].sync().rows_applied == 1
+    assert [r[0] for r in c.rows("koeln", customers)] == [1, 2]
+
+
+class FullMailboxes:
+    """An aiosmtpd handler: RCPT TO for an address in ``full`` is put off
+    with 452 (mailbox full, try later), as a provider answers; accepted
+    mail goes into the memory post office."""
+
+    def __init__(self, office: MemoryPostOffice) -> None:
+        self.office = office
+        self.full: set[str] = set()
+        self.put_off = 0
+
+    async def handle_RCPT(
+        self, server: object, session: object, envelope: Any, address: str, options: object
+    ) -> str:
+        if address in self.full:
+            self.put_off += 1
+            return "452 4.2.2 Mailbox full"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        for recipient in envelope.rcpt_tos:
+            self.office.deliver(recipient, envelope.content)
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp(office: RefusingPostOffice) -> Iterator[tuple[int, FullMailboxes]]:
+    """An SMTP server (plain, no login) on a free port, delivering into ``office``."""
+    from aiosmtpd.controller import Controller
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    handler = FullMailboxes(office)
+    server = Controller(handler, hostname="127.0.0.1", port=port)
+    server.start()
+    yield port, handler
+    server.stop()
+
+
+def test_a_station_whose_mailbox_stays_full_does_not_hold_up_another(
+    cluster: Cluster, office: RefusingPostOffice, smtp: tuple[int, FullMailboxes]
+) -> None:
+    """A 4xx to RCPT TO is retried; once the retries run out it used to be
+    reported as the mailbox's failure, which ended the send stage for every
+    station behind berlin."""
+    c = cluster
+    port, server = smtp
+    c.set_mailbox("hq", memory_box("hq", send=f"smtp://127.0.0.1:{port}"))
+    server.full.add(address("berlin"))
+    c.execute("hq", customers.insert(), [customer(1, "berlin"), customer(2, "koeln")])
+    report = c.host.sync()
+
+    assert server.put_off == 3  # every attempt
+    assert_koeln_served_and_berlin_held(
+        c, office, report, 2, f"sending to {address('berlin')} failed 3 times"
+    )
+    assert "452" in report.peer_errors["berlin"] and "Mailbox full" in report.peer_errors["berlin"]
+    assert link(c, "hq", "berlin").unsent == 1
+    # berlin's mailbox has room again: what waited goes
+    server.full.clear()
+    report = c.host.sync()
+    assert not report.errors and report.sent_to["berlin"] == 1
+    assert c.nodes["berlin"].sync().rows_applied == 1
+    assert [r[0] for r in c.rows("berlin", customers)] == [1]
