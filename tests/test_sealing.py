@@ -12,10 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, update
 
+from mailsync.errors import MessageError
+from mailsync.keys import KeyPair
 from mailsync.store.tables import log_table
 from mailsync.transport.maildir import deliver
 from mailsync.wire.changeset import pack, unpack
-from mailsync.wire.envelope import Header, read_header
+from mailsync.wire.envelope import Codec, Header, read_header
 from mailsync.wire.message import Address, build_message, extract_envelope
 from tests.cluster import Cluster, customers
 
@@ -257,3 +259,27 @@ def test_key_rotation_keeps_mail_flowing(cluster: Cluster) -> None:
     cluster.converge()
     assert cluster.agree("customers")
     assert not any(n.status().set_aside for n in cluster.nodes.values())
+
+
+def sealed(header: Header) -> bytes:
+    pair = KeyPair.generate()
+    return Codec().seal(header, b"", pair.public, pair.sign)
+
+
+@pytest.mark.parametrize(
+    "numbers",
+    [{"seq": 2**63}, {"ack": 2**63}, {"acked": 2**63}, {"parts": 2**63}, {"ack": 2**64 - 1}],
+    ids=["seq", "ack", "acked", "parts", "ack-uint64"],
+)
+def test_a_header_number_beyond_what_a_bigint_holds_is_impossible(numbers: dict[str, int]) -> None:
+    """Signed by a known peer is not well-formed (DESIGN §12): such an ack
+    went into a BIGINT column and failed the cycle on every run."""
+    blob = sealed(Header("berlin", "hq", **{"seq": 1, **numbers}))
+    with pytest.raises(MessageError, match="envelope header has impossible numbers"):
+        read_header(blob, "message m1")
+
+
+def test_a_header_number_a_bigint_holds_is_read() -> None:
+    biggest = 2**63 - 1
+    header = read_header(sealed(Header("berlin", "hq", biggest, ack=biggest)), "message m1")
+    assert (header.seq, header.ack) == (biggest, biggest)
