@@ -20,11 +20,15 @@ the host's table under berlin's rule is dropped, or berlin's mailbox is
 full. Each time one host cycle sets berlin's message aside (or holds
 berlin's link) with its reason, does not raise, and serves koeln. These
 forge messages with the wire codecs (``mailsync.wire``), as berlin's own
-mailsync would seal them, and read the node's log table.
+mailsync would seal them, and read the node's log table. The other way
+round, what fails every recipient alike (the server refuses hq's sender
+address, the post office's disk is full) is the mailbox's failure: reported
+once, not as a peer error for each station in turn.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
@@ -522,15 +526,27 @@ def test_a_table_dropped_under_one_station_s_rule_holds_only_that_station(
     assert [r[0] for r in c.rows("koeln", customers)] == [1, 2]
 
 
-class FullMailboxes:
-    """An aiosmtpd handler: RCPT TO for an address in ``full`` is put off
-    with 452 (mailbox full, try later), as a provider answers; accepted
-    mail goes into the memory post office."""
+class Provider:
+    """An aiosmtpd handler, as a mail provider answers: RCPT TO for an
+    address in ``full`` is put off with 452 (mailbox full, try later); MAIL
+    FROM is refused with 550 while ``refusing_sender``. Accepted mail goes
+    into the memory post office."""
 
     def __init__(self, office: MemoryPostOffice) -> None:
         self.office = office
         self.full: set[str] = set()
+        self.refusing_sender = False
         self.put_off = 0
+        self.senders_refused = 0
+
+    async def handle_MAIL(
+        self, server: object, session: object, envelope: Any, address: str, options: object
+    ) -> str:
+        if self.refusing_sender:
+            self.senders_refused += 1
+            return f"550 5.7.1 <{address}>: Sender address rejected: not owned by user"
+        envelope.mail_from = address
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: object, session: object, envelope: Any, address: str, options: object
@@ -548,14 +564,14 @@ class FullMailboxes:
 
 
 @pytest.fixture
-def smtp(office: RefusingPostOffice) -> Iterator[tuple[int, FullMailboxes]]:
+def smtp(office: RefusingPostOffice) -> Iterator[tuple[int, Provider]]:
     """An SMTP server (plain, no login) on a free port, delivering into ``office``."""
     from aiosmtpd.controller import Controller
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    handler = FullMailboxes(office)
+    handler = Provider(office)
     server = Controller(handler, hostname="127.0.0.1", port=port)
     server.start()
     yield port, handler
@@ -563,7 +579,7 @@ def smtp(office: RefusingPostOffice) -> Iterator[tuple[int, FullMailboxes]]:
 
 
 def test_a_station_whose_mailbox_stays_full_does_not_hold_up_another(
-    cluster: Cluster, office: RefusingPostOffice, smtp: tuple[int, FullMailboxes]
+    cluster: Cluster, office: RefusingPostOffice, smtp: tuple[int, Provider]
 ) -> None:
     """A 4xx to RCPT TO is retried; once the retries run out it used to be
     reported as the mailbox's failure, which ended the send stage for every
@@ -587,6 +603,60 @@ def test_a_station_whose_mailbox_stays_full_does_not_hold_up_another(
     assert not report.errors and report.sent_to["berlin"] == 1
     assert c.nodes["berlin"].sync().rows_applied == 1
     assert [r[0] for r in c.rows("berlin", customers)] == [1]
+
+
+def test_a_sender_address_the_server_refuses_ends_the_send_stage_for_everyone(
+    cluster: Cluster, office: RefusingPostOffice, smtp: tuple[int, Provider]
+) -> None:
+    """A refused MAIL FROM (the login does not own hq's address) fails every
+    message alike: it is the mailbox's failure, reported once, not a peer
+    error for each station in turn, each tried again."""
+    c = cluster
+    port, server = smtp
+    c.set_mailbox("hq", memory_box("hq", send=f"smtp://127.0.0.1:{port}"))
+    server.refusing_sender = True
+    c.execute("hq", customers.insert(), [customer(1, "berlin"), customer(2, "koeln")])
+    report = c.host.sync()
+
+    assert server.senders_refused == 1
+    assert not report.peer_errors, report.peer_errors
+    (error,) = report.errors
+    assert "550 5.7.1" in error and "Sender address rejected" in error
+    assert any("550 5.7.1" in line for line in logged(c, "mailbox"))
+    assert report.sent == 0
+    assert (link(c, "hq", "berlin").unsent, link(c, "hq", "koeln").unsent) == (1, 1)
+
+
+def test_a_full_disk_under_the_post_office_is_the_mailbox_s_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Maildir post office on a full disk fails every recipient alike:
+    reported once as the mailbox's, not as a peer error for each station."""
+    from mailsync.transport import maildir
+
+    c = Cluster(
+        tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln", "berlin"), transport="maildir"
+    )
+    try:
+        c.host.add_rule("customers", down="IUD", up="IUD", row_filter="city = :station")
+        c.sync("hq", "koeln", "berlin", "hq")
+        attempts: list[str] = []
+
+        def full_disk(box: Path, raw: bytes) -> str:
+            attempts.append(box.name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(maildir, "deliver", full_disk)
+        c.execute("hq", customers.insert(), [customer(1, "berlin"), customer(2, "koeln")])
+        report = c.host.sync()
+
+        assert attempts == [address("berlin")]
+        assert not report.peer_errors, report.peer_errors
+        (error,) = report.errors
+        assert "No space left on device" in error
+        assert report.sent == 0
+    finally:
+        c.close()
 
 
 # ------------------------------------------- found while writing the above
