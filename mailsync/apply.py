@@ -134,7 +134,7 @@ class _Target:
             with conn.begin_nested():
                 self.run(conn, op, rows)
             return len(rows)
-        except SQLAlchemyError:
+        except (SQLAlchemyError, OverflowError):  # sqlite3: an int beyond 64 bits
             pass
         done = 0
         for row in rows:
@@ -142,7 +142,7 @@ class _Target:
                 with conn.begin_nested():
                     self.run(conn, op, [row])
                 done += 1
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, OverflowError) as exc:
                 park(self.tdef, op, row, first_line(exc))
         return done
 
@@ -270,7 +270,7 @@ def apply_buffered(
         raise
     except MailsyncError as exc:
         raise ApplyError(f"{origin}: {exc}", hint=exc.hint) from exc
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OverflowError) as exc:
         raise ApplyError(
             f"{origin}: table {table_name}: {first_line(exc)}",
             hint="fix the cause; the changeset stays buffered and is applied next cycle",

@@ -663,23 +663,12 @@ def test_a_full_disk_under_the_post_office_is_the_mailbox_s_failure(
 
 
 def test_a_row_value_the_database_cannot_hold_is_parked_not_fatal(
-    db_cluster: Cluster, office: RefusingPostOffice, backend: str, request: pytest.FixtureRequest
+    db_cluster: Cluster, office: RefusingPostOffice
 ) -> None:
     """DESIGN §7: a row that cannot be applied (constraint, type) is parked
     and the rest applies. PostgreSQL refuses 2**63 for an INTEGER with a
-    DataError, and the row is parked; SQLite's driver raises OverflowError,
-    which no guard of the apply stage catches."""
-    if backend == "sqlite":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=OverflowError,
-                reason="mailsync/apply.py:137,145 (_Target.guarded) and :273 (apply_buffered) "
-                "catch SQLAlchemyError only; sqlite3 raises a bare OverflowError binding an "
-                "int beyond 64 bits, which escapes run_cycle: the host's cycle fails on "
-                "every run while the changeset stays buffered",
-            )
-        )
+    DataError; SQLite's driver raises a bare OverflowError, which once
+    escaped every guard of the apply stage."""
     c = db_cluster
     rows = berlin_rows((5, "Kunde 5", "berlin"), (2**63, "Kunde 2**63", "berlin"))
     from_berlin(c, office, rows, seq=1)
@@ -693,15 +682,6 @@ def test_a_row_value_the_database_cannot_hold_is_parked_not_fatal(
     assert_koeln_served(c, office, report, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="cycle/receive.py:61 (_buffer) buffers any sequence number a BIGINT holds and any "
-    "part count its column holds; link.py:288-301 (missing_sequences, missing_parts) then "
-    "list every number below it — in `mailsync status` (status.py:107-108) at once, and in "
-    "the send stage (cycle/controls.py:183-184) once gap_request_minutes have passed: "
-    "memory runs out, on every cycle",
-)
 @pytest.mark.parametrize(
     "fields", [{"seq": 2**62}, {"seq": 1, "parts": 2**31 - 1}], ids=["sequence-number", "parts"]
 )

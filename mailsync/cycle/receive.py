@@ -159,9 +159,25 @@ def _went_back(ctx: CycleContext, conn: Connection, link: Link, header: Header) 
     return link
 
 
+#: A changeset may be at most this far ahead of the last one applied from
+#: its sender (a month of cycles every five minutes is under 9,000); what is
+#: further is set aside, never buffered: every number between would count as
+#: a gap to ask for.
+MAX_AHEAD = 100_000
+#: At most this many parts to one changeset (at the default message size,
+#: about a terabyte).
+MAX_PARTS = 100_000
+
+
 def _buffer(conn: Connection, link: Link, header: Header, blob: bytes) -> bool:
     """Buffer one part (in the caller's transaction); True if a duplicate."""
     peer, seq = link.peer, header.seq
+    if seq > link.in_seq + MAX_AHEAD or header.parts > MAX_PARTS:
+        raise MessageError(
+            f"changeset #{seq} in {header.parts} part(s) from {peer}: beyond what a link "
+            f"at #{link.in_seq} can be waiting for (at most {MAX_AHEAD:,} ahead, "
+            f"{MAX_PARTS:,} parts)"
+        )
     links_mod.acknowledged(conn, link, header.ack)
     if seq <= link.in_seq:
         # sent again: the peer has not heard our ack, so it goes again
