@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
 
-from mailsync import faults, ranges
+from mailsync import faults
 from mailsync import rules as rules_mod
 from mailsync.apply import apply_buffered
 from mailsync.config import DEFAULT_LOG_RETENTION_DAYS
 from mailsync.errors import ApplyError, MessageError, TransportError
+from mailsync.ranges import exchange as range_exchange
 from mailsync.store.tables import (
     changes,
     horizons,
@@ -45,6 +46,7 @@ from mailsync.store.tables import (
 )
 from mailsync.transport import open_receiver, open_sender
 from mailsync.wire.changeset import ChangesetWriter, Control, Source, read_changeset
+from mailsync.wire.controls import RangeGrants, RangeReport
 from mailsync.wire.envelope import Header, read_header
 from mailsync.wire.message import Address, build_message, extract_envelope, is_mailsync
 
@@ -221,7 +223,7 @@ class Delivery:
                 conn=conn,
             )
         if (forked or lost) and not self.node.is_host and not link.reload_wanted:
-            retired = ranges.retire_all(conn)
+            retired = range_exchange.retire_all(conn)
             if retired:
                 self.journal.warning(
                     "range",
@@ -272,17 +274,18 @@ class Delivery:
             if isinstance(record, Control) and record.kind == "reload" and self.node.is_host:
                 self._reload_requested(conn, link, record.payload)
             if isinstance(record, Control) and record.kind == "ranges":
-                try:
+                try:  # signed by the peer is not well-formed: parse checks it
                     done = (
-                        ranges.host_incoming(conn, link.peer, record.payload)
+                        range_exchange.host_incoming(
+                            conn, link.peer, RangeReport.parse(record.payload)
+                        )
                         if self.node.is_host
-                        else ranges.station_incoming(conn, record.payload)
+                        else range_exchange.station_incoming(
+                            conn, RangeGrants.parse(record.payload)
+                        )
                     )
-                except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                    # signed by the peer, but not what this version reads
-                    raise MessageError(
-                        f"{where}: malformed number-range control ({type(exc).__name__}: {exc})"
-                    ) from exc
+                except MessageError as exc:
+                    raise MessageError(f"{where}: {exc}") from exc
                 for line in done:
                     self.journal.info("range", line, peer=link.peer, conn=conn)
             if isinstance(record, Control) and record.kind == "resend":
@@ -548,10 +551,11 @@ class Delivery:
                 and (link.reload_asked_at is None or _aware(link.reload_asked_at) <= limit)
             )
             if node.is_host:
-                grants = ranges.host_outgoing(conn, link.peer, resend)
-                report, report_due = (grants or None), bool(grants)
+                grants = range_exchange.host_outgoing(conn, link.peer, resend)
+                report: RangeGrants | RangeReport | None = grants or None
+                report_due = bool(grants)
             else:
-                report, report_due = ranges.station_outgoing(conn, limit_gap)
+                report, report_due = range_exchange.station_outgoing(conn, limit_gap)
             if (
                 not wanted
                 and not reload
@@ -568,9 +572,9 @@ class Delivery:
                     update(links).where(links.c.peer == link.peer).values(gap_requested_at=now())
                 )
             if report is not None:
-                writer.control("ranges", report)
-                if not node.is_host:
-                    ranges.station_reported(conn, report)
+                writer.control("ranges", report.payload())
+                if isinstance(report, RangeReport):
+                    range_exchange.station_reported(conn, report)
             if reload:
                 writer.control("reload", {"in_seq": int(link.in_seq), "id": link.reload_request})
                 conn.execute(

@@ -26,7 +26,7 @@ from typing import Any, Self
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, faults, ranges, trust
+from mailsync import capture, faults, trust
 from mailsync import rules as rules_mod
 from mailsync.apply import Applied
 from mailsync.build import Built, Direction, LinkPlan, build_for_link
@@ -45,6 +45,7 @@ from mailsync.enroll import Bundle
 from mailsync.errors import ConfigError, DatabaseError, MailsyncError, TransportError
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
+from mailsync.ranges.exchange import retire_station
 from mailsync.status import LinkStatus, Status, node_status
 from mailsync.store.engine import check_connection, describe_db_error, open_engine, redact
 from mailsync.store.tables import ensure_schema, get_meta, links, loads, set_meta
@@ -416,7 +417,7 @@ class Node:
         self._require_host("a station")
         with self.engine.begin() as conn:
             rules_mod.remove_station(conn, station_id)
-            retired = ranges.retire_station(conn, station_id)
+            retired = retire_station(conn, station_id)
             leases = f"; {retired} number lease(s) retired" if retired else ""
             self.journal.info("station", f"station {station_id} removed{leases}", conn=conn)
 

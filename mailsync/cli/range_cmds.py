@@ -6,8 +6,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mailsync import ranges
 from mailsync.cli.common import console, open_node, when
+from mailsync.ranges import admin as ranges_admin
+from mailsync.ranges import model as ranges_model
+from mailsync.ranges.draw import next_number
 
 range_app = typer.Typer(
     help="Number ranges: the host leases blocks of customer or invoice numbers to stations.",
@@ -24,13 +26,13 @@ def range_add(
     end: int = typer.Option(..., "--end", help="The last number of the series."),
     block: int = typer.Option(50, "--block", help="Numbers per lease."),
     threshold: float = typer.Option(
-        ranges.DEFAULT_THRESHOLD,
+        ranges_model.DEFAULT_THRESHOLD,
         "--threshold",
         help="A station asks for its next block when the unused share of its current one "
         "falls under this.",
     ),
     max_blocks: int = typer.Option(
-        ranges.DEFAULT_MAX_BLOCKS,
+        ranges_model.DEFAULT_MAX_BLOCKS,
         "--max-blocks",
         help="At most this many blocks a station has not drawn from.",
     ),
@@ -46,7 +48,7 @@ def range_add(
 ) -> None:
     """Define a number series; stations get their first block with their next sync."""
     with open_node(ctx) as node, node.engine.begin() as conn:
-        rdef = ranges.add_range(
+        rdef = ranges_admin.add_range(
             conn,
             name,
             start,
@@ -65,8 +67,8 @@ def range_add(
 def range_list(ctx: typer.Context) -> None:
     """The ranges with their leases in use."""
     with open_node(ctx) as node, node.engine.connect() as conn:
-        defs = ranges.list_ranges(conn)
-        held = ranges.list_leases(conn)
+        defs = ranges_model.list_ranges(conn)
+        held = ranges_model.list_leases(conn)
     if not defs:
         console.print("no number ranges (`mailsync range add`)")
         return
@@ -94,8 +96,8 @@ def range_show(
 ) -> None:
     """Every lease of a range: who holds it, used, left, when granted."""
     with open_node(ctx) as node, node.engine.connect() as conn:
-        rdef = ranges.get_range(conn, name)
-        held = ranges.list_leases(conn, name)
+        rdef = ranges_model.get_range(conn, name)
+        held = ranges_model.list_leases(conn, name)
     console.print(
         f"range [bold]{rdef.name}[/] {rdef.first}-{rdef.last}, blocks of {rdef.block}, "
         f"threshold {rdef.threshold:g}, at most {rdef.max_blocks} unused block(s) per station"
@@ -131,7 +133,7 @@ def range_set_block(
 ) -> None:
     """Change the block size of a range, or of one station's leases."""
     with open_node(ctx) as node, node.engine.begin() as conn:
-        ranges.set_block(conn, name, block, station)
+        ranges_admin.set_block(conn, name, block, station)
     who = f" for {escape(station)}" if station else ""
     console.print(f"range {escape(name)}: blocks of {block}{who} from the next lease on")
 
@@ -146,7 +148,7 @@ def range_release(
 ) -> None:
     """Ask for the unused numbers of leases back; free once the station confirms."""
     with open_node(ctx) as node, node.engine.begin() as conn:
-        count = ranges.release(conn, name, station)
+        count = ranges_admin.release(conn, name, station)
     who = escape(station) if station else "every station (no new blocks are granted)"
     console.print(f"{count} lease(s) of {escape(name)} asked back from {who} with the next sync")
 
@@ -157,7 +159,7 @@ def range_remove(
 ) -> None:
     """Forget a range (refused while a station still holds numbers of it)."""
     with open_node(ctx) as node, node.engine.begin() as conn:
-        ranges.remove_range(conn, name)
+        ranges_admin.remove_range(conn, name)
     console.print(f"range {escape(name)} removed")
 
 
@@ -167,7 +169,7 @@ def number_next(
 ) -> None:
     """Draw one number from this node's leases and print it."""
     with open_node(ctx) as node:
-        number = ranges.next_number(node.engine, name)
+        number = next_number(node.engine, name)
     print(number)
 
 
