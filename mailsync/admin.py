@@ -1,0 +1,186 @@
+"""Every admin command as a library function: stations, table rules and keys
+(number ranges, parked rows and conflicts follow).
+
+An admin's change must show in ``mailsync log`` the way a cycle's work does,
+and an application or a test must be able to make it without the CLI (the
+sqlite-utils / alembic ``command.py`` shape). So each mutating function
+here owns its transaction — one ``engine.begin()``, in which the change and
+its log line commit together or not at all — and each read-only one a
+plain connection; the CLI only turns arguments into one call and prints.
+
+The first parameter is a :class:`Site`: what these functions need of a
+node. :class:`mailsync.node.Node` satisfies it structurally; this module
+does not import it (the node imports this one).
+
+Commands that define stations, rules and ranges are the host's: on a remote
+they raise :class:`~mailsync.errors.ConfigError` saying so, before any
+change. An operator's mistake (an unknown station, range, parked row or
+conflict id) raises before any change too, so it changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sqlalchemy import Engine, update
+
+from mailsync import rules as rules_mod
+from mailsync import trust
+from mailsync.config import NodeConfig
+from mailsync.enroll import Bundle
+from mailsync.errors import ConfigError
+from mailsync.journal import Journal
+from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, write_keyring
+from mailsync.ranges.exchange import retire_station
+from mailsync.store.tables import ALL_STATIONS, links
+
+
+class Site(Protocol):
+    """What an admin command needs of a node (a :class:`~mailsync.node.Node`
+    is one): its config, database, log and keys."""
+
+    config: NodeConfig
+    engine: Engine
+    journal: Journal
+    ring: KeyRing
+
+
+def _require_host(site: Site, what: str) -> None:
+    if site.config.role != "host":
+        raise ConfigError(
+            f"{what} is defined on the host; {site.config.node_id!r} is a remote "
+            "(it receives its rules from the host)"
+        )
+
+
+def _scope(station: str | None) -> str:
+    return station or "all stations"
+
+
+# ------------------------------------------------------------------ stations
+
+
+def add_station(
+    site: Site, station_id: str, email: str, label: str = "", *, key: PublicKey | None = None
+) -> tuple[rules_mod.Station, Bundle]:
+    """Define a station; returns it and its enrollment bundle.
+
+    With the station's public ``key`` (it made its own keys) the bundle
+    holds only public data. Without one, mailsync makes the station's
+    keys and the bundle carries them: write it with a passphrase.
+    """
+    _require_host(site, "a station")
+    pair = None
+    if key is None:
+        pair = KeyPair.generate()
+        key = pair.public
+    with site.engine.begin() as conn:
+        station = rules_mod.add_station(conn, station_id, email, label, host_id=site.config.node_id)
+        trust.trust_key(conn, station_id, key)
+        # the bundle tells the station our current key
+        conn.execute(
+            update(links)
+            .where(links.c.peer == station_id)
+            .values(key_announced=site.ring.current.public.key_id)
+        )
+        site.journal.info(
+            "station",
+            f"station {station_id} <{email}> added, key {key.key_id}",
+            conn=conn,
+            peer=station_id,
+        )
+    bundle = Bundle(
+        host_id=site.config.node_id,
+        host_address=site.config.mailbox.address,
+        host_key=site.ring.current.public,
+        station_id=station_id,
+        station_address=email,
+        station_keys=pair,
+    )
+    return station, bundle
+
+
+def remove_station(site: Site, station_id: str) -> None:
+    """Forget a station, its own rules, its link and outbox; its number
+    leases end (their unused numbers are never leased again)."""
+    _require_host(site, "a station")
+    with site.engine.begin() as conn:
+        rules_mod.remove_station(conn, station_id)
+        retired = retire_station(conn, station_id)
+        leases = f"; {retired} number lease(s) retired" if retired else ""
+        site.journal.info(
+            "station", f"station {station_id} removed{leases}", conn=conn, peer=station_id
+        )
+
+
+def list_stations(site: Site) -> list[rules_mod.Station]:
+    with site.engine.connect() as conn:
+        return rules_mod.list_stations(conn)
+
+
+def show_station(
+    site: Site, station_id: str
+) -> tuple[rules_mod.Station, dict[str, rules_mod.Rule]]:
+    """A station and, per table, the rule that governs it."""
+    _require_host(site, "a station")
+    with site.engine.connect() as conn:
+        station = rules_mod.get_station(conn, station_id)
+        return station, rules_mod.effective_rules(conn, station_id)
+
+
+# --------------------------------------------------------------------- rules
+
+
+def add_rule(
+    site: Site,
+    table: str,
+    *,
+    down: str,
+    up: str,
+    station: str | None = None,
+    row_filter: str | None = None,
+    conflict: str = "host-wins",
+) -> tuple[rules_mod.Rule, list[str]]:
+    """Sync a table (for all stations or one), or change its rule; returns
+    the rule and warnings for the admin. Capture triggers go in at once."""
+    _require_host(site, "a table rule")
+    rule = rules_mod.Rule(table, station or ALL_STATIONS, down, up, row_filter or None, conflict)
+    with site.engine.begin() as conn:
+        warnings = rules_mod.add_rule(conn, rule)
+        site.journal.info(
+            "rule",
+            f"rule for {table} ({_scope(station)}): "
+            f"down {rules_mod.describe_ops(down)}, up {rules_mod.describe_ops(up)}",
+            conn=conn,
+            peer=station,
+        )
+    return rule, warnings
+
+
+def remove_rule(site: Site, table: str, station: str | None = None) -> None:
+    """Stop syncing a table (for all stations), or drop one station's own rule."""
+    _require_host(site, "a table rule")
+    with site.engine.begin() as conn:
+        rules_mod.remove_rule(conn, table, station)
+        site.journal.info(
+            "rule", f"rule for {table} ({_scope(station)}) removed", conn=conn, peer=station
+        )
+
+
+def list_rules(site: Site) -> list[rules_mod.Rule]:
+    with site.engine.connect() as conn:
+        return rules_mod.all_rules(conn)
+
+
+# ---------------------------------------------------------------------- keys
+
+
+def rotate_keys(site: Site) -> PublicKey:
+    """New keys for this node; peers learn them with the next message,
+    signed with the old key, which keeps opening mail for the grace period.
+    (The key file is no database row: it is written first, then logged.)"""
+    ring = site.ring.rotated(site.config.key_grace_days)
+    write_keyring(key_path(site.config.path), ring)
+    site.ring = ring
+    site.journal.info("keys", f"keys rotated: new key {ring.current.public.key_id}")
+    return ring.current.public
