@@ -1,5 +1,5 @@
-"""Every admin command as a library function: stations, table rules and keys
-(number ranges, parked rows and conflicts follow).
+"""Every admin command as a library function: stations, table rules, number
+ranges and keys (parked rows and conflicts follow).
 
 An admin's change must show in ``mailsync log`` the way a cycle's work does,
 and an application or a test must be able to make it without the CLI (the
@@ -20,6 +20,7 @@ conflict id) raises before any change too, so it changes nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import Engine, update
@@ -31,7 +32,10 @@ from mailsync.enroll import Bundle
 from mailsync.errors import ConfigError
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, write_keyring
+from mailsync.ranges import admin as ranges_admin
 from mailsync.ranges.exchange import retire_station
+from mailsync.ranges.model import Lease, RangeDef, RangeSpec, get_range, list_leases
+from mailsync.ranges.model import list_ranges as read_ranges
 from mailsync.store.tables import ALL_STATIONS, links
 
 
@@ -170,6 +174,83 @@ def remove_rule(site: Site, table: str, station: str | None = None) -> None:
 def list_rules(site: Site) -> list[rules_mod.Rule]:
     with site.engine.connect() as conn:
         return rules_mod.all_rules(conn)
+
+
+# ------------------------------------------------------------- number ranges
+
+
+@dataclass(frozen=True)
+class RangeLeases:
+    """A range and its leases, as ``range list`` and ``range show`` print them."""
+
+    range: RangeDef
+    leases: list[Lease]
+
+
+def add_range(site: Site, spec: RangeSpec) -> RangeDef:
+    """Define a number series on the host; stations get their first block
+    with their next sync, a bound column its trigger at once."""
+    with site.engine.begin() as conn:
+        rdef = ranges_admin.add_range(conn, spec)
+        site.journal.info(
+            "range",
+            f"range {rdef.name} {rdef.first}-{rdef.last} added, blocks of {rdef.block}"
+            + (f", bound to {rdef.bind_text}" if rdef.bind else "")
+            + (f", for {', '.join(rdef.stations)}" if rdef.stations else ""),
+            conn=conn,
+        )
+    return rdef
+
+
+def list_ranges(site: Site) -> list[RangeLeases]:
+    """Every range known here, with its leases."""
+    with site.engine.connect() as conn:
+        held = list_leases(conn)
+        return [
+            RangeLeases(rdef, [x for x in held if x.range == rdef.name])
+            for rdef in read_ranges(conn)
+        ]
+
+
+def show_range(site: Site, name: str) -> RangeLeases:
+    """One range and every lease of it."""
+    with site.engine.connect() as conn:
+        return RangeLeases(get_range(conn, name), list_leases(conn, name))
+
+
+def set_block(site: Site, name: str, block: int, station: str | None = None) -> None:
+    """The block size of a range, or of one station's leases, from the next lease on."""
+    with site.engine.begin() as conn:
+        ranges_admin.set_block(conn, name, block, station)
+        who = f" for {station}" if station else ""
+        site.journal.info(
+            "range",
+            f"range {name}: blocks of {block}{who} from the next lease on",
+            conn=conn,
+            peer=station,
+        )
+
+
+def release_range(site: Site, name: str, station: str | None = None) -> int:
+    """Ask a station (None: every station, closing the range) for the unused
+    numbers of its leases back; returns the number of leases asked back."""
+    with site.engine.begin() as conn:
+        count = ranges_admin.release(conn, name, station)
+        who = station or "every station (the range closes)"
+        site.journal.info(
+            "range",
+            f"range {name}: {count} lease(s) asked back from {who}",
+            conn=conn,
+            peer=station,
+        )
+    return count
+
+
+def remove_range(site: Site, name: str) -> None:
+    """Forget a range (refused while a station still holds numbers of it)."""
+    with site.engine.begin() as conn:
+        ranges_admin.remove_range(conn, name)
+        site.journal.info("range", f"range {name} removed", conn=conn)
 
 
 # ---------------------------------------------------------------------- keys

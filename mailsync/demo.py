@@ -22,13 +22,12 @@ from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 
-from mailsync import samples
+from mailsync import admin, samples
 from mailsync.checksum import TableChecksum, table_checksum
 from mailsync.errors import ConfigError
 from mailsync.node import CycleReport, Node, init_node
-from mailsync.ranges.admin import add_range
 from mailsync.ranges.draw import draw
-from mailsync.ranges.model import list_leases
+from mailsync.ranges.model import RangeSpec, list_leases
 from mailsync.store.engine import open_engine
 
 MARKER = ".mailsync-demo"
@@ -113,9 +112,8 @@ def run_demo(
         hq.add_rule("invoices", down="IUD", up="I")
         hq.add_rule("invoice_lines", down="IUD", up="I")
         say("hq: rules for customers, articles, invoices, invoice_lines")
-        with hq.engine.begin() as conn:
-            for name, (first, last, block) in DEMO_RANGES.items():
-                add_range(conn, name, first, last, block)
+        for name, (first, last, block) in DEMO_RANGES.items():
+            admin.add_range(hq, RangeSpec(name, first, last, block))
         say(
             "hq: number ranges "
             + ", ".join(f"{n} {a}-{b} (blocks of {k})" for n, (a, b, k) in DEMO_RANGES.items())

@@ -39,7 +39,7 @@ def cluster(tmp_path: Path, host_url: str, stations: tuple[str, ...] = ("koeln",
 def add(c: Cluster, **kw: object) -> model.RangeDef:
     args: dict[str, object] = {"first": 1000, "last": 9999, "block": 10, **kw}
     with c.engines["hq"].begin() as conn:
-        return admin.add_range(conn, "order_no", **args)  # type: ignore[arg-type]
+        return admin.add_range(conn, model.RangeSpec("order_no", **args))  # type: ignore[arg-type]
 
 
 def draw(engine: Engine, n: int = 1) -> list[int]:
@@ -72,9 +72,9 @@ def test_range_definitions_are_checked(tmp_path: Path, db_url: str) -> None:
             with pytest.raises(ConfigError, match=words):
                 add(c, **kw)
         with pytest.raises(ConfigError, match="a-z"), c.engines["hq"].begin() as conn:
-            admin.add_range(conn, "Order No", 1, 10, 5)
+            admin.add_range(conn, model.RangeSpec("Order No", 1, 10, 5))
         with pytest.raises(ConfigError, match="on the host"), c.engines["koeln"].begin() as conn:
-            admin.add_range(conn, "order_no", 1, 10, 5)
+            admin.add_range(conn, model.RangeSpec("order_no", 1, 10, 5))
         for step in (
             lambda conn: admin.set_block(conn, "order_no", 5),
             lambda conn: admin.release(conn, "order_no"),
@@ -286,7 +286,7 @@ def test_no_number_is_ever_issued_twice(tmp_path: Path, seed: int) -> None:
 def test_a_range_limited_to_some_stations_leases_only_to_them(tmp_path: Path) -> None:
     c = cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln", "berlin"))
     try:
-        add(c, stations=["koeln"])
+        add(c, stations=("koeln",))
         c.sync("hq", "koeln", "berlin")
         assert [x.holder for x in my_leases(c.engines["hq"])] == ["koeln"]
         with pytest.raises(RangeError, match="no number range"):

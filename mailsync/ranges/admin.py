@@ -10,17 +10,15 @@ where to go.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 
 from sqlalchemy import Connection, delete, select, update
 
 from mailsync.dialects import dialect_for
 from mailsync.errors import ConfigError, RangeError
 from mailsync.ranges.model import (
-    DEFAULT_MAX_BLOCKS,
-    DEFAULT_THRESHOLD,
     NAME,
     RangeDef,
+    RangeSpec,
     RangeUsage,
     get_range,
     list_leases,
@@ -39,20 +37,11 @@ def _host_only(conn: Connection, what: str) -> str:
     return me
 
 
-def add_range(
-    conn: Connection,
-    name: str,
-    first: int,
-    last: int,
-    block: int,
-    *,
-    threshold: float = DEFAULT_THRESHOLD,
-    max_blocks: int = DEFAULT_MAX_BLOCKS,
-    bind: str | None = None,
-    stations: Iterable[str] | None = None,
-) -> RangeDef:
+def add_range(conn: Connection, spec: RangeSpec) -> RangeDef:
     """Define a range on the host; a bound column gets its trigger at once."""
     me = _host_only(conn, "ranges are defined")
+    name, first, last, block = spec.name, spec.first, spec.last, spec.block
+    threshold, max_blocks, bind = spec.threshold, spec.max_blocks, spec.bind
     if not NAME.match(name):
         raise ConfigError(f"range name {name!r}: use a-z, 0-9, - and _ (at most 64)")
     if conn.execute(select(ranges_table.c.name).where(ranges_table.c.name == name)).first():
@@ -70,7 +59,7 @@ def add_range(
         for other in list_ranges(conn):
             if other.bind == target:
                 raise ConfigError(f"{bind} is bound to range {other.name} already")
-    listed = sorted(set(stations)) if stations else None
+    listed = sorted(set(spec.stations)) if spec.stations else None
     conn.execute(
         ranges_table.insert().values(
             name=name,

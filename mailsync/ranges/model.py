@@ -26,6 +26,21 @@ DEFAULT_MAX_BLOCKS = 2
 
 
 @dataclass(frozen=True)
+class RangeSpec:
+    """A range as the host's admin asks for it; ``add_range`` checks it.
+    ``bind`` is ``TABLE.COLUMN``; ``stations`` None means every station."""
+
+    name: str
+    first: int
+    last: int
+    block: int
+    threshold: float = DEFAULT_THRESHOLD
+    max_blocks: int = DEFAULT_MAX_BLOCKS
+    bind: str | None = None
+    stations: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class RangeDef:
     """A number series and how it is leased."""
 
