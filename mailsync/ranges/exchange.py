@@ -47,6 +47,13 @@ def _grant_of(rdef: RangeDef, lease: Lease) -> Grant:
     )
 
 
+def _held(conn: Connection, rdef: RangeDef, station: str, *where: Any) -> int:
+    """How many of ``station``'s leases of ``rdef`` match ``where``."""
+    query = select(func.count()).select_from(leases)
+    query = query.where(leases.c.range_name == rdef.name, leases.c.holder == station, *where)
+    return int(conn.execute(query).scalar() or 0)
+
+
 # ----------------------------------------------------------------- the host
 
 
@@ -54,19 +61,10 @@ def host_outgoing(conn: Connection, station: str, resend_after: dt.timedelta) ->
     """What the host must tell a station now: its first block of every range
     that serves it (with the initial load), grants it has not confirmed, and
     leases asked back. Marks them sent."""
+    live = leases.c.state.in_(["active", "release"])
     for rdef in list_ranges(conn):
-        if rdef.serves(station):
-            held = conn.execute(
-                select(func.count())
-                .select_from(leases)
-                .where(
-                    leases.c.range_name == rdef.name,
-                    leases.c.holder == station,
-                    leases.c.state.in_(["active", "release"]),
-                )
-            ).scalar()
-            if not held:
-                grant(conn, rdef, station)
+        if rdef.serves(station) and not _held(conn, rdef, station, live):
+            grant(conn, rdef, station)
     stale = now() - resend_after
     due = conn.execute(
         select(leases).where(
@@ -124,17 +122,9 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[s
         if wanted is None or not as_range(wanted).serves(station):
             continue
         rdef = as_range(wanted)
-        unused = conn.execute(
-            select(func.count())
-            .select_from(leases)
-            .where(
-                leases.c.range_name == rdef.name,
-                leases.c.holder == station,
-                leases.c.state == "active",
-                leases.c.next == leases.c.first,
-            )
-        ).scalar()
-        if (unused or 0) >= rdef.max_blocks:
+        fresh = (leases.c.state == "active", leases.c.next == leases.c.first)
+        unused = _held(conn, rdef, station, *fresh)
+        if unused >= rdef.max_blocks:
             done.append(
                 f"{station} asked for another block of {rdef.name} but holds {unused} unused: "
                 "refused"
