@@ -1,5 +1,5 @@
 """Every admin command as a library function: stations, table rules, number
-ranges and keys (parked rows and conflicts follow).
+ranges, parked rows, conflicts and keys.
 
 An admin's change must show in ``mailsync log`` the way a cycle's work does,
 and an application or a test must be able to make it without the CLI (the
@@ -20,6 +20,7 @@ conflict id) raises before any change too, so it changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +28,12 @@ from sqlalchemy import Engine, update
 
 from mailsync import rules as rules_mod
 from mailsync import trust
+from mailsync.apply import ParkedRow, list_parked, retry_parked_row
+from mailsync.apply import drop_parked as drop_parked_rows
 from mailsync.config import NodeConfig
+from mailsync.conflicts import Conflict
+from mailsync.conflicts import drop_conflicts as drop_conflict_records
+from mailsync.conflicts import list_conflicts as read_conflicts
 from mailsync.enroll import Bundle
 from mailsync.errors import ConfigError
 from mailsync.journal import Journal
@@ -251,6 +257,92 @@ def remove_range(site: Site, name: str) -> None:
     with site.engine.begin() as conn:
         ranges_admin.remove_range(conn, name)
         site.journal.info("range", f"range {name} removed", conn=conn)
+
+
+# --------------------------------------------------------------- parked rows
+
+
+def _all_known(wanted: set[int], found: Iterable[int], what: str, listed_by: str) -> None:
+    """Refuse ids that are not there, before anything changes: an operator
+    who mistyped one id must not have the others acted on."""
+    missing = sorted(wanted - set(found))
+    if missing:
+        listed = ", ".join(map(str, missing[:10])) + (" …" if len(missing) > 10 else "")
+        raise ConfigError(
+            f"no {what} {listed}: nothing was changed", hint=f"`mailsync {listed_by}`"
+        )
+
+
+def _ids(wanted: set[int] | None) -> str:
+    return f" ({', '.join(map(str, sorted(wanted)))})" if wanted else ""
+
+
+def parked_rows(site: Site) -> list[ParkedRow]:
+    """The rows that could not be applied, oldest first."""
+    with site.engine.connect() as conn:
+        return list_parked(conn)
+
+
+def retry_parked(site: Site, ids: Iterable[int] | None) -> tuple[int, int]:
+    """Apply parked rows (these ids, or None: all) again after their cause
+    was fixed; returns (applied, still parked). Each row is tried in its own
+    transaction with its log line, so one that still fails keeps none of
+    the others parked."""
+    wanted = None if ids is None else set(ids)
+    with site.engine.connect() as conn:
+        rows = list_parked(conn, wanted)
+        if wanted is not None:
+            _all_known(wanted, (r.id for r in rows), "parked row", "errors list")
+    done = failed = 0
+    for row in rows:
+        what = f"parked row {row.id} ({row.table}, from {row.peer} #{row.seq})"
+        with site.engine.begin() as conn:
+            error = retry_parked_row(conn, row.id)
+            if error is None:
+                done += 1
+                site.journal.info("parked", f"{what} applied on retry", conn=conn, peer=row.peer)
+            else:
+                failed += 1
+                site.journal.warning(
+                    "parked", f"{what} still fails: {error}", conn=conn, peer=row.peer
+                )
+    return done, failed
+
+
+def drop_parked(site: Site, ids: Iterable[int] | None) -> int:
+    """Forget parked rows (these ids, or None: all); their change is given up here."""
+    wanted = None if ids is None else set(ids)
+    with site.engine.begin() as conn:
+        if wanted is not None:
+            found = [r.id for r in list_parked(conn, wanted)]
+            _all_known(wanted, found, "parked row", "errors list")
+        dropped = drop_parked_rows(conn, wanted)
+        site.journal.info("parked", f"{dropped} parked row(s) dropped{_ids(wanted)}", conn=conn)
+    return dropped
+
+
+# ----------------------------------------------------------------- conflicts
+
+
+def list_conflicts(
+    site: Site, *, table: str | None = None, limit: int | None = None
+) -> list[Conflict]:
+    """Recorded conflicts, newest first (of one table, the newest ``limit``)."""
+    with site.engine.connect() as conn:
+        return read_conflicts(conn, table=table, limit=limit)
+
+
+def drop_conflicts(site: Site, ids: Iterable[int] | None) -> int:
+    """Forget conflict records (these ids, or None: all) once dealt with;
+    the rows stay as they are."""
+    wanted = None if ids is None else set(ids)
+    with site.engine.begin() as conn:
+        if wanted is not None:
+            found = [c.id for c in read_conflicts(conn, ids=wanted)]
+            _all_known(wanted, found, "conflict record", "conflicts list")
+        gone = drop_conflict_records(conn, None if wanted is None else sorted(wanted))
+        site.journal.info("conflict", f"{gone} conflict record(s) dropped{_ids(wanted)}", conn=conn)
+    return gone
 
 
 # ---------------------------------------------------------------------- keys
