@@ -1,5 +1,5 @@
 """Every admin command as a library function: stations, table rules, number
-ranges, parked rows, conflicts and keys.
+ranges, parked rows and conflicts.
 
 An admin's change must show in ``mailsync log`` the way a cycle's work does,
 and an application or a test must be able to make it without the CLI (the
@@ -37,7 +37,7 @@ from mailsync.conflicts import list_conflicts as read_conflicts
 from mailsync.enroll import Bundle
 from mailsync.errors import ConfigError
 from mailsync.journal import Journal
-from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, write_keyring
+from mailsync.keys import KeyPair, KeyRing, PublicKey
 from mailsync.ranges import admin as ranges_admin
 from mailsync.ranges.exchange import retire_station
 from mailsync.ranges.model import Lease, RangeDef, RangeSpec, get_range, list_leases
@@ -47,12 +47,16 @@ from mailsync.store.tables import ALL_STATIONS, links
 
 class Site(Protocol):
     """What an admin command needs of a node (a :class:`~mailsync.node.Node`
-    is one): its config, database, log and keys."""
+    is one): its config, database, log and keys. The keys are read only:
+    changing them (``Node.rotate_keys``, ``Node.join``) changes the node's
+    identity, which is the node's business, not an admin command's."""
 
     config: NodeConfig
     engine: Engine
     journal: Journal
-    ring: KeyRing
+
+    @property
+    def ring(self) -> KeyRing: ...
 
 
 def _require_host(site: Site, what: str) -> None:
@@ -343,17 +347,3 @@ def drop_conflicts(site: Site, ids: Iterable[int] | None) -> int:
         gone = drop_conflict_records(conn, None if wanted is None else sorted(wanted))
         site.journal.info("conflict", f"{gone} conflict record(s) dropped{_ids(wanted)}", conn=conn)
     return gone
-
-
-# ---------------------------------------------------------------------- keys
-
-
-def rotate_keys(site: Site) -> PublicKey:
-    """New keys for this node; peers learn them with the next message,
-    signed with the old key, which keeps opening mail for the grace period.
-    (The key file is no database row: it is written first, then logged.)"""
-    ring = site.ring.rotated(site.config.key_grace_days)
-    write_keyring(key_path(site.config.path), ring)
-    site.ring = ring
-    site.journal.info("keys", f"keys rotated: new key {ring.current.public.key_id}")
-    return ring.current.public

@@ -365,7 +365,14 @@ class Node:
                 conn=conn,
             )
 
-    rotate_keys = admin.rotate_keys
+    def rotate_keys(self) -> PublicKey:
+        """New keys for this node; peers learn them with the next message,
+        signed with the old key, which keeps opening mail for the grace period."""
+        ring = self.ring.rotated(self.config.key_grace_days)
+        write_keyring(key_path(self.config.path), ring)
+        self.ring = ring
+        self.journal.info("keys", f"keys rotated: new key {ring.current.public.key_id}")
+        return ring.current.public
 
     @property
     def public_key(self) -> PublicKey:
