@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mailsync demo mailsync-demo
 
 ## make test: installs test servers where missing, then lint, types and the whole suite
-test: $(STAMP) test-deps lint typecheck unit bench-quick
+test: $(STAMP) test-deps lint typecheck imports unit bench-quick
 
 test-deps:
 	bash scripts/install-test-deps.sh

@@ -14,7 +14,7 @@ and counted, not applied.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,9 +313,13 @@ def _decode(row: Any) -> tuple[list[str], list[str], list[Any]]:
     return names, pk, unpack(row.row)
 
 
-def list_parked(conn: Connection) -> list[ParkedRow]:
+def list_parked(conn: Connection, ids: Collection[int] | None = None) -> list[ParkedRow]:
+    """The parked rows (all, or those of ``ids`` that exist), oldest first."""
+    query = select(parked).order_by(parked.c.id)
+    if ids is not None:
+        query = query.where(parked.c.id.in_(list(ids)))
     out = []
-    for r in conn.execute(select(parked).order_by(parked.c.id)).all():
+    for r in conn.execute(query).all():
         names, _, values = _decode(r)
         out.append(
             ParkedRow(
@@ -332,40 +336,34 @@ def list_parked(conn: Connection) -> list[ParkedRow]:
     return out
 
 
-def retry_parked(engine: Engine, ids: list[int] | None) -> tuple[int, int]:
-    """Apply parked rows again (as from their peer); returns (applied, still parked)."""
-    done = failed = 0
-    with engine.connect() as conn:
-        query = select(parked).order_by(parked.c.id)
-        if ids is not None:
-            query = query.where(parked.c.id.in_(ids))
-        rows = conn.execute(query).all()
-    for r in rows:
-        names, pk, values = _decode(r)
-        with engine.begin() as conn:
-            dialect = dialect_for(conn)
-            dialect.begin_apply(conn, r.peer)
-            tdef = TableDef(
-                0, r.tbl, tuple((n, "") for n in (names if r.op != "D" else pk)), tuple(pk)
-            )
-            try:
-                target = _Target(reflect(conn, r.tbl), tdef)
-                with conn.begin_nested():
-                    target.run(conn, r.op, [tuple(values)])
-                conn.execute(delete(parked).where(parked.c.id == r.id))
-                done += 1
-            except (SQLAlchemyError, MailsyncError) as exc:
-                conn.execute(
-                    update(parked).where(parked.c.id == r.id).values(error=first_line(exc))
-                )
-                failed += 1
-            dialect.end_apply(conn)
-    return done, failed
+def retry_parked_row(conn: Connection, row_id: int) -> str | None:
+    """Apply parked row ``row_id`` again, as from its peer, in ``conn``'s
+    transaction (one row each, so that one that still fails keeps no other
+    from applying): it leaves the parking table when it applies, else its
+    error is brought up to date. Returns that error, None when it applied."""
+    r = conn.execute(select(parked).where(parked.c.id == row_id)).first()
+    if r is None:  # dropped or applied meanwhile, by another admin
+        return None
+    names, pk, values = _decode(r)
+    dialect = dialect_for(conn)
+    dialect.begin_apply(conn, r.peer)
+    tdef = TableDef(0, r.tbl, tuple((n, "") for n in (names if r.op != "D" else pk)), tuple(pk))
+    error = None
+    try:
+        target = _Target(reflect(conn, r.tbl), tdef)
+        with conn.begin_nested():
+            target.run(conn, r.op, [tuple(values)])
+        conn.execute(delete(parked).where(parked.c.id == r.id))
+    except (SQLAlchemyError, MailsyncError) as exc:
+        error = first_line(exc)
+        conn.execute(update(parked).where(parked.c.id == r.id).values(error=error))
+    dialect.end_apply(conn)
+    return error
 
 
-def drop_parked(engine: Engine, ids: list[int] | None) -> int:
-    with engine.begin() as conn:
-        stmt = delete(parked)
-        if ids is not None:
-            stmt = stmt.where(parked.c.id.in_(ids))
-        return int(conn.execute(stmt).rowcount)
+def drop_parked(conn: Connection, ids: Collection[int] | None) -> int:
+    """Forget parked rows (all, or these ids); their change is given up here."""
+    stmt = delete(parked)
+    if ids is not None:
+        stmt = stmt.where(parked.c.id.in_(list(ids)))
+    return int(conn.execute(stmt).rowcount)

@@ -21,7 +21,7 @@ different until the row changed again.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,10 +183,16 @@ class Conflict:
 
 
 def list_conflicts(
-    conn: Connection, *, table: str | None = None, limit: int | None = None
+    conn: Connection,
+    *,
+    table: str | None = None,
+    limit: int | None = None,
+    ids: Collection[int] | None = None,
 ) -> list[Conflict]:
-    """Recorded conflicts, newest first."""
+    """Recorded conflicts, newest first (of a table, these ids, the newest ``limit``)."""
     query = select(conflicts_table).order_by(conflicts_table.c.id.desc())
+    if ids is not None:
+        query = query.where(conflicts_table.c.id.in_(list(ids)))
     if table is not None:
         query = query.where(conflicts_table.c.tbl == table)
     if limit is not None:

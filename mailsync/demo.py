@@ -22,10 +22,12 @@ from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 
-from mailsync import ranges, samples
+from mailsync import admin, samples
 from mailsync.checksum import TableChecksum, table_checksum
 from mailsync.errors import ConfigError
 from mailsync.node import CycleReport, Node, init_node
+from mailsync.ranges.draw import draw
+from mailsync.ranges.model import RangeSpec, list_leases
 from mailsync.store.engine import open_engine
 
 MARKER = ".mailsync-demo"
@@ -110,9 +112,8 @@ def run_demo(
         hq.add_rule("invoices", down="IUD", up="I")
         hq.add_rule("invoice_lines", down="IUD", up="I")
         say("hq: rules for customers, articles, invoices, invoice_lines")
-        with hq.engine.begin() as conn:
-            for name, (first, last, block) in DEMO_RANGES.items():
-                ranges.add_range(conn, name, first, last, block)
+        for name, (first, last, block) in DEMO_RANGES.items():
+            admin.add_range(hq, RangeSpec(name, first, last, block))
         say(
             "hq: number ranges "
             + ", ".join(f"{n} {a}-{b} (blocks of {k})" for n, (a, b, k) in DEMO_RANGES.items())
@@ -151,7 +152,7 @@ def _edit(nodes: dict[str, Node], say: Callable[[str], None]) -> None:
     inv = samples.metadata.tables["invoices"]
     with nodes["koeln"].engine.begin() as conn:  # offline: numbers from its own leases
         row = conn.execute(select(cust).order_by(cust.c.id.desc()).limit(1)).mappings().one()
-        customer = ranges.draw(conn, "customer")
+        customer = draw(conn, "customer")
         new = dict(row)
         new.update(
             id=customer,
@@ -161,7 +162,7 @@ def _edit(nodes: dict[str, Node], say: Callable[[str], None]) -> None:
             email="info@schaefer.example",
         )
         conn.execute(cust.insert().values(**new))
-        invoice = ranges.draw(conn, "invoice")
+        invoice = draw(conn, "invoice")
         conn.execute(
             inv.insert().values(
                 id=invoice,
@@ -178,7 +179,7 @@ def _edit(nodes: dict[str, Node], say: Callable[[str], None]) -> None:
         for line_no in (1, 2):
             conn.execute(
                 lines.insert().values(
-                    id=ranges.draw(conn, "invoice_line"),
+                    id=draw(conn, "invoice_line"),
                     invoice_id=invoice,
                     line_no=line_no,
                     article_id=article["id"],
@@ -189,9 +190,7 @@ def _edit(nodes: dict[str, Node], say: Callable[[str], None]) -> None:
                     line_total=article["unit_price"],
                 )
             )
-        (lease,) = [
-            x for x in ranges.list_leases(conn, "customer") if x.holder == "koeln" and x.left
-        ]
+        (lease,) = [x for x in list_leases(conn, "customer") if x.holder == "koeln" and x.left]
     say(
         f"koeln (offline): customer K-{customer:06d} 'Bäckerei Schäfer & Söhne' and invoice "
         f"R-2026-{invoice:06d} with 2 lines, numbered from its own leases "

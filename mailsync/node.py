@@ -15,10 +15,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine
 
-from mailsync import ranges, trust
-from mailsync import rules as rules_mod
+from mailsync import admin, trust
+from mailsync import link as links_mod
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -37,7 +37,7 @@ from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
 from mailsync.status import LinkStatus, Status, node_status
 from mailsync.store.engine import check_connection, open_engine, redact
-from mailsync.store.tables import ensure_schema, get_meta, links, set_meta
+from mailsync.store.tables import ensure_schema, get_meta, set_meta
 from mailsync.transport import TransportContext
 from mailsync.wire.envelope import Codec, Header
 
@@ -123,13 +123,6 @@ class Node:
     def is_host(self) -> bool:
         return self.config.role == "host"
 
-    def _require_host(self, what: str) -> None:
-        if not self.is_host:
-            raise ConfigError(
-                f"{what} is defined on the host; {self.config.node_id!r} is a remote "
-                "(it receives its rules from the host)"
-            )
-
     def transport_context(self) -> TransportContext:
         return self.cycle.transport_context()
 
@@ -149,43 +142,9 @@ class Node:
 
     # ------------------------------------------------------------ host admin
 
-    def add_station(
-        self, station_id: str, email: str, label: str = "", *, key: PublicKey | None = None
-    ) -> tuple[rules_mod.Station, Bundle]:
-        """Define a station; returns it and its enrollment bundle.
-
-        With the station's public ``key`` (it made its own keys) the bundle
-        holds only public data. Without one, mailsync makes the station's
-        keys and the bundle carries them: write it with a passphrase.
-        """
-        self._require_host("a station")
-        pair = None
-        if key is None:
-            pair = KeyPair.generate()
-            key = pair.public
-        with self.engine.begin() as conn:
-            station = rules_mod.add_station(
-                conn, station_id, email, label, host_id=self.config.node_id
-            )
-            trust.trust_key(conn, station_id, key)
-            # the bundle tells the station our current key
-            conn.execute(
-                update(links)
-                .where(links.c.peer == station_id)
-                .values(key_announced=self.ring.current.public.key_id)
-            )
-            self.journal.info(
-                "station", f"station {station_id} <{email}> added, key {key.key_id}", conn=conn
-            )
-        bundle = Bundle(
-            host_id=self.config.node_id,
-            host_address=self.config.mailbox.address,
-            host_key=self.ring.current.public,
-            station_id=station_id,
-            station_address=email,
-            station_keys=pair,
-        )
-        return station, bundle
+    # The admin commands are mailsync.admin's functions, bound to this node
+    # as their site (each owns its transaction and writes its log line).
+    add_station = admin.add_station
 
     def join(self, bundle: Bundle) -> None:
         """On a remote: take the host (and perhaps our keys) from a bundle."""
@@ -202,17 +161,15 @@ class Node:
             write_keyring(key_path(self.config.path), ring)
             self.cycle.ring = ring
         with self.engine.begin() as conn:
-            others = conn.execute(select(links.c.peer).where(links.c.peer != bundle.host_id)).all()
+            others = [p for p in links_mod.peers(conn) if p != bundle.host_id]
             if others:
-                raise ConfigError(f"this node already belongs to host {others[0][0]!r}")
-            values = {
-                "address": bundle.host_address,
-                "key_announced": self.ring.current.public.key_id,
-            }
-            if conn.execute(select(links.c.peer).where(links.c.peer == bundle.host_id)).first():
-                conn.execute(update(links).where(links.c.peer == bundle.host_id).values(**values))
+                raise ConfigError(f"this node already belongs to host {others[0]!r}")
+            if links_mod.get(conn, bundle.host_id) is None:
+                links_mod.create(conn, bundle.host_id, bundle.host_address)
             else:
-                conn.execute(links.insert().values(peer=bundle.host_id, **values))
+                links_mod.readdress(conn, bundle.host_id, bundle.host_address)
+            # the bundle told the host our key
+            links_mod.key_told(conn, bundle.host_id, self.ring.current.public.key_id)
             trust.trust_key(conn, bundle.host_id, bundle.host_key)
             self.journal.info(
                 "join",
@@ -234,64 +191,12 @@ class Node:
     def public_key(self) -> PublicKey:
         return self.ring.current.public
 
-    def remove_station(self, station_id: str) -> None:
-        self._require_host("a station")
-        with self.engine.begin() as conn:
-            rules_mod.remove_station(conn, station_id)
-            retired = ranges.retire_station(conn, station_id)
-            leases = f"; {retired} number lease(s) retired" if retired else ""
-            self.journal.info("station", f"station {station_id} removed{leases}", conn=conn)
-
-    def stations(self) -> list[rules_mod.Station]:
-        with self.engine.connect() as conn:
-            return rules_mod.list_stations(conn)
-
-    def station(self, station_id: str) -> tuple[rules_mod.Station, dict[str, rules_mod.Rule]]:
-        self._require_host("a station")
-        with self.engine.connect() as conn:
-            station = rules_mod.get_station(conn, station_id)
-            return station, rules_mod.effective_rules(conn, station_id)
-
-    def add_rule(
-        self,
-        table: str,
-        *,
-        down: str,
-        up: str,
-        station: str | None = None,
-        row_filter: str | None = None,
-        conflict: str = "host-wins",
-    ) -> tuple[rules_mod.Rule, list[str]]:
-        self._require_host("a table rule")
-        with self.engine.begin() as conn:
-            rule, warnings = rules_mod.add_rule(
-                conn,
-                table,
-                down=down,
-                up=up,
-                station=station,
-                row_filter=row_filter,
-                conflict=conflict,
-            )
-            self.journal.info(
-                "rule",
-                f"rule for {table} ({station or 'all stations'}): "
-                f"down {rules_mod.describe_ops(down)}, up {rules_mod.describe_ops(up)}",
-                conn=conn,
-            )
-        return rule, warnings
-
-    def remove_rule(self, table: str, station: str | None = None) -> None:
-        self._require_host("a table rule")
-        with self.engine.begin() as conn:
-            rules_mod.remove_rule(conn, table, station)
-            self.journal.info(
-                "rule", f"rule for {table} ({station or 'all stations'}) removed", conn=conn
-            )
-
-    def rules(self) -> list[rules_mod.Rule]:
-        with self.engine.connect() as conn:
-            return rules_mod.all_rules(conn)
+    remove_station = admin.remove_station
+    stations = admin.list_stations
+    station = admin.show_station
+    add_rule = admin.add_rule
+    remove_rule = admin.remove_rule
+    rules = admin.list_rules
 
 
 def init_node(

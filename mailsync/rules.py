@@ -187,59 +187,52 @@ def _check_filter(conn: Connection, table_name: str, row_filter: str) -> None:
         ) from exc
 
 
-def add_rule(
-    conn: Connection,
-    table_name: str,
-    *,
-    down: str,
-    up: str,
-    station: str | None = None,
-    row_filter: str | None = None,
-    conflict: str = "host-wins",
-) -> tuple[Rule, list[str]]:
-    """Define (or replace) a table rule; returns it and warnings for the admin.
+def add_rule(conn: Connection, rule: Rule) -> list[str]:
+    """Define (or replace) a table rule; returns warnings for the admin.
 
     Checks that the table exists with a primary key, that the station exists
     and that the row filter runs; installs the capture triggers.
     """
-    if conflict not in CONFLICT_POLICIES:
+    if rule.conflict not in CONFLICT_POLICIES:
         raise RuleError(
-            f"conflict policy {conflict!r} is not one of {', '.join(CONFLICT_POLICIES)}"
+            f"conflict policy {rule.conflict!r} is not one of {', '.join(CONFLICT_POLICIES)}"
         )
-    if conflict not in BUILT_POLICIES:
+    if rule.conflict not in BUILT_POLICIES:
         raise RuleError(
-            f"conflict policy {conflict!r} is not built yet; use " + " or ".join(BUILT_POLICIES)
+            f"conflict policy {rule.conflict!r} is not built yet; use "
+            + " or ".join(BUILT_POLICIES)
         )
-    target = station or ALL_STATIONS
-    if station is not None:
-        get_station(conn, station)
-    table = reflect(conn, table_name)
-    if row_filter:
-        _check_filter(conn, table_name, row_filter)
+    if rule.station != ALL_STATIONS:
+        get_station(conn, rule.station)
+    table = reflect(conn, rule.table)
+    if rule.row_filter:
+        _check_filter(conn, rule.table, rule.row_filter)
     warnings: list[str] = []
-    if "I" in up:
+    if "I" in rule.up:
         pk = list(table.primary_key.columns)
         if any(isinstance(c.type, Integer) for c in pk):
             warnings.append(
-                f"{table_name}: stations insert rows with an integer key "
+                f"{rule.table}: stations insert rows with an integer key "
                 f"({', '.join(c.name for c in pk)}); keys created offline collide unless "
                 "they come from a number range per station (or are UUIDs)"
             )
     values = {
-        "down_ops": down,
-        "up_ops": up,
-        "row_filter": row_filter or None,
-        "conflict": conflict,
+        "down_ops": rule.down,
+        "up_ops": rule.up,
+        "row_filter": rule.row_filter,
+        "conflict": rule.conflict,
     }
-    where = and_(rules_table.c.tbl == table_name, rules_table.c.station == target)
+    where = and_(rules_table.c.tbl == rule.table, rules_table.c.station == rule.station)
     if conn.execute(select(rules_table.c.id).where(where)).first():
         conn.execute(update(rules_table).where(where).values(**values))
     else:
         conn.execute(
-            rules_table.insert().values(tbl=table_name, station=target, created_at=now(), **values)
+            rules_table.insert().values(
+                tbl=rule.table, station=rule.station, created_at=now(), **values
+            )
         )
-    capture.ensure_capture(conn, [table_name])
-    return Rule(table_name, target, down, up, row_filter or None, conflict), warnings
+    capture.ensure_capture(conn, [rule.table])
+    return warnings
 
 
 def remove_rule(conn: Connection, table_name: str, station: str | None = None) -> None:

@@ -15,7 +15,8 @@ from mailsync import capture
 from mailsync import rules as rules_mod
 from mailsync.config import NodeConfig, Role
 from mailsync.link import Link, all_links, held_parts, missing_parts, missing_sequences
-from mailsync.ranges import RangeUsage, usage
+from mailsync.ranges.admin import usage
+from mailsync.ranges.model import RangeUsage
 from mailsync.store.engine import redact
 from mailsync.store.tables import changes, conflicts_table, log_table, now, outbox, parked
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
+from mailsync import admin
 from mailsync.cli.common import chosen_ids, console, grid, open_node, print_json, when
-from mailsync.conflicts import drop_conflicts, list_conflicts
 
 conflicts_app = typer.Typer(
     help="Rows changed here and at a peer before either had the other's change.",
@@ -35,8 +35,8 @@ def conflicts_list(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable, every value."),
 ) -> None:
     """Show the recorded conflicts: which version was kept, and both versions."""
-    with open_node(ctx) as node, node.engine.connect() as conn:
-        found = list_conflicts(conn, table=table_name, limit=limit)
+    with open_node(ctx) as node:
+        found = admin.list_conflicts(node, table=table_name, limit=limit)
     if as_json:
         print_json(found)
         return
@@ -66,8 +66,8 @@ def conflicts_drop(
 ) -> None:
     """Forget recorded conflicts once dealt with (the rows stay as they are)."""
     chosen = chosen_ids(ids, all_, "conflicts", "conflicts list")
-    with open_node(ctx) as node, node.engine.begin() as conn:
-        gone = drop_conflicts(conn, chosen)
+    with open_node(ctx) as node:
+        gone = admin.drop_conflicts(node, chosen)
     console.print(f"{gone} conflict record(s) dropped")
 
 

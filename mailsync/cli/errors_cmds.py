@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from mailsync.apply import drop_parked, list_parked, retry_parked
+from mailsync import admin
 from mailsync.cli.common import chosen_ids, console, grid, open_node, when
 
 errors_app = typer.Typer(
@@ -21,8 +21,8 @@ def _ids(ids: list[int] | None, all_: bool) -> list[int] | None:
 @errors_app.command("list")
 def errors_list(ctx: typer.Context) -> None:
     """Show the parked rows: where they came from, their values and the error."""
-    with open_node(ctx) as node, node.engine.connect() as conn:
-        rows = list_parked(conn)
+    with open_node(ctx) as node:
+        rows = admin.parked_rows(node)
     if not rows:
         console.print("no parked rows")
         return
@@ -50,7 +50,7 @@ def errors_retry(
     """Apply parked rows again (after fixing the cause)."""
     chosen = _ids(ids, all_)
     with open_node(ctx) as node:
-        done, failed = retry_parked(node.engine, chosen)
+        done, failed = admin.retry_parked(node, chosen)
     console.print(f"{done} row(s) applied, {failed} still parked")
     if failed:
         raise typer.Exit(5)
@@ -65,7 +65,7 @@ def errors_drop(
     """Forget parked rows (their change is given up on this node)."""
     chosen = _ids(ids, all_)
     with open_node(ctx) as node:
-        dropped = drop_parked(node.engine, chosen)
+        dropped = admin.drop_parked(node, chosen)
     console.print(f"{dropped} parked row(s) dropped")
 
 

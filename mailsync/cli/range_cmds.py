@@ -6,8 +6,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mailsync import ranges
+from mailsync import admin
 from mailsync.cli.common import console, open_node, when
+from mailsync.ranges.draw import next_number
+from mailsync.ranges.model import DEFAULT_MAX_BLOCKS, DEFAULT_THRESHOLD, RangeSpec
 
 range_app = typer.Typer(
     help="Number ranges: the host leases blocks of customer or invoice numbers to stations.",
@@ -24,13 +26,13 @@ def range_add(
     end: int = typer.Option(..., "--end", help="The last number of the series."),
     block: int = typer.Option(50, "--block", help="Numbers per lease."),
     threshold: float = typer.Option(
-        ranges.DEFAULT_THRESHOLD,
+        DEFAULT_THRESHOLD,
         "--threshold",
         help="A station asks for its next block when the unused share of its current one "
         "falls under this.",
     ),
     max_blocks: int = typer.Option(
-        ranges.DEFAULT_MAX_BLOCKS,
+        DEFAULT_MAX_BLOCKS,
         "--max-blocks",
         help="At most this many blocks a station has not drawn from.",
     ),
@@ -45,18 +47,10 @@ def range_add(
     ),
 ) -> None:
     """Define a number series; stations get their first block with their next sync."""
-    with open_node(ctx) as node, node.engine.begin() as conn:
-        rdef = ranges.add_range(
-            conn,
-            name,
-            start,
-            end,
-            block,
-            threshold=threshold,
-            max_blocks=max_blocks,
-            bind=bind,
-            stations=station or None,
-        )
+    stations = tuple(station) or None
+    spec = RangeSpec(name, start, end, block, threshold, max_blocks, bind, stations)
+    with open_node(ctx) as node:
+        rdef = admin.add_range(node, spec)
     bound = f", bound to {rdef.bind_text}" if rdef.bind else ""
     console.print(f"range [bold]{rdef.name}[/] {rdef.first}-{rdef.last}, blocks of {block}{bound}")
 
@@ -64,17 +58,16 @@ def range_add(
 @range_app.command("list")
 def range_list(ctx: typer.Context) -> None:
     """The ranges with their leases in use."""
-    with open_node(ctx) as node, node.engine.connect() as conn:
-        defs = ranges.list_ranges(conn)
-        held = ranges.list_leases(conn)
-    if not defs:
+    with open_node(ctx) as node:
+        found = admin.list_ranges(node)
+    if not found:
         console.print("no number ranges (`mailsync range add`)")
         return
     table = Table(show_edge=False)
     for col in ("range", "numbers", "block", "threshold", "bound to", "stations", "leases", "left"):
         table.add_column(col)
-    for r in defs:
-        mine = [x for x in held if x.range == r.name]
+    for entry in found:
+        r, mine = entry.range, entry.leases
         table.add_row(
             r.name,
             f"{r.first}-{r.last}",
@@ -93,9 +86,9 @@ def range_show(
     ctx: typer.Context, name: str = typer.Argument(..., help="The range's name.")
 ) -> None:
     """Every lease of a range: who holds it, used, left, when granted."""
-    with open_node(ctx) as node, node.engine.connect() as conn:
-        rdef = ranges.get_range(conn, name)
-        held = ranges.list_leases(conn, name)
+    with open_node(ctx) as node:
+        shown = admin.show_range(node, name)
+    rdef, held = shown.range, shown.leases
     console.print(
         f"range [bold]{rdef.name}[/] {rdef.first}-{rdef.last}, blocks of {rdef.block}, "
         f"threshold {rdef.threshold:g}, at most {rdef.max_blocks} unused block(s) per station"
@@ -130,8 +123,8 @@ def range_set_block(
     station: str | None = typer.Option(None, "--station", help="Only for this station."),
 ) -> None:
     """Change the block size of a range, or of one station's leases."""
-    with open_node(ctx) as node, node.engine.begin() as conn:
-        ranges.set_block(conn, name, block, station)
+    with open_node(ctx) as node:
+        admin.set_block(node, name, block, station)
     who = f" for {escape(station)}" if station else ""
     console.print(f"range {escape(name)}: blocks of {block}{who} from the next lease on")
 
@@ -145,8 +138,8 @@ def range_release(
     ),
 ) -> None:
     """Ask for the unused numbers of leases back; free once the station confirms."""
-    with open_node(ctx) as node, node.engine.begin() as conn:
-        count = ranges.release(conn, name, station)
+    with open_node(ctx) as node:
+        count = admin.release_range(node, name, station)
     who = escape(station) if station else "every station (no new blocks are granted)"
     console.print(f"{count} lease(s) of {escape(name)} asked back from {who} with the next sync")
 
@@ -156,8 +149,8 @@ def range_remove(
     ctx: typer.Context, name: str = typer.Argument(..., help="The range's name.")
 ) -> None:
     """Forget a range (refused while a station still holds numbers of it)."""
-    with open_node(ctx) as node, node.engine.begin() as conn:
-        ranges.remove_range(conn, name)
+    with open_node(ctx) as node:
+        admin.remove_range(node, name)
     console.print(f"range {escape(name)} removed")
 
 
@@ -167,7 +160,7 @@ def number_next(
 ) -> None:
     """Draw one number from this node's leases and print it."""
     with open_node(ctx) as node:
-        number = ranges.next_number(node.engine, name)
+        number = next_number(node.engine, name)
     print(number)
 
 

@@ -15,8 +15,8 @@ from typing import Literal
 from sqlalchemy import Connection, Engine, select
 
 from mailsync import link as links_mod
-from mailsync import ranges, trust
 from mailsync import rules as rules_mod
+from mailsync import trust
 from mailsync.build import LinkPlan
 from mailsync.config import NodeConfig
 from mailsync.dialects import Dialect, dialect_for
@@ -24,6 +24,7 @@ from mailsync.errors import ConfigError
 from mailsync.journal import Journal
 from mailsync.keys import KeyRing, PublicKey
 from mailsync.link import Link
+from mailsync.ranges import exchange
 from mailsync.rules import Direction, Rule
 from mailsync.store.seen import SeenInDatabase
 from mailsync.store.tables import loads
@@ -97,18 +98,17 @@ class Role:
         now (a host's grants always must; a station's report when it has
         something to confirm or ask for)."""
         if self.is_host:
-            grants = RangeGrants.parse(ranges.host_outgoing(conn, peer, resend))
+            grants = exchange.host_outgoing(conn, peer, resend)
             return (grants or None), bool(grants)
-        report, due = ranges.station_outgoing(conn, ask_again)
-        return (None if report is None else RangeReport.parse(report)), due
+        return exchange.station_outgoing(conn, ask_again)
 
     def ranges_in(
         self, conn: Connection, peer: str, control: RangeGrants | RangeReport
     ) -> list[str]:
         """Act on a peer's number-range control; lines for the log."""
         if isinstance(control, RangeReport):
-            return ranges.host_incoming(conn, peer, control.payload()) if self.is_host else []
-        return [] if self.is_host else ranges.station_incoming(conn, control.payload())
+            return exchange.host_incoming(conn, peer, control) if self.is_host else []
+        return [] if self.is_host else exchange.station_incoming(conn, control)
 
 
 @dataclass

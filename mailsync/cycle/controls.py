@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from mailsync import link as links_mod
-from mailsync import ranges
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.keys import PublicKey
 from mailsync.link import Link
+from mailsync.ranges import exchange
 from mailsync.store.tables import loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Control, read_changeset
 from mailsync.wire.controls import (
@@ -205,7 +205,7 @@ def _compose(
     if ranges_control is not None:
         writer.control(ranges_control.KIND, ranges_control.payload())
         if isinstance(ranges_control, RangeReport):
-            ranges.station_reported(conn, ranges_control.payload())
+            exchange.station_reported(conn, ranges_control)
     if reload:
         request = ReloadRequest(link.in_seq, link.reload_request)
         writer.control(ReloadRequest.KIND, request.payload())

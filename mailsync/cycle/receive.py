@@ -19,13 +19,14 @@ from __future__ import annotations
 from sqlalchemy import Connection, delete, select
 from sqlalchemy.exc import DataError
 
-from mailsync import faults, ranges
+from mailsync import faults
 from mailsync import link as links_mod
 from mailsync.cycle import controls
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import MessageError, first_line
 from mailsync.link import Link
+from mailsync.ranges import exchange
 from mailsync.store.tables import inbox, now, outbox
 from mailsync.transport import open_receiver
 from mailsync.wire.envelope import Header, read_header
@@ -133,7 +134,7 @@ def _went_back(ctx: CycleContext, conn: Connection, link: Link, header: Header) 
             conn=conn,
         )
     if (forked or lost) and ctx.role.can_be_reloaded and not link.reload_wanted:
-        retired = ranges.retire_all(conn)
+        retired = exchange.retire_all(conn)
         if retired:
             ctx.journal.warning(
                 "range",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy import Connection, Engine, Table
 
 if TYPE_CHECKING:
-    from mailsync.ranges import RangeDef
+    from mailsync.ranges.model import RangeDef
 
 
 class Dialect(Protocol):

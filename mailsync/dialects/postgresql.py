@@ -30,7 +30,7 @@ from mailsync.dialects.base import (
 )
 
 if TYPE_CHECKING:
-    from mailsync.ranges import RangeDef
+    from mailsync.ranges.model import RangeDef
 
 _Q = '"'
 

@@ -27,7 +27,7 @@ from mailsync.dialects.base import (
 from mailsync.store.tables import applying
 
 if TYPE_CHECKING:
-    from mailsync.ranges import RangeDef
+    from mailsync.ranges.model import RangeDef
 
 _ORIGIN = "(SELECT origin FROM mailsync_applying LIMIT 1)"
 

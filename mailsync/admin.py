@@ -1,0 +1,346 @@
+"""Every admin command as a library function: stations, table rules, number
+ranges, parked rows and conflicts.
+
+An admin's change must show in ``mailsync log`` the way a cycle's work does,
+and an application or a test must be able to make it without the CLI (the
+sqlite-utils / alembic ``command.py`` shape). So each mutating function
+here owns its transaction — one ``engine.begin()``, in which the change and
+its log line commit together or not at all — and each read-only one a
+plain connection; the CLI only turns arguments into one call and prints.
+
+The first parameter is a :class:`Site`: what these functions need of a
+node. :class:`mailsync.node.Node` satisfies it structurally; this module
+does not import it (the node imports this one).
+
+Commands that define stations, rules and ranges are the host's: on a remote
+they raise :class:`~mailsync.errors.ConfigError` saying so, before any
+change. An operator's mistake (an unknown station, range, parked row or
+conflict id) raises before any change too, so it changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy import Engine
+
+from mailsync import link as links_mod
+from mailsync import rules as rules_mod
+from mailsync import trust
+from mailsync.apply import ParkedRow, list_parked, retry_parked_row
+from mailsync.apply import drop_parked as drop_parked_rows
+from mailsync.config import NodeConfig
+from mailsync.conflicts import Conflict
+from mailsync.conflicts import drop_conflicts as drop_conflict_records
+from mailsync.conflicts import list_conflicts as read_conflicts
+from mailsync.enroll import Bundle
+from mailsync.errors import ConfigError
+from mailsync.journal import Journal
+from mailsync.keys import KeyPair, KeyRing, PublicKey
+from mailsync.ranges import admin as ranges_admin
+from mailsync.ranges.exchange import retire_station
+from mailsync.ranges.model import Lease, RangeDef, RangeSpec, get_range, list_leases
+from mailsync.ranges.model import list_ranges as read_ranges
+from mailsync.store.tables import ALL_STATIONS
+
+
+class Site(Protocol):
+    """What an admin command needs of a node (a :class:`~mailsync.node.Node`
+    is one): its config, database, log and keys. The keys are read only:
+    changing them (``Node.rotate_keys``, ``Node.join``) changes the node's
+    identity, which is the node's business, not an admin command's."""
+
+    config: NodeConfig
+    engine: Engine
+    journal: Journal
+
+    @property
+    def ring(self) -> KeyRing: ...
+
+
+def _require_host(site: Site, what: str) -> None:
+    if site.config.role != "host":
+        raise ConfigError(
+            f"{what} is defined on the host; {site.config.node_id!r} is a remote "
+            "(it receives its rules from the host)"
+        )
+
+
+def _scope(station: str | None) -> str:
+    return station or "all stations"
+
+
+# ------------------------------------------------------------------ stations
+
+
+def add_station(
+    site: Site, station_id: str, email: str, label: str = "", *, key: PublicKey | None = None
+) -> tuple[rules_mod.Station, Bundle]:
+    """Define a station; returns it and its enrollment bundle.
+
+    With the station's public ``key`` (it made its own keys) the bundle
+    holds only public data. Without one, mailsync makes the station's
+    keys and the bundle carries them: write it with a passphrase.
+    """
+    _require_host(site, "a station")
+    pair = None
+    if key is None:
+        pair = KeyPair.generate()
+        key = pair.public
+    with site.engine.begin() as conn:
+        station = rules_mod.add_station(conn, station_id, email, label, host_id=site.config.node_id)
+        trust.trust_key(conn, station_id, key)
+        # the bundle tells the station our current key
+        links_mod.key_told(conn, station_id, site.ring.current.public.key_id)
+        site.journal.info(
+            "station",
+            f"station {station_id} <{email}> added, key {key.key_id}",
+            conn=conn,
+            peer=station_id,
+        )
+    bundle = Bundle(
+        host_id=site.config.node_id,
+        host_address=site.config.mailbox.address,
+        host_key=site.ring.current.public,
+        station_id=station_id,
+        station_address=email,
+        station_keys=pair,
+    )
+    return station, bundle
+
+
+def remove_station(site: Site, station_id: str) -> None:
+    """Forget a station, its own rules, its link and outbox; its number
+    leases end (their unused numbers are never leased again)."""
+    _require_host(site, "a station")
+    with site.engine.begin() as conn:
+        rules_mod.remove_station(conn, station_id)
+        retired = retire_station(conn, station_id)
+        leases = f"; {retired} number lease(s) retired" if retired else ""
+        site.journal.info(
+            "station", f"station {station_id} removed{leases}", conn=conn, peer=station_id
+        )
+
+
+def list_stations(site: Site) -> list[rules_mod.Station]:
+    with site.engine.connect() as conn:
+        return rules_mod.list_stations(conn)
+
+
+def show_station(
+    site: Site, station_id: str
+) -> tuple[rules_mod.Station, dict[str, rules_mod.Rule]]:
+    """A station and, per table, the rule that governs it."""
+    _require_host(site, "a station")
+    with site.engine.connect() as conn:
+        station = rules_mod.get_station(conn, station_id)
+        return station, rules_mod.effective_rules(conn, station_id)
+
+
+# --------------------------------------------------------------------- rules
+
+
+def add_rule(
+    site: Site,
+    table: str,
+    *,
+    down: str,
+    up: str,
+    station: str | None = None,
+    row_filter: str | None = None,
+    conflict: str = "host-wins",
+) -> tuple[rules_mod.Rule, list[str]]:
+    """Sync a table (for all stations or one), or change its rule; returns
+    the rule and warnings for the admin. Capture triggers go in at once."""
+    _require_host(site, "a table rule")
+    rule = rules_mod.Rule(table, station or ALL_STATIONS, down, up, row_filter or None, conflict)
+    with site.engine.begin() as conn:
+        warnings = rules_mod.add_rule(conn, rule)
+        site.journal.info(
+            "rule",
+            f"rule for {table} ({_scope(station)}): "
+            f"down {rules_mod.describe_ops(down)}, up {rules_mod.describe_ops(up)}",
+            conn=conn,
+            peer=station,
+        )
+    return rule, warnings
+
+
+def remove_rule(site: Site, table: str, station: str | None = None) -> None:
+    """Stop syncing a table (for all stations), or drop one station's own rule."""
+    _require_host(site, "a table rule")
+    with site.engine.begin() as conn:
+        rules_mod.remove_rule(conn, table, station)
+        site.journal.info(
+            "rule", f"rule for {table} ({_scope(station)}) removed", conn=conn, peer=station
+        )
+
+
+def list_rules(site: Site) -> list[rules_mod.Rule]:
+    with site.engine.connect() as conn:
+        return rules_mod.all_rules(conn)
+
+
+# ------------------------------------------------------------- number ranges
+
+
+@dataclass(frozen=True)
+class RangeLeases:
+    """A range and its leases, as ``range list`` and ``range show`` print them."""
+
+    range: RangeDef
+    leases: list[Lease]
+
+
+def add_range(site: Site, spec: RangeSpec) -> RangeDef:
+    """Define a number series on the host; stations get their first block
+    with their next sync, a bound column its trigger at once."""
+    with site.engine.begin() as conn:
+        rdef = ranges_admin.add_range(conn, spec)
+        site.journal.info(
+            "range",
+            f"range {rdef.name} {rdef.first}-{rdef.last} added, blocks of {rdef.block}"
+            + (f", bound to {rdef.bind_text}" if rdef.bind else "")
+            + (f", for {', '.join(rdef.stations)}" if rdef.stations else ""),
+            conn=conn,
+        )
+    return rdef
+
+
+def list_ranges(site: Site) -> list[RangeLeases]:
+    """Every range known here, with its leases."""
+    with site.engine.connect() as conn:
+        held = list_leases(conn)
+        return [
+            RangeLeases(rdef, [x for x in held if x.range == rdef.name])
+            for rdef in read_ranges(conn)
+        ]
+
+
+def show_range(site: Site, name: str) -> RangeLeases:
+    """One range and every lease of it."""
+    with site.engine.connect() as conn:
+        return RangeLeases(get_range(conn, name), list_leases(conn, name))
+
+
+def set_block(site: Site, name: str, block: int, station: str | None = None) -> None:
+    """The block size of a range, or of one station's leases, from the next lease on."""
+    with site.engine.begin() as conn:
+        ranges_admin.set_block(conn, name, block, station)
+        who = f" for {station}" if station else ""
+        site.journal.info(
+            "range",
+            f"range {name}: blocks of {block}{who} from the next lease on",
+            conn=conn,
+            peer=station,
+        )
+
+
+def release_range(site: Site, name: str, station: str | None = None) -> int:
+    """Ask a station (None: every station, closing the range) for the unused
+    numbers of its leases back; returns the number of leases asked back."""
+    with site.engine.begin() as conn:
+        count = ranges_admin.release(conn, name, station)
+        who = station or "every station (the range closes)"
+        site.journal.info(
+            "range",
+            f"range {name}: {count} lease(s) asked back from {who}",
+            conn=conn,
+            peer=station,
+        )
+    return count
+
+
+def remove_range(site: Site, name: str) -> None:
+    """Forget a range (refused while a station still holds numbers of it)."""
+    with site.engine.begin() as conn:
+        ranges_admin.remove_range(conn, name)
+        site.journal.info("range", f"range {name} removed", conn=conn)
+
+
+# --------------------------------------------------------------- parked rows
+
+
+def _all_known(wanted: set[int], found: Iterable[int], what: str, listed_by: str) -> None:
+    """Refuse ids that are not there, before anything changes: an operator
+    who mistyped one id must not have the others acted on."""
+    missing = sorted(wanted - set(found))
+    if missing:
+        listed = ", ".join(map(str, missing[:10])) + (" …" if len(missing) > 10 else "")
+        raise ConfigError(
+            f"no {what} {listed}: nothing was changed", hint=f"`mailsync {listed_by}`"
+        )
+
+
+def _ids(wanted: set[int] | None) -> str:
+    return f" ({', '.join(map(str, sorted(wanted)))})" if wanted else ""
+
+
+def parked_rows(site: Site) -> list[ParkedRow]:
+    """The rows that could not be applied, oldest first."""
+    with site.engine.connect() as conn:
+        return list_parked(conn)
+
+
+def retry_parked(site: Site, ids: Iterable[int] | None) -> tuple[int, int]:
+    """Apply parked rows (these ids, or None: all) again after their cause
+    was fixed; returns (applied, still parked). Each row is tried in its own
+    transaction with its log line, so one that still fails keeps none of
+    the others parked."""
+    wanted = None if ids is None else set(ids)
+    with site.engine.connect() as conn:
+        rows = list_parked(conn, wanted)
+        if wanted is not None:
+            _all_known(wanted, (r.id for r in rows), "parked row", "errors list")
+    done = failed = 0
+    for row in rows:
+        what = f"parked row {row.id} ({row.table}, from {row.peer} #{row.seq})"
+        with site.engine.begin() as conn:
+            error = retry_parked_row(conn, row.id)
+            if error is None:
+                done += 1
+                site.journal.info("parked", f"{what} applied on retry", conn=conn, peer=row.peer)
+            else:
+                failed += 1
+                site.journal.warning(
+                    "parked", f"{what} still fails: {error}", conn=conn, peer=row.peer
+                )
+    return done, failed
+
+
+def drop_parked(site: Site, ids: Iterable[int] | None) -> int:
+    """Forget parked rows (these ids, or None: all); their change is given up here."""
+    wanted = None if ids is None else set(ids)
+    with site.engine.begin() as conn:
+        if wanted is not None:
+            found = [r.id for r in list_parked(conn, wanted)]
+            _all_known(wanted, found, "parked row", "errors list")
+        dropped = drop_parked_rows(conn, wanted)
+        site.journal.info("parked", f"{dropped} parked row(s) dropped{_ids(wanted)}", conn=conn)
+    return dropped
+
+
+# ----------------------------------------------------------------- conflicts
+
+
+def list_conflicts(
+    site: Site, *, table: str | None = None, limit: int | None = None
+) -> list[Conflict]:
+    """Recorded conflicts, newest first (of one table, the newest ``limit``)."""
+    with site.engine.connect() as conn:
+        return read_conflicts(conn, table=table, limit=limit)
+
+
+def drop_conflicts(site: Site, ids: Iterable[int] | None) -> int:
+    """Forget conflict records (these ids, or None: all) once dealt with;
+    the rows stay as they are."""
+    wanted = None if ids is None else set(ids)
+    with site.engine.begin() as conn:
+        if wanted is not None:
+            found = [c.id for c in read_conflicts(conn, ids=wanted)]
+            _all_known(wanted, found, "conflict record", "conflicts list")
+        gone = drop_conflict_records(conn, None if wanted is None else sorted(wanted))
+        site.journal.info("conflict", f"{gone} conflict record(s) dropped{_ids(wanted)}", conn=conn)
+    return gone

@@ -1,0 +1,274 @@
+"""The number-range control traffic between host and station, and retiring
+leases when a station is removed or went back to a backup.
+
+Both directions travel as unsequenced control records, checked and typed by
+:mod:`mailsync.wire.controls` before they reach these functions: the host
+sends :class:`RangeGrants` (grants it has not had confirmed, leases asked
+back), a station sends :class:`RangeReport` (its leases' use and state, the
+ranges it wants a block of). Lost records are sent again, so every
+function here is idempotent against a repeated record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+
+from mailsync.dialects import dialect_for
+from mailsync.ranges.draw import grant
+from mailsync.ranges.model import (
+    Lease,
+    RangeDef,
+    as_lease,
+    as_range,
+    get_range,
+    list_ranges,
+    this_node,
+)
+from mailsync.store.tables import leases, now, range_free, ranges_table
+from mailsync.wire.controls import Grant, LeaseState, RangeGrants, RangeReport
+
+
+def _grant_of(rdef: RangeDef, lease: Lease) -> Grant:
+    return Grant(
+        lease_id=lease.id,
+        range=rdef.name,
+        start=rdef.first,
+        end=rdef.last,
+        block=rdef.block,
+        threshold=rdef.threshold,
+        max_blocks=rdef.max_blocks,
+        bind=rdef.bind_text,
+        first=lease.first,
+        last=lease.last,
+        next=lease.next,
+    )
+
+
+def _held(conn: Connection, rdef: RangeDef, station: str, *where: Any) -> int:
+    """How many of ``station``'s leases of ``rdef`` match ``where``."""
+    query = select(func.count()).select_from(leases)
+    query = query.where(leases.c.range_name == rdef.name, leases.c.holder == station, *where)
+    return int(conn.execute(query).scalar() or 0)
+
+
+# ----------------------------------------------------------------- the host
+
+
+def host_outgoing(conn: Connection, station: str, resend_after: dt.timedelta) -> RangeGrants:
+    """What the host must tell a station now: its first block of every range
+    that serves it (with the initial load), grants it has not confirmed, and
+    leases asked back. Marks them sent."""
+    live = leases.c.state.in_(["active", "release"])
+    for rdef in list_ranges(conn):
+        if rdef.serves(station) and not _held(conn, rdef, station, live):
+            grant(conn, rdef, station)
+    stale = now() - resend_after
+    due = conn.execute(
+        select(leases).where(
+            leases.c.holder == station,
+            leases.c.confirmed.is_(False),
+            leases.c.state.in_(["active", "release"]),
+            (leases.c.sent_at.is_(None)) | (leases.c.sent_at <= stale),
+        )
+    ).all()
+    defs = {r.name: r for r in list_ranges(conn)}
+    if due:
+        conn.execute(
+            update(leases).where(leases.c.id.in_([r.id for r in due])).values(sent_at=now())
+        )
+    return RangeGrants(
+        grants=tuple(
+            _grant_of(defs[r.range_name], as_lease(r)) for r in due if r.state == "active"
+        ),
+        release=tuple(r.id for r in due if r.state == "release"),
+    )
+
+
+def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[str]:
+    """A station's report: its leases' use and state, and the ranges it wants
+    a block of. Returns what was done, for the log."""
+    done: list[str] = []
+    reported = {item.lease_id: (item.next, item.state) for item in report.leases}
+    for row in conn.execute(select(leases).where(leases.c.holder == station)).all():
+        lease = as_lease(row)
+        if lease.id not in reported:
+            if lease.confirmed and lease.state in ("active", "release"):
+                # it held this lease and no longer knows it: it went back to
+                # a backup from before the grant, and may have used any of it
+                conn.execute(update(leases).where(leases.c.id == lease.id).values(state="retired"))
+                done.append(f"lease {lease.first}-{lease.last} of {lease.range} retired")
+            continue
+        used, state = reported[lease.id]
+        used = max(lease.next, min(used, lease.last + 1))
+        values: dict[str, Any] = {"next": used, "confirmed": True}
+        if state == "released" and lease.state in ("active", "release"):
+            values.update(state="released", last=used - 1)
+            if used <= lease.last:
+                conn.execute(
+                    range_free.insert().values(range_name=lease.range, first=used, last=lease.last)
+                )
+            done.append(f"{station} gave back {lease.last - used + 1} number(s) of {lease.range}")
+        elif state == "retired" and lease.state != "retired":
+            values["state"] = "retired"
+            done.append(f"lease {lease.first}-{lease.last} of {lease.range} retired")
+        elif lease.state == "release":
+            values["confirmed"] = False  # still to be given back
+        conn.execute(update(leases).where(leases.c.id == lease.id).values(**values))
+    for name in report.want:
+        wanted = conn.execute(select(ranges_table).where(ranges_table.c.name == name)).first()
+        if wanted is None or not as_range(wanted).serves(station):
+            continue
+        rdef = as_range(wanted)
+        fresh = (leases.c.state == "active", leases.c.next == leases.c.first)
+        unused = _held(conn, rdef, station, *fresh)
+        if unused >= rdef.max_blocks:
+            done.append(
+                f"{station} asked for another block of {rdef.name} but holds {unused} unused: "
+                "refused"
+            )
+            continue
+        granted = grant(conn, rdef, station)
+        if granted is None:
+            done.append(f"{station} asked for a block of {rdef.name}, which is used up")
+        else:
+            done.append(f"granted {rdef.name} {granted.first}-{granted.last} to {station}")
+    return done
+
+
+def retire_station(conn: Connection, station: str) -> int:
+    """A station is removed: its leases end. Their unused numbers are not
+    leased again (the station may have issued some before it went); if it
+    is enrolled again, it gets fresh blocks."""
+    result = conn.execute(
+        update(leases)
+        .where(leases.c.holder == station, leases.c.state != "retired")
+        .values(state="retired", confirmed=True)
+    )
+    return int(result.rowcount)
+
+
+# -------------------------------------------------------------- the station
+
+
+def station_incoming(conn: Connection, grants: RangeGrants) -> list[str]:
+    """The host's grants and release requests, applied on a station."""
+    me, _ = this_node(conn)
+    done = []
+    for g in grants.grants:
+        name = g.range
+        table, _, column = g.bind.partition(".") if g.bind else ("", "", "")
+        values = {
+            "first": g.start,
+            "last": g.end,
+            "block": g.block,
+            "threshold": g.threshold,
+            "max_blocks": g.max_blocks,
+            "bind_table": table or None,
+            "bind_column": column or None,
+        }
+        if conn.execute(select(ranges_table.c.name).where(ranges_table.c.name == name)).first():
+            conn.execute(update(ranges_table).where(ranges_table.c.name == name).values(**values))
+        else:
+            conn.execute(
+                ranges_table.insert().values(name=name, next_free=0, created_at=now(), **values)
+            )
+        rdef = get_range(conn, name)
+        if rdef.bind is not None and conn.dialect.has_table(conn, rdef.bind[0]):
+            dialect_for(conn).install_binding(conn, rdef, me, is_host=False)
+        row = conn.execute(select(leases).where(leases.c.id == g.lease_id)).first()
+        if row is None:
+            conn.execute(
+                leases.insert().values(
+                    id=g.lease_id,
+                    range_name=name,
+                    holder=me,
+                    first=g.first,
+                    last=g.last,
+                    next=g.next,
+                    state="active",
+                    granted_at=now(),
+                    confirmed=False,
+                )
+            )
+            conn.execute(
+                update(ranges_table).where(ranges_table.c.name == name).values(asked_at=None)
+            )
+            done.append(f"granted {name} {g.first}-{g.last}")
+        else:
+            conn.execute(
+                update(leases)
+                .where(leases.c.id == row.id)
+                .values(next=max(row.next, g.next), confirmed=False)
+            )
+    for lease_id in grants.release:
+        row = conn.execute(select(leases).where(leases.c.id == lease_id)).first()
+        if row is not None and row.state == "active":
+            conn.execute(
+                update(leases)
+                .where(leases.c.id == row.id)
+                .values(state="released", last=row.next - 1, confirmed=False)
+            )
+            done.append(f"gave back {row.last - row.next + 1} number(s) of {row.range_name}")
+        elif row is not None:
+            conn.execute(update(leases).where(leases.c.id == row.id).values(confirmed=False))
+    return done
+
+
+def station_outgoing(conn: Connection, ask_again: dt.timedelta) -> tuple[RangeReport | None, bool]:
+    """The station's report, and whether it must go now (a grant or release
+    to confirm, or a block to ask for that was not asked for lately)."""
+    me, _ = this_node(conn)
+    rows = conn.execute(select(leases).where(leases.c.holder == me)).all()
+    if not rows and not list_ranges(conn):
+        return None, False
+    unconfirmed = any(not r.confirmed for r in rows)
+    want = []
+    stale = now() - ask_again
+    for rdef in list_ranges(conn):
+        mine = sorted(
+            (as_lease(r) for r in rows if r.range_name == rdef.name and r.state == "active"),
+            key=lambda lease: lease.first,
+        )
+        usable = [lease for lease in mine if lease.left > 0]
+        current = usable[0] if usable else None
+        spare = len(usable) > 1
+        low = current is None or current.left < rdef.threshold * current.size
+        if low and not spare:
+            asked = conn.execute(
+                select(ranges_table.c.asked_at).where(ranges_table.c.name == rdef.name)
+            ).scalar()
+            if asked is not None and asked.tzinfo is None:
+                asked = asked.replace(tzinfo=dt.UTC)
+            want.append((rdef.name, asked is None or asked <= stale))
+    report = RangeReport(
+        leases=tuple(LeaseState(r.id, int(r.next), str(r.state)) for r in rows),
+        want=tuple(name for name, _ in want),
+    )
+    due = unconfirmed or any(fresh for _, fresh in want)
+    return report, due
+
+
+def station_reported(conn: Connection, report: RangeReport) -> None:
+    """The report went out: the host now knows these leases' state."""
+    ids = [item.lease_id for item in report.leases]
+    if ids:
+        conn.execute(update(leases).where(leases.c.id.in_(ids)).values(confirmed=True))
+    if report.want:
+        conn.execute(
+            update(ranges_table).where(ranges_table.c.name.in_(report.want)).values(asked_at=now())
+        )
+
+
+def retire_all(conn: Connection) -> int:
+    """This station went back to an older backup: numbers of its leases may
+    have been issued after the backup was taken, so none is drawn again."""
+    me, _ = this_node(conn)
+    result = conn.execute(
+        update(leases)
+        .where(leases.c.holder == me, leases.c.state == "active")
+        .values(state="retired", confirmed=False)
+    )
+    return int(result.rowcount)
