@@ -20,10 +20,10 @@ from pathlib import Path
 import zstandard
 from sqlalchemy import select
 
-from mailsync import samples
 from mailsync.build import type_name
 from mailsync.store.engine import open_engine
 from mailsync.store.reflection import reflect
+from mailsync.tools import samples
 from mailsync.wire.changeset import ChangesetWriter
 
 LEVELS = (1, 3, 6, 9, 12, 19)

@@ -42,9 +42,9 @@ from sqlalchemy import select, update
 sys.path.insert(0, str(Path(__file__).parent))
 from streaming_memory import run_child, setup
 
-from mailsync import samples
 from mailsync.capture import ensure_capture
 from mailsync.node import Node
+from mailsync.tools import samples
 
 FULL = {
     "invoices": 333_334,

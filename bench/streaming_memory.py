@@ -26,10 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailsync import samples
 from mailsync.config import DEFAULT_MAX_MESSAGE_BYTES
 from mailsync.node import Node, init_node
 from mailsync.store.engine import open_engine
+from mailsync.tools import samples
 
 QUICK = (2_000, 8_000)
 FULL = (50_000, 150_000, 450_000)

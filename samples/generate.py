@@ -5,7 +5,7 @@ python samples/generate.py --db sqlite:///demo.db --customers 1000 --invoices 50
 
 import sys
 
-from mailsync.samples import main
+from mailsync.tools.samples import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,6 +79,19 @@ RULES: tuple[Rule, ...] = (
         allowed=("mailsync.__main__", "mailsync.cli"),
         why="the command line is a thin layer over the library, which never needs it",
     ),
+    Rule(
+        "tools-beside-the-sync-path",
+        importers=("mailsync",),
+        forbidden=("mailsync.tools",),
+        allowed=("mailsync.cli", "mailsync.tools"),
+        why="the demo, the sample data, inspect and the mailbox check are run by hand",
+    ),
+    Rule(
+        "store-below-the-cycle",
+        importers=("mailsync.store",),
+        forbidden=("mailsync.cycle", "mailsync.link", "mailsync.node", "mailsync.wire"),
+        why="state is kept without knowing links, mail or the cycle",
+    ),
 )
 
 

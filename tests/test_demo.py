@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailsync.demo import run_demo
+from mailsync.tools.demo import run_demo
 
 
 def test_demo_converges_and_can_run_again(tmp_path: Path) -> None:

@@ -147,6 +147,10 @@ def test_the_layering_rules_catch_what_they_forbid_and_only_that(tmp_path: Path)
             "mailsync/cli/__init__.py": "from mailsync.cli import common\n",
             "mailsync/cli/common.py": "from mailsync.node import Node\n",
             "mailsync/node.py": "from mailsync.cycle import send\nimport mailsync.wire.codec\n",
+            "mailsync/tools/__init__.py": "",
+            "mailsync/tools/demo.py": "from mailsync.node import Node\n",
+            "mailsync/cli/demo.py": "from mailsync.tools import demo\n",
+            "mailsync/link.py": "from mailsync.tools.demo import run\n",
             "mailsync/wire/__init__.py": "",
             "mailsync/wire/codec.py": "from mailsync.store.outbox import put\n",
             "mailsync/store/__init__.py": "",
@@ -168,6 +172,8 @@ def test_the_layering_rules_catch_what_they_forbid_and_only_that(tmp_path: Path)
         "wire-is-a-leaf: mailsync.wire.codec imports mailsync.store.outbox",
         "cycle-below-node: mailsync.cycle.send imports mailsync.node",
         "cli-on-top: mailsync.demo imports mailsync.cli.common",
+        "tools-beside-the-sync-path: mailsync.link imports mailsync.tools.demo",
+        "store-below-the-cycle: mailsync.store.outbox imports mailsync.wire.codec",
     ]
 
 

@@ -141,7 +141,7 @@ def test_wrong_password(
 
 
 def test_tls_name_mismatch(cluster: Cluster, mail_servers: MailServers) -> None:
-    from mailsync.mailcheck import check_mailbox
+    from mailsync.tools.mailcheck import check_mailbox
 
     deliver_and_sync(cluster, mail_servers, "hq", "koeln")
     settings = mailbox(mail_servers, "koeln")
@@ -186,7 +186,7 @@ def test_a_changeset_over_the_size_limit_travels_in_parts(
 
 
 def test_mailbox_test_command(cluster: Cluster, mail_servers: MailServers) -> None:
-    from mailsync.mailcheck import check_mailbox
+    from mailsync.tools.mailcheck import check_mailbox
 
     for name in ("hq", "berlin"):
         results = check_mailbox(cluster.nodes[name], wait_s=20)

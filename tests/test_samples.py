@@ -8,9 +8,9 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from mailsync import samples
 from mailsync.checksum import table_checksum
 from mailsync.store.engine import open_engine
+from mailsync.tools import samples
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ def demo(
     ),
 ) -> None:
     """Run a host and two stations on the sample data, over local mailboxes."""
-    from mailsync.demo import run_demo  # the sample data is only needed here
+    from mailsync.tools.demo import run_demo  # the sample data is only needed here
 
     result = run_demo(directory, lambda line: console.print(escape(line)))
     nodes = list(result.checksums)

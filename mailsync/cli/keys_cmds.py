@@ -73,7 +73,7 @@ def inspect(
     message: Path = typer.Argument(..., help="A message file (.eml, or one from a Maildir)."),
 ) -> None:
     """Show what a message carries: link, sequence, tables, rows per operation, sizes."""
-    from mailsync.inspection import inspect_message
+    from mailsync.tools.inspection import inspect_message
 
     try:
         raw = message.read_bytes()
@@ -125,7 +125,7 @@ def mailbox_test(
     wait: float = typer.Option(60.0, "--wait", help="Seconds to wait for the test message."),
 ) -> None:
     """Check the node's accounts: login, folders, and a message sent to itself."""
-    from mailsync.mailcheck import check_mailbox
+    from mailsync.tools.mailcheck import check_mailbox
 
     with open_node(ctx) as node:
         results = check_mailbox(node, wait_s=wait)

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 
-from mailsync import admin, samples
+from mailsync import admin
 from mailsync.checksum import TableChecksum, table_checksum
 from mailsync.errors import ConfigError
 from mailsync.node import CycleReport, Node, init_node
 from mailsync.ranges.draw import draw
 from mailsync.ranges.model import RangeSpec, list_leases
 from mailsync.store.engine import open_engine
+from mailsync.tools import samples
 
 MARKER = ".mailsync-demo"
 #: Number ranges for keys and numbers made on stations: first, last, block.
