@@ -54,6 +54,11 @@ class Role:
         return "down" if self.is_host else "up"
 
     @property
+    def hears_from_host(self) -> bool:
+        """Our peers' mail comes from the host (we are a remote)."""
+        return not self.is_host
+
+    @property
     def accepts_rules(self) -> bool:
         """A remote takes its rules (and full loads) from the host."""
         return not self.is_host

@@ -63,12 +63,11 @@ def act_on(
     peer = link.peer
     report.bare_acks[peer] = max(ack, report.bare_acks.get(peer, 0))
     _, stream = ctx.codec.open(blob, where, ctx.ring, keys)
-    from_host = not ctx.role.is_host
     controls = []
     for record in read_changeset(stream, origin=where):
         if not isinstance(record, Control):
             continue
-        control = parse_unsequenced(record.kind, record.payload, from_host=from_host)
+        control = parse_unsequenced(record.kind, record.payload, from_host=ctx.role.hears_from_host)
         if control is None:
             ctx.journal.info(
                 "control-ignored",
