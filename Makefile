@@ -32,8 +32,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy scripts/check_imports.py
 
-## make imports: import circles and layering rules (scripts/check_imports.py);
-## not part of `make test` until the circles of issue 14 are gone
+## make imports: import circles and layering rules (scripts/check_imports.py)
 imports: $(STAMP)
 	$(PY) scripts/check_imports.py
 

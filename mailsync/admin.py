@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
@@ -194,10 +194,18 @@ class RangeLeases:
     leases: list[Lease]
 
 
+def _known_stations(conn: Connection, names: Iterable[str]) -> None:
+    """RuleError naming the first station that does not exist (a typo must
+    not define a block size or a range for nobody)."""
+    for name in names:
+        rules_mod.get_station(conn, name)
+
+
 def add_range(site: Site, spec: RangeSpec) -> RangeDef:
     """Define a number series on the host; stations get their first block
     with their next sync, a bound column its trigger at once."""
     with site.engine.begin() as conn:
+        _known_stations(conn, spec.stations or ())
         rdef = ranges_admin.add_range(conn, spec)
         site.journal.info(
             "range",
@@ -228,6 +236,7 @@ def show_range(site: Site, name: str) -> RangeLeases:
 def set_block(site: Site, name: str, block: int, station: str | None = None) -> None:
     """The block size of a range, or of one station's leases, from the next lease on."""
     with site.engine.begin() as conn:
+        _known_stations(conn, [station] if station else [])
         ranges_admin.set_block(conn, name, block, station)
         who = f" for {station}" if station else ""
         site.journal.info(
@@ -242,6 +251,7 @@ def release_range(site: Site, name: str, station: str | None = None) -> int:
     """Ask a station (None: every station, closing the range) for the unused
     numbers of its leases back; returns the number of leases asked back."""
     with site.engine.begin() as conn:
+        _known_stations(conn, [station] if station else [])
         count = ranges_admin.release(conn, name, station)
         who = station or "every station (the range closes)"
         site.journal.info(
@@ -298,7 +308,9 @@ def retry_parked(site: Site, ids: Iterable[int] | None) -> tuple[int, int]:
     for row in rows:
         what = f"parked row {row.id} ({row.table}, from {row.peer} #{row.seq})"
         with site.engine.begin() as conn:
-            error = retry_parked_row(conn, row.id)
+            found, error = retry_parked_row(conn, row.id)
+            if not found:  # another admin dropped or applied it meanwhile
+                continue
             if error is None:
                 done += 1
                 site.journal.info("parked", f"{what} applied on retry", conn=conn, peer=row.peer)

@@ -336,14 +336,15 @@ def list_parked(conn: Connection, ids: Collection[int] | None = None) -> list[Pa
     return out
 
 
-def retry_parked_row(conn: Connection, row_id: int) -> str | None:
+def retry_parked_row(conn: Connection, row_id: int) -> tuple[bool, str | None]:
     """Apply parked row ``row_id`` again, as from its peer, in ``conn``'s
     transaction (one row each, so that one that still fails keeps no other
     from applying): it leaves the parking table when it applies, else its
-    error is brought up to date. Returns that error, None when it applied."""
+    error is brought up to date. Returns (found, that error or None when it
+    applied); not found: another admin dropped or applied it meanwhile."""
     r = conn.execute(select(parked).where(parked.c.id == row_id)).first()
-    if r is None:  # dropped or applied meanwhile, by another admin
-        return None
+    if r is None:
+        return False, None
     names, pk, values = _decode(r)
     dialect = dialect_for(conn)
     dialect.begin_apply(conn, r.peer)
@@ -358,7 +359,7 @@ def retry_parked_row(conn: Connection, row_id: int) -> str | None:
         error = first_line(exc)
         conn.execute(update(parked).where(parked.c.id == r.id).values(error=error))
     dialect.end_apply(conn)
-    return error
+    return True, error
 
 
 def drop_parked(conn: Connection, ids: Collection[int] | None) -> int:

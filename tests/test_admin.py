@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 
 from mailsync import admin
 from mailsync.keys import KeyPair
+from mailsync.ranges.model import RangeSpec
 from mailsync.store.tables import conflicts_table, parked
 from tests.cluster import Cluster, customers
 
@@ -75,6 +76,7 @@ def work_to_do(tmp_path: Path) -> Iterator[Cluster]:
         assert c.host.status().parked == 1
         with c.engines["koeln"].connect() as conn:
             assert len(conn.execute(select(conflicts_table)).all()) == 1
+        admin.add_range(c.host, RangeSpec("spare_no", 1, 999, 10))
         yield c
     finally:
         c.close()
@@ -147,6 +149,17 @@ MISTAKES = [
     ("koeln", ("range", "set-block", "x", "5"), "set on the host"),
     ("koeln", ("station", "remove", "koeln", "--yes"), "is a remote"),
     ("koeln", ("table", "add", "customers"), "is a remote"),
+    ("hq", ("range", "set-block", "spare_no", "5", "--station", "ghost"), "no station 'ghost'"),
+    ("hq", ("range", "release", "spare_no", "--station", "ghost"), "no station 'ghost'"),
+    ("hq", ("range", "add", "y", "--start", "1", "--end", "9", "--station", "ghost"), "ghost"),
+    ("hq", ("range", "add", "z", "--start", "1", "--end", str(2**70)), "beyond what a BIGINT"),
+    ("hq", ("errors", "retry", str(2**64)), "is not an ID of parked rows"),
+    ("koeln", ("conflicts", "drop", str(2**63)), "is not an ID of conflict"),
+    (
+        "hq",
+        ("station", "add", "x", "--email", "x@example.test", "--bundle", "/no/such/dir/x"),
+        "cannot write the bundle",
+    ),
     ("hq", ("errors", "retry", "999"), "no parked row 999"),
     ("hq", ("errors", "drop", "999"), "no parked row 999"),
     ("koeln", ("conflicts", "drop", "999"), "no conflict record 999"),

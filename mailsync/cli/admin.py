@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -53,6 +54,10 @@ def station_add(
     target = bundle_path or Path(f"{station_id}.bundle")
     if target.exists():
         raise ConfigError(f"{target} already exists", hint="remove it or pass --bundle FILE")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        # checked before the station is added: its new keys live only in the bundle
+        raise ConfigError(f"{target}: cannot write the bundle into {folder}")
     passphrase = None
     made_up = False
     if public is None:

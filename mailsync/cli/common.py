@@ -49,6 +49,9 @@ def chosen_ids(ids: list[int] | None, all_: bool, what: str, listed_by: str) -> 
         return None
     if not ids:
         raise ConfigError(f"name the {what} (IDs from `mailsync {listed_by}`) or pass --all")
+    for i in ids:
+        if not 0 < i < 2**63:
+            raise ConfigError(f"{i} is not an ID of {what} (see `mailsync {listed_by}`)")
     return ids
 
 

@@ -1,8 +1,10 @@
 """Confining a failure to the work it spoils: a message, a peer, a mailbox.
 
-Every stage wraps its units of work in :func:`contained`: a per-message
-guard in receive, a per-peer guard in apply, build and send, a per-mailbox
-guard around each mailbox connection. An error whose ``scope`` (see
+Every stage wraps its units of work in :func:`contained`: a per-peer guard
+in apply, build, the composing of controls and send, a per-mailbox guard
+around each mailbox connection. (Receive has its own per-message guard: a
+message that fails a check is set aside in the mailbox, which is not an
+error of the cycle.) An error whose ``scope`` (see
 :mod:`mailsync.errors`) fits within the guard is recorded — in the report,
 as the peer's outcome, and as one log line with its event and peer — and
 the stage goes on with the next unit; a wider one passes through to the

@@ -40,11 +40,13 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
     with open_receiver(box.receive, ctx.transport_context()) as rx:
         for msg in rx.fetch():
             where = f"message {msg.id}"
+            sender: str | None = None  # named in the log once the header is read
             try:
                 if not is_mailsync(msg.raw):
                     raise MessageError(f"{where}: not a mailsync message")
                 blob = extract_envelope(msg.raw, where)
                 header = read_header(blob, where)
+                sender = header.sender
                 if header.recipient != me:
                     raise MessageError(f"{where}: addressed to {header.recipient!r}, not {me!r}")
                 with ctx.engine.begin() as conn:
@@ -68,7 +70,8 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                 if box.forward_unrecognized:
                     report.forward.append(msg.raw)
                 rx.set_aside(msg.id, str(exc))
-                ctx.journal.warning("rejected", f"set aside: {exc}")
+                # the claimed sender: unverified, but what an admin searches by
+                ctx.journal.warning("rejected", f"set aside: {exc}", peer=sender)
                 report.set_aside += 1
                 continue
             faults.point("after-buffer")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Column, Connection, Engine, Table
 
 if TYPE_CHECKING:
     from mailsync.ranges.model import RangeDef
@@ -43,6 +43,14 @@ class Dialect(Protocol):
 
     def adapt_table(self, table: Table) -> None:
         """Adjust reflected column types so values round-trip exactly."""
+
+    def schema_fingerprint(self, conn: Connection, table: str) -> Any:
+        """One cheap query's worth of something that changes whenever the
+        table's definition might have (reflection is cached behind it)."""
+
+    def binding_refusal(self, table: Table, column: Column[Any]) -> str | None:
+        """Why a range-bound trigger cannot fill ``column`` on this database
+        (completing "COLUMN is …"), or None."""
 
     def install_binding(self, conn: Connection, rdef: RangeDef, me: str, *, is_host: bool) -> None:
         """Triggers on the range's bound column: fill it from this node's

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, Table, text
+from sqlalchemy import Column, Connection, Engine, Table, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from mailsync.dialects.base import (
@@ -37,6 +37,20 @@ _Q = '"'
 
 def _function_name(table: str) -> str:
     return f"mailsync_capture_{table}"
+
+
+#: The catalog rows' row versions of a table, its columns, defaults and
+#: constraints: they change with any ALTER of the table.
+_FINGERPRINT = """
+SELECT c.oid::bigint, c.xmin::text,
+  (SELECT string_agg(a.attnum::text || ':' || a.xmin::text, ',' ORDER BY a.attnum)
+     FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0),
+  (SELECT string_agg(d.oid::text || ':' || d.xmin::text, ',' ORDER BY d.oid)
+     FROM pg_attrdef d WHERE d.adrelid = c.oid),
+  (SELECT string_agg(x.oid::text || ':' || x.xmin::text, ',' ORDER BY x.oid)
+     FROM pg_constraint x WHERE x.conrelid = c.oid)
+FROM pg_class c WHERE c.oid = to_regclass(:t)
+"""
 
 
 class PostgreSQLDialect:
@@ -137,6 +151,14 @@ class PostgreSQLDialect:
         upsert_with(pg_insert, conn, table, rows)
 
     def adapt_table(self, table: Table) -> None:
+        return None
+
+    def schema_fingerprint(self, conn: Connection, table: str) -> Any:
+        quoted = conn.dialect.identifier_preparer.quote(table)
+        row = conn.execute(text(_FINGERPRINT), {"t": quoted}).first()
+        return tuple(row) if row is not None else None
+
+    def binding_refusal(self, table: Table, column: Column[Any]) -> str | None:
         return None
 
     def install_binding(self, conn: Connection, rdef: RangeDef, me: str, *, is_host: bool) -> None:

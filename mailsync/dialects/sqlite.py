@@ -12,7 +12,7 @@ import decimal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, Float, Numeric, Table, TypeDecorator, text
+from sqlalchemy import Column, Connection, Engine, Float, Numeric, Table, TypeDecorator, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect as SADialect
 
@@ -183,6 +183,26 @@ class SQLiteDialect:
         for suffix in ("bi", "bu", "ai"):
             name = trigger_name(f"rng_{table}_{column}", suffix)
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote_ident(chr(34), name)}")
+
+    def schema_fingerprint(self, conn: Connection, table: str) -> Any:
+        return conn.exec_driver_sql("PRAGMA schema_version").scalar()
+
+    def binding_refusal(self, table: Table, column: Column[Any]) -> str | None:
+        if (
+            column.primary_key
+            and len(table.primary_key.columns) == 1
+            and str(column.type).upper() == "INTEGER"
+        ):
+            return (
+                "the table's INTEGER PRIMARY KEY (SQLite's rowid); a trigger cannot draw a "
+                "range number for it"
+            )
+        if not column.nullable:
+            return (
+                "NOT NULL; on SQLite a bound column must allow NULL (the number is filled "
+                "in just after the insert)"
+            )
+        return None
 
     def adapt_table(self, table: Table) -> None:
         for column in table.columns:

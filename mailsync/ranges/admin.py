@@ -16,6 +16,7 @@ from sqlalchemy import Connection, delete, select, update
 from mailsync.dialects import dialect_for
 from mailsync.errors import ConfigError, RangeError
 from mailsync.ranges.model import (
+    MAX_NUMBER,
     NAME,
     RangeDef,
     RangeSpec,
@@ -46,6 +47,8 @@ def add_range(conn: Connection, spec: RangeSpec) -> RangeDef:
         raise ConfigError(f"range name {name!r}: use a-z, 0-9, - and _ (at most 64)")
     if conn.execute(select(ranges_table.c.name).where(ranges_table.c.name == name)).first():
         raise ConfigError(f"range {name} exists already", hint="`mailsync range show " + name + "`")
+    if last > MAX_NUMBER:
+        raise ConfigError(f"range {name}: --end {last} is beyond what a BIGINT holds")
     if first < 0 or last < first:
         raise ConfigError(f"range {name}: --start {first} and --end {last} make no range")
     if not 1 <= block <= last - first + 1:
@@ -98,26 +101,15 @@ def _parse_bind(conn: Connection, name: str, bind: str) -> tuple[str, str]:
         raise ConfigError(
             f"range {name}: {bind} is {col.type}; a number range binds an integer or text column"
         )
-    rowid_alias = (
-        conn.dialect.name == "sqlite"
-        and col.primary_key
-        and len(table.primary_key.columns) == 1
-        and str(col.type).upper() == "INTEGER"
-    )
-    if rowid_alias or col.server_default is not None or col.identity is not None:
-        what = (
-            "the table's INTEGER PRIMARY KEY (SQLite's rowid)"
-            if rowid_alias
-            else "filled by the database (a default, SERIAL or IDENTITY)"
+    refusal = dialect_for(conn).binding_refusal(table, col)
+    if refusal is None and (col.server_default is not None or col.identity is not None):
+        refusal = (
+            "filled by the database (a default, SERIAL or IDENTITY); a trigger cannot draw "
+            "a range number for it"
         )
+    if refusal is not None:
         raise ConfigError(
-            f"range {name}: {bind} is {what}; a trigger cannot draw a range number for it",
-            hint="draw numbers with `mailsync number next` or the Python API instead",
-        )
-    if conn.dialect.name == "sqlite" and not col.nullable:
-        raise ConfigError(
-            f"range {name}: {bind} is NOT NULL; on SQLite a bound column must allow NULL "
-            "(the number is filled in just after the insert)",
+            f"range {name}: {bind} is {refusal}",
             hint="draw numbers with `mailsync number next` or the Python API instead",
         )
     return table_name, column

@@ -25,6 +25,10 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_MAX_BLOCKS = 2
 
 
+#: The highest number a range may reach: what a BIGINT column holds.
+MAX_NUMBER = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class RangeSpec:
     """A range as the host's admin asks for it; ``add_range`` checks it.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, Table, inspect, text
+from sqlalchemy import Connection, Engine, MetaData, Table, inspect
 from sqlalchemy.exc import NoSuchTableError
 
 from mailsync.dialects import dialect_for
@@ -29,37 +29,13 @@ _reflected: weakref.WeakKeyDictionary[Engine, dict[str, tuple[Any, Table]]] = (
     weakref.WeakKeyDictionary()
 )
 
-_PG_FINGERPRINT = """
-SELECT c.oid::bigint, c.xmin::text,
-  (SELECT string_agg(a.attnum::text || ':' || a.xmin::text, ',' ORDER BY a.attnum)
-     FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0),
-  (SELECT string_agg(d.oid::text || ':' || d.xmin::text, ',' ORDER BY d.oid)
-     FROM pg_attrdef d WHERE d.adrelid = c.oid),
-  (SELECT string_agg(x.oid::text || ':' || x.xmin::text, ',' ORDER BY x.oid)
-     FROM pg_constraint x WHERE x.conrelid = c.oid)
-FROM pg_class c WHERE c.oid = to_regclass(:t)
-"""
-
-
-def _fingerprint(conn: Connection, name: str) -> Any:
-    """Something that changes whenever table ``name`` might have; None when
-    there is no cheap way to tell (no caching then)."""
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        return conn.exec_driver_sql("PRAGMA schema_version").scalar()
-    if dialect == "postgresql":
-        quoted = conn.dialect.identifier_preparer.quote(name)
-        row = conn.execute(text(_PG_FINGERPRINT), {"t": quoted}).first()
-        return tuple(row) if row is not None else None
-    return None
-
 
 def reflect(conn: Connection, name: str) -> Table:
     """A table as the database has it; SchemaError if missing or keyless.
 
     The same :class:`Table` is returned while the schema is unchanged:
     callers must not alter it."""
-    mark = _fingerprint(conn, name)
+    mark = dialect_for(conn).schema_fingerprint(conn, name)
     if mark is not None:
         held = _reflected.get(conn.engine, {}).get(name)
         if held is not None and held[0] == mark:
