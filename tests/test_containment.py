@@ -45,6 +45,8 @@ from sqlalchemy import select
 # mailsync/cycle/*, so nothing of it (or of node's internals) is named here;
 # the wire codecs and the log table are what a station and an admin see.
 from mailsync import CycleReport, trust
+from mailsync.cycle import apply as cycle_apply
+from mailsync.cycle import receive as receive_stage
 from mailsync.errors import TransportError
 from mailsync.store.tables import changes, log_table
 from mailsync.transport.memory import MemoryPostOffice
@@ -704,3 +706,60 @@ def test_a_changeset_numbered_far_beyond_its_link_is_set_aside_not_buffered(
     assert report.set_aside == 1, f"buffered: {fields}"
     assert_set_aside_and_koeln_served(c, office, report, "")
     assert link(c, "hq", "berlin").buffered == 0
+
+
+def test_a_bug_met_in_one_station_s_changeset_holds_only_that_station(
+    cluster: Cluster, office: RefusingPostOffice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception (a bug, not a MailsyncError) while applying
+    berlin's changeset holds berlin's link with its reason; koeln's
+    changeset applies in the same cycle, and berlin's waits for the fix."""
+    c = cluster
+    real = cycle_apply.apply_buffered
+
+    def buggy(*args: Any, **kw: Any) -> Any:
+        if kw["peer"] == "berlin":
+            raise KeyError("a bug")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cycle_apply, "apply_buffered", buggy)
+    c.execute("berlin", customers.insert(), customer(3, "berlin"))
+    c.execute("koeln", customers.insert(), customer(4, "koeln"))
+    c.sync("berlin", "koeln")
+    report = c.host.sync()
+
+    assert [a.peer for a in report.applied] == ["koeln"]
+    assert set(report.peer_errors) == {"berlin"}
+    assert "unexpected KeyError" in report.peer_errors["berlin"]
+    assert link(c, "hq", "berlin").buffered == 1
+    monkeypatch.setattr(cycle_apply, "apply_buffered", real)  # the fix
+    assert c.host.sync().rows_applied == 1
+    assert {r[0] for r in c.rows("hq", customers)} == {3, 4}
+
+
+def test_a_bug_met_in_one_station_s_message_leaves_it_in_the_mailbox_and_holds_nothing_else(
+    cluster: Cluster, office: RefusingPostOffice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception while receiving berlin's message: it stays
+    in hq's mailbox for the next cycle, koeln's message is received and
+    applied in the same cycle."""
+    c = cluster
+    real = receive_stage._buffer
+
+    def buggy(conn: Any, link: Any, header: Any, blob: bytes) -> bool:
+        if header.sender == "berlin":
+            raise KeyError("a bug")
+        return real(conn, link, header, blob)
+
+    monkeypatch.setattr(receive_stage, "_buffer", buggy)
+    c.execute("berlin", customers.insert(), customer(3, "berlin"))
+    c.execute("koeln", customers.insert(), customer(4, "koeln"))
+    c.sync("berlin", "koeln")
+    report = c.host.sync()
+
+    assert report.rows_applied == 1 and set(report.peer_errors) == {"berlin"}
+    assert "unexpected KeyError" in report.peer_errors["berlin"]
+    assert office.pending(address("hq")) == 1  # berlin's, left for the next cycle
+    monkeypatch.setattr(receive_stage, "_buffer", real)  # the fix
+    assert c.host.sync().rows_applied == 1
+    assert {r[0] for r in c.rows("hq", customers)} == {3, 4}

@@ -20,7 +20,8 @@ from mailsync.apply import Applied, Opener, apply_buffered
 from mailsync.cycle.contain import contained
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
-from mailsync.errors import MessageError
+from mailsync.errors import ApplyError, MailsyncError, MessageError
+from mailsync.journal import logger
 from mailsync.rules import OP_NAMES
 from mailsync.store.tables import horizons, inbox
 from mailsync.wire.changeset import Source
@@ -46,16 +47,28 @@ def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) 
         if found is None:
             return
         seq, parts = found
-        applied = apply_buffered(
-            ctx.engine,
-            _opener(ctx, peer, seq, parts),
-            me=ctx.me,
-            peer=peer,
-            seq=seq,
-            direction=ctx.role.inbound,
-            rules_for=lambda conn: ctx.role.rules(conn, peer),
-            accept_rules=ctx.role.accepts_rules,
-        )
+        try:
+            applied = apply_buffered(
+                ctx.engine,
+                _opener(ctx, peer, seq, parts),
+                me=ctx.me,
+                peer=peer,
+                seq=seq,
+                direction=ctx.role.inbound,
+                rules_for=lambda conn: ctx.role.rules(conn, peer),
+                accept_rules=ctx.role.accepts_rules,
+            )
+        except MailsyncError:
+            raise
+        except Exception as exc:
+            # a bug, met with this peer's changeset: it holds this link only
+            # (the transaction rolled back; the changeset stays buffered)
+            logger.error("%s: applying #%d from %s", ctx.me, seq, peer, exc_info=True)
+            raise ApplyError(
+                f"changeset #{seq} from {peer}: unexpected {type(exc).__name__}: {exc}",
+                hint="a bug in mailsync: the traceback is in the service's output; "
+                "the changeset waits and is tried again next cycle",
+            ) from exc
         faults.point("after-apply")
         report.applied.append(applied)
         _log_applied(ctx, applied)

@@ -17,14 +17,15 @@ another changeset than ours, shows that our database went back to a backup
 from __future__ import annotations
 
 from sqlalchemy import Connection, delete, select
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from mailsync import faults
 from mailsync import link as links_mod
 from mailsync.cycle import controls
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
-from mailsync.errors import MessageError, first_line
+from mailsync.errors import MailsyncError, MessageError, first_line
+from mailsync.journal import logger
 from mailsync.link import Link
 from mailsync.ranges import exchange
 from mailsync.store.tables import inbox, now, outbox
@@ -73,6 +74,18 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                 # the claimed sender: unverified, but what an admin searches by
                 ctx.journal.warning("rejected", f"set aside: {exc}", peer=sender)
                 report.set_aside += 1
+                continue
+            except (SQLAlchemyError, MailsyncError):
+                raise  # the database or the mailbox: not this message's doing
+            except Exception as exc:
+                # a bug met with this message: it stays in the mailbox, is
+                # tried again next cycle, and holds no other message or peer
+                logger.error("%s: receiving %s", me, where, exc_info=True)
+                line = f"{where}: unexpected {type(exc).__name__}: {exc} (left in the mailbox)"
+                report.errors.append(line)
+                if sender is not None:
+                    report.peer_errors.setdefault(sender, line)
+                ctx.journal.error("receive-failed", line, peer=sender)
                 continue
             faults.point("after-buffer")
             rx.processed(msg.id)  # only now: the buffer commit made it redundant
