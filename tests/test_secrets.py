@@ -1,7 +1,13 @@
-"""Files and secrets: what mailsync writes is owner-only."""
+"""Files and secrets: what mailsync writes is owner-only, a ``+starttls``
+mailbox without STARTTLS fails closed, and ``insecure = true`` is never quiet.
+
+The servers that offer no STARTTLS are the tiny fakes of tests/servers/fake.py
+on 127.0.0.1; everything of mailsync's own runs for real.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import stat
@@ -12,10 +18,16 @@ from sqlalchemy import text
 
 from mailsync.build import _PartSpool
 from mailsync.enroll import Bundle, write_bundle
+from mailsync.errors import TransportError
+from mailsync.journal import read_log
 from mailsync.keys import KeyPair
 from mailsync.node import init_node
 from mailsync.store.engine import open_engine
+from mailsync.transport import TransportContext, open_receiver, open_sender
 from mailsync.transport.maildir import deliver
+from tests.cluster import DOMAIN, Cluster
+from tests.servers.fake import plain_server
+from tests.test_cli import mailsync
 
 
 def mode(path: Path) -> int:
@@ -118,3 +130,99 @@ def test_spool_files_on_disk_are_owner_only() -> None:
         assert stat.S_IMODE(os.fstat(file.fileno()).st_mode) == 0o600
     finally:
         spool.close()
+
+
+def context(tmp_path: Path, **kw: object) -> TransportContext:
+    return TransportContext(address="koeln@x.test", base_dir=tmp_path, timeout=10, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("protocol", ["pop3", "imap", "smtp"])
+def test_a_starttls_url_fails_closed_on_a_server_without_starttls(
+    tmp_path: Path, protocol: str
+) -> None:
+    with plain_server(protocol) as server:
+        url = f"{protocol}+starttls://koeln@127.0.0.1:{server.port}"
+        opener = open_sender if protocol == "smtp" else open_receiver
+        with pytest.raises(TransportError) as caught, opener(url, context(tmp_path)):
+            pass
+    command = "STLS" if protocol == "pop3" else "STARTTLS"
+    message = str(caught.value)
+    assert message == (
+        f"{protocol}+starttls://koeln@127.0.0.1:{server.port}: the server does not offer "
+        f"{command}; mailsync does not log in without TLS"
+    )
+    assert caught.value.hint and f"{protocol}s://" in caught.value.hint
+    sent = " ".join(server.commands).upper()
+    assert "USER" not in sent and "LOGIN" not in sent and "AUTH" not in sent, server.commands
+
+
+def test_insecure_warns_at_every_connection_on_the_logger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with plain_server("pop3") as server, caplog.at_level(logging.WARNING, logger="mailsync"):
+        url = f"pop3://koeln@127.0.0.1:{server.port}"
+        for _ in range(2):
+            with open_receiver(url, context(tmp_path, insecure=True)) as rx:
+                assert list(rx.fetch()) == []
+        with open_receiver(url, context(tmp_path)) as rx:  # not insecure: not a word
+            assert list(rx.fetch()) == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        warnings
+        == [
+            f"pop3://koeln@127.0.0.1:{server.port}: TLS certificates are not checked "
+            "(insecure = true); for tests only"
+        ]
+        * 2
+    )
+
+
+def test_insecure_warns_in_the_node_log_at_every_sync(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",), transport="maildir")
+    try:
+        with plain_server("pop3") as server:
+            c.set_mailbox(
+                "koeln",
+                {
+                    "address": f"koeln@{DOMAIN}",
+                    "send": f"maildir:{tmp_path / 'mail'}",
+                    "receive": f"pop3://koeln@127.0.0.1:{server.port}",
+                    "insecure": True,
+                },
+            )
+            for _ in range(2):
+                assert not c.nodes["koeln"].sync().errors
+        entries = [e for e in read_log(c.engines["koeln"]) if e.event == "insecure"]
+        assert [e.level for e in entries] == ["warning", "warning"]
+        assert "insecure = true" in entries[0].message
+    finally:
+        c.close()
+
+
+def test_sync_against_a_pop3_server_without_stls_is_one_line_and_no_traceback(
+    tmp_path: Path,
+) -> None:
+    mailsync(
+        "init",
+        "remote",
+        "--id",
+        "koeln",
+        "--db",
+        "sqlite:///app.db",
+        "--address",
+        "koeln@x.test",
+        "--mail",
+        "maildir:mail",
+        cwd=tmp_path,
+    )
+    config = tmp_path / "mailsync.toml"
+    with plain_server("pop3") as server:
+        url = f"pop3+starttls://koeln@127.0.0.1:{server.port}"
+        config.write_text(
+            config.read_text().replace('receive = "maildir:mail"', f'receive = "{url}"')
+        )
+        proc = mailsync("sync", cwd=tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"{url}: the server does not offer STLS" in errors[0], errors
