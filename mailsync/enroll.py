@@ -76,7 +76,11 @@ def new_passphrase() -> str:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Owner-only (a sealed bundle is guessable offline, given time): a file
+    that was there keeps its mode through O_TRUNC, so it is set on the open
+    descriptor; a symbolic link at ``path`` is not followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=1)
         fh.write("\n")

@@ -2,7 +2,8 @@
 
 The private keys live in a key file beside the config (``mailsync.key``),
 readable by the owner only: mailsync creates it 0600 and refuses to use one
-that group or others can read. The file holds the current key pair and, after
+that group or others can read, that another user owns, or that is a symbolic
+link. The file holds the current key pair and, after
 ``mailsync keys rotate``, the previous ones until their grace period ends,
 so that messages already on their way under an old key still open.
 
@@ -161,7 +162,8 @@ def write_keyring(path: Path, ring: KeyRing) -> None:
         "previous": [p.to_json() for p in ring.previous],
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover of a killed run; O_EXCL then refuses any link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=1)
@@ -175,29 +177,54 @@ def write_keyring(path: Path, ring: KeyRing) -> None:
 
 
 def load_keyring(path: Path, node: str) -> KeyRing:
-    """Read the key file; refuse one that others can read or that is not ours."""
+    """Read the key file; refuse one that others can read, that another user
+    owns, or that is a symbolic link.
+
+    A link is refused, not followed and checked: the key file is found by
+    name beside the config, so a link there points mailsync at keys somebody
+    chose, and following it leaves a moment between check and read in which
+    the link can be turned. The file is opened with ``O_NOFOLLOW`` and checked
+    on the open descriptor, so what is checked is what is read.
+    """
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise ConfigError(
             f"no key file at {path}",
             hint="`mailsync init` makes one; restore it from the node's backup if lost",
         ) from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"key file {path} can be read by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            "mailsync refuses to use it",
-            hint=f"chmod 600 {path}",
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        ring = KeyRing(
-            str(data["node"]),
-            KeyPair.from_json(data["current"]),
-            [KeyPair.from_json(p) for p in data.get("previous", [])],
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"key file {path} is damaged or not a mailsync key file") from exc
+    except OSError as exc:
+        if path.is_symlink():
+            raise ConfigError(
+                f"key file {path} is a symbolic link; mailsync refuses to follow it",
+                hint=f"put the key file itself at {path} (mv its target there)",
+            ) from None
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "r", encoding="utf-8") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"key file {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise ConfigError(
+                f"key file {path} is owned by uid {st.st_uid}, not by the user running "
+                f"mailsync (uid {os.geteuid()}); mailsync refuses to use it",
+                hint=f"run mailsync as the key file's owner, or chown {os.geteuid()} {path}",
+            )
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"key file {path} can be read by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "mailsync refuses to use it",
+                hint=f"chmod 600 {path}",
+            )
+        try:
+            data = json.loads(fh.read())
+            ring = KeyRing(
+                str(data["node"]),
+                KeyPair.from_json(data["current"]),
+                [KeyPair.from_json(p) for p in data.get("previous", [])],
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"key file {path} is damaged or not a mailsync key file") from exc
     if ring.node != node:
         raise ConfigError(f"key file {path} belongs to node {ring.node!r}, not {node!r}")
     return ring

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -391,6 +392,32 @@ def test_key_file_readable_by_others_is_refused(site: Path) -> None:
     key.chmod(0o644)
     assert_clean_error(mailsync("status", cwd=site / "hq", ok=False), "can be read by others")
     key.chmod(0o600)
+    mailsync("status", cwd=site / "hq")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_key_file_owned_by_another_user_is_refused(site: Path) -> None:
+    init_both(site)
+    key = site / "hq" / "mailsync.key"
+    os.chown(key, 65534, 65534)  # nobody's, still 0600
+    proc = mailsync("status", cwd=site / "hq", ok=False)
+    assert_clean_error(proc, "is owned by uid 65534, not by the user running mailsync")
+    assert "hint: run mailsync as the key file's owner" in proc.stderr
+    os.chown(key, os.geteuid(), os.getegid())
+    mailsync("status", cwd=site / "hq")
+
+
+def test_a_key_file_reached_through_a_symbolic_link_is_refused(site: Path) -> None:
+    """Refused, not followed: a link beside the config points at keys somebody chose."""
+    init_both(site)
+    key = site / "hq" / "mailsync.key"
+    real = site / "hq-keys" / "mailsync.key"
+    real.parent.mkdir()
+    key.rename(real)
+    key.symlink_to(real)  # the target is ours and 0600: still refused
+    assert_clean_error(mailsync("status", cwd=site / "hq", ok=False), "is a symbolic link")
+    key.unlink()
+    real.rename(key)
     mailsync("status", cwd=site / "hq")
 
 

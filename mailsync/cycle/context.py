@@ -155,7 +155,13 @@ class CycleContext:
             unrecognized_folder=box.unrecognized_folder,
             seen=SeenInDatabase(self.engine, box.receive),
             retry_backoff=self.retry_backoff,
+            warn=self._warn_insecure,
         )
+
+    def _warn_insecure(self, text: str) -> None:
+        """``insecure = true``, at every connection: in the node's log (and so
+        on the ``mailsync`` logger), where `status` and `mailsync log` show it."""
+        self.journal.warning("insecure", text)
 
     def sender_keys(self, conn: Connection, peer: str) -> list[PublicKey]:
         """The peer's keys that may sign what it sends now."""

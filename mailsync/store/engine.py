@@ -8,6 +8,7 @@ mailsync reaches any database through SQLAlchemy; what differs per database
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -40,6 +41,12 @@ def open_engine(url: str) -> Engine:
         if parsed.get_backend_name() == "sqlite":
             engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
+            @event.listens_for(engine, "do_connect")
+            def _owner_only(
+                _dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]
+            ) -> None:
+                _create_owner_only(cargs, cparams)
+
             @event.listens_for(engine, "connect")
             def _connect(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.isolation_level = None
@@ -59,6 +66,25 @@ def open_engine(url: str) -> Engine:
             f"database URL {redact(url)}: its driver is not installed ({exc.name})",
             hint="for PostgreSQL: pip install 'mailsync[postgresql]'",
         ) from exc
+
+
+def _create_owner_only(cargs: list[Any], cparams: dict[str, Any]) -> None:
+    """Create a SQLite database file that does not exist yet 0600, just before
+    the driver opens it (SQLite itself would make it 0644 minus the umask).
+
+    SQLite gives its rollback journal and its ``-wal`` and ``-shm`` files the
+    mode of the database file, so they are owner-only too. A database that
+    exists is left as it is: it is the application's, and so is its mode.
+    In-memory databases and ``file:`` URIs (``uri=true``) are the driver's.
+    """
+    name = cargs[0] if cargs else cparams.get("database")
+    if not isinstance(name, str) or cparams.get("uri") or name in ("", ":memory:"):
+        return
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return  # it exists, or cannot be made here: SQLite says why when it opens it
+    os.close(fd)
 
 
 def describe_db_error(engine: Engine, exc: BaseException, doing: str) -> DatabaseError:

@@ -6,7 +6,9 @@
 ``@`` inside the user name). The password is never required in the config:
 it comes from an environment variable, a file, or a command that prints it.
 TLS certificates are verified against the system store (or ``ca_file``);
-``insecure = true`` turns that off, for tests only, and says so loudly.
+``insecure = true`` turns that off, for tests only, and says so at every
+connection (:meth:`Account.connecting`). A ``+starttls`` URL fails closed:
+a server that does not offer STARTTLS (STLS in POP3) gets no login.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import os
 import shlex
 import ssl
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -92,6 +95,8 @@ class Account:
     ca_file: Path | None = None
     insecure: bool = False
     timeout: float = 60.0
+    #: where the ``insecure`` warning goes (the node's journal); else the logger
+    warn: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def display(self) -> str:
@@ -107,12 +112,27 @@ class Account:
     def password(self) -> str | None:
         return self.secret.resolve(self.display)
 
+    def connecting(self) -> None:
+        """Called at every connection: warns while ``insecure = true``."""
+        if not self.insecure:
+            return
+        text = f"{self.display}: TLS certificates are not checked (insecure = true); for tests only"
+        if self.warn is not None:
+            self.warn(text)
+        else:
+            logger.warning(text, extra={"event": "insecure"})
+
+    def no_starttls(self) -> TransportError:
+        """The one-line refusal when a ``+starttls`` server offers no STARTTLS."""
+        command = "STLS" if self.protocol == "pop3" else "STARTTLS"
+        return TransportError(
+            f"{self.display}: the server does not offer {command}; "
+            "mailsync does not log in without TLS",
+            hint=f"use {self.protocol}s:// if the server has it, or ask the provider for {command}",
+        )
+
     def tls_context(self) -> ssl.SSLContext:
         if self.insecure:
-            logger.warning(
-                "%s: TLS certificate verification is OFF (insecure = true); for tests only",
-                self.display,
-            )
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -131,6 +151,7 @@ def parse_account(
     ca_file: Path | None = None,
     insecure: bool = False,
     timeout: float = 60.0,
+    warn: Callable[[str], None] | None = None,
 ) -> Account:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -166,6 +187,7 @@ def parse_account(
         ca_file=ca_file,
         insecure=insecure,
         timeout=timeout,
+        warn=warn,
     )
 
 

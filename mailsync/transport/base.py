@@ -9,7 +9,7 @@ commit which made it redundant has happened (:meth:`Receiver.processed`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -110,3 +110,6 @@ class TransportContext:
     unrecognized_folder: str = "Unrecognized"
     seen: SeenStore | None = None
     retry_backoff: float = 1.0
+    #: where a transport reports a weakened connection (``insecure = true``);
+    #: the ``mailsync`` logger when None
+    warn: Callable[[str], None] | None = None

@@ -36,7 +36,13 @@ _DELETED = b"\\Deleted"
 class ImapReceiver(Session):
     def __init__(self, url: str, ctx: TransportContext) -> None:
         self.account: Account = parse_account(
-            url, "imap", ctx.secret, ca_file=ctx.ca_file, insecure=ctx.insecure, timeout=ctx.timeout
+            url,
+            "imap",
+            ctx.secret,
+            ca_file=ctx.ca_file,
+            insecure=ctx.insecure,
+            timeout=ctx.timeout,
+            warn=ctx.warn,
         )
         self._keep = ctx.keep_processed
         self._processed = ctx.processed_folder
@@ -48,6 +54,7 @@ class ImapReceiver(Session):
 
     def __enter__(self) -> Self:
         acc = self.account
+        acc.connecting()
         try:
             client = IMAPClient(
                 acc.host,
@@ -61,6 +68,8 @@ class ImapReceiver(Session):
         self._client = client
         try:
             if acc.security == "starttls":
+                if not client.has_capability("STARTTLS"):
+                    raise acc.no_starttls()
                 client.starttls(acc.tls_context())
             client.login(acc.user or "", acc.password() or "")
             for folder in (self._processed, self._unrecognized):

@@ -39,8 +39,12 @@ def post_office(url: str, ctx: TransportContext) -> Path:
 
 
 def ensure_maildir(path: Path) -> Path:
+    """The Maildir's folders, made owner-only (0700) where they are new, as
+    mail delivery agents make them; the post office above is left alone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
     for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+        (path / sub).mkdir(mode=0o700, exist_ok=True)
     return path
 
 
@@ -53,7 +57,8 @@ def deliver(maildir: Path, raw: bytes) -> str:
     ensure_maildir(maildir)
     name = _unique_name()
     tmp = maildir / "tmp" / name
-    with open(tmp, "wb") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # owner-only, like an MDA's
+    with os.fdopen(fd, "wb") as fh:
         fh.write(raw)
         fh.flush()
         os.fsync(fh.fileno())

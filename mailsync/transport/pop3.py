@@ -20,10 +20,30 @@ from mailsync.transport.account import Account, connection_error, parse_account
 from mailsync.transport.base import Incoming, Session, TransportContext
 
 
+def _text(exc: poplib.error_proto) -> str:
+    """The server's answer in an error: poplib gives bytes, or str for its own."""
+    arg = exc.args[0] if exc.args else str(exc)
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+def _capabilities(pop: poplib.POP3) -> dict[str, list[str]]:
+    """CAPA's answer; none when the server does not know CAPA (RFC 2449)."""
+    try:
+        return pop.capa()
+    except poplib.error_proto:
+        return {}
+
+
 class Pop3Receiver(Session):
     def __init__(self, url: str, ctx: TransportContext) -> None:
         self.account: Account = parse_account(
-            url, "pop3", ctx.secret, ca_file=ctx.ca_file, insecure=ctx.insecure, timeout=ctx.timeout
+            url,
+            "pop3",
+            ctx.secret,
+            ca_file=ctx.ca_file,
+            insecure=ctx.insecure,
+            timeout=ctx.timeout,
+            warn=ctx.warn,
         )
         self._seen = ctx.seen
         self._pop: poplib.POP3 | None = None
@@ -31,6 +51,7 @@ class Pop3Receiver(Session):
 
     def __enter__(self) -> Self:
         acc = self.account
+        acc.connecting()
         try:
             if acc.security == "tls":
                 pop: poplib.POP3 = poplib.POP3_SSL(
@@ -43,12 +64,14 @@ class Pop3Receiver(Session):
         self._pop = pop
         try:
             if acc.security == "starttls":
+                if "STLS" not in _capabilities(pop):
+                    raise acc.no_starttls()
                 pop.stls(acc.tls_context())
             pop.user(acc.user or "")
             pop.pass_(acc.password() or "")
         except poplib.error_proto as exc:
             self.close(commit=False)
-            text = exc.args[0].decode("utf-8", "replace") if exc.args else str(exc)
+            text = _text(exc)
             if "AUTH" in text.upper() or "PASS" in text.upper() or "LOGIN" in text.upper():
                 raise TransportError(
                     f"{acc.display}: login failed for {acc.user} ({text})",

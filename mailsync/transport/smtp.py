@@ -50,7 +50,13 @@ async def _drain() -> None:
 class SmtpSender(Session):
     def __init__(self, url: str, ctx: TransportContext) -> None:
         self.account: Account = parse_account(
-            url, "smtp", ctx.secret, ca_file=ctx.ca_file, insecure=ctx.insecure, timeout=ctx.timeout
+            url,
+            "smtp",
+            ctx.secret,
+            ca_file=ctx.ca_file,
+            insecure=ctx.insecure,
+            timeout=ctx.timeout,
+            warn=ctx.warn,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._smtp: aiosmtplib.SMTP | None = None
@@ -70,16 +76,22 @@ class SmtpSender(Session):
 
     async def _connect(self) -> None:
         acc = self.account
+        acc.connecting()
         smtp = aiosmtplib.SMTP(
             hostname=acc.host,
             port=acc.port,
             use_tls=acc.security == "tls",
-            start_tls=acc.security == "starttls",
+            start_tls=False,  # for +starttls below, where a server without it is refused
             tls_context=acc.tls_context() if acc.security != "plain" else None,
             timeout=acc.timeout,
         )
         try:
             await smtp.connect()
+            if acc.security == "starttls":
+                await smtp.ehlo()
+                if not smtp.supports_extension("starttls"):
+                    raise acc.no_starttls()
+                await smtp.starttls()
             if acc.user:
                 await smtp.login(acc.user, acc.password() or "")
         except aiosmtplib.SMTPAuthenticationError as exc:
