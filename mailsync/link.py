@@ -16,6 +16,8 @@ place:
 - :func:`applied` — a changeset from the peer was applied
 - :func:`sent` / :func:`ack_sent` / :func:`duplicate_received` /
   :func:`gap_requested` — what the peer has heard from us
+- :func:`control_numbered` / :func:`control_fresh` — numbering our control
+  messages, and acting on the peer's once
 
 It also answers the inbox questions both the cycle and ``status`` ask: what
 is buffered from a peer, what is missing, what applies next.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -70,6 +73,10 @@ class Link:
     reload_request: str | None
     last_contact: dt.datetime | None
     last_sent: dt.datetime | None
+    #: the number of our last control message to the peer
+    ctl_sent: int
+    #: the highest control number of the peer's we acted on
+    ctl_seen: int
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Link:
@@ -266,6 +273,30 @@ def sent(conn: Connection, peer: str, seq: int, part: int, ack: int) -> None:
     )
     conn.execute(update(links).where(links.c.peer == peer).values(last_sent=now()))
     ack_sent(conn, peer, ack)
+
+
+def control_numbered(conn: Connection, link: Link) -> int:
+    """The number of a control message for the peer, higher than any before:
+    the later of the last one + 1 and the clock in microseconds, so that it
+    still goes up after this database went back to a backup."""
+    number = max(link.ctl_sent + 1, time.time_ns() // 1000)
+    conn.execute(update(links).where(links.c.peer == link.peer).values(ctl_sent=number))
+    return number
+
+
+def control_fresh(conn: Connection, link: Link, number: int) -> bool:
+    """Whether to act on a control message numbered ``number`` from the peer:
+    only if it is above every one seen (then it is the highest). A peer
+    that never numbered one (0, an older version) is believed until it does."""
+    if number <= link.ctl_seen and (number > 0 or link.ctl_seen > 0):
+        return False
+    if number > link.ctl_seen:
+        conn.execute(
+            update(links)
+            .where(links.c.peer == link.peer, links.c.ctl_seen < number)
+            .values(ctl_seen=number)
+        )
+    return True
 
 
 def gap_requested(conn: Connection, peer: str) -> None:

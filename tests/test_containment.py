@@ -32,6 +32,7 @@ import errno
 import io
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -322,6 +323,8 @@ def from_berlin(c: Cluster, office: MemoryPostOffice, write: Write, **fields: An
     fields.setdefault("ack", link(c, "berlin", "hq").in_seq)
     if fields.setdefault("seq", 0):
         fields.setdefault("cid", uuid.uuid4().hex)
+    else:  # numbered as berlin numbers its controls: by the clock, in µs
+        fields.setdefault("ctl", time.time_ns() // 1000)
     header = Header("berlin", "hq", **fields)
     codec = Codec()
     buffer = io.BytesIO()

@@ -3,7 +3,9 @@
 An unsequenced message (sequence 0) carries the sender's ack and perhaps a
 resend request, a reload request or number-range traffic
 (:mod:`mailsync.wire.controls`). It is acted on as soon as it arrives, in
-the transaction that takes it out of the mailbox, and never acknowledged.
+the transaction that takes it out of the mailbox, and never acknowledged;
+its signed header carries a number that grows with every control message
+on the link, and one not above the last acted on is ignored (applied once).
 Ours go out ahead of any data: a bare ack where the peer has not heard what
 we applied (and no data message carries it), a resend request where a gap
 in what it sent us is old enough, a reload request after a restore, and
@@ -58,11 +60,27 @@ def act_on(
     """An unsequenced message from ``link.peer``: its ack, then its controls.
 
     Every record is parsed before any is acted on: a malformed one sets the
-    whole message aside (MessageError) and its transaction rolls back."""
-    links_mod.acknowledged(conn, link, ack)
+    whole message aside (MessageError) and its transaction rolls back.
+
+    One numbered no higher than the last we acted on (its signed header's
+    ``ctl``) is a copy replayed from the mailbox, or an older message the
+    mail delivered late: it is logged and ignored, ack included. Nothing is
+    lost by that: acks only grow, and every control is sent again while it
+    still matters (a gap is asked for again, a range report goes until the
+    host confirms, a reload request until the reload comes)."""
     peer = link.peer
+    header, stream = ctx.codec.open(blob, where, ctx.ring, keys)
+    if not links_mod.control_fresh(conn, link, header.ctl):
+        ctx.journal.warning(
+            "control-replayed",
+            f"{where}: control message #{header.ctl} from {peer} is not newer than "
+            f"#{link.ctl_seen}, the last acted on (a replay, or delivered late): ignored",
+            peer=peer,
+            conn=conn,
+        )
+        return
+    links_mod.acknowledged(conn, link, ack)
     report.bare_acks[peer] = max(ack, report.bare_acks.get(peer, 0))
-    _, stream = ctx.codec.open(blob, where, ctx.ring, keys)
     controls = []
     for record in read_changeset(stream, origin=where):
         if not isinstance(record, Control):
@@ -218,6 +236,7 @@ def _compose(
         ack=link.in_seq,
         ack_cid=link.in_cid,
         acked=link.acked_seq,
+        ctl=links_mod.control_numbered(conn, link),
     )
     blob = ctx.seal(conn, header, buffer.getvalue())
     return OutgoingControl(link.peer, link.address, blob, link.in_seq)

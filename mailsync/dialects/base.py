@@ -60,6 +60,12 @@ class Dialect(Protocol):
     def drop_binding(self, conn: Connection, table: str, column: str) -> None:
         """Remove a bound column's triggers, if present."""
 
+    def highest_bound(
+        self, conn: Connection, table: str, column: str, first: int, last: int
+    ) -> int | None:
+        """The highest number from ``first`` to ``last`` that ``table`` holds
+        in its bound ``column`` (a number, or a text of digits), or None."""
+
 
 def upsert_with(
     insert: Any, conn: Connection, table: Table, rows: Sequence[dict[str, Any]]

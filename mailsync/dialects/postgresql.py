@@ -201,6 +201,22 @@ class PostgreSQLDialect:
             f"FOR EACH ROW EXECUTE FUNCTION {fn}()"
         )
 
+    def highest_bound(
+        self, conn: Connection, table: str, column: str, first: int, last: int
+    ) -> int | None:
+        cq = f"{quote_ident(_Q, column)}::text"
+        # nested CASEs: PostgreSQL may evaluate the operands of AND in any
+        # order, and a text that is no number must never reach the cast
+        number = (
+            f"CASE WHEN {cq} ~ '^[0-9]{{1,18}}$' THEN CASE WHEN {cq}::bigint "
+            f"BETWEEN :first AND :last THEN {cq}::bigint END END"
+        )
+        value = conn.execute(
+            text(f"SELECT max({number}) FROM {quote_ident(_Q, table)}"),
+            {"first": first, "last": last},
+        ).scalar()
+        return None if value is None else int(value)
+
     def drop_binding(self, conn: Connection, table: str, column: str) -> None:
         exists = conn.execute(
             text("SELECT to_regclass(:t)"), {"t": quote_ident(_Q, table)}

@@ -179,6 +179,23 @@ class SQLiteDialect:
         for ddl in self._binding_ddl(rdef, me, is_host):
             conn.exec_driver_sql(ddl)
 
+    def highest_bound(
+        self, conn: Connection, table: str, column: str, first: int, last: int
+    ) -> int | None:
+        cq = f"CAST({quote_ident(chr(34), column)} AS TEXT)"
+        number = (
+            f"CASE WHEN length({cq}) BETWEEN 1 AND 18 AND {cq} NOT GLOB '*[^0-9]*' "
+            f"THEN CAST({cq} AS INTEGER) END"
+        )
+        value = conn.execute(
+            text(
+                f"SELECT max(n) FROM (SELECT {number} AS n FROM {quote_ident(chr(34), table)}) "
+                "WHERE n BETWEEN :first AND :last"
+            ),
+            {"first": first, "last": last},
+        ).scalar()
+        return None if value is None else int(value)
+
     def drop_binding(self, conn: Connection, table: str, column: str) -> None:
         for suffix in ("bi", "bu", "ai"):
             name = trigger_name(f"rng_{table}_{column}", suffix)

@@ -7,6 +7,32 @@ sends :class:`RangeGrants` (grants it has not had confirmed, leases asked
 back), a station sends :class:`RangeReport` (its leases' use and state, the
 ranges it wants a block of). Lost records are sent again, so every
 function here is idempotent against a repeated record.
+
+What the host believes of a station's usage (the hoarding cap)
+--------------------------------------------------------------
+A station may hold at most ``max_blocks`` *unused* blocks of a range: active
+leases of which no number is known to be used. The host grants a wanted
+block only while the station holds fewer, and it counts with what it knows,
+not with what the station says:
+
+- A range bound to a column (``RangeDef.bind``) that the station sends up
+  (its up rule on that table inserts or updates): a lease is used only as
+  far as the host holds rows with numbers of it in that column. Leases are
+  disjoint and the host draws outside them, so such a row came from the
+  holder. The reported ``next`` is ignored for the cap (rows deleted since
+  count as unused numbers: the error is on the station's side, which waits
+  for its next block a little longer).
+- A range with no bound column, or one whose table the station does not
+  send up: the report is the only word there is, but a station cannot have
+  drawn from a lease the host has not sent it yet (``sent_at`` unset), so
+  such a lease counts as unused whatever is reported. However many reports
+  arrive in one host cycle, the station ends it with at most the cap of
+  unused blocks; what a lying station can gain is one cap's worth per round
+  trip, and binding the range to its column closes even that.
+
+The lease's ``next`` on the host stays the highest of what was reported and
+what rows show: it decides which numbers come back to the free list when a
+lease is given back, and a number anyone may have used never does.
 """
 
 from __future__ import annotations
@@ -27,7 +53,14 @@ from mailsync.ranges.model import (
     list_ranges,
     this_node,
 )
-from mailsync.store.tables import leases, now, range_free, ranges_table
+from mailsync.store.tables import (
+    ALL_STATIONS,
+    leases,
+    now,
+    range_free,
+    ranges_table,
+    rules_table,
+)
 from mailsync.wire.controls import Grant, LeaseState, RangeGrants, RangeReport
 
 
@@ -55,6 +88,52 @@ def _held(conn: Connection, rdef: RangeDef, station: str, *where: Any) -> int:
 
 
 # ----------------------------------------------------------------- the host
+
+
+def _sends_up(conn: Connection, station: str, tbl: str) -> bool:
+    """Whether ``station``'s rule for ``tbl`` lets it send inserts or updates up."""
+    rows = conn.execute(
+        select(rules_table.c.station, rules_table.c.up_ops).where(
+            rules_table.c.tbl == tbl, rules_table.c.station.in_([station, ALL_STATIONS])
+        )
+    ).all()
+    ops = {r.station: r.up_ops for r in rows}
+    up = ops.get(station, ops.get(ALL_STATIONS, ""))
+    return "I" in up or "U" in up
+
+
+def _seen_next(conn: Connection, rdef: RangeDef, lease: Lease) -> int:
+    """The number after the highest of ``lease`` that the host holds in the
+    range's bound column (``lease.first`` when it holds none)."""
+    assert rdef.bind is not None
+    highest = dialect_for(conn).highest_bound(conn, *rdef.bind, lease.first, lease.last)
+    return lease.first if highest is None else highest + 1
+
+
+def _unused(conn: Connection, rdef: RangeDef, station: str) -> int:
+    """How many of ``station``'s active leases of ``rdef`` the host counts as
+    unused (see the module's docstring)."""
+    rows = conn.execute(
+        select(leases).where(
+            leases.c.range_name == rdef.name,
+            leases.c.holder == station,
+            leases.c.state == "active",
+        )
+    ).all()
+    checked = (
+        rdef.bind is not None
+        and conn.dialect.has_table(conn, rdef.bind[0])
+        and _sends_up(conn, station, rdef.bind[0])
+    )
+    unused = 0
+    for row in rows:
+        lease = as_lease(row)
+        if checked:
+            used = _seen_next(conn, rdef, lease) > lease.first
+        else:
+            used = row.sent_at is not None and lease.next > lease.first
+        unused += not used
+    return unused
 
 
 def host_outgoing(conn: Connection, station: str, resend_after: dt.timedelta) -> RangeGrants:
@@ -92,6 +171,7 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[s
     a block of. Returns what was done, for the log."""
     done: list[str] = []
     reported = {item.lease_id: (item.next, item.state) for item in report.leases}
+    defs = {r.name: r for r in list_ranges(conn)}
     for row in conn.execute(select(leases).where(leases.c.holder == station)).all():
         lease = as_lease(row)
         if lease.id not in reported:
@@ -103,6 +183,15 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[s
             continue
         used, state = reported[lease.id]
         used = max(lease.next, min(used, lease.last + 1))
+        rdef = defs.get(lease.range)
+        if (
+            rdef is not None
+            and rdef.bind is not None
+            and lease.state != "retired"
+            and conn.dialect.has_table(conn, rdef.bind[0])
+        ):
+            # a number the host holds rows of is never given back
+            used = max(used, _seen_next(conn, rdef, lease))
         values: dict[str, Any] = {"next": used, "confirmed": True}
         if state == "released" and lease.state in ("active", "release"):
             values.update(state="released", last=used - 1)
@@ -122,8 +211,7 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[s
         if wanted is None or not as_range(wanted).serves(station):
             continue
         rdef = as_range(wanted)
-        fresh = (leases.c.state == "active", leases.c.next == leases.c.first)
-        unused = _held(conn, rdef, station, *fresh)
+        unused = _unused(conn, rdef, station)
         if unused >= rdef.max_blocks:
             done.append(
                 f"{station} asked for another block of {rdef.name} but holds {unused} unused: "

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -100,6 +100,10 @@ links = Table(
     Column("reload_request", String(32)),
     Column("last_contact", _Time),
     Column("last_sent", _Time),
+    # the number of our last unsequenced (control) message to the peer, and
+    # the highest the peer's carried: one not above it is a replay (v2)
+    Column("ctl_sent", BigInteger, nullable=False, default=0),
+    Column("ctl_seen", BigInteger, nullable=False, default=0),
 )
 
 peer_keys = Table(
@@ -321,8 +325,17 @@ service_table = Table(
     Column("stopped_at", _Time),
 )
 
+
+def _v1_to_v2(conn: Connection) -> None:
+    """Control messages are numbered (replay protection): two counters per link."""
+    for name in ("ctl_sent", "ctl_seen"):
+        conn.exec_driver_sql(
+            f"ALTER TABLE mailsync_links ADD COLUMN {name} BIGINT NOT NULL DEFAULT 0"
+        )
+
+
 #: Steps that bring the schema from version N to N + 1.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
 
 
 def now() -> dt.datetime:

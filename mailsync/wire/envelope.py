@@ -2,8 +2,9 @@
 
 The clear header holds only what routing needs before anything is opened:
 format version, sender, recipient, link sequence, part i of n, the sender's
-ack (the highest sequence it has applied from the recipient), the id of the
-recipient key it is encrypted for, and the ephemeral public key. Nothing in
+ack (the highest sequence it has applied from the recipient), the number of
+an unsequenced (control) message, the id of the recipient key it is
+encrypted for, and the ephemeral public key. Nothing in
 it names a table, a column or a value.
 
 Sealing (DESIGN §6), with the ``cryptography`` package's primitives only:
@@ -78,6 +79,11 @@ class Header:
     #: they do not match what it has
     ack_cid: str = ""
     acked: int = 0
+    #: unsequenced messages: the sender's control number for this link,
+    #: higher with every one it sends (0: none, from an older version); the
+    #: receiver acts only on one above the highest it has seen, so a copy
+    #: replayed from the mailbox is ignored. Signed with the rest.
+    ctl: int = 0
 
     @property
     def after(self) -> int:
@@ -99,6 +105,7 @@ class Header:
             "base": self.after,
             "ack_cid": self.ack_cid,
             "acked": self.acked,
+            "ctl": self.ctl,
         }
 
     @classmethod
@@ -119,12 +126,21 @@ class Header:
                 base=int(data.get("base", -1)),
                 ack_cid=str(data.get("ack_cid", "")),
                 acked=int(data.get("acked", 0)),
+                ctl=int(data.get("ctl", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError(f"{origin}: envelope header is malformed") from exc
         if not isinstance(header.eph, bytes):
             raise MessageError(f"{origin}: envelope header is malformed")
-        numbers = (header.seq, header.ack, header.parts, header.length, header.acked, header.after)
+        numbers = (
+            header.seq,
+            header.ack,
+            header.parts,
+            header.length,
+            header.acked,
+            header.after,
+            header.ctl,
+        )
         if any(n > MAX_WIRE_INT for n in numbers) or (
             header.seq < 0
             or header.ack < 0
@@ -133,6 +149,7 @@ class Header:
             or len(header.cid) > 32
             or len(header.ack_cid) > 32
             or header.acked < 0
+            or header.ctl < 0
         ):
             raise MessageError(f"{origin}: envelope header has impossible numbers")
         return header
