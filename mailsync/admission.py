@@ -233,7 +233,7 @@ class Gate:
             return rows
         here = self._local(
             table,
-            list(tdef.pk) + [bound.column],
+            [*tdef.pk, bound.column],
             [self._key(tdef, "I", r) for r in suspect],
         )
         width = len(tdef.pk)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
@@ -311,7 +312,7 @@ def apply_buffered(
                     rows,
                     park,
                     check,
-                    lambda n, name=table_name: gate.refused_after(name, n),
+                    partial(gate.refused_after, table_name),
                 )
             result.conflicts = detector.summary()
             if reload is not None:
