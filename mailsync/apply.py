@@ -7,8 +7,10 @@ tagged with the peer as origin (the dialect's flag), so they are relayed to
 other stations but never echoed back.
 
 A node applies only what its rules allow: a remote the host's *down*
-operations, the host a station's *up* operations. Anything else is refused
-and counted, not applied.
+operations, the host a station's *up* operations, and of those only the rows
+:class:`mailsync.admission.Gate` admits (insert-only never overwrites, the
+row filter bounds the way up, bound numbers are the sender's). Anything else
+is refused and counted per table and reason, never written.
 """
 
 from __future__ import annotations
@@ -297,12 +299,13 @@ def apply_buffered(
                     rows = reload.loaded(record.table, rows)
                 elif reload is None:
                     rows = gate.before(target.table, record.table, record.op, rows)
-                    detector.rules = rules  # they may have come with this changeset
-                    rows = detector.resolve(target.table, record.table, record.op, rows)
                     if record.op == "I" and "U" not in allowed:
+                        # before the conflict test: no policy may overwrite
                         rows, clashing = gate.clashes(target.table, record.table, rows)
                         for row in clashing:
                             park(record.table, "I", row, CLASH)
+                    detector.rules = rules  # they may have come with this changeset
+                    rows = detector.resolve(target.table, record.table, record.op, rows)
                     check = gate.after(target.table, record.table, op)
                 if not rows:
                     continue

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, select, update
 
+from mailsync import admin
 from mailsync.apply import ParkedRow, list_parked
 from mailsync.dialects import dialect_for
 from mailsync.ranges import admin as ranges_admin
@@ -75,12 +76,13 @@ def test_an_id_collision_under_an_insert_only_rule_no_longer_destroys_the_host_r
     c: Cluster,
 ) -> None:
     """Stations only send new customers up and receive none: koeln picks an
-    id the host has used for long. The host's row stays; koeln's is parked.
-    (Had the host just changed that row, it would be a conflict, settled by
-    the table's policy: see test_conflicts.)"""
+    id the host uses (long since, and one it has just taken). The host's
+    rows stay, whatever the conflict policy; koeln's are parked."""
     c.execute("hq", customers.insert(), [customer(500, "HQ Kunde"), customer(503, "Gleich")])
-    c.host.add_rule("customers", down="", up="I")
+    c.host.add_rule("customers", down="", up="I", conflict="remote-wins")
     c.sync("hq", "koeln", "berlin")
+    c.execute("hq", customers.insert(), customer(504, "HQ neu"))
+    c.execute("koeln", customers.insert(), customer(504, "Koeln neu"))
     c.execute("koeln", customers.insert(), [customer(500, "Koeln Kunde"), customer(501, "Neu")])
     c.execute("koeln", customers.insert(), customer(503, "Gleich"))  # the very same row
     c.execute("berlin", customers.insert(), customer(502, "Berliner", "berlin"))
@@ -90,17 +92,25 @@ def test_an_id_collision_under_an_insert_only_rule_no_longer_destroys_the_host_r
         501: ("Neu", "koeln"),
         502: ("Berliner", "berlin"),
         503: ("Gleich", "koeln"),
+        504: ("HQ neu", "koeln"),
     }
-    (row,) = parked(c)
-    assert (row.peer, row.table, row.op) == ("koeln", "customers", "I")
-    assert row.values["name"] == "Koeln Kunde"
-    assert "insert of an existing key: the rules allow inserts only" in row.error
-    assert c.host.status().parked == 1
+    found = parked(c)
+    assert {(r.peer, r.table, r.op) for r in found} == {("koeln", "customers", "I")}
+    assert sorted(r.values["name"] for r in found) == ["Koeln Kunde", "Koeln neu"]
+    assert all("insert of an existing key: the rules allow inserts only" in r.error for r in found)
+    assert c.host.status().parked == 2
     with c.engines["hq"].connect() as conn:
         logged = conn.execute(
             select(log_table.c.message).where(log_table.c.event == "parked")
         ).scalars()
-        assert any("1 row(s)" in m for m in logged)
+        assert any("2 row(s)" in m for m in logged)
+    # the admin decides: retry takes koeln's version, drop keeps the host's
+    by_key = {r.values["id"]: r.id for r in found}
+    assert admin.retry_parked(c.host, [by_key[500]]) == (1, 0)
+    assert admin.drop_parked(c.host, [by_key[504]]) == 1
+    assert names(c, "hq")[500] == ("Koeln Kunde", "koeln")
+    assert names(c, "hq")[504] == ("HQ neu", "koeln")
+    assert parked(c) == []
 
 
 def test_a_forged_insert_over_an_existing_row_is_parked_and_writes_nothing(c: Cluster) -> None:
