@@ -12,6 +12,9 @@ in ordinary work: an id collision no longer destroys a host row.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,19 @@ def parked(c: Cluster, node: str = "hq") -> list[ParkedRow]:
         return list_parked(conn)
 
 
+def cli(c: Cluster, node: str, *args: str) -> str:
+    """What ``mailsync ARGS`` prints for ``node``, run as a user runs it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mailsync", "-c", str(c.root / node / "mailsync.toml"), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=c.root,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    return done.stdout
+
+
 def forge_op(c: Cluster, node: str, key: int, op: str) -> None:
     """Rewrite what ``node``'s change log says happened to customer ``key``:
     what a tampered station sends."""
@@ -99,6 +115,8 @@ def test_an_id_collision_under_an_insert_only_rule_no_longer_destroys_the_host_r
     assert sorted(r.values["name"] for r in found) == ["Koeln Kunde", "Koeln neu"]
     assert all("insert of an existing key: the rules allow inserts only" in r.error for r in found)
     assert c.host.status().parked == 2
+    assert "2 row(s) could not be applied and are parked" in cli(c, "hq", "status")
+    assert "insert of an existing key" in cli(c, "hq", "errors", "list")
     with c.engines["hq"].connect() as conn:
         logged = conn.execute(
             select(log_table.c.message).where(log_table.c.event == "parked")
@@ -182,6 +200,7 @@ def test_a_station_cannot_change_rows_outside_its_row_filter(c: Cluster) -> None
     assert names(c, "hq")[2] == ("Zwei neu", "berlin")
     assert len([m for m in refusals(c) if "the row here lies outside" in m]) == 3
     assert c.host.status().refused == len(refusals(c)) >= 4
+    assert "rows refused by the rules in" in cli(c, "hq", "status")
     assert parked(c) == []  # refused, not parked: there is nothing to retry
     c.sync("hq", "berlin")  # nothing of it was relayed
     assert names(c, "berlin") == {2: ("Zwei neu", "berlin")}
