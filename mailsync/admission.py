@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Table, case, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync.ranges.model import list_ranges
 from mailsync.rules import Direction, Rule, filter_predicate
@@ -180,21 +181,47 @@ class Gate:
     def _keys_where(self, table: Table, keys: list[Key], flag: Any) -> Iterator[Key]:
         """Those of ``keys`` whose row here is outside (``flag`` = 0)."""
         pk = list(table.primary_key.columns)
+
+        def query(chunk: list[Key]) -> Any:
+            return select(*pk).where(key_filter(table, chunk), flag == 0)
+
+        # a filter that fails on its own fails the changeset, loudly: it
+        # must never pass for "no row outside"
+        probe = select(*pk).where(flag == 0).limit(1)
         for chunk in _chunks(keys):
-            query = select(*pk).where(key_filter(table, chunk), flag == 0)
-            for found in self.conn.execute(query):
+            for found in self._lookup(query, chunk, probe):
                 yield tuple(found)
 
     def _local(self, table: Table, names: list[str], keys: list[Key]) -> dict[Key, Row]:
         pk = [c.name for c in table.primary_key.columns]
         at = [names.index(k) for k in pk]
+
+        def query(chunk: list[Key]) -> Any:
+            return select(*[table.c[n] for n in names]).where(key_filter(table, chunk))
+
         found: dict[Key, Row] = {}
         for chunk in _chunks(keys):
-            query = select(*[table.c[n] for n in names]).where(key_filter(table, chunk))
-            for r in self.conn.execute(query):
+            for r in self._lookup(query, chunk):
                 values = tuple(r)
                 found[tuple(values[i] for i in at)] = values
         return found
+
+    def _lookup(
+        self, query: Callable[[list[Key]], Any], chunk: list[Key], probe: Any = None
+    ) -> list[Any]:
+        """Run ``query`` for ``chunk`` in a savepoint. A key this database
+        cannot hold (an integer beyond 64 bits, a value of the wrong type)
+        fails the lookup: then key by key, and one that fails alone has no
+        row here — applying it fails too, and parks it."""
+        try:
+            with self.conn.begin_nested():
+                return list(self.conn.execute(query(chunk)))
+        except (SQLAlchemyError, OverflowError):  # sqlite3: an int beyond 64 bits
+            if probe is not None:
+                self.conn.execute(probe)  # raises when the query itself is at fault
+            if len(chunk) == 1:
+                return []
+        return [r for key in chunk for r in self._lookup(query, [key])]
 
     def _drop(self, table: str, rows: list[Row], bad: Callable[[Row], bool], why: str) -> list[Row]:
         kept = [r for r in rows if not bad(r)]
