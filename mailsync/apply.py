@@ -7,8 +7,10 @@ tagged with the peer as origin (the dialect's flag), so they are relayed to
 other stations but never echoed back.
 
 A node applies only what its rules allow: a remote the host's *down*
-operations, the host a station's *up* operations. Anything else is refused
-and counted, not applied.
+operations, the host a station's *up* operations, and of those only the rows
+:class:`mailsync.admission.Gate` admits (insert-only never overwrites, the
+row filter bounds the way up, bound numbers are the sender's). Anything else
+is refused and counted per table and reason, never written.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
@@ -23,12 +26,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture, faults
 from mailsync import link as links_mod
+from mailsync.admission import CLASH, Check, Gate
 from mailsync.conflicts import Detector
 from mailsync.dialects import dialect_for
 from mailsync.errors import ApplyError, MailsyncError, SchemaError, first_line
 from mailsync.keys import PublicKey
 from mailsync.reload import Reload
-from mailsync.rules import Direction, Rule, replace_rules
+from mailsync.rules import OP_NAMES, Direction, Rule, replace_rules
 from mailsync.store.changelog import key_filter
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import now, parked
@@ -53,7 +57,8 @@ class Applied:
     peer: str
     seq: int
     rows: int = 0
-    refused: dict[str, int] = field(default_factory=dict)
+    #: rows refused, per (table, reason): the reason completes "refused: …"
+    refused: dict[tuple[str, str], int] = field(default_factory=dict)
     rules_received: bool = False
     key_received: bool = False
     parked: int = 0
@@ -127,24 +132,58 @@ class _Target:
         """``op``: D delete, I upsert, U update only (no insert right)."""
         {"D": self.delete, "I": self.upsert, "U": self.update}[op](conn, rows)
 
-    def guarded(self, conn: Connection, op: str, rows: list[tuple[Any, ...]], park: Parker) -> int:
+    def guarded(
+        self,
+        conn: Connection,
+        op: str,
+        rows: list[tuple[Any, ...]],
+        park: Parker,
+        check: Check | None = None,
+        outside: Callable[[int], None] | None = None,
+    ) -> int:
         """Apply a batch; if it fails, row by row, parking the rows that fail
-        (constraint, foreign key, type) so that they never stall the link."""
-        try:
-            with conn.begin_nested():
-                self.run(conn, op, rows)
-            return len(rows)
-        except (SQLAlchemyError, OverflowError):  # sqlite3: an int beyond 64 bits
-            pass
+        (constraint, foreign key, type) so that they never stall the link.
+
+        ``check`` (a row filter to keep) names the rows the batch, written
+        in its savepoint, left outside; then nothing of the batch stays, those
+        rows are counted by ``outside`` and the rest is applied again."""
+        while rows:
+            try:
+                with conn.begin_nested():
+                    self.run(conn, op, rows)
+                    if check is not None and (bad := check(rows)):
+                        raise _Outside(bad)
+                return len(rows)
+            except _Outside as out:
+                gone = {id(r) for r in out.rows}
+                rows = [r for r in rows if id(r) not in gone]
+                if outside is not None:
+                    outside(len(gone))
+            except (SQLAlchemyError, OverflowError):  # sqlite3: an int beyond 64 bits
+                break
         done = 0
         for row in rows:
             try:
                 with conn.begin_nested():
                     self.run(conn, op, [row])
+                    if check is not None and check([row]):
+                        raise _Outside([row])
                 done += 1
+            except _Outside:
+                if outside is not None:
+                    outside(1)
             except (SQLAlchemyError, OverflowError) as exc:
                 park(self.tdef, op, row, first_line(exc))
         return done
+
+
+class _Outside(Exception):
+    """Rows a batch left outside the sender's row filter (its savepoint is
+    rolled back)."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        super().__init__(f"{len(rows)} row(s) outside the row filter")
+        self.rows = rows
 
 
 Parker = Callable[[TableDef, str, tuple[Any, ...], str], None]
@@ -213,6 +252,11 @@ def apply_buffered(
                 park_row(conn, peer, seq, tdef, op, row, error)
                 result.parked += 1
 
+            def refuse(table: str, reason: str, count: int) -> None:
+                result.refused[table, reason] = result.refused.get((table, reason), 0) + count
+
+            gate = Gate(conn, me=me, peer=peer, direction=direction, rules=rules, refuse=refuse)
+
             for record in read_changeset(stream, origin=origin):
                 if isinstance(record, Control):
                     control = parse_sequenced(record.kind, record.payload)
@@ -227,6 +271,7 @@ def apply_buffered(
                         tables = replace_rules(conn, received)
                         capture.ensure_capture(conn, tables)
                         rules = rules_for(conn)
+                        gate.rules = rules
                         result.rules_received = True
                     continue
                 if isinstance(record, TableDef):
@@ -241,19 +286,37 @@ def apply_buffered(
                 target = targets.get(record.table.index)
                 allowed = _ops(rules, table_name, direction)
                 if target is None or record.op not in allowed:
-                    key = f"{table_name}:{record.op}"
-                    result.refused[key] = result.refused.get(key, 0) + len(record.rows)
+                    refuse(
+                        table_name,
+                        f"the rules do not allow {OP_NAMES[record.op]}s from {peer}",
+                        len(record.rows),
+                    )
                     continue
                 op = "I" if record.op == "I" or (record.op == "U" and "I" in allowed) else record.op
                 rows = record.rows
+                check = None
                 if reload is not None and record.op == "I":
                     rows = reload.loaded(record.table, rows)
                 elif reload is None:
+                    rows = gate.before(target.table, record.table, record.op, rows)
+                    if record.op == "I" and "U" not in allowed:
+                        # before the conflict test: no policy may overwrite
+                        rows, clashing = gate.clashes(target.table, record.table, rows)
+                        for row in clashing:
+                            park(record.table, "I", row, CLASH)
                     detector.rules = rules  # they may have come with this changeset
                     rows = detector.resolve(target.table, record.table, record.op, rows)
+                    check = gate.after(target.table, record.table, op)
                 if not rows:
                     continue
-                result.rows += target.guarded(conn, op, rows, park)
+                result.rows += target.guarded(
+                    conn,
+                    op,
+                    rows,
+                    park,
+                    check,
+                    partial(gate.refused_after, table_name),
+                )
             result.conflicts = detector.summary()
             if reload is not None:
                 mirrored = _mirrored(rules)

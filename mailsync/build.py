@@ -36,13 +36,12 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    text,
     update,
 )
 
 from mailsync import link as links_mod
 from mailsync.keys import PublicKey
-from mailsync.rules import Direction, Rule
+from mailsync.rules import Direction, Rule, filter_predicate
 from mailsync.store.changelog import key_filter, logged_key
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import changes, horizons, loads, now, outbox
@@ -148,7 +147,7 @@ class _Builder:
         row_filter = self.plan.row_filter(name)
         flag: Any
         if row_filter:
-            flag = case((text(f"({row_filter})").bindparams(station=self.plan.peer), 1), else_=0)
+            flag = case((filter_predicate(row_filter, self.plan.peer), 1), else_=0)
         else:
             flag = literal(1)
         return select(*table.columns, flag.label("mailsync_in_scope"))

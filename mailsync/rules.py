@@ -16,8 +16,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Integer, and_, delete, func, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Integer, TextClause, and_, delete, func, select, text, update
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from mailsync import capture
 from mailsync import link as links_mod
@@ -170,6 +170,15 @@ def remove_station(conn: Connection, station_id: str) -> None:
     conn.execute(delete(stations).where(stations.c.id == station_id))
 
 
+def filter_predicate(row_filter: str, station: str) -> TextClause:
+    """A rule's row filter as SQL for ``station`` (a filter need not use ``:station``)."""
+    predicate = text(f"({row_filter})")
+    try:
+        return predicate.bindparams(station=station)
+    except ArgumentError:  # no :station in it
+        return predicate
+
+
 def _check_filter(conn: Connection, table_name: str, row_filter: str) -> None:
     """Run the predicate once against the table so a typo fails now, not at sync."""
     table = reflect(conn, table_name)
@@ -178,7 +187,7 @@ def _check_filter(conn: Connection, table_name: str, row_filter: str) -> None:
             conn.execute(
                 select(func.count())
                 .select_from(table)
-                .where(and_(text(f"({row_filter})").bindparams(station="")))
+                .where(and_(filter_predicate(row_filter, "")))
                 .limit(1)
             )
     except SQLAlchemyError as exc:

@@ -60,6 +60,9 @@ class Status:
     ranges: list[RangeUsage] = field(default_factory=list)
     #: conflicts recorded and not yet dropped (`mailsync conflicts list`)
     conflicts: int = 0
+    #: log lines (one per changeset, table and reason) about incoming rows
+    #: the rules refused, within the log's retention
+    refused: int = 0
 
 
 def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
@@ -121,7 +124,10 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         counts: dict[str, int] = dict(
             conn.execute(
                 select(log_table.c.event, func.count())
-                .where(log_table.c.at >= since, log_table.c.event.in_(["rejected", "apply-failed"]))
+                .where(
+                    log_table.c.at >= since,
+                    log_table.c.event.in_(["rejected", "apply-failed", "refused"]),
+                )
                 .group_by(log_table.c.event)
             ).all()
         )
@@ -139,6 +145,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         parked=parked_count,
         ranges=range_usage,
         conflicts=conflict_count,
+        refused=int(counts.get("refused", 0)),
     )
 
 

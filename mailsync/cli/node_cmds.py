@@ -156,6 +156,7 @@ def status(
         service = service_state(node)
         zone = parse_zone(node.config.timezone, str(node.config.path))
         upcoming = next_runs(node.config.schedules, now(), zone, 1)
+        retention = node.config.log_retention_days
     if as_json:
         print_json({"node": st, "service": service})
         return
@@ -222,6 +223,12 @@ def status(
         console.print(f"[yellow]{st.set_aside} message(s) set aside as unrecognized[/] (see log)")
     if st.errors:
         console.print(f"[bold red]{st.errors} changeset(s) failed to apply[/] (see log)")
+    if st.refused:
+        console.print(
+            f"[bold yellow]rows refused by the rules in {st.refused} changeset report(s)[/] "
+            f"in the last {retention} day(s): nothing of them was "
+            "written (`mailsync log`)"
+        )
     if st.conflicts:
         console.print(
             f"[yellow]{st.conflicts} conflict(s) recorded[/]: rows changed here and at a peer "

@@ -22,7 +22,6 @@ from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import ApplyError, MailsyncError, MessageError
 from mailsync.journal import logger
-from mailsync.rules import OP_NAMES
 from mailsync.store.tables import horizons, inbox
 from mailsync.wire.changeset import Source
 from mailsync.wire.envelope import Header, read_header
@@ -155,12 +154,11 @@ def _log_applied(ctx: CycleContext, applied: Applied) -> None:
             peer=peer,
             seq=seq,
         )
-    for what, count in applied.refused.items():
-        table, op = what.split(":")
+    for (table, reason), count in sorted(applied.refused.items()):
         journal.warning(
             "refused",
-            f"changeset #{seq} from {peer}: {count} {OP_NAMES[op]} row(s) "
-            f"of table {table} refused: the rules do not allow them",
+            f"changeset #{seq} from {peer}: {count} row(s) of table {table} refused: {reason}; "
+            "nothing of them was written",
             peer=peer,
             seq=seq,
         )
