@@ -179,9 +179,11 @@ def _buffer(
     Set aside, never buffered (MessageError), what breaks the ``[limits]``
     a receiver can check: a changeset numbered more than ``max_ahead`` past
     the link (every number between would count as a gap to ask for) or in
-    more than ``max_parts`` parts, and a first part that decompresses into
-    more than ``max_part_bytes`` (``max_changeset_bytes``). The rest (what
-    the records hold) is checked as the changeset is applied.
+    more than ``max_parts`` parts, and a first part that breaks any other
+    limit (:meth:`Codec.check_first_part`: its decompressed size, and the
+    lengths, rows, columns and tables its records declare). Later parts
+    decode only after the first: they are checked as the changeset is
+    applied, where a violation holds the link.
     """
     peer, seq = link.peer, header.seq
     limits = ctx.limits
@@ -215,9 +217,8 @@ def _buffer(
     elif any(r.part == header.part for r in held):
         return True
     if header.part == 1:
-        # the only part that decompresses on its own: its size is known now
         _, body = ctx.codec.decrypt(blob, where, ctx.ring, keys)
-        ctx.codec.measure(body, where)
+        ctx.codec.check_first_part(body, where, whole=header.parts == 1)
     conn.execute(
         inbox.insert().values(
             peer=peer,

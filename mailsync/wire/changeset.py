@@ -240,6 +240,7 @@ def read_changeset(
     origin: str = "changeset",
     limits: Limits | None = None,
     partial: bool = False,
+    typed: bool = True,
 ) -> Iterator[Record]:
     """Yield the records of a changeset in order, checking its structure.
 
@@ -253,14 +254,17 @@ def read_changeset(
     one record; rows per batch, columns per table, tables per changeset.
 
     ``partial``: ``source`` holds only the beginning of a changeset (its first
-    part); it may end anywhere, and what it holds is checked.
+    part); it may end anywhere, and what it holds is checked. ``typed=False``:
+    extension values (Decimal, dates, ...) are not converted and batches
+    come without their rows — a check of the structure alone, at a fraction
+    of the cost.
     """
     if limits is None:
         limits = getattr(source, "limits", None) or DEFAULT_LIMITS
     metered = _Metered(source, limits.max_record_bytes, origin)
     unpacker = msgpack.Unpacker(
         metered,
-        ext_hook=_decode_ext,
+        ext_hook=_decode_ext if typed else _skip_ext,
         raw=False,
         strict_map_key=False,
         **limits.unpacker_options(),
@@ -296,7 +300,7 @@ def read_changeset(
                 ended = True
                 continue
             summary.records += 1
-            yield _record(obj, tables, summary, origin, limits)
+            yield _record(obj, tables, summary, origin, limits, typed)
             del obj  # a batch is not kept alive while the next one is read
     except MessageError:
         raise
@@ -310,11 +314,16 @@ def read_changeset(
         if bound is None:
             raise MessageError(f"{origin}: changeset is corrupt ({exc})") from exc
         raise MessageError(f"{origin}: {bound}") from exc
-    except (TypeError, ArithmeticError, msgpack.UnpackException) as exc:
-        # ArithmeticError: decimal.InvalidOperation from a garbled Decimal
+    except (TypeError, LookupError, ArithmeticError, msgpack.UnpackException) as exc:
+        # ArithmeticError: decimal.InvalidOperation from a garbled Decimal;
+        # LookupError: a column declared as "" or [] (a signed peer sent it)
         raise MessageError(f"{origin}: changeset is corrupt ({exc})") from exc
     if not ended and not partial:
         raise MessageError(f"{origin}: changeset is truncated (no trailer)")
+
+
+def _skip_ext(code: int, data: bytes) -> None:
+    return None
 
 
 def _msgpack_bound(text: str, limits: Limits) -> str | None:
@@ -364,7 +373,12 @@ class _Metered:
 
 
 def _record(
-    obj: list[Any], tables: dict[int, TableDef], summary: Summary, origin: str, limits: Limits
+    obj: list[Any],
+    tables: dict[int, TableDef],
+    summary: Summary,
+    origin: str,
+    limits: Limits,
+    typed: bool = True,
 ) -> Record:
     kind = obj[0]
     if kind == "T" and len(obj) == 5:
@@ -406,9 +420,9 @@ def _record(
                 f"{origin}: {tdef.name} {op} batch of "
                 + exceeded(f"{n:,} rows", "max_batch_rows", limits.max_batch_rows)
             )
-        rows = list(zip(*columns, strict=True))
-        summary.count(tdef.name, op, len(rows))
-        return RowBatch(tdef, op, rows)
+        summary.count(tdef.name, op, n)
+        # a check of the structure alone (not typed) needs no rows built
+        return RowBatch(tdef, op, list(zip(*columns, strict=True)) if typed else [])
     if kind == "C" and len(obj) == 3 and isinstance(obj[1], str):
         return Control(obj[1], obj[2])
     raise MessageError(f"{origin}: unknown record {str(kind)[:20]!r}")

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mailsync.errors import MessageError
 from mailsync.keys import KeyRing, PublicKey
-from mailsync.wire.changeset import Source, pack, unpack
+from mailsync.wire.changeset import Source, pack, read_changeset, unpack
 from mailsync.wire.limits import DEFAULT_LIMITS, Limits, exceeded
 
 MAGIC = b"MSYE"
@@ -223,13 +223,20 @@ class Codec:
         reader = self._decompressor.stream_reader(io.BufferedReader(raw), closefd=False)
         return _CheckedReader(reader, origin, self.limits, raw)
 
-    def measure(self, body: bytes, origin: str) -> int:
-        """Decompress one (first) part, keeping nothing, and return how many
-        bytes it makes; MessageError if more than ``limits`` allow. What a
-        receiver can know of a changeset's size before it buffers it, at
-        zstd's speed (the first part of several ends mid-stream: fine)."""
+    def check_first_part(self, body: bytes, origin: str, *, whole: bool) -> int:
+        """What a receiver can know of a changeset before it buffers it:
+        its first part (decrypted ``body``), the only one that decodes on its
+        own, is decompressed and read through, keeping nothing, with every
+        bound of ``limits`` (sizes, lengths, rows, columns, tables) but
+        without converting values; returns its decompressed size.
+        MessageError if it breaks one. ``whole``: the part is the whole
+        changeset (else it may end anywhere)."""
         reader = self._reader([body], origin)
-        while reader.read(_MEASURE_CHUNK):
+        for _ in read_changeset(
+            reader, origin=origin, limits=self.limits, partial=not whole, typed=False
+        ):
+            pass
+        while reader.read(_MEASURE_CHUNK):  # a part of several may end mid-record
             pass
         return reader.total
 
@@ -318,15 +325,15 @@ class _CheckedReader:
         self._in_part += n
         self.total += n
         if self._in_part > limits.max_part_bytes:
-            where = f"part {self._part}" if self._part > 1 else "the first part"
+            what = f"the decompressed size of part {self._part}"
             raise MessageError(
-                f"{self._origin}: {where} "
-                + exceeded("decompressed", "max_part_bytes", limits.max_part_bytes)
+                f"{self._origin}: " + exceeded(what, "max_part_bytes", limits.max_part_bytes)
             )
         if self.total > limits.max_changeset_bytes:
+            what = "the changeset's decompressed size"
             raise MessageError(
-                f"{self._origin}: the changeset "
-                + exceeded("decompressed", "max_changeset_bytes", limits.max_changeset_bytes)
+                f"{self._origin}: "
+                + exceeded(what, "max_changeset_bytes", limits.max_changeset_bytes)
             )
         return data
 

@@ -35,15 +35,18 @@ class Limits:
     max_changeset_bytes: int = 16 * GIB
     #: bytes of one record (a batch of rows, a table definition, a control)
     #: as encoded: bounds what one batch can make this node build in memory
-    max_record_bytes: int = 64 * MIB
+    #: (up to ~20 times this, for a record of the tiniest values; 5,000 rows
+    #: of 3 kB each fit)
+    max_record_bytes: int = 16 * MIB
     #: rows in one batch (mailsync writes ``batch_rows``, default 5,000)
     max_batch_rows: int = 100_000
     #: columns in one table definition (PostgreSQL allows 1,600)
     max_columns: int = 1_600
     #: table definitions in one changeset
     max_tables: int = 10_000
-    #: bytes of one text or binary value
-    max_value_bytes: int = 64 * MIB
+    #: bytes of one text or binary value (a value lies inside a record: raise
+    #: both for tables of large documents)
+    max_value_bytes: int = 16 * MIB
     #: how far ahead of the last changeset applied from its sender one may be
     #: numbered (a month of five-minute cycles is under 9,000)
     max_ahead: int = 100_000
