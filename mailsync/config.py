@@ -334,5 +334,10 @@ def render_config(
         f"send = {_q(mail)}",
         f"receive = {_q(mail)}",
         "keep_processed = true    # move processed mail to .Processed (false: delete)",
+        "",
+        "# How much a received message may make this node decode; the defaults",
+        "# admit what mailsync writes with a wide margin (see the README).",
+        "# [limits]",
+        *(f"# {key} = {getattr(DEFAULT_LIMITS, key)}" for key in LIMIT_KEYS),
     ]
     return "\n".join(lines) + "\n"
