@@ -29,6 +29,7 @@ from mailsync.errors import ConfigError
 from mailsync.keys import DEFAULT_GRACE_DAYS
 from mailsync.schedule import Schedule, parse_schedule, parse_zone
 from mailsync.transport.account import Secret
+from mailsync.wire.limits import DEFAULT_LIMITS, LIMIT_KEYS, Limits
 
 DEFAULT_CONFIG = "mailsync.toml"
 CONFIG_ENV = "MAILSYNC_CONFIG"
@@ -101,6 +102,8 @@ class NodeConfig:
     schedules: tuple[Schedule, ...] = ()
     #: the schedules' time zone (None: the machine's)
     timezone: str | None = None
+    #: how much a received message may make this node decode ([limits])
+    limits: Limits = DEFAULT_LIMITS
 
     @property
     def base_dir(self) -> Path:
@@ -196,6 +199,7 @@ def load_config(path: Path) -> NodeConfig:
     if timezone:
         parse_zone(timezone, where)
     schedules = _schedules(data.get("schedule", []), path)
+    limits = _limits(data.get("limits", {}), path)
 
     box = data.get("mailbox")
     if not isinstance(box, dict):
@@ -247,7 +251,29 @@ def load_config(path: Path) -> NodeConfig:
         log_retention_days=retention,
         schedules=schedules,
         timezone=timezone,
+        limits=limits,
     )
+
+
+def _limits(value: Any, path: Path) -> Limits:
+    """The [limits] table: whole numbers of at least 1; a misspelt key is an
+    error (a limit that silently kept its default would be a surprise)."""
+    where = f"{path} [limits]"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: limits must be a [limits] table")
+    unknown = set(value) - set(LIMIT_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown setting(s) {', '.join(sorted(unknown))}",
+            hint=f"the limits are {', '.join(LIMIT_KEYS)}",
+        )
+    given = {}
+    for key in LIMIT_KEYS:
+        number = _get(value, key, int, where, getattr(DEFAULT_LIMITS, key))
+        if number < 1:
+            raise ConfigError(f"{where}: {key} must be at least 1")
+        given[key] = number
+    return Limits(**given)
 
 
 def _schedules(value: Any, path: Path) -> tuple[Schedule, ...]:
@@ -308,5 +334,10 @@ def render_config(
         f"send = {_q(mail)}",
         f"receive = {_q(mail)}",
         "keep_processed = true    # move processed mail to .Processed (false: delete)",
+        "",
+        "# How much a received message may make this node decode; the defaults",
+        "# admit what mailsync writes with a wide margin (see the README).",
+        "# [limits]",
+        *(f"# {key} = {getattr(DEFAULT_LIMITS, key)}" for key in LIMIT_KEYS),
     ]
     return "\n".join(lines) + "\n"

@@ -51,9 +51,8 @@ class Node:
         self.config = config
         self.engine = engine
         self.journal = Journal(engine, config.node_id)
-        self.cycle = CycleContext(
-            config, engine, ring, Codec(config.compression_level), self.journal, memory=memory
-        )
+        codec = Codec(config.compression_level, config.limits)
+        self.cycle = CycleContext(config, engine, ring, codec, self.journal, memory=memory)
 
     @property
     def ring(self) -> KeyRing:

@@ -31,6 +31,7 @@ from mailsync.store.tables import loads
 from mailsync.transport import TransportContext
 from mailsync.wire.controls import RangeGrants, RangeReport
 from mailsync.wire.envelope import Codec, Header
+from mailsync.wire.limits import Limits
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,11 @@ class CycleContext:
     @property
     def me(self) -> str:
         return self.config.node_id
+
+    @property
+    def limits(self) -> Limits:
+        """The bounds on decoding what peers send (the codec applies them)."""
+        return self.codec.limits
 
     def transport_context(self) -> TransportContext:
         box = self.config.mailbox

@@ -26,11 +26,13 @@ from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import MailsyncError, MessageError, first_line
 from mailsync.journal import logger
+from mailsync.keys import PublicKey
 from mailsync.link import Link
 from mailsync.ranges import exchange
 from mailsync.store.tables import inbox, now, outbox
 from mailsync.transport import open_receiver
 from mailsync.wire.envelope import Header, read_header
+from mailsync.wire.limits import exceeded
 from mailsync.wire.message import extract_envelope, is_mailsync
 
 
@@ -62,7 +64,7 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                             controls.act_on(ctx, conn, link, header.ack, blob, where, keys, report)
                             duplicate = False
                         else:
-                            duplicate = _buffer(conn, link, header, blob)
+                            duplicate = _buffer(ctx, conn, link, header, blob, where, keys)
                     except (DataError, OverflowError) as exc:
                         # signed, but with a value our columns cannot hold:
                         # this message's fault, not the database's
@@ -176,24 +178,38 @@ def _went_back(ctx: CycleContext, conn: Connection, link: Link, header: Header) 
     return link
 
 
-#: A changeset may be at most this far ahead of the last one applied from
-#: its sender (a month of cycles every five minutes is under 9,000); what is
-#: further is set aside, never buffered: every number between would count as
-#: a gap to ask for.
-MAX_AHEAD = 100_000
-#: At most this many parts to one changeset (at the default message size,
-#: about a terabyte).
-MAX_PARTS = 100_000
+def _buffer(
+    ctx: CycleContext,
+    conn: Connection,
+    link: Link,
+    header: Header,
+    blob: bytes,
+    where: str,
+    keys: list[PublicKey],
+) -> bool:
+    """Buffer one part (in the caller's transaction); True if a duplicate.
 
-
-def _buffer(conn: Connection, link: Link, header: Header, blob: bytes) -> bool:
-    """Buffer one part (in the caller's transaction); True if a duplicate."""
+    Set aside, never buffered (MessageError), what breaks the ``[limits]``
+    a receiver can check: a changeset numbered more than ``max_ahead`` past
+    the link (every number between would count as a gap to ask for) or in
+    more than ``max_parts`` parts, and a first part that breaks any other
+    limit (:meth:`Codec.check_first_part`: its decompressed size, and the
+    lengths, rows, columns and tables its records declare). Later parts
+    decode only after the first: they are checked as the changeset is
+    applied, where a violation holds the link.
+    """
     peer, seq = link.peer, header.seq
-    if seq > link.in_seq + MAX_AHEAD or header.parts > MAX_PARTS:
+    limits = ctx.limits
+    if seq > link.in_seq + limits.max_ahead:
         raise MessageError(
-            f"changeset #{seq} in {header.parts} part(s) from {peer}: beyond what a link "
-            f"at #{link.in_seq} can be waiting for (at most {MAX_AHEAD:,} ahead, "
-            f"{MAX_PARTS:,} parts)"
+            f"{where}: changeset #{seq} from {peer} is beyond what a link at "
+            f"#{link.in_seq} can be waiting for: "
+            + exceeded(f"{seq - link.in_seq:,} ahead", "max_ahead", limits.max_ahead)
+        )
+    if header.parts > limits.max_parts:
+        raise MessageError(
+            f"{where}: changeset #{seq} from {peer} in "
+            + exceeded(f"{header.parts:,} parts", "max_parts", limits.max_parts)
         )
     links_mod.acknowledged(conn, link, header.ack)
     if seq <= link.in_seq:
@@ -213,6 +229,9 @@ def _buffer(conn: Connection, link: Link, header: Header, blob: bytes) -> bool:
         conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq == seq))
     elif any(r.part == header.part for r in held):
         return True
+    if header.part == 1:
+        _, body = ctx.codec.decrypt(blob, where, ctx.ring, keys)
+        ctx.codec.check_first_part(body, where, whole=header.parts == 1)
     conn.execute(
         inbox.insert().values(
             peer=peer,

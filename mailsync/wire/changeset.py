@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import msgpack
 
 from mailsync.errors import MessageError
+from mailsync.wire.limits import DEFAULT_LIMITS, MAX_EXT_BYTES, Limits, exceeded
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ _EXT_TIME = 3
 _EXT_DATETIME = 4
 _EXT_BIGINT = 5
 
-#: Bound on one decoded msgpack object; a batch is far smaller than this.
+#: Bound on one decoded msgpack object of a node's own spool.
 _MAX_BUFFER = 256 * 1024 * 1024
 
 
@@ -233,19 +234,40 @@ class ChangesetWriter:
         return self.summary
 
 
-def read_changeset(source: Source, *, origin: str = "changeset") -> Iterator[Record]:
+def read_changeset(
+    source: Source,
+    *,
+    origin: str = "changeset",
+    limits: Limits | None = None,
+    partial: bool = False,
+    typed: bool = True,
+) -> Iterator[Record]:
     """Yield the records of a changeset in order, checking its structure.
 
     Raises :class:`MessageError` (naming ``origin``) for anything malformed:
     a wrong magic or version, an undeclared table, a batch of the wrong width,
-    a missing trailer (truncation) or counts that disagree with the trailer.
+    a missing trailer (truncation) or counts that disagree with the trailer —
+    and for anything beyond ``limits`` (else the source's own ``limits``, as
+    :meth:`Codec.stream <mailsync.wire.envelope.Codec.stream>` returns it, else
+    the defaults): the length of every string, bytes value, array and map as
+    msgpack declares it, before anything of it is built; the encoded size of
+    one record; rows per batch, columns per table, tables per changeset.
+
+    ``partial``: ``source`` holds only the beginning of a changeset (its first
+    part); it may end anywhere, and what it holds is checked. ``typed=False``:
+    extension values (Decimal, dates, ...) are not converted and batches
+    come without their rows — a check of the structure alone, at a fraction
+    of the cost.
     """
+    if limits is None:
+        limits = getattr(source, "limits", None) or DEFAULT_LIMITS
+    metered = _Metered(source, limits.max_record_bytes, origin)
     unpacker = msgpack.Unpacker(
-        source,
-        ext_hook=_decode_ext,
+        metered,
+        ext_hook=_decode_ext if typed else _skip_ext,
         raw=False,
         strict_map_key=False,
-        max_buffer_size=_MAX_BUFFER,
+        **limits.unpacker_options(),
     )
     tables: dict[int, TableDef] = {}
     summary = Summary()
@@ -253,6 +275,7 @@ def read_changeset(source: Source, *, origin: str = "changeset") -> Iterator[Rec
     try:
         first = True
         for obj in unpacker:
+            metered.record_done()
             if ended:
                 raise MessageError(f"{origin}: data after the end of the changeset")
             if first:
@@ -277,20 +300,99 @@ def read_changeset(source: Source, *, origin: str = "changeset") -> Iterator[Rec
                 ended = True
                 continue
             summary.records += 1
-            yield _record(obj, tables, summary, origin)
+            yield _record(obj, tables, summary, origin, limits, typed)
+            del obj  # a batch is not kept alive while the next one is read
     except MessageError:
         raise
-    except (ValueError, TypeError, ArithmeticError, msgpack.UnpackException) as exc:
-        # ArithmeticError: decimal.InvalidOperation from a garbled Decimal
+    except msgpack.BufferFull as exc:
+        what = "one value"
+        raise MessageError(
+            f"{origin}: {exceeded(what, 'max_value_bytes', limits.max_value_bytes)}"
+        ) from exc
+    except ValueError as exc:
+        bound = _msgpack_bound(str(exc), limits)
+        if bound is None:
+            raise MessageError(f"{origin}: changeset is corrupt ({exc})") from exc
+        raise MessageError(f"{origin}: {bound}") from exc
+    except (TypeError, LookupError, ArithmeticError, msgpack.UnpackException) as exc:
+        # ArithmeticError: decimal.InvalidOperation from a garbled Decimal;
+        # LookupError: a column declared as "" or [] (a signed peer sent it)
         raise MessageError(f"{origin}: changeset is corrupt ({exc})") from exc
-    if not ended:
+    if not ended and not partial:
         raise MessageError(f"{origin}: changeset is truncated (no trailer)")
 
 
-def _record(obj: list[Any], tables: dict[int, TableDef], summary: Summary, origin: str) -> Record:
+def _skip_ext(code: int, data: bytes) -> None:
+    return None
+
+
+def _msgpack_bound(text: str, limits: Limits) -> str | None:
+    """msgpack's "N exceeds max_array_len(M)" said in the words of ``[limits]``."""
+    for option, what, keys in (
+        ("max_str_len", "a text value of {n} bytes", "limits.max_value_bytes"),
+        ("max_bin_len", "a bytes value of {n} bytes", "limits.max_value_bytes"),
+        ("max_ext_len", "a typed value of {n} bytes", f"the bound {MAX_EXT_BYTES:,}"),
+        (
+            "max_array_len",
+            "an array of {n} elements",
+            "limits.max_batch_rows, max_columns and max_tables",
+        ),
+        ("max_map_len", "a map of {n} entries", "limits.max_batch_rows, max_columns, max_tables"),
+    ):
+        if f"exceeds {option}(" in text:
+            n = text.split(" ", 1)[0]
+            shown = f"{int(n):,}" if n.isdigit() else n
+            bound = limits.unpacker_options()[option]
+            return f"{what.format(n=shown)} exceeds {bound:,} (allowed by {keys})"
+    return None
+
+
+class _Metered:
+    """The changeset's source, counting the bytes each record is read from:
+    a record (one batch) larger than ``max_record_bytes`` is refused while
+    it is read, before the rest of it is built."""
+
+    def __init__(self, source: Source, limit: int, origin: str) -> None:
+        self._source = source
+        self._limit = limit
+        self._origin = origin
+        self._since = 0  # bytes read since the last record was complete
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._source.read(size)
+        self._since += len(data)
+        if self._since > self._limit:
+            raise MessageError(
+                f"{self._origin}: "
+                f"{exceeded('one record (a batch of rows)', 'max_record_bytes', self._limit)}"
+            )
+        return data
+
+    def record_done(self) -> None:
+        self._since = 0
+
+
+def _record(
+    obj: list[Any],
+    tables: dict[int, TableDef],
+    summary: Summary,
+    origin: str,
+    limits: Limits,
+    typed: bool = True,
+) -> Record:
     kind = obj[0]
     if kind == "T" and len(obj) == 5:
         _, index, name, columns, pk = obj
+        if isinstance(columns, list) and len(columns) > limits.max_columns:
+            raise MessageError(
+                f"{origin}: table {str(name)[:64]!r}: "
+                + exceeded(f"{len(columns):,} columns", "max_columns", limits.max_columns)
+            )
+        if len(tables) >= limits.max_tables and index not in tables:
+            raise MessageError(
+                f"{origin}: "
+                + exceeded(f"{len(tables) + 1:,} tables", "max_tables", limits.max_tables)
+            )
         cols = tuple((str(c[0]), str(c[1])) for c in columns)
         names = {c for c, _ in cols}
         if not isinstance(name, str) or not pk or any(p not in names for p in pk):
@@ -312,9 +414,15 @@ def _record(obj: list[Any], tables: dict[int, TableDef], summary: Summary, origi
         lengths = {len(c) for c in columns}
         if len(lengths) != 1:
             raise MessageError(f"{origin}: {tdef.name} {op} batch has ragged columns")
-        rows = list(zip(*columns, strict=True))
-        summary.count(tdef.name, op, len(rows))
-        return RowBatch(tdef, op, rows)
+        (n,) = lengths
+        if n > limits.max_batch_rows:
+            raise MessageError(
+                f"{origin}: {tdef.name} {op} batch of "
+                + exceeded(f"{n:,} rows", "max_batch_rows", limits.max_batch_rows)
+            )
+        summary.count(tdef.name, op, n)
+        # a check of the structure alone (not typed) needs no rows built
+        return RowBatch(tdef, op, list(zip(*columns, strict=True)) if typed else [])
     if kind == "C" and len(obj) == 3 and isinstance(obj[1], str):
         return Control(obj[1], obj[2])
     raise MessageError(f"{origin}: unknown record {str(kind)[:20]!r}")

@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mailsync.errors import MessageError
 from mailsync.keys import KeyRing, PublicKey
-from mailsync.wire.changeset import Source, pack, unpack
+from mailsync.wire.changeset import Source, pack, read_changeset, unpack
+from mailsync.wire.limits import DEFAULT_LIMITS, Limits, exceeded
 
 MAGIC = b"MSYE"
 ENVELOPE_VERSION = 2
@@ -52,6 +53,8 @@ _TAG = 16  # Poly1305
 _NONCE = bytes(12)  # the key is unique per message
 _INFO = b"mailsync envelope v2"
 DEFAULT_LEVEL = 3
+#: decompressed bytes per read when a part is measured
+_MEASURE_CHUNK = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -166,12 +169,15 @@ class Codec:
     One compressor per node, not per message: a fresh ``ZstdCompressor`` costs
     several times the compression of a small changeset (PERF-FACTS). Bodies
     are compressed and decompressed as streams, so a changeset is never held
-    uncompressed in memory.
+    uncompressed in memory; what they decompress into is bounded by
+    ``limits`` (per part and per changeset), and so is what the changeset
+    reader built on :meth:`stream` accepts.
     """
 
-    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+    def __init__(self, level: int = DEFAULT_LEVEL, limits: Limits = DEFAULT_LIMITS) -> None:
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._decompressor = zstandard.ZstdDecompressor()
+        self.limits = limits
 
     def body_writer(self, sink: BinaryIO) -> zstandard.ZstdCompressionWriter:
         """A stream that compresses what is written to it into ``sink``."""
@@ -227,9 +233,29 @@ class Codec:
     def stream(self, bodies: Iterable[bytes], origin: str) -> Source:
         """The changeset from its decrypted parts, in order, decompressed as it
         is read: only one part is held at a time."""
-        chained = io.BufferedReader(_Chained(iter(bodies)))
-        reader = self._decompressor.stream_reader(chained, closefd=False)
-        return _CheckedReader(reader, origin)
+        return self._reader(bodies, origin)
+
+    def _reader(self, bodies: Iterable[bytes], origin: str) -> _CheckedReader:
+        raw = _Chained(iter(bodies))
+        reader = self._decompressor.stream_reader(io.BufferedReader(raw), closefd=False)
+        return _CheckedReader(reader, origin, self.limits, raw)
+
+    def check_first_part(self, body: bytes, origin: str, *, whole: bool) -> int:
+        """What a receiver can know of a changeset before it buffers it:
+        its first part (decrypted ``body``), the only one that decodes on its
+        own, is decompressed and read through, keeping nothing, with every
+        bound of ``limits`` (sizes, lengths, rows, columns, tables) but
+        without converting values; returns its decompressed size.
+        MessageError if it breaks one. ``whole``: the part is the whole
+        changeset (else it may end anywhere)."""
+        reader = self._reader([body], origin)
+        for _ in read_changeset(
+            reader, origin=origin, limits=self.limits, partial=not whole, typed=False
+        ):
+            pass
+        while reader.read(_MEASURE_CHUNK):  # a part of several may end mid-record
+            pass
+        return reader.total
 
     def decrypt(
         self, blob: bytes, origin: str, ring: KeyRing, sender_keys: Sequence[PublicKey]
@@ -258,6 +284,8 @@ class _Chained(io.RawIOBase):
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
         self._current = memoryview(b"")
+        #: the part being read (1 for the first; 0 before any)
+        self.number = 0
 
     def readable(self) -> bool:
         return True
@@ -267,6 +295,7 @@ class _Chained(io.RawIOBase):
             chunk = next(self._chunks, None)
             if chunk is None:
                 return 0
+            self.number += 1
             self._current = memoryview(chunk)
         n = min(len(buffer), len(self._current))
         buffer[:n] = self._current[:n]
@@ -285,17 +314,45 @@ def _clear_length(blob: bytes) -> int:
 
 
 class _CheckedReader:
-    """Turns a decompression failure into MessageError for the changeset reader."""
+    """The decompressed changeset for its reader: a decompression failure
+    becomes MessageError, and so does more output than ``limits`` allow per
+    part (counted while that part's bytes are fed in) or per changeset.
+    Carries ``limits`` for :func:`~mailsync.wire.changeset.read_changeset`."""
 
-    def __init__(self, inner: Any, origin: str) -> None:
+    def __init__(self, inner: Any, origin: str, limits: Limits, parts: _Chained) -> None:
         self._inner = inner
         self._origin = origin
+        self.limits = limits
+        self._parts = parts
+        self.total = 0
+        self._part = 0
+        self._in_part = 0
 
     def read(self, size: int = -1) -> bytes:
+        if size < 0:  # all of it, still counted as it comes
+            return b"".join(iter(lambda: self.read(_MEASURE_CHUNK), b""))
+        limits = self.limits
         try:
-            return self._inner.read(size)  # type: ignore[no-any-return]
+            data: bytes = self._inner.read(size)
         except zstandard.ZstdError as exc:
             raise MessageError(f"{self._origin}: envelope body is corrupt ({exc})") from exc
+        n = len(data)
+        if self._parts.number != self._part:
+            self._part, self._in_part = self._parts.number, 0
+        self._in_part += n
+        self.total += n
+        if self._in_part > limits.max_part_bytes:
+            what = f"the decompressed size of part {self._part}"
+            raise MessageError(
+                f"{self._origin}: " + exceeded(what, "max_part_bytes", limits.max_part_bytes)
+            )
+        if self.total > limits.max_changeset_bytes:
+            what = "the changeset's decompressed size"
+            raise MessageError(
+                f"{self._origin}: "
+                + exceeded(what, "max_changeset_bytes", limits.max_changeset_bytes)
+            )
+        return data
 
 
 def read_header(blob: bytes, origin: str) -> Header:
