@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -235,6 +238,24 @@ class Cluster:
         dst.close()
         self.engines[name] = open_engine(f"sqlite:///{self.root / (name + '.db')}")
         self.nodes[name] = Node.open(path, memory=self.office)
+
+    def cli(self, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """``mailsync ARGS`` for ``node``, run as a user runs it (any exit)."""
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mailsync",
+                "-c",
+                str(self.root / node / "mailsync.toml"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=self.root,
+            env={**os.environ, "COLUMNS": "250"},
+        )
 
     def close(self) -> None:
         for node in self.nodes.values():

@@ -9,9 +9,7 @@ the ``mailsync`` command against each node's config file.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,14 +24,7 @@ from tests.cluster import Cluster, customers
 
 
 def run(node: str, c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailsync", "-c", str(c.root / node / "mailsync.toml"), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=c.root,
-        env={**os.environ, "COLUMNS": "250"},
-    )
+    return c.cli(node, *args)
 
 
 def ok(node: str, c: Cluster, *args: str) -> str:

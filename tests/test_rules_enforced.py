@@ -12,9 +12,6 @@ in ordinary work: an id collision no longer destroys a host row.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,14 +61,8 @@ def parked(c: Cluster, node: str = "hq") -> list[ParkedRow]:
 
 def cli(c: Cluster, node: str, *args: str) -> str:
     """What ``mailsync ARGS`` prints for ``node``, run as a user runs it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "mailsync", "-c", str(c.root / node / "mailsync.toml"), *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=c.root,
-        env={**os.environ, "COLUMNS": "250"},
-    )
+    done = c.cli(node, *args)
+    assert done.returncode == 0, done.stderr
     return done.stdout
 
 

@@ -202,19 +202,8 @@ def test_insecure_warns_in_the_node_log_at_every_sync(tmp_path: Path) -> None:
 def test_sync_against_a_pop3_server_without_stls_is_one_line_and_no_traceback(
     tmp_path: Path,
 ) -> None:
-    mailsync(
-        "init",
-        "remote",
-        "--id",
-        "koeln",
-        "--db",
-        "sqlite:///app.db",
-        "--address",
-        "koeln@x.test",
-        "--mail",
-        "maildir:mail",
-        cwd=tmp_path,
-    )
+    words = "init remote --id koeln --db sqlite:///app.db --address koeln@x.test"
+    mailsync(*words.split(), "--mail", "maildir:mail", cwd=tmp_path)
     config = tmp_path / "mailsync.toml"
     with plain_server("pop3") as server:
         url = f"pop3+starttls://koeln@127.0.0.1:{server.port}"
