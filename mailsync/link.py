@@ -110,12 +110,6 @@ def peers(conn: Connection) -> list[str]:
     return list(conn.execute(select(links.c.peer).order_by(links.c.peer)).scalars())
 
 
-def last_contact(conn: Connection) -> dt.datetime | None:
-    """The latest contact with any peer (a remote has one)."""
-    value = conn.execute(select(func.max(links.c.last_contact))).scalar()
-    return None if value is None else aware(value)
-
-
 # ----------------------------------------------------------- enrol, forget
 
 

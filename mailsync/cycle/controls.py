@@ -24,7 +24,6 @@ from mailsync import link as links_mod
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
-from mailsync.keys import PublicKey
 from mailsync.link import Link
 from mailsync.ranges import exchange
 from mailsync.store.tables import loads, now, outbox
@@ -51,13 +50,13 @@ def act_on(
     ctx: CycleContext,
     conn: Connection,
     link: Link,
-    ack: int,
+    header: Header,
     blob: bytes,
     where: str,
-    keys: list[PublicKey],
     report: CycleReport,
 ) -> None:
-    """An unsequenced message from ``link.peer``: its ack, then its controls.
+    """An unsequenced message from ``link.peer`` (``header``: as its verified
+    signature vouches for it): its ack, then its controls.
 
     Every record is parsed before any is acted on: a malformed one sets the
     whole message aside (MessageError) and its transaction rolls back.
@@ -69,7 +68,8 @@ def act_on(
     still matters (a gap is asked for again, a range report goes until the
     host confirms, a reload request until the reload comes)."""
     peer = link.peer
-    header, stream = ctx.codec.open(blob, where, ctx.ring, keys)
+    stream = ctx.codec.stream([ctx.codec.unseal(header, blob, where, ctx.ring)], where)
+    ack = header.ack
     if not links_mod.control_fresh(conn, link, header.ctl):
         ctx.journal.warning(
             "control-replayed",

@@ -26,7 +26,6 @@ from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import MailsyncError, MessageError, first_line
 from mailsync.journal import logger
-from mailsync.keys import PublicKey
 from mailsync.link import Link
 from mailsync.ranges import exchange
 from mailsync.store.tables import inbox, now, outbox
@@ -57,14 +56,14 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                     if link is None:
                         raise MessageError(f"{where}: unknown sender {header.sender!r}")
                     keys = ctx.sender_keys(conn, header.sender)
-                    ctx.codec.verify(blob, where, keys)
+                    header = ctx.codec.verify(blob, where, keys)
                     link = _went_back(ctx, conn, link, header)
                     try:
                         if header.seq == controls.CONTROL_SEQ:
-                            controls.act_on(ctx, conn, link, header.ack, blob, where, keys, report)
+                            controls.act_on(ctx, conn, link, header, blob, where, report)
                             duplicate = False
                         else:
-                            duplicate = _buffer(ctx, conn, link, header, blob, where, keys)
+                            duplicate = _buffer(ctx, conn, link, header, blob, where)
                     except (DataError, OverflowError) as exc:
                         # signed, but with a value our columns cannot hold:
                         # this message's fault, not the database's
@@ -185,7 +184,6 @@ def _buffer(
     header: Header,
     blob: bytes,
     where: str,
-    keys: list[PublicKey],
 ) -> bool:
     """Buffer one part (in the caller's transaction); True if a duplicate.
 
@@ -230,7 +228,7 @@ def _buffer(
     elif any(r.part == header.part for r in held):
         return True
     if header.part == 1:
-        _, body = ctx.codec.decrypt(blob, where, ctx.ring, keys)
+        body = ctx.codec.unseal(header, blob, where, ctx.ring)  # verified above
         ctx.codec.check_first_part(body, where, whole=header.parts == 1)
     conn.execute(
         inbox.insert().values(
