@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -310,20 +311,21 @@ def held_parts(conn: Connection, peer: str) -> dict[int, tuple[int, set[int]]]:
     return held
 
 
-def missing_sequences(applied: int, held: set[int]) -> list[int]:
-    """The sequence numbers between the last applied and the buffered ones."""
-    return [s for s in range(applied + 1, max(held, default=0)) if s not in held]
+def missing_sequences(applied: int, held: set[int]) -> Iterator[int]:
+    """The sequence numbers between the last applied and the buffered ones,
+    lazily: a caller that asks for a few takes only those."""
+    return (s for s in range(applied + 1, max(held, default=0)) if s not in held)
 
 
-def missing_parts(held: dict[int, tuple[int, set[int]]]) -> list[tuple[int, int]]:
+def missing_parts(held: dict[int, tuple[int, set[int]]]) -> Iterator[tuple[int, int]]:
     """(seq, part) of the parts absent from partly received changesets;
-    ``held`` maps seq to (number of parts, parts present)."""
-    return [
+    ``held`` maps seq to (number of parts, parts present). Lazily, too."""
+    return (
         (seq, part)
         for seq, (parts, present) in sorted(held.items())
         for part in range(1, parts + 1)
         if part not in present
-    ]
+    )
 
 
 def oldest_buffered(conn: Connection, peer: str) -> dt.datetime | None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain, islice
 
 from sqlalchemy import Connection
 
@@ -197,9 +199,10 @@ def _compose(
     asked = link.gap_requested_at
     if oldest is not None and oldest <= limit and (asked is None or asked <= limit):
         held = links_mod.held_parts(conn, link.peer)
-        wanted.extend(links_mod.missing_sequences(link.in_seq, set(held)))
-        wanted.extend(links_mod.missing_parts(held))
-        del wanted[MAX_RESEND_REQUEST:]
+        gaps: Iterator[Wanted] = chain(
+            links_mod.missing_sequences(link.in_seq, set(held)), links_mod.missing_parts(held)
+        )
+        wanted.extend(islice(gaps, MAX_RESEND_REQUEST))
     reload = (
         ctx.role.can_be_reloaded
         and link.reload_wanted
