@@ -18,9 +18,10 @@ place:
   :func:`gap_requested` — what the peer has heard from us
 - :func:`control_numbered` / :func:`control_fresh` — numbering our control
   messages, and acting on the peer's once
+- :func:`held` / :func:`released` / :func:`skipped` — the peer's changesets
+  stopped applying (and why), flow again, or an admin moved past one
 
-It also answers the inbox questions both the cycle and ``status`` ask: what
-is buffered from a peer, what is missing, what applies next.
+What is buffered from the peer is :mod:`mailsync.inbox`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -78,11 +78,14 @@ class Link:
     ctl_sent: int
     #: the highest control number of the peer's we acted on
     ctl_seen: int
+    #: why the peer's changesets do not apply now, and since when
+    held: str | None
+    held_since: dt.datetime | None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Link:
         m = row._mapping
-        times = ("gap_requested_at", "reload_asked_at", "last_contact", "last_sent")
+        times = ("gap_requested_at", "reload_asked_at", "last_contact", "last_sent", "held_since")
         values = {f.name: m[f.name] for f in fields(cls)}
         for name in times:
             if values[name] is not None:
@@ -298,55 +301,31 @@ def gap_requested(conn: Connection, peer: str) -> None:
     conn.execute(update(links).where(links.c.peer == peer).values(gap_requested_at=now()))
 
 
-# -------------------------------------------------------------------- inbox
+def gap_due(conn: Connection, peer: str) -> None:
+    """What is missing from the peer is asked for with the next sync."""
+    conn.execute(update(links).where(links.c.peer == peer).values(gap_requested_at=None))
 
 
-def held_parts(conn: Connection, peer: str) -> dict[int, tuple[int, set[int]]]:
-    """What the inbox buffer holds from ``peer``: seq → (parts, parts present)."""
-    held: dict[int, tuple[int, set[int]]] = {}
-    for seq, part, parts in conn.execute(
-        select(inbox.c.seq, inbox.c.part, inbox.c.parts).where(inbox.c.peer == peer)
-    ):
-        held.setdefault(seq, (parts, set()))[1].add(part)
-    return held
+def held(conn: Connection, link: Link, reason: str) -> None:
+    """The peer's changesets stopped applying: ``reason`` says why (kept
+    from the first cycle it held, so ``held_since`` is when it began)."""
+    values: dict[str, Any] = {"held": reason}
+    if link.held is None:
+        values["held_since"] = now()
+    conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
 
 
-def missing_sequences(applied: int, held: set[int]) -> Iterator[int]:
-    """The sequence numbers between the last applied and the buffered ones,
-    lazily: a caller that asks for a few takes only those."""
-    return (s for s in range(applied + 1, max(held, default=0)) if s not in held)
+def released(conn: Connection, peer: str) -> None:
+    """The peer's changesets apply again."""
+    conn.execute(update(links).where(links.c.peer == peer).values(held=None, held_since=None))
 
 
-def missing_parts(held: dict[int, tuple[int, set[int]]]) -> Iterator[tuple[int, int]]:
-    """(seq, part) of the parts absent from partly received changesets;
-    ``held`` maps seq to (number of parts, parts present). Lazily, too."""
-    return (
-        (seq, part)
-        for seq, (parts, present) in sorted(held.items())
-        for part in range(1, parts + 1)
-        if part not in present
+def skipped(conn: Connection, peer: str, seq: int, cid: str) -> None:
+    """An admin moved the link past changeset ``seq`` without applying it:
+    to the peer it is applied (our ack names it), and the link is free."""
+    conn.execute(
+        update(links)
+        .where(links.c.peer == peer)
+        .values(in_seq=seq, in_cid=cid, held=None, held_since=None)
     )
-
-
-def oldest_buffered(conn: Connection, peer: str) -> dt.datetime | None:
-    value = conn.execute(select(func.min(inbox.c.received_at)).where(inbox.c.peer == peer)).scalar()
-    return None if value is None else aware(value)
-
-
-def next_complete(conn: Connection, peer: str, in_seq: int) -> tuple[int, int] | None:
-    """The changeset to apply next, once all its parts are here: (seq, parts)."""
-    row = conn.execute(
-        select(inbox.c.seq, inbox.c.parts, func.count())
-        .where(inbox.c.peer == peer, inbox.c.seq > in_seq, inbox.c.base <= in_seq)
-        .group_by(inbox.c.seq, inbox.c.parts)
-        .order_by(inbox.c.seq)
-        .limit(1)
-    ).first()
-    if row is None or row[2] < row[1]:
-        return None
-    return int(row[0]), int(row[1])
-
-
-def drop_stale(conn: Connection, peer: str, in_seq: int) -> None:
-    """Duplicates a crash left in the buffer after their changeset applied."""
-    conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= in_seq))
+    conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= seq))

@@ -14,7 +14,8 @@ from sqlalchemy import Engine, distinct, func, or_, select
 from mailsync import capture
 from mailsync import rules as rules_mod
 from mailsync.config import NodeConfig, Role
-from mailsync.link import Link, all_links, held_parts, missing_parts, missing_sequences
+from mailsync.inbox import held_parts, missing_parts, missing_sequences
+from mailsync.link import Link, all_links
 from mailsync.ranges.admin import usage
 from mailsync.ranges.model import RangeUsage
 from mailsync.store.engine import redact

@@ -305,8 +305,18 @@ def test_a_version_1_database_gains_the_control_numbers(db_url: str) -> None:
     try:
         ensure_schema(engine)
         with engine.begin() as conn:
-            for name in ("ctl_sent", "ctl_seen"):
-                conn.execute(text(f"ALTER TABLE mailsync_links DROP COLUMN {name}"))
+            # back to version 1: without the columns versions 2 and 3 added
+            for table, name in (
+                ("mailsync_links", "ctl_sent"),
+                ("mailsync_links", "ctl_seen"),
+                ("mailsync_links", "held"),
+                ("mailsync_links", "held_since"),
+                ("mailsync_inbox", "size"),
+                ("mailsync_inbox", "attempts"),
+                ("mailsync_inbox", "last_error"),
+                ("mailsync_inbox", "quarantined_at"),
+            ):
+                conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {name}"))
             conn.execute(
                 text(
                     "INSERT INTO mailsync_links (peer, address, out_seq, in_seq, acked_seq, "
@@ -322,6 +332,6 @@ def test_a_version_1_database_gains_the_control_numbers(db_url: str) -> None:
                 text("SELECT value FROM mailsync_meta WHERE key = 'schema_version'")
             ).scalar()
         assert (row.peer, row.out_seq, row.ctl_sent, row.ctl_seen) == ("koeln", 3, 0, 0)
-        assert version == str(SCHEMA_VERSION) == "2"
+        assert version == str(SCHEMA_VERSION) == "3"
     finally:
         engine.dispose()

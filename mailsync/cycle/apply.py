@@ -12,44 +12,100 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, delete
 
-from mailsync import faults
+from mailsync import faults, inbox
 from mailsync import link as links_mod
 from mailsync.apply import Applied, Opener, apply_buffered
-from mailsync.cycle.contain import contained
+from mailsync.cycle.contain import contained, describe
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
-from mailsync.errors import ApplyError, MailsyncError, MessageError
+from mailsync.errors import SCOPES, ApplyError, MailsyncError, MessageError
 from mailsync.journal import logger
-from mailsync.store.tables import horizons, inbox
+from mailsync.link import Link
+from mailsync.store.tables import horizons
 from mailsync.wire.changeset import Source
 from mailsync.wire.envelope import Header, read_header
 
 
 def apply(ctx: CycleContext, report: CycleReport) -> None:
-    """Apply what is complete and next, for every peer."""
+    """Apply what is complete and next, for every peer; settle which links
+    are held, and why."""
     with ctx.engine.connect() as conn:
-        peers = [(link.peer, link.in_seq) for link in links_mod.all_links(conn)]
-    for peer, in_seq in peers:
-        with contained(report, ctx.journal, scope="peer", event="apply-failed", peer=peer):
-            _apply_peer(ctx, report, peer, in_seq)
+        peers = links_mod.all_links(conn)
+    for link in peers:
+        peer = link.peer
+        # a message of the peer's that receive could not take (a bug met
+        # with it) holds the link as much as a changeset that fails here
+        reason = report.peer_errors.get(peer)
+        with contained(report, ctx.journal, scope="peer", event="apply-failed", peer=peer) as out:
+            quarantined = _apply_peer(ctx, report, peer, link.in_seq)
+            if quarantined is not None:
+                # said in the log when it was quarantined; here only in the
+                # cycle's outcome (and exit code) and the link's hold
+                report.errors.append(quarantined)
+                report.peer_errors.setdefault(peer, quarantined)
+                reason = reason or quarantined
+        if out.error is not None:
+            reason = reason or describe(out.error)
+        _settle_hold(ctx, link, reason)
         _forget_horizons(ctx, report, peer)
 
 
-def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) -> None:
+def _settle_hold(ctx: CycleContext, link: Link, reason: str | None) -> None:
+    """Mark the link held with ``reason``, or release it (a write only when
+    that changes)."""
+    if reason == link.held:
+        return
     with ctx.engine.begin() as conn:
-        links_mod.drop_stale(conn, peer, in_seq)  # duplicates left by a crash
+        if reason is not None:
+            links_mod.held(conn, link, reason)
+        else:
+            links_mod.released(conn, link.peer)
+            ctx.journal.info(
+                "released",
+                f"changesets from {link.peer} apply again (held since "
+                f"{link.held_since:%Y-%m-%d %H:%M} UTC: {link.held})"
+                if link.held_since is not None
+                else f"changesets from {link.peer} apply again",
+                peer=link.peer,
+                conn=conn,
+            )
+
+
+def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) -> str | None:
+    """Apply the peer's changesets that are next; returns why the link is
+    held if the one next in line is quarantined."""
+    with ctx.engine.begin() as conn:
+        inbox.drop_stale(conn, peer, in_seq)  # duplicates left by a crash
+        expired = inbox.expire(conn, peer, in_seq, ctx.limits)
+        if expired:
+            report.expired[peer] = expired
+            ctx.journal.warning(
+                "expired",
+                f"changeset(s) {', '.join(f'#{s}' for s in expired[:10])}"
+                + (" …" if len(expired) > 10 else "")
+                + f" from {peer} never completed in {ctx.limits.incomplete_expiry_hours} h "
+                "(limits.incomplete_expiry_hours): dropped from the inbox, asked for again",
+                peer=peer,
+                conn=conn,
+            )
     while True:
         with ctx.engine.connect() as conn:
-            found = links_mod.next_complete(conn, peer, in_seq)
+            found = inbox.next_complete(conn, peer, in_seq)
         if found is None:
-            return
-        seq, parts = found
+            return None
+        seq = found.seq
+        if found.quarantined:
+            return (
+                f"changeset #{seq} from {peer} is quarantined after {found.attempts} failed "
+                f"attempt(s): {found.last_error} (hint: fix the cause, then `mailsync inbox "
+                f"retry {peer}`; or `mailsync inbox drop {peer} {seq} --skip`)"
+            )
         try:
             applied = apply_buffered(
                 ctx.engine,
-                _opener(ctx, peer, seq, parts),
+                _opener(ctx, peer, seq, found.parts),
                 me=ctx.me,
                 peer=peer,
                 seq=seq,
@@ -57,21 +113,43 @@ def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) 
                 rules_for=lambda conn: ctx.role.rules(conn, peer),
                 accept_rules=ctx.role.accepts_rules,
             )
-        except MailsyncError:
+        except MailsyncError as exc:
+            if SCOPES.index(exc.scope) <= SCOPES.index("peer"):
+                _failed(ctx, peer, seq, exc)  # this changeset's fault, not the database's
             raise
         except Exception as exc:
             # a bug, met with this peer's changeset: it holds this link only
             # (the transaction rolled back; the changeset stays buffered)
             logger.error("%s: applying #%d from %s", ctx.me, seq, peer, exc_info=True)
-            raise ApplyError(
+            error = ApplyError(
                 f"changeset #{seq} from {peer}: unexpected {type(exc).__name__}: {exc}",
                 hint="a bug in mailsync: the traceback is in the service's output; "
                 "the changeset waits and is tried again next cycle",
-            ) from exc
+            )
+            _failed(ctx, peer, seq, error)
+            raise error from exc
         faults.point("after-apply")
         report.applied.append(applied)
         _log_applied(ctx, applied)
         in_seq = seq
+
+
+def _failed(ctx: CycleContext, peer: str, seq: int, exc: MailsyncError) -> None:
+    """Count a failed attempt at changeset ``seq``; quarantine it at the
+    limit (said once, here: from then on it is not tried by itself)."""
+    with ctx.engine.begin() as conn:
+        attempts, quarantined = inbox.failed(conn, peer, seq, str(exc), ctx.limits)
+        if quarantined:
+            ctx.journal.error(
+                "quarantined",
+                f"changeset #{seq} from {peer} quarantined after {attempts} failed attempts "
+                f"(limits.quarantine_after): {exc}; it is not tried again by itself — fix "
+                f"the cause, then `mailsync inbox retry {peer}`, or `mailsync inbox drop "
+                f"{peer} {seq} --skip` to do without it",
+                peer=peer,
+                seq=seq,
+                conn=conn,
+            )
 
 
 def _opener(ctx: CycleContext, peer: str, seq: int, parts: int) -> Opener:
@@ -82,11 +160,7 @@ def _opener(ctx: CycleContext, peer: str, seq: int, parts: int) -> Opener:
         keys = ctx.sender_keys(conn, peer)
 
         def part(number: int) -> tuple[Header, bytes]:
-            blob = conn.execute(
-                select(inbox.c.blob).where(
-                    inbox.c.peer == peer, inbox.c.seq == seq, inbox.c.part == number
-                )
-            ).scalar_one()
+            blob = inbox.part_blob(conn, peer, seq, number)
             where = f"{origin} part {number}/{parts}" if parts > 1 else origin
             header, body = ctx.codec.decrypt(blob, where, ctx.ring, keys)
             if header.part != number or header.parts != parts:
@@ -119,9 +193,7 @@ def _forget_horizons(ctx: CycleContext, report: CycleReport, peer: str) -> None:
     if not ack:
         return
     with ctx.engine.begin() as conn:
-        for blob in conn.execute(
-            select(inbox.c.blob).where(inbox.c.peer == peer, inbox.c.part == 1)
-        ).scalars():
+        for blob in inbox.first_parts(conn, peer):
             ack = min(ack, read_header(blob, f"buffered changeset from {peer}").ack)
         conn.execute(delete(horizons).where(horizons.c.peer == peer, horizons.c.seq < ack))
 

@@ -22,6 +22,7 @@ from itertools import chain, islice
 
 from sqlalchemy import Connection
 
+from mailsync import inbox
 from mailsync import link as links_mod
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
@@ -181,28 +182,34 @@ def due(
             for_peer(report, ctx.journal, peer, "send-failed", f"controls for {peer}"),
             conn.begin_nested(),
         ):
-            control = _compose(ctx, conn, link, carried)
+            control = _compose(ctx, conn, link, carried, report)
             if control is not None:
                 out.append(control)
     return out
 
 
 def _compose(
-    ctx: CycleContext, conn: Connection, link: Link, carried: set[str]
+    ctx: CycleContext, conn: Connection, link: Link, carried: set[str], report: CycleReport
 ) -> OutgoingControl | None:
     cfg = ctx.config
     gap_after = dt.timedelta(minutes=cfg.gap_request_minutes)
     limit = now() - gap_after
     resend_after = dt.timedelta(minutes=cfg.resend_after_minutes)
     wanted: list[Wanted] = []
-    oldest = links_mod.oldest_buffered(conn, link.peer)
+    oldest = inbox.oldest_buffered(conn, link.peer)
     asked = link.gap_requested_at
+    # dropped from the inbox as never completed (apply's expiry): asked for
+    # again at once, whole
+    expired = report.expired.get(link.peer, [])
+    wanted.extend(expired[:MAX_RESEND_REQUEST])
     if oldest is not None and oldest <= limit and (asked is None or asked <= limit):
-        held = links_mod.held_parts(conn, link.peer)
+        held = inbox.held_parts(conn, link.peer)
         gaps: Iterator[Wanted] = chain(
-            links_mod.missing_sequences(link.in_seq, set(held)), links_mod.missing_parts(held)
+            inbox.missing_sequences(link.in_seq, set(held)), inbox.missing_parts(held)
         )
-        wanted.extend(islice(gaps, MAX_RESEND_REQUEST))
+        wanted.extend(
+            islice((g for g in gaps if g not in expired), MAX_RESEND_REQUEST - len(wanted))
+        )
     reload = (
         ctx.role.can_be_reloaded
         and link.reload_wanted

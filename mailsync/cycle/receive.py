@@ -20,6 +20,7 @@ from sqlalchemy import Connection, delete, select
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from mailsync import faults
+from mailsync import inbox as inbox_mod
 from mailsync import link as links_mod
 from mailsync.cycle import controls
 from mailsync.cycle.context import CycleContext
@@ -28,7 +29,7 @@ from mailsync.errors import MailsyncError, MessageError, first_line
 from mailsync.journal import logger
 from mailsync.link import Link
 from mailsync.ranges import exchange
-from mailsync.store.tables import inbox, now, outbox
+from mailsync.store.tables import inbox, outbox
 from mailsync.transport import open_receiver
 from mailsync.wire.envelope import Header, read_header
 from mailsync.wire.limits import exceeded
@@ -190,7 +191,8 @@ def _buffer(
     Set aside, never buffered (MessageError), what breaks the ``[limits]``
     a receiver can check: a changeset numbered more than ``max_ahead`` past
     the link (every number between would count as a gap to ask for) or in
-    more than ``max_parts`` parts, and a first part that breaks any other
+    more than ``max_parts`` parts, one over the peer's share of the inbox
+    (:func:`mailsync.inbox.admit`), and a first part that breaks any other
     limit (:meth:`Codec.check_first_part`: its decompressed size, and the
     lengths, rows, columns and tables its records declare). Later parts
     decode only after the first: they are checked as the changeset is
@@ -227,19 +229,9 @@ def _buffer(
         conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq == seq))
     elif any(r.part == header.part for r in held):
         return True
+    inbox_mod.admit(conn, link, header, len(blob), limits, where)
     if header.part == 1:
         body = ctx.codec.unseal(header, blob, where, ctx.ring)  # verified above
         ctx.codec.check_first_part(body, where, whole=header.parts == 1)
-    conn.execute(
-        inbox.insert().values(
-            peer=peer,
-            seq=seq,
-            part=header.part,
-            parts=header.parts,
-            cid=header.cid,
-            base=header.after,
-            blob=blob,
-            received_at=now(),
-        )
-    )
+    inbox_mod.store(conn, peer, header, blob)
     return False

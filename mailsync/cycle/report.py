@@ -29,6 +29,9 @@ class CycleReport:
     forward: list[bytes] = field(default_factory=list)
     #: receive → apply: per peer, the highest ack its bare acks carried
     bare_acks: dict[str, int] = field(default_factory=dict)
+    #: apply → controls: per peer, incomplete changesets dropped from the
+    #: inbox (limits.incomplete_expiry_hours), to be asked for again whole
+    expired: dict[str, list[int]] = field(default_factory=dict)
 
     def peer_outcomes(self) -> dict[str, str]:
         """One line per peer something happened with in this cycle."""

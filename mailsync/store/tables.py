@@ -37,7 +37,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -104,6 +104,10 @@ links = Table(
     # the highest the peer's carried: one not above it is a replay (v2)
     Column("ctl_sent", BigInteger, nullable=False, default=0),
     Column("ctl_seen", BigInteger, nullable=False, default=0),
+    # why the peer's inbound changesets do not apply (a failure, a
+    # quarantined changeset), since when; NULL while they flow (v3)
+    Column("held", Text),
+    Column("held_since", _Time),
 )
 
 peer_keys = Table(
@@ -181,6 +185,13 @@ inbox = Table(
     Column("base", BigInteger, nullable=False),
     Column("blob", LargeBinary, nullable=False),
     Column("received_at", _Time, nullable=False),
+    # v3: the blob's length (the per-peer cap sums it), and per changeset
+    # (the same on each of its parts): failed attempts to apply it, the
+    # last failure, and when it was quarantined (no longer tried by itself)
+    Column("size", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("quarantined_at", _Time),
 )
 
 parked = Table(
@@ -334,8 +345,24 @@ def _v1_to_v2(conn: Connection) -> None:
         )
 
 
+def _v2_to_v3(conn: Connection) -> None:
+    """Held links and a bounded inbox: a link's hold, each buffered part's
+    size, each buffered changeset's failures and quarantine."""
+    time = _Time.compile(dialect=conn.dialect)
+    for table, column, kind in (
+        ("mailsync_links", "held", "TEXT"),
+        ("mailsync_links", "held_since", time),
+        ("mailsync_inbox", "size", "INTEGER NOT NULL DEFAULT 0"),
+        ("mailsync_inbox", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+        ("mailsync_inbox", "last_error", "TEXT"),
+        ("mailsync_inbox", "quarantined_at", time),
+    ):
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    conn.exec_driver_sql("UPDATE mailsync_inbox SET size = length(blob)")
+
+
 #: Steps that bring the schema from version N to N + 1.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def now() -> dt.datetime:

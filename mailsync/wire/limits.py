@@ -26,7 +26,8 @@ MAX_EXT_BYTES = 64 * KIB
 
 @dataclass(frozen=True)
 class Limits:
-    """The bounds on decoding one received changeset (the ``[limits]`` table)."""
+    """The bounds on decoding one received changeset and on what one peer
+    may keep waiting in the inbox (the ``[limits]`` table)."""
 
     #: bytes one part may decompress into (checked at receive for the first
     #: part, before it is buffered, and at apply for every part)
@@ -52,6 +53,17 @@ class Limits:
     max_ahead: int = 100_000
     #: parts of one changeset (at the default message size, about a terabyte)
     max_parts: int = 100_000
+    #: changesets one peer may have waiting in the inbox beyond the one next
+    #: in line (early, or behind a gap); more are set aside and sent again
+    max_buffered_changesets: int = 1_000
+    #: bytes (sealed) those changesets may take, per peer
+    max_buffered_bytes: int = 1 * GIB
+    #: a changeset whose parts stopped arriving this many hours ago is
+    #: dropped from the inbox and asked for again whole
+    incomplete_expiry_hours: int = 72
+    #: failed attempts to apply a changeset before it is quarantined: no
+    #: longer tried by itself, its link held until `mailsync inbox retry`
+    quarantine_after: int = 5
 
     @property
     def max_container_len(self) -> int:
