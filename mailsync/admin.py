@@ -1,5 +1,5 @@
 """Every admin command as a library function: stations, table rules, number
-ranges, parked rows and conflicts.
+ranges, parked rows, conflicts and the inbox buffer.
 
 An admin's change must show in ``mailsync log`` the way a cycle's work does,
 and an application or a test must be able to make it without the CLI (the
@@ -26,9 +26,9 @@ from typing import Protocol
 
 from sqlalchemy import Connection, Engine
 
+from mailsync import inbox, trust
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
-from mailsync import trust
 from mailsync.apply import ParkedRow, list_parked, retry_parked_row
 from mailsync.apply import drop_parked as drop_parked_rows
 from mailsync.config import NodeConfig
@@ -37,6 +37,7 @@ from mailsync.conflicts import drop_conflicts as drop_conflict_records
 from mailsync.conflicts import list_conflicts as read_conflicts
 from mailsync.enroll import Bundle
 from mailsync.errors import ConfigError
+from mailsync.inbox import Buffered
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey
 from mailsync.ranges import admin as ranges_admin
@@ -356,3 +357,59 @@ def drop_conflicts(site: Site, ids: Iterable[int] | None) -> int:
         gone = drop_conflict_records(conn, None if wanted is None else sorted(wanted))
         site.journal.info("conflict", f"{gone} conflict record(s) dropped{_ids(wanted)}", conn=conn)
     return gone
+
+
+# -------------------------------------------------------------------- inbox
+
+
+def inbox_list(site: Site, peer: str | None = None) -> list[Buffered]:
+    """The changesets waiting in the inbox (of one peer), in order."""
+    with site.engine.connect() as conn:
+        if peer is not None and links_mod.get(conn, peer) is None:
+            raise ConfigError(f"unknown peer {peer!r}", hint="`mailsync status` lists the peers")
+        return inbox.buffered(conn, peer)
+
+
+def inbox_show(site: Site, peer: str, seq: int) -> Buffered:
+    """One buffered changeset: its parts, its failures, why it waits."""
+    with site.engine.connect() as conn:
+        (found,) = inbox.named(conn, peer, seq)
+        return found
+
+
+def inbox_retry(site: Site, peer: str, seq: int | None = None) -> list[Buffered]:
+    """Try the peer's buffered changesets (or one) again with the next sync:
+    their failures forgotten, a quarantine lifted, missing parts asked for."""
+    with site.engine.begin() as conn:
+        chosen = inbox.retry(conn, peer, seq)
+        what = f"changeset #{seq}" if seq is not None else f"{len(chosen)} changeset(s)"
+        site.journal.info(
+            "inbox", f"{what} from {peer} to be tried again by an admin", peer=peer, conn=conn
+        )
+    return chosen
+
+
+def inbox_drop(site: Site, peer: str, seq: int, *, skip: bool = False) -> Buffered:
+    """Drop a buffered changeset; ``skip``: the one next in line, never to be
+    applied here (see :func:`mailsync.inbox.drop`)."""
+    with site.engine.begin() as conn:
+        dropped = inbox.drop(conn, peer, seq, skip=skip)
+        if skip:
+            site.journal.error(
+                "inbox",
+                f"changeset #{seq} from {peer} skipped by an admin: never applied here, its "
+                f"rows are missing on this node ({dropped.state})",
+                peer=peer,
+                seq=seq,
+                conn=conn,
+            )
+        else:
+            site.journal.warning(
+                "inbox",
+                f"buffered changeset #{seq} from {peer} dropped by an admin; it is asked "
+                "for again when its turn comes",
+                peer=peer,
+                seq=seq,
+                conn=conn,
+            )
+    return dropped

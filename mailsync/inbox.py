@@ -103,6 +103,18 @@ def next_complete(conn: Connection, peer: str, in_seq: int) -> Next | None:
     return Next(int(row[0]), int(row[1]), row[4] is not None, int(row[3] or 0), row[5])
 
 
+def quarantined_counts(conn: Connection) -> dict[str, int]:
+    """Per peer, how many of its buffered changesets are quarantined."""
+    return {
+        peer: int(n)
+        for peer, n in conn.execute(
+            select(inbox.c.peer, func.count(func.distinct(inbox.c.seq)))
+            .where(inbox.c.quarantined_at.is_not(None))
+            .group_by(inbox.c.peer)
+        )
+    }
+
+
 def part_blob(conn: Connection, peer: str, seq: int, part: int) -> bytes:
     """One buffered part, sealed."""
     blob: bytes = conn.execute(
@@ -216,15 +228,19 @@ def buffered(conn: Connection, peer: str | None = None, seq: int | None = None) 
 
 def admit(
     conn: Connection, link: Link, header: Header, size: int, limits: Limits, where: str
-) -> None:
-    """Refuse (MessageError: the part is set aside, not buffered) a part that
-    would take the peer's share of the buffer over its caps.
+) -> list[int]:
+    """Make room for a part within the peer's share of the buffer, or refuse
+    it (MessageError: it is set aside, not buffered). Returns the numbers
+    of the changesets evicted to make room.
 
     The changeset next in line is always admitted up to the size a whole
     changeset may have (``max_changeset_bytes``): the link can always move.
     Everything else — changesets early for their turn — shares
-    ``max_buffered_changesets`` and ``max_buffered_bytes``; a legitimate
-    sender never needs that much, and what is refused is sent again."""
+    ``max_buffered_changesets`` and ``max_buffered_bytes``. When they are
+    full, the lowest numbers are worth keeping (they apply first): a part
+    numbered below the highest buffered changeset evicts that one, a part
+    above them all is refused. Neither loses anything a real sender sent:
+    it holds both until they are acknowledged and sends them again."""
     peer, seq = link.peer, header.seq
     if header.after <= link.in_seq:  # next in line
         (mine,) = conn.execute(
@@ -239,32 +255,49 @@ def admit(
                     f"{int(mine) + size:,} bytes", "max_changeset_bytes", limits.max_changeset_bytes
                 )
             )
-        return
+        return []
+    early = (inbox.c.peer == peer, inbox.c.base > link.in_seq)
     count, total, known = conn.execute(
         select(
             func.count(func.distinct(inbox.c.seq)),
             func.coalesce(func.sum(inbox.c.size), 0),
             func.count().filter(inbox.c.seq == seq),
-        ).where(inbox.c.peer == peer, inbox.c.base > link.in_seq)
+        ).where(*early)
     ).one()
-    if not known and count >= limits.max_buffered_changesets:
+    count, total = count + (not known), int(total) + size
+    if size > limits.max_buffered_bytes:
+        raise MessageError(
+            f"{where}: changeset #{seq} from {peer} not buffered: "
+            + exceeded(f"a part of {size:,} bytes", "max_buffered_bytes", limits.max_buffered_bytes)
+        )
+    evicted: list[int] = []
+    if count <= limits.max_buffered_changesets and total <= limits.max_buffered_bytes:
+        return evicted
+    held, wanted = count - 1, total  # as they are, for the refusal
+    for victim, victim_size in conn.execute(
+        select(inbox.c.seq, func.sum(inbox.c.size))
+        .where(*early, inbox.c.seq > seq)
+        .group_by(inbox.c.seq)
+        .order_by(inbox.c.seq.desc())
+    ):
+        evicted.append(int(victim))
+        count, total = count - 1, total - int(victim_size)
+        if count <= limits.max_buffered_changesets and total <= limits.max_buffered_bytes:
+            conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq.in_(evicted)))
+            return evicted
+    if count > limits.max_buffered_changesets:
         raise MessageError(
             f"{where}: changeset #{seq} from {peer} not buffered: the inbox holds "
             + exceeded(
-                f"{count:,} changesets from {peer} already",
+                f"{held:,} changesets from {peer} already",
                 "max_buffered_changesets",
                 limits.max_buffered_changesets,
             )
         )
-    if int(total) + size > limits.max_buffered_bytes:
-        raise MessageError(
-            f"{where}: changeset #{seq} from {peer} not buffered: the inbox would hold "
-            + exceeded(
-                f"{int(total) + size:,} bytes from {peer}",
-                "max_buffered_bytes",
-                limits.max_buffered_bytes,
-            )
-        )
+    raise MessageError(
+        f"{where}: changeset #{seq} from {peer} not buffered: the inbox would hold "
+        + exceeded(f"{wanted:,} bytes from {peer}", "max_buffered_bytes", limits.max_buffered_bytes)
+    )
 
 
 def store(conn: Connection, peer: str, header: Header, blob: bytes) -> None:
@@ -323,26 +356,28 @@ def failed(conn: Connection, peer: str, seq: int, error: str, limits: Limits) ->
     return attempts, quarantine
 
 
-def _choose(conn: Connection, peer: str, seq: int | None) -> list[Buffered]:
+def named(conn: Connection, peer: str, seq: int | None) -> list[Buffered]:
+    """What an admin named (a peer's changesets, or one): an operator's
+    mistake — an unknown peer, nothing buffered — is an error that changes
+    nothing."""
     if links_mod.get(conn, peer) is None:
         raise ConfigError(f"unknown peer {peer!r}", hint="`mailsync status` lists the peers")
-    chosen = buffered(conn, peer, seq)
-    if not chosen:
-        what = f"changeset #{seq}" if seq is not None else "nothing"
-        raise ConfigError(
-            f"{what} from {peer} is not in the inbox"
-            if seq is not None
-            else f"nothing from {peer} is in the inbox",
-            hint="`mailsync inbox list` shows what is buffered",
+    found = buffered(conn, peer, seq)
+    if not found:
+        what = (
+            f"changeset #{seq} from {peer} is not" if seq is not None else f"nothing from {peer} is"
         )
-    return chosen
+        raise ConfigError(
+            f"{what} in the inbox", hint="`mailsync inbox list` shows what is buffered"
+        )
+    return found
 
 
 def retry(conn: Connection, peer: str, seq: int | None = None) -> list[Buffered]:
     """Try the peer's changesets (or one) again from scratch with the next
     sync: failures forgotten, quarantine lifted, missing parts asked for at
     once. Returns what was chosen, as it was."""
-    chosen = _choose(conn, peer, seq)
+    chosen = named(conn, peer, seq)
     query = update(inbox).where(inbox.c.peer == peer)
     if seq is not None:
         query = query.where(inbox.c.seq == seq)
@@ -358,7 +393,7 @@ def drop(conn: Connection, peer: str, seq: int, *, skip: bool = False) -> Buffer
     line is what holds the link: dropping it alone would bring it back, so
     it needs ``skip`` — the link moves past it and it is never applied here
     (the sender hears it as applied). Returns what was dropped."""
-    (chosen,) = _choose(conn, peer, seq)
+    (chosen,) = named(conn, peer, seq)
     if chosen.next_in_line and not skip:
         raise ConfigError(
             f"changeset #{seq} is next in line from {peer}: dropped alone it would be "

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, distinct, func, or_, select
 from mailsync import capture
 from mailsync import rules as rules_mod
 from mailsync.config import NodeConfig, Role
-from mailsync.inbox import held_parts, missing_parts, missing_sequences
+from mailsync.inbox import held_parts, missing_parts, missing_sequences, quarantined_counts
 from mailsync.link import Link, all_links
 from mailsync.ranges.admin import usage
 from mailsync.ranges.model import RangeUsage
@@ -43,6 +43,11 @@ class LinkStatus:
     missing_parts: tuple[tuple[int, int], ...] = ()
     #: after a restored backup: what is being done about it, in words
     restore: str | None = None
+    #: why the peer's changesets do not apply (a failure, a quarantine), since
+    held: str | None = None
+    held_since: dt.datetime | None = None
+    #: buffered changesets no longer tried by themselves (`mailsync inbox`)
+    quarantined: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
     is_host = config.role == "host"
     with engine.begin() as conn:
         result = []
+        quarantined = quarantined_counts(conn)
         for link in all_links(conn):
             routed = (
                 or_(changes.c.origin.is_(None), changes.c.origin != link.peer)
@@ -112,6 +118,9 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
                     missing=tuple(missing_sequences(link.in_seq, set(held))),
                     missing_parts=tuple(missing_parts(held)),
                     restore=_restore_state(link, is_host),
+                    held=link.held,
+                    held_since=link.held_since,
+                    quarantined=quarantined.get(link.peer, 0),
                 )
             )
         tables = sorted({r.table for r in rules_mod.all_rules(conn)})

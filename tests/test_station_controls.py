@@ -38,6 +38,7 @@ from mailsync.wire.controls import LeaseState, RangeReport, ReloadRequest, Resen
 from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.message import Address, build_message
 from tests.cluster import DOMAIN, Cluster, orders
+from tests.test_inbox import V3_COLUMNS
 
 HQ, KOELN = f"hq@{DOMAIN}", f"koeln@{DOMAIN}"
 
@@ -306,16 +307,8 @@ def test_a_version_1_database_gains_the_control_numbers(db_url: str) -> None:
         ensure_schema(engine)
         with engine.begin() as conn:
             # back to version 1: without the columns versions 2 and 3 added
-            for table, name in (
-                ("mailsync_links", "ctl_sent"),
-                ("mailsync_links", "ctl_seen"),
-                ("mailsync_links", "held"),
-                ("mailsync_links", "held_since"),
-                ("mailsync_inbox", "size"),
-                ("mailsync_inbox", "attempts"),
-                ("mailsync_inbox", "last_error"),
-                ("mailsync_inbox", "quarantined_at"),
-            ):
+            v2 = (("mailsync_links", "ctl_sent"), ("mailsync_links", "ctl_seen"))
+            for table, name in v2 + V3_COLUMNS:
                 conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {name}"))
             conn.execute(
                 text(

@@ -19,6 +19,7 @@ from mailsync.cli import (
     conflicts_cmds,
     demo_cmd,
     errors_cmds,
+    inbox_cmds,
     keys_cmds,
     node_cmds,
     range_cmds,
@@ -63,6 +64,7 @@ app.add_typer(admin.table_app, name="table")
 range_cmds.register(app)
 keys_cmds.register(app)
 errors_cmds.register(app)
+inbox_cmds.register(app)
 conflicts_cmds.register(app)
 demo_cmd.register(app)
 

@@ -193,6 +193,16 @@ def status(
         for link in st.links:
             if link.restore:
                 console.print(f"[bold yellow]{escape(link.restore)}[/]")
+            if link.held:
+                console.print(
+                    f"[bold red]changesets from {escape(link.peer)} held[/] since "
+                    f"{when(link.held_since)}: {escape(link.held)}"
+                )
+            if link.quarantined:
+                console.print(
+                    f"[bold red]{link.quarantined} changeset(s) from {escape(link.peer)} "
+                    f"quarantined[/] (`mailsync inbox list {escape(link.peer)}`)"
+                )
     else:
         console.print(
             "no peers yet: "

@@ -229,7 +229,16 @@ def _buffer(
         conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq == seq))
     elif any(r.part == header.part for r in held):
         return True
-    inbox_mod.admit(conn, link, header, len(blob), limits, where)
+    evicted = inbox_mod.admit(conn, link, header, len(blob), limits, where)
+    if evicted:
+        ctx.journal.warning(
+            "evicted",
+            f"{where}: changeset(s) {', '.join(f'#{s}' for s in evicted)} from {peer} left the "
+            f"full inbox to make room for #{seq}, which applies before them; they come "
+            "again (their sender holds them until they are acknowledged)",
+            peer=peer,
+            conn=conn,
+        )
     if header.part == 1:
         body = ctx.codec.unseal(header, blob, where, ctx.ring)  # verified above
         ctx.codec.check_first_part(body, where, whole=header.parts == 1)
