@@ -18,6 +18,7 @@ transports register a factory with :func:`register`.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -58,14 +59,31 @@ def scheme_of(url: str) -> str:
 
 F = TypeVar("F")
 
+#: the built-in transports, imported on first use: a node that reads a
+#: Maildir never pays for the IMAP and SMTP libraries (a command's start-up
+#: is most of a laptop's small sync)
+_BUILTIN_SENDERS: dict[str, tuple[str, str]] = {
+    "maildir": ("maildir", "MaildirSender"),
+    "memory": ("memory", "MemorySender"),
+    **{s: ("smtp", "SmtpSender") for s in ("smtp", "smtp+starttls", "smtps")},
+}
+_BUILTIN_RECEIVERS: dict[str, tuple[str, str]] = {
+    "maildir": ("maildir", "MaildirReceiver"),
+    "memory": ("memory", "MemoryReceiver"),
+    **{s: ("imap", "ImapReceiver") for s in ("imap", "imap+starttls", "imaps")},
+    **{s: ("pop3", "Pop3Receiver") for s in ("pop3", "pop3+starttls", "pop3s")},
+}
 
-def _lookup(table: dict[str, F], url: str, what: str) -> F:
-    _load_builtin()
+
+def _lookup(table: dict[str, F], builtin: dict[str, tuple[str, str]], url: str, what: str) -> F:
     scheme = scheme_of(url)
+    if scheme not in table and scheme in builtin:
+        module, name = builtin[scheme]
+        table[scheme] = getattr(importlib.import_module(f"mailsync.transport.{module}"), name)
     try:
         return table[scheme]
     except KeyError:
-        known = ", ".join(sorted(table))
+        known = ", ".join(sorted(set(table) | set(builtin)))
         raise ConfigError(
             f"mailbox URL {url!r}: cannot {what} with scheme {scheme!r} (known: {known})"
         ) from None
@@ -73,27 +91,12 @@ def _lookup(table: dict[str, F], url: str, what: str) -> F:
 
 def open_sender(url: str, ctx: TransportContext) -> Sender:
     """A sender for ``url``; it connects when entered, not here."""
-    return _lookup(_SENDERS, url, "send")(url, ctx)
+    return _lookup(_SENDERS, _BUILTIN_SENDERS, url, "send")(url, ctx)
 
 
 def open_receiver(url: str, ctx: TransportContext) -> Receiver:
     """A receiver for ``url``; it connects when entered, not here."""
-    return _lookup(_RECEIVERS, url, "receive")(url, ctx)
-
-
-def _load_builtin() -> None:
-    if _SENDERS:
-        return
-    from mailsync.transport import imap, maildir, memory, pop3, smtp
-
-    register("maildir", sender=maildir.MaildirSender, receiver=maildir.MaildirReceiver)
-    register("memory", sender=memory.MemorySender, receiver=memory.MemoryReceiver)
-    for scheme in ("smtp", "smtp+starttls", "smtps"):
-        register(scheme, sender=smtp.SmtpSender)
-    for scheme in ("imap", "imap+starttls", "imaps"):
-        register(scheme, receiver=imap.ImapReceiver)
-    for scheme in ("pop3", "pop3+starttls", "pop3s"):
-        register(scheme, receiver=pop3.Pop3Receiver)
+    return _lookup(_RECEIVERS, _BUILTIN_RECEIVERS, url, "receive")(url, ctx)
 
 
 __all__ = [
