@@ -124,12 +124,11 @@ def part_blob(conn: Connection, peer: str, seq: int, part: int) -> bytes:
 
 
 def first_parts(conn: Connection, peer: str) -> Iterator[bytes]:
-    """The first part of each changeset buffered from ``peer``, sealed."""
-    return iter(
-        conn.execute(select(inbox.c.blob).where(inbox.c.peer == peer, inbox.c.part == 1))
-        .scalars()
-        .all()
-    )
+    """The first part of each changeset buffered from ``peer``, sealed, one
+    at a time (each may be a whole message's size)."""
+    yield from conn.execute(
+        select(inbox.c.blob).where(inbox.c.peer == peer, inbox.c.part == 1)
+    ).scalars()
 
 
 def drop_stale(conn: Connection, peer: str, in_seq: int) -> None:
@@ -388,16 +387,17 @@ def retry(conn: Connection, peer: str, seq: int | None = None) -> list[Buffered]
 
 
 def drop(conn: Connection, peer: str, seq: int, *, skip: bool = False) -> Buffered:
-    """Remove a buffered changeset. One waiting for its turn is only a copy:
-    its sender still holds it, and it is asked for again. The one next in
-    line is what holds the link: dropping it alone would bring it back, so
-    it needs ``skip`` — the link moves past it and it is never applied here
-    (the sender hears it as applied). Returns what was dropped."""
+    """Remove a buffered changeset. One waiting for its turn, or incomplete,
+    is only a copy: its sender still holds it, and it is asked for again.
+    The complete one next in line is what holds the link: dropping it alone
+    would bring it back as it is, so it needs ``skip`` — the link moves past
+    it and it is never applied here (the sender hears it as applied).
+    Returns what was dropped."""
     (chosen,) = named(conn, peer, seq)
-    if chosen.next_in_line and not skip:
+    if chosen.next_in_line and chosen.complete and not skip:
         raise ConfigError(
             f"changeset #{seq} is next in line from {peer}: dropped alone it would be "
-            "asked for and received again",
+            "asked for and received again as it is",
             hint=f"`mailsync inbox drop {peer} {seq} --skip` moves the link past it; its rows "
             "are then never applied here (a reload brings them)",
         )

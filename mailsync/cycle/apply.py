@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sqlalchemy import Connection, delete
+from sqlalchemy.exc import OperationalError
 
 from mailsync import faults, inbox
 from mailsync import link as links_mod
@@ -126,7 +127,10 @@ def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) 
                 hint="a bug in mailsync: the traceback is in the service's output; "
                 "the changeset waits and is tried again next cycle",
             )
-            _failed(ctx, peer, seq, error)
+            if not isinstance(exc, OperationalError):
+                # a database that is locked or gone is nobody's changeset's
+                # fault: it must not bring a changeset nearer quarantine
+                _failed(ctx, peer, seq, error)
             raise error from exc
         faults.point("after-apply")
         report.applied.append(applied)
