@@ -39,26 +39,18 @@ def test_a_database_mailsync_creates_is_owner_only_and_so_are_its_journal_files(
 ) -> None:
     db = tmp_path / "new.db"
     engine = open_engine(f"sqlite:///{db}")
-    raw = engine.raw_connection()  # through the engine's connect, outside BEGIN IMMEDIATE
-    try:
-        assert raw.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)  # type: ignore[attr-defined]
-        raw.execute("CREATE TABLE t (x INTEGER)")  # type: ignore[attr-defined]
-        made = [db, tmp_path / "new.db-wal", tmp_path / "new.db-shm"]  # while it is open
-        assert {p.name: mode(p) for p in made} == {p.name: 0o600 for p in made}
-    finally:
-        raw.close()
-        engine.dispose()
-    rollback = tmp_path / "rollback.db"
-    engine = open_engine(f"sqlite:///{rollback}")
     try:
         with engine.begin() as conn:
+            # mailsync's own settings (README, How it works): WAL, every commit synced
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
             conn.execute(text("CREATE TABLE t (x INTEGER)"))
             conn.execute(text("INSERT INTO t VALUES (1)"))
-            journal = tmp_path / "rollback.db-journal"
-            assert journal.exists() and mode(journal) == 0o600  # present mid-transaction
+            made = [db, tmp_path / "new.db-wal", tmp_path / "new.db-shm"]  # while it is open
+            assert {p.name: mode(p) for p in made} == {p.name: 0o600 for p in made}
     finally:
         engine.dispose()
-    assert mode(rollback) == 0o600
+    assert mode(db) == 0o600
 
 
 def test_an_application_database_that_exists_keeps_its_mode(tmp_path: Path) -> None:

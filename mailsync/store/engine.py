@@ -8,7 +8,9 @@ mailsync reaches any database through SQLAlchemy; what differs per database
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -50,6 +52,7 @@ def open_engine(url: str) -> Engine:
             @event.listens_for(engine, "connect")
             def _connect(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.isolation_level = None
+                _write_ahead(dbapi_conn)
 
             @event.listens_for(engine, "begin")
             def _begin(conn: Connection) -> None:
@@ -66,6 +69,23 @@ def open_engine(url: str) -> Engine:
             f"database URL {redact(url)}: its driver is not installed ({exc.name})",
             hint="for PostgreSQL: pip install 'mailsync[postgresql]'",
         ) from exc
+
+
+def _write_ahead(dbapi_conn: Any) -> None:
+    """WAL, with every commit synced (``synchronous = FULL``).
+
+    A commit with a rollback journal cost 2.6 ms here (22 ms p90), in WAL
+    a third of one: most of an idle cycle. FULL, not NORMAL, because the
+    cycle acts on a commit outside the database at once — it deletes the
+    mail it buffered, it acks what it applied — and a commit NORMAL lets a
+    power cut take back would lose what the peer then forgets. The mode
+    stays with the file (the application sees WAL too, which needs every
+    process on one machine — as SQLite always did). A database another
+    process holds locked keeps its mode; mailsync works in either."""
+    # locked by another process just now: the next connection tries again
+    with contextlib.suppress(sqlite3.OperationalError):
+        dbapi_conn.execute("PRAGMA journal_mode = WAL")
+    dbapi_conn.execute("PRAGMA synchronous = FULL")
 
 
 def _create_owner_only(cargs: list[Any], cparams: dict[str, Any]) -> None:
