@@ -111,8 +111,13 @@ def all_rules(conn: Connection) -> list[Rule]:
 
 def effective_rules(conn: Connection, station: str | None) -> dict[str, Rule]:
     """Per table, the rule that governs ``station`` (None: the all-stations ones)."""
+    return effective_from(all_rules(conn), station)
+
+
+def effective_from(every: list[Rule], station: str | None) -> dict[str, Rule]:
+    """:func:`effective_rules` from rules already read (:func:`all_rules`)."""
     result: dict[str, Rule] = {}
-    for rule in all_rules(conn):
+    for rule in every:
         if (rule.station == ALL_STATIONS and rule.table not in result) or (
             station is not None and rule.station == station
         ):

@@ -325,6 +325,6 @@ def test_a_version_1_database_gains_the_control_numbers(db_url: str) -> None:
                 text("SELECT value FROM mailsync_meta WHERE key = 'schema_version'")
             ).scalar()
         assert (row.peer, row.out_seq, row.ctl_sent, row.ctl_seen) == ("koeln", 3, 0, 0)
-        assert version == str(SCHEMA_VERSION) == "3"
+        assert version == str(SCHEMA_VERSION) == "4"
     finally:
         engine.dispose()

@@ -75,6 +75,18 @@ class Role:
         host, the ones the host sent on a remote."""
         return rules_mod.effective_rules(conn, peer if self.is_host else None)
 
+    def senders(self, conn: Connection, peers: list[str]) -> set[str]:
+        """Those of ``peers`` whose rules let them send us rows (one read of
+        the rules for all of them)."""
+        every = rules_mod.all_rules(conn)
+        inbound = self.inbound
+        out = set()
+        for peer in peers:
+            effective = rules_mod.effective_from(every, peer if self.is_host else None)
+            if any(r.up if inbound == "up" else r.down for r in effective.values()):
+                out.add(peer)
+        return out
+
     def plan(self, conn: Connection, me: str, link: Link, announce: PublicKey | None) -> LinkPlan:
         """What may travel to ``link.peer`` in this build."""
         effective = self.rules(conn, link.peer)

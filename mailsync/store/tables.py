@@ -37,7 +37,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -255,6 +255,9 @@ log_table = Table(
     Column("event", String(32), nullable=False),
     Column("peer", String(64)),
     Column("message", Text, nullable=False),
+    # every cycle purges by age and `status` counts recent problems: without
+    # it the purge alone took 171 ms at ten days of one-minute cycles (v4)
+    Index("mailsync_log_at", "at"),
 )
 
 # Number ranges (DESIGN §8). The host defines them; a station learns a
@@ -361,8 +364,17 @@ def _v2_to_v3(conn: Connection) -> None:
     conn.exec_driver_sql("UPDATE mailsync_inbox SET size = length(blob)")
 
 
+def _v3_to_v4(conn: Connection) -> None:
+    """The log is indexed by time (the purge and `status` read it so)."""
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS mailsync_log_at ON mailsync_log (at)")
+
+
 #: Steps that bring the schema from version N to N + 1.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+    3: _v3_to_v4,
+}
 
 
 def now() -> dt.datetime:
