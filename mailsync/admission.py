@@ -55,6 +55,9 @@ CLASH = (
     "kept (`errors retry` overwrites it with these values, `errors drop` keeps it)"
 )
 
+#: The same, as the log says it once per changeset and table.
+CLASH_REASON = "inserts of an existing key under an insert-only rule (the rows here were kept)"
+
 #: Keys looked up at a time.
 CHUNK = 500
 

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture, faults
 from mailsync import link as links_mod
-from mailsync.admission import CLASH, Check, Gate
+from mailsync.admission import CLASH, CLASH_REASON, Check, Gate
 from mailsync.conflicts import Detector
 from mailsync.dialects import dialect_for
 from mailsync.errors import ApplyError, MailsyncError, SchemaError, first_line
@@ -62,6 +62,9 @@ class Applied:
     rules_received: bool = False
     key_received: bool = False
     parked: int = 0
+    #: of the parked rows, those parked by a rule rather than the database,
+    #: per (table, reason): an insert of an existing key under an insert-only rule
+    parked_by_rule: dict[tuple[str, str], int] = field(default_factory=dict)
     #: a full load that replaced this node's copy (it went back to a backup)
     reloaded: bool = False
     #: conflicts found, a line per table and outcome (see :mod:`mailsync.conflicts`)
@@ -304,6 +307,10 @@ def apply_buffered(
                         rows, clashing = gate.clashes(target.table, record.table, rows)
                         for row in clashing:
                             park(record.table, "I", row, CLASH)
+                        if clashing:
+                            why = (table_name, CLASH_REASON)
+                            before = result.parked_by_rule.get(why, 0)
+                            result.parked_by_rule[why] = before + len(clashing)
                     detector.rules = rules  # they may have come with this changeset
                     rows = detector.resolve(target.table, record.table, record.op, rows)
                     check = gate.after(target.table, record.table, op)

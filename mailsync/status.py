@@ -17,6 +17,7 @@ from mailsync.config import NodeConfig, Role
 from mailsync.inbox import held_parts, missing_parts, missing_sequences, quarantined_counts
 from mailsync.link import Link, all_links
 from mailsync.ranges.admin import usage
+from mailsync.ranges.exchange import REFUSED
 from mailsync.ranges.model import RangeUsage
 from mailsync.store.engine import redact
 from mailsync.store.tables import changes, conflicts_table, log_table, now, outbox, parked
@@ -69,6 +70,12 @@ class Status:
     #: log lines (one per changeset, table and reason) about incoming rows
     #: the rules refused, within the log's retention
     refused: int = 0
+    #: control messages ignored as not newer than the last acted on (a copy
+    #: replayed from the mailbox, or one the mail delivered late)
+    replayed: int = 0
+    #: blocks of a number range a station asked for and was refused: it
+    #: held its cap of unused blocks (the host's count, not the station's)
+    blocks_refused: int = 0
 
 
 def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
@@ -136,7 +143,9 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
                 select(log_table.c.event, func.count())
                 .where(
                     log_table.c.at >= since,
-                    log_table.c.event.in_(["rejected", "apply-failed", "refused"]),
+                    log_table.c.event.in_(
+                        ["rejected", "apply-failed", "refused", "control-replayed", REFUSED]
+                    ),
                 )
                 .group_by(log_table.c.event)
             ).all()
@@ -156,6 +165,8 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         ranges=range_usage,
         conflicts=conflict_count,
         refused=int(counts.get("refused", 0)),
+        replayed=int(counts.get("control-replayed", 0)),
+        blocks_refused=int(counts.get(REFUSED, 0)),
     )
 
 

@@ -28,9 +28,8 @@ import io
 import os
 import random
 import re
-import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,8 @@ from mailsync.wire.changeset import MAGIC, VERSION, ChangesetWriter, read_change
 from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.limits import DEFAULT_LIMITS, MIB, Limits
 from mailsync.wire.message import Address, build_message
-from tests.cluster import Cluster, customers
+from tests.cluster import Cluster, customers, invoices, notes, orders
+from tests.measure import measured
 from tests.test_containment import (
     RefusingPostOffice,
     address,
@@ -132,17 +132,6 @@ def seal_from_berlin(c: Cluster, office: RefusingPostOffice, body: bytes, **fiel
     )
     sender, recipient = Address("berlin", address("berlin")), Address("hq", address("hq"))
     office.deliver(address("hq"), build_message(header, sender, recipient, sealed))
-
-
-def measured(cycle: Callable[[], CycleReport]) -> tuple[CycleReport, int]:
-    """The cycle's report and the peak of what it allocated."""
-    tracemalloc.start()
-    try:
-        report = cycle()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return report, peak
 
 
 def set_limits(c: Cluster, **limits: int) -> None:
@@ -388,6 +377,14 @@ _values = st.one_of(
 _column_names = st.sampled_from(["id", "name", "city", "ghost", "x" * 70, ""])
 
 
+def outside_berlins_rules(c: Cluster) -> dict[str, list[tuple[Any, ...]]]:
+    """hq's rows berlin may not touch: every customer not in berlin, and
+    every row of the tables berlin has no rule for."""
+    out = {t.name: c.rows("hq", t) for t in (invoices, notes, orders)}
+    out["customers"] = [r for r in c.rows("hq", customers) if r[2] != "berlin"]
+    return out
+
+
 @st.composite
 def hostile_records(draw: st.DrawFn) -> list[bytes]:
     """Records a station could sign: real and unknown tables, declared and
@@ -422,27 +419,81 @@ def hostile_records(draw: st.DrawFn) -> list[bytes]:
     return records
 
 
-@settings(
+#: the ids of the koeln customers the test inserts (one per example), and others
+_ids = st.one_of(st.integers(2_000_000_001, 2_000_000_030), st.integers(1, 6))
+
+
+@st.composite
+def plausible_records(draw: st.DrawFn) -> list[bytes]:
+    """Well-formed batches of customers, as berlin's mailsync writes them,
+    whose rows may lie in berlin's scope or not — inserts over koeln's rows,
+    updates that move a row into or out of berlin, deletes of koeln's."""
+    records = [msgpack.packb(["T", 0, "customers", _CUSTOMER_COLUMNS, ["id"]])]
+    rows = 0
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["I", "U", "D"]))
+        batch = draw(
+            st.lists(
+                st.tuples(_ids, st.text(max_size=8), st.sampled_from(["berlin", "koeln", None])),
+                min_size=1,
+                max_size=4,
+                unique_by=lambda r: r[0],
+            )
+        )
+        columns = (
+            [[r[0] for r in batch]] if op == "D" else [list(c) for c in zip(*batch, strict=True)]
+        )
+        records.append(msgpack.packb(["R", 0, op, columns]))
+        rows += len(batch)
+    records.append(msgpack.packb(["E", {"rows": rows, "records": len(records) + 1}]))
+    return records
+
+
+_CUSTOMER_COLUMNS = [["id", "INTEGER"], ["name", "VARCHAR"], ["city", "VARCHAR"]]
+
+
+_HOSTILE = settings(
     max_examples=HOSTILE_EXAMPLES,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+@_HOSTILE
 @given(records=hostile_records(), seq=st.integers(1, 3))
 def test_a_validly_signed_hostile_changeset_never_crashes_a_host_cycle(
     cluster: Cluster, office: RefusingPostOffice, records: list[bytes], seq: int
 ) -> None:
     """Whatever berlin signs, hq's cycle ends without an exception, blames
-    berlin alone (its message set aside, or its link held) and still sends
-    koeln its row in the same cycle. (Which rows berlin may change is issue
-    15's item 4, not tested here.)"""
-    c = cluster
+    berlin alone (its message set aside, or its link held), writes nothing
+    outside berlin's rules and still sends koeln its row in the same cycle."""
+    one_hostile_cycle(cluster, office, records, seq)
+
+
+@_HOSTILE
+@given(records=plausible_records())
+def test_a_validly_signed_changeset_never_writes_outside_the_station_s_rules(
+    cluster: Cluster, office: RefusingPostOffice, records: list[bytes]
+) -> None:
+    """Well-formed batches that berlin applies at once (its next number):
+    inserts, updates and deletes of koeln's rows and of its own are cut to
+    what its rule allows — customers, up IUD, rows with ``city = 'berlin'``
+    before and after the change."""
+    one_hostile_cycle(cluster, office, records, 1)
+
+
+def one_hostile_cycle(
+    c: Cluster, office: RefusingPostOffice, records: list[bytes], seq: int
+) -> None:
     body = compressed(iter([head(), *records]))
     seal_from_berlin(c, office, body, seq=link(c, "hq", "berlin").in_seq + seq)
-    koeln_id = 2_000_000_000 + len(c.rows("hq", customers))
+    koeln_id = max([r[0] for r in c.rows("hq", customers)] + [2_000_000_000]) + 1
     c.execute("hq", customers.insert(), customer(koeln_id, "koeln"))
+    before = outside_berlins_rules(c)
     report = c.host.sync()  # must not raise
 
+    assert outside_berlins_rules(c) == before, "berlin wrote outside its rules"
     assert set(report.peer_errors) <= {"berlin"}, report.peer_errors
     assert report.sent_to["koeln"] == 1, (report.errors, report.sent_to)
     assert koeln_id in {r[0] for r in c.rows("hq", customers)}

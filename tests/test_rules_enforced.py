@@ -8,24 +8,36 @@ outside the rules is written on the host, that the reason is logged and
 shown by ``status`` (or ``errors list``), and that the other station's
 changes apply in the same cycle. The plain-use cases show the same checks
 in ordinary work: an id collision no longer destroys a host row.
+
+One test per class of issue 15 (an insert over an existing row, rows out of
+the sender's scope, numbers from another station's lease) forges a few
+hundred rows and measures the host's cycle with :mod:`tracemalloc`: its peak
+stays under :data:`PEAK_BOUND`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import delete, select, update
 
-from mailsync import admin
+from mailsync import CycleReport, admin
 from mailsync.apply import ParkedRow, list_parked
 from mailsync.dialects import dialect_for
 from mailsync.ranges import admin as ranges_admin
 from mailsync.ranges import model
 from mailsync.store.tables import changes, log_table
 from tests.cluster import Cluster, customers, orders
+from tests.measure import MIB, cycle_under
+
+#: what the host's cycle may allocate (tracemalloc's peak) while it parks or
+#: refuses the few hundred forged rows of one station and applies another's
+PEAK_BOUND = 8 * MIB
+#: forged rows per test: enough that a cost per row would show in the peak
+FORGED = 300
 
 
 @pytest.fixture
@@ -45,13 +57,25 @@ def names(c: Cluster, node: str) -> dict[int, tuple[str, str | None]]:
     return {r[0]: (r[1], r[2]) for r in c.rows(node, customers)}
 
 
-def refusals(c: Cluster, node: str = "hq") -> list[str]:
+def logged(c: Cluster, event: str, node: str = "hq") -> list[str]:
     with c.engines[node].connect() as conn:
-        return list(
-            conn.execute(select(log_table.c.message).where(log_table.c.event == "refused"))
-            .scalars()
-            .all()
-        )
+        query = select(log_table.c.message).where(log_table.c.event == event)
+        return list(conn.execute(query).scalars().all())
+
+
+def refusals(c: Cluster, node: str = "hq") -> list[str]:
+    return logged(c, "refused", node)
+
+
+def host_cycle(c: Cluster) -> CycleReport:
+    """The stations' mail is in hq's mailbox: one host cycle, its peak
+    memory under :data:`PEAK_BOUND`."""
+    return cycle_under(c.host, PEAK_BOUND)
+
+
+def applied(report: CycleReport) -> dict[str, tuple[int, int]]:
+    """Per station, the rows the host's cycle applied and parked."""
+    return {a.peer: (a.rows, a.parked) for a in report.applied}
 
 
 def parked(c: Cluster, node: str = "hq") -> list[ParkedRow]:
@@ -66,14 +90,13 @@ def cli(c: Cluster, node: str, *args: str) -> str:
     return done.stdout
 
 
-def forge_op(c: Cluster, node: str, key: int, op: str) -> None:
-    """Rewrite what ``node``'s change log says happened to customer ``key``:
-    what a tampered station sends."""
+def forge_op(c: Cluster, node: str, keys: Iterable[int], op: str) -> None:
+    """Rewrite what ``node``'s change log says happened to customers
+    ``keys``: what a tampered station sends."""
+    pks = [f"[{key}]" for key in keys]
     with c.engines[node].begin() as conn:
-        conn.execute(
-            delete(changes).where(changes.c.tbl == "customers", changes.c.pk == f"[{key}]")
-        )
-        conn.execute(changes.insert().values(tbl="customers", pk=f"[{key}]", op=op))
+        conn.execute(delete(changes).where(changes.c.tbl == "customers", changes.c.pk.in_(pks)))
+        conn.execute(changes.insert(), [{"tbl": "customers", "pk": pk, "op": op} for pk in pks])
 
 
 # --------------------------------------------------------- insert-only rules
@@ -123,22 +146,34 @@ def test_an_id_collision_under_an_insert_only_rule_no_longer_destroys_the_host_r
 
 
 def test_a_forged_insert_over_an_existing_row_is_parked_and_writes_nothing(c: Cluster) -> None:
-    """koeln holds the host's customers and may only add new ones: an update
-    it passes off as an insert must not reach the host's row."""
+    """koeln holds the host's customers and may only add new ones: updates
+    it passes off as inserts must not reach the host's rows. They are
+    parked, the log and ``status`` say why, berlin's new customer applies in
+    the same host cycle, and the host's memory stays bounded."""
     c.host.add_rule("customers", down="IUD", up="I")
-    c.execute("hq", customers.insert(), [customer(i, f"Kunde {i}") for i in (1, 2, 3)])
+    kept = {i: (f"Kunde {i}", "koeln") for i in range(1, FORGED + 1)}
+    c.execute("hq", customers.insert(), [customer(i, name) for i, (name, _) in kept.items()])
     c.sync("hq", "koeln", "berlin")
-    c.execute("koeln", update(customers).where(customers.c.id == 2).values(name="Gefälscht"))
-    forge_op(c, "koeln", 2, "I")
+    c.execute("koeln", update(customers).values(name="Gefälscht"))
+    forge_op(c, "koeln", kept, "I")
     c.execute("berlin", customers.insert(), customer(700, "Berliner", "berlin"))
-    c.sync("koeln", "berlin", "hq")
-    rows = names(c, "hq")
-    assert rows[2] == ("Kunde 2", "koeln") and rows[700] == ("Berliner", "berlin")
-    (row,) = parked(c)
-    assert row.peer == "koeln" and row.values["name"] == "Gefälscht"
-    assert c.host.status().parked == 1
+    c.sync("koeln", "berlin")
+    report = host_cycle(c)
+
+    assert names(c, "hq") == {**kept, 700: ("Berliner", "berlin")}
+    assert applied(report) == {"koeln": (0, FORGED), "berlin": (1, 0)}
+    found = parked(c)
+    assert len(found) == FORGED
+    assert {(r.peer, r.op, r.values["name"]) for r in found} == {("koeln", "I", "Gefälscht")}
+    (line,) = logged(c, "parked")
+    assert (
+        f"{FORGED} row(s) could not be applied and are parked (`mailsync errors list`); "
+        f"{FORGED} of table customers: inserts of an existing key under an insert-only rule"
+    ) in line, line
+    assert c.host.status().parked == FORGED
+    assert f"{FORGED} row(s) could not be applied and are parked" in cli(c, "hq", "status")
     c.sync("hq", "koeln", "berlin")  # nothing of it was relayed
-    assert names(c, "berlin")[2] == ("Kunde 2", "koeln")
+    assert names(c, "berlin") == names(c, "hq")
 
 
 # ------------------------------------------------------------- row filters
@@ -163,25 +198,30 @@ def scoped(c: Cluster) -> None:
 def test_a_station_cannot_change_rows_outside_its_row_filter(c: Cluster) -> None:
     scoped(c)
     # koeln forges: berlin's row 2 as an insert (over the host's), an update
-    # and a delete of it, and a new row in berlin's scope
+    # and a delete of it, and a few hundred new rows in berlin's scope
     c.execute("koeln", customers.insert(), customer(2, "Gefälscht", "berlin"))
-    c.execute("koeln", customers.insert(), customer(10, "Untergeschoben", "berlin"))
+    smuggled = [customer(i, "Untergeschoben", "berlin") for i in range(10, 10 + FORGED)]
+    c.execute("koeln", customers.insert(), smuggled)
     # ... and in its own scope: an edit and a delete it may make
     c.execute("koeln", update(customers).where(customers.c.id == 3).values(name="Drei neu"))
     c.execute("koeln", delete(customers).where(customers.c.id == 4))
     c.execute("berlin", update(customers).where(customers.c.id == 2).values(name="Zwei neu"))
-    c.sync("koeln", "berlin", "hq")
+    c.sync("koeln", "berlin")
+    report = host_cycle(c)
     assert names(c, "hq") == {
         1: ("Eins", "koeln"),
         2: ("Zwei neu", "berlin"),  # berlin's edit, in the same cycle
         3: ("Drei neu", "koeln"),
     }
+    assert applied(report) == {"koeln": (2, 0), "berlin": (1, 0)}
     lines = refusals(c)
-    assert any(
-        "1 row(s) of table customers refused: the row here lies outside koeln's row filter" in m
-        for m in lines
-    ), lines
-    assert any("the new values lie outside koeln's row filter" in m for m in lines), lines
+    assert sorted(line.split(": ", 1)[1] for line in lines) == [
+        "1 row(s) of table customers refused: the row here lies outside koeln's row filter; "
+        "nothing of them was written",
+        f"{FORGED} row(s) of table customers refused: the new values lie outside koeln's row "
+        "filter; nothing of them was written",
+    ], lines
+    assert c.host.status().refused == 2
     # koeln's copy of row 2 (its forgery) changed, then deleted: both refused
     c.execute("koeln", update(customers).where(customers.c.id == 2).values(name="Nochmal"))
     c.sync("koeln", "hq")
@@ -265,16 +305,21 @@ def test_a_station_cannot_send_numbers_from_another_stations_lease(c: Cluster) -
             {"id": 3, "order_no": str(leased["koeln"][0]), "customer": "eigene"},
         ],
     )
+    # and a few hundred more, numbered where no lease lies yet
+    forged = [{"id": i, "order_no": str(5000 + i), "customer": "x"} for i in range(10, 8 + FORGED)]
+    c.execute("koeln", orders.insert(), forged)
     c.execute("berlin", orders.insert(), {"id": 4, "customer": "berlin"})  # draws berlins
-    c.sync("koeln", "berlin", "hq")
+    c.sync("koeln", "berlin")
+    report = host_cycle(c)
     assert order_numbers(c, "hq") == {3: str(leased["koeln"][0]), 4: str(berlins)}
-    lines = refusals(c)
-    assert any(
-        "2 row(s) of table orders refused: order_no holds a number not from koeln's leases "
-        "of range order_no" in m
-        for m in lines
-    ), lines
+    assert applied(report) == {"koeln": (1, 0), "berlin": (1, 0)}
+    (line,) = refusals(c)
+    assert (
+        f"{FORGED} row(s) of table orders refused: order_no holds a number not from koeln's "
+        "leases of range order_no"
+    ) in line, line
     assert c.host.status().refused == 1
+    assert "rows refused by the rules in 1 changeset report(s)" in cli(c, "hq", "status")
     # a number changed by an update is checked too; an unchanged one is not
     c.execute("koeln", update(orders).where(orders.c.id == 3).values(order_no=str(berlins + 1)))
     c.sync("koeln", "hq")

@@ -17,6 +17,12 @@ validly signed controls. Two rules hold against them:
 The messages are forged here as koeln's mailsync seals them: with the wire
 codecs, signed with koeln's own key for hq's. A replay is the very bytes of
 a message hq already took, delivered again.
+
+Issue 15's two classes here (false range reports, control replay) each have
+a test in which berlin's order arrives in the same host cycle as koeln's
+hostile controls: berlin's order applies, nothing beyond the cap (or
+nothing at all) is leased, ``status`` and the log say why, and the host's
+cycle stays under :data:`PEAK_BOUND` (tracemalloc's peak).
 """
 
 from __future__ import annotations
@@ -38,13 +44,20 @@ from mailsync.wire.controls import LeaseState, RangeReport, ReloadRequest, Resen
 from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.message import Address, build_message
 from tests.cluster import DOMAIN, Cluster, orders
+from tests.measure import MIB, cycle_under
 from tests.test_inbox import V3_COLUMNS
 
 HQ, KOELN = f"hq@{DOMAIN}", f"koeln@{DOMAIN}"
 
+#: what the host's cycle may allocate (tracemalloc's peak) while it reads
+#: thirty-odd of koeln's controls and applies berlin's order
+PEAK_BOUND = 8 * MIB
 
-def cluster(tmp_path: Path, host_url: str, **settings: object) -> Cluster:
-    c = Cluster(tmp_path, host_url, ("koeln",), node_settings=settings or None)
+
+def cluster(
+    tmp_path: Path, host_url: str, stations: tuple[str, ...] = ("koeln",), **settings: object
+) -> Cluster:
+    c = Cluster(tmp_path, host_url, stations, node_settings=settings or None)
     c.host.add_rule("orders", down="IUD", up="IUD")
     return c
 
@@ -92,13 +105,28 @@ def logged(c: Cluster, event: str) -> list[str]:
         return list(conn.execute(query).scalars())
 
 
-def koeln_leases(c: Cluster) -> list[model.Lease]:
+def koeln_leases(c: Cluster, holder: str = "koeln") -> list[model.Lease]:
+    """``holder``'s active leases, as hq holds them."""
     with c.engines["hq"].connect() as conn:
         return [
             x
             for x in model.list_leases(conn, "order_no")
-            if x.holder == "koeln" and x.state == "active"
+            if x.holder == holder and x.state == "active"
         ]
+
+
+def send_counts(c: Cluster, peer: str) -> dict[int, int]:
+    """How often hq sent each of its changesets for ``peer`` in its outbox."""
+    with c.engines["hq"].connect() as conn:
+        query = select(outbox.c.seq, outbox.c.send_count).where(outbox.c.peer == peer)
+        return {seq: count for seq, count in conn.execute(query).all()}
+
+
+def cli(c: Cluster, *args: str) -> str:
+    """What ``mailsync ARGS`` prints for hq, run as a user runs it."""
+    done = c.cli("hq", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 # ------------------------------------------------------------ range reports
@@ -108,39 +136,52 @@ def koeln_leases(c: Cluster) -> list[model.Lease]:
 def test_thirty_false_range_reports_in_one_host_cycle_leave_the_station_at_the_cap(
     tmp_path: Path, db_url: str, bound: bool
 ) -> None:
-    """Every report claims every lease used to its end and asks for a block:
-    the host used to believe each and lease again (3 leases became 183).
-    Now it counts what it can see: koeln holds its real block and at most
-    ``max_blocks`` (2) blocks of which the host has seen nothing used."""
-    c = cluster(tmp_path, db_url)
+    """Every report claims every lease used to its end (berlin's too) and
+    asks for a block: the host used to believe each and lease again (3
+    leases became 183). Now it counts what it can see: koeln holds its real
+    block and ``max_blocks`` (2) blocks of which the host has seen nothing
+    used; the 28 requests beyond are refused, logged and counted by
+    ``status``. berlin's order, in the same host cycle, applies."""
+    c = cluster(tmp_path, db_url, ("koeln", "berlin"))
     try:
         add_range(c, bind="orders.order_no" if bound else None)
-        c.sync("hq", "koeln")
+        c.sync("hq", "koeln", "berlin")
         if bound:  # numbered by the trigger: the host will hold the row
             c.execute("koeln", orders.insert(), {"id": 1, "customer": "a"})
         else:
-            assert next_number(c.engines["koeln"], "order_no") == 1000
+            next_number(c.engines["koeln"], "order_no")
         c.sync("koeln", "hq")  # the row and koeln's true report reach hq
         (real,) = koeln_leases(c)
+        (berlins,) = koeln_leases(c, "berlin")
         lie = RangeReport(
             leases=tuple(LeaseState(n, 10**9, "active") for n in range(1, 100)),
             want=("order_no",),
         )
         for _ in range(30):
             from_koeln(c, lie)
-        report = c.host.sync()
+        c.execute("berlin", orders.insert(), {"id": 2, "customer": "berlin"})
+        c.sync("berlin")
+        report = cycle_under(c.host, PEAK_BOUND)
 
         assert not report.errors, report.errors
+        assert [(a.peer, a.rows) for a in report.applied] == [("berlin", 1)]
+        berlins_order = (2, str(berlins.first) if bound else None, "berlin")
+        koelns_order = (1, str(real.first), "a")  # bound: its one true row
+        assert c.rows("hq", orders) == ([koelns_order] if bound else []) + [berlins_order]
         held = koeln_leases(c)
-        assert len(held) <= 1 + 2, [(x.first, x.last) for x in held]
+        assert len(held) == 1 + 2, [(x.first, x.last) for x in held]
+        assert held[0].id == real.id and held[0].next == real.last + 1
         with_rows = {int(r[1]) for r in c.rows("hq", orders) if r[1] is not None}
-        unused = [
-            x
-            for x in held
-            if x.id != real.id and not any(x.first <= n <= x.last for n in with_rows)
-        ]
-        assert len(unused) <= 2
-        assert any("holds 2 unused: refused" in line for line in logged(c, "range"))
+        assert not any(x.first <= n <= x.last for x in held[1:] for n in with_rows)
+        assert koeln_leases(c, "berlin") == [berlins]  # the lies about its lease changed nothing
+        refused = logged(c, "range-refused")
+        assert len(refused) == 28, refused
+        assert set(refused) == {
+            "koeln asked for another block of order_no but holds 2 unused, the cap "
+            "(max_blocks = 2): refused"
+        }
+        assert c.host.status().blocks_refused == 28
+        assert "28 request(s) for a number block refused" in cli(c, "status")
     finally:
         c.close()
 
@@ -219,6 +260,58 @@ def test_a_replayed_range_report_does_not_lease_again(tmp_path: Path, db_url: st
         assert len(koeln_leases(c)) == 2
         lines = logged(c, "control-replayed")
         assert lines and all("from koeln is not newer than" in x for x in lines)
+    finally:
+        c.close()
+
+
+def test_replayed_controls_are_logged_and_ignored_while_another_station_is_served(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Issue 15's replay class in one host cycle: koeln's range report (which
+    asked for a block) and its resend request, each already acted on, are
+    copied from hq's mailbox and delivered ten times more. No block is
+    leased and nothing is sent again; every copy is logged and counted by
+    ``status``; berlin's order, in the same cycle, applies."""
+    c = cluster(tmp_path, db_url, ("koeln", "berlin"))
+    try:
+        add_range(c, threshold=0.5)
+        c.sync("hq", "koeln", "berlin", "hq")
+        c.execute("hq", orders.insert(), {"id": 1, "customer": "hq"})
+        c.sync("hq")
+        assert c.office is not None
+        c.office.boxes[KOELN].clear()  # hq's changeset with order 1, lost in the mail
+        for _ in range(6):
+            next_number(c.engines["koeln"], "order_no")
+        c.sync("koeln")  # its report, asking for the next block
+        copies = list(c.office.boxes[HQ].values())
+        assert len(copies) == 1
+        (koelns,) = [x for x in c.host.status().links if x.peer == "koeln"]
+        copies.append(from_koeln(c, Resend((koelns.out_seq,))))  # asks for it again
+        c.sync("hq")  # acted on: a block granted, the changeset sent again
+        sent = send_counts(c, "koeln")
+        assert sent == {koelns.out_seq: 2}
+        granted = koeln_leases(c)
+        assert len(granted) == 2
+        done = logged(c, "range") + logged(c, "resend-request")
+        for _ in range(10):
+            for raw in copies:
+                replay(c, raw)
+        c.execute("berlin", orders.insert(), {"id": 2, "customer": "berlin"})
+        c.sync("berlin")
+        report = cycle_under(c.host, PEAK_BOUND)
+
+        assert not report.errors and report.set_aside == 0, report.errors
+        assert [(a.peer, a.rows) for a in report.applied] == [("berlin", 1)]
+        assert c.rows("hq", orders) == [(1, None, "hq"), (2, None, "berlin")]
+        assert koeln_leases(c) == granted
+        # the changeset koeln asked for is not sent again; berlin's order is relayed to it
+        assert send_counts(c, "koeln") == {**sent, koelns.out_seq + 1: 1}
+        assert logged(c, "range") + logged(c, "resend-request") == done
+        replayed = logged(c, "control-replayed")
+        assert len(replayed) == 20
+        assert all("from koeln is not newer than" in line for line in replayed), replayed
+        assert c.host.status().replayed == 20
+        assert "20 control message(s) ignored as replayed or late" in cli(c, "status")
     finally:
         c.close()
 

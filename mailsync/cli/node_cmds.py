@@ -239,6 +239,18 @@ def status(
             f"in the last {retention} day(s): nothing of them was "
             "written (`mailsync log`)"
         )
+    if st.replayed:
+        console.print(
+            f"[yellow]{st.replayed} control message(s) ignored as replayed or late[/] "
+            f"in the last {retention} day(s): not newer than the last acted on "
+            "(`mailsync log`)"
+        )
+    if st.blocks_refused:
+        console.print(
+            f"[yellow]{st.blocks_refused} request(s) for a number block refused[/] "
+            f"in the last {retention} day(s): the station held its cap of unused blocks "
+            "(`mailsync log`)"
+        )
     if st.conflicts:
         console.print(
             f"[yellow]{st.conflicts} conflict(s) recorded[/]: rows changed here and at a peer "

@@ -223,10 +223,14 @@ def _log_applied(ctx: CycleContext, applied: Applied) -> None:
             seq=seq,
         )
     if applied.parked:
+        why = "".join(
+            f"; {count} of table {table}: {reason}"
+            for (table, reason), count in sorted(applied.parked_by_rule.items())
+        )
         journal.error(
             "parked",
             f"changeset #{seq} from {peer}: {applied.parked} row(s) could not be "
-            "applied and are parked (`mailsync errors list`)",
+            f"applied and are parked (`mailsync errors list`){why}",
             peer=peer,
             seq=seq,
         )

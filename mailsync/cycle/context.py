@@ -122,11 +122,13 @@ class Role:
 
     def ranges_in(
         self, conn: Connection, peer: str, control: RangeGrants | RangeReport
-    ) -> list[str]:
-        """Act on a peer's number-range control; lines for the log."""
+    ) -> list[exchange.Note]:
+        """Act on a peer's number-range control; (event, line) for the log."""
         if isinstance(control, RangeReport):
             return exchange.host_incoming(conn, peer, control) if self.is_host else []
-        return [] if self.is_host else exchange.station_incoming(conn, control)
+        if self.is_host:
+            return []
+        return [(exchange.DONE, line) for line in exchange.station_incoming(conn, control)]
 
 
 @dataclass

@@ -103,8 +103,9 @@ def act_on(
         if isinstance(control, ReloadRequest):
             _reload_requested(ctx, conn, links_mod.one(conn, peer), control)
         elif isinstance(control, RangeGrants | RangeReport):
-            for line in ctx.role.ranges_in(conn, peer, control):
-                ctx.journal.info("range", line, peer=peer, conn=conn)
+            for event, line in ctx.role.ranges_in(conn, peer, control):
+                level = "warning" if event == exchange.REFUSED else "info"
+                ctx.journal.write(level, event, line, peer=peer, conn=conn)
         else:
             _resend(conn, peer, control)
             ctx.journal.info(

@@ -63,6 +63,12 @@ from mailsync.store.tables import (
 )
 from mailsync.wire.controls import Grant, LeaseState, RangeGrants, RangeReport
 
+#: The log events of range traffic: what was done, and a block asked for and
+#: refused by the hoarding cap (which ``status`` counts).
+DONE, REFUSED = "range", "range-refused"
+#: (log event, line): what acting on a range control did, for the log
+Note = tuple[str, str]
+
 
 def _grant_of(rdef: RangeDef, lease: Lease) -> Grant:
     return Grant(
@@ -166,10 +172,10 @@ def host_outgoing(conn: Connection, station: str, resend_after: dt.timedelta) ->
     )
 
 
-def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[str]:
+def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[Note]:
     """A station's report: its leases' use and state, and the ranges it wants
-    a block of. Returns what was done, for the log."""
-    done: list[str] = []
+    a block of. Returns what was done (and refused), for the log."""
+    done: list[Note] = []
     reported = {item.lease_id: (item.next, item.state) for item in report.leases}
     defs = {r.name: r for r in list_ranges(conn)}
     for row in conn.execute(select(leases).where(leases.c.holder == station)).all():
@@ -179,7 +185,7 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[s
                 # it held this lease and no longer knows it: it went back to
                 # a backup from before the grant, and may have used any of it
                 conn.execute(update(leases).where(leases.c.id == lease.id).values(state="retired"))
-                done.append(f"lease {lease.first}-{lease.last} of {lease.range} retired")
+                done.append((DONE, f"lease {lease.first}-{lease.last} of {lease.range} retired"))
             continue
         used, state = reported[lease.id]
         used = max(lease.next, min(used, lease.last + 1))
@@ -199,10 +205,11 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[s
                 conn.execute(
                     range_free.insert().values(range_name=lease.range, first=used, last=lease.last)
                 )
-            done.append(f"{station} gave back {lease.last - used + 1} number(s) of {lease.range}")
+            gave = f"{station} gave back {lease.last - used + 1} number(s) of {lease.range}"
+            done.append((DONE, gave))
         elif state == "retired" and lease.state != "retired":
             values["state"] = "retired"
-            done.append(f"lease {lease.first}-{lease.last} of {lease.range} retired")
+            done.append((DONE, f"lease {lease.first}-{lease.last} of {lease.range} retired"))
         elif lease.state == "release":
             values["confirmed"] = False  # still to be given back
         conn.execute(update(leases).where(leases.c.id == lease.id).values(**values))
@@ -214,15 +221,18 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[s
         unused = _unused(conn, rdef, station)
         if unused >= rdef.max_blocks:
             done.append(
-                f"{station} asked for another block of {rdef.name} but holds {unused} unused: "
-                "refused"
+                (
+                    REFUSED,
+                    f"{station} asked for another block of {rdef.name} but holds {unused} "
+                    f"unused, the cap (max_blocks = {rdef.max_blocks}): refused",
+                )
             )
             continue
         granted = grant(conn, rdef, station)
         if granted is None:
-            done.append(f"{station} asked for a block of {rdef.name}, which is used up")
+            done.append((DONE, f"{station} asked for a block of {rdef.name}, which is used up"))
         else:
-            done.append(f"granted {rdef.name} {granted.first}-{granted.last} to {station}")
+            done.append((DONE, f"granted {rdef.name} {granted.first}-{granted.last} to {station}"))
     return done
 
 
