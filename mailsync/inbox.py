@@ -65,6 +65,11 @@ def missing_parts(held: dict[int, tuple[int, set[int]]]) -> Iterator[tuple[int, 
     )
 
 
+def peers_waiting(conn: Connection) -> set[str]:
+    """The peers something is buffered from."""
+    return set(conn.execute(select(inbox.c.peer).distinct()).scalars())
+
+
 def oldest_buffered(conn: Connection, peer: str) -> dt.datetime | None:
     value = conn.execute(select(func.min(inbox.c.received_at)).where(inbox.c.peer == peer)).scalar()
     return None if value is None else aware(value)

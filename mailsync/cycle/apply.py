@@ -34,13 +34,16 @@ def apply(ctx: CycleContext, report: CycleReport) -> None:
     are held, and why."""
     with ctx.engine.connect() as conn:
         peers = links_mod.all_links(conn)
+        waiting = inbox.peers_waiting(conn)
     for link in peers:
         peer = link.peer
         # a message of the peer's that receive could not take (a bug met
         # with it) holds the link as much as a changeset that fails here
         reason = report.peer_errors.get(peer)
         with contained(report, ctx.journal, scope="peer", event="apply-failed", peer=peer) as out:
-            quarantined = _apply_peer(ctx, report, peer, link.in_seq)
+            # a peer with nothing buffered costs no statement (an idle host
+            # with a thousand stations)
+            quarantined = _apply_peer(ctx, report, peer, link.in_seq) if peer in waiting else None
             if quarantined is not None:
                 # said in the log when it was quarantined; here only in the
                 # cycle's outcome (and exit code) and the link's hold
