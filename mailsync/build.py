@@ -68,6 +68,14 @@ class LinkPlan:
     #: of whatever it has (header base 0)
     reload: bool = False
 
+    @property
+    def carries_controls(self) -> bool:
+        """Something goes even with no change to send: our key, the rules,
+        a table's initial load, a full reload."""
+        return bool(
+            self.announce_key is not None or self.send_rules or self.initial_loads or self.reload
+        )
+
     def ops(self, table: str) -> str:
         rule = self.rules.get(table)
         if rule is None:

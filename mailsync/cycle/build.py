@@ -23,26 +23,28 @@ from mailsync.errors import MailsyncError
 from mailsync.wire.message import part_bytes
 
 
-def plans(ctx: CycleContext, conn: Connection) -> list[LinkPlan]:
-    """What may travel on each link now (routing)."""
-    mine = ctx.ring.current.public
-    return [
-        ctx.role.plan(conn, ctx.me, link, None if link.key_announced == mine.key_id else mine)
-        for link in links_mod.all_links(conn)
-    ]
+def plans(ctx: CycleContext, conn: Connection) -> list[tuple[LinkPlan, int]]:
+    """What may travel on each link now (routing), with the link's cursor."""
+    every = links_mod.all_links(conn)
+    planned = ctx.role.plans(conn, ctx.me, every, ctx.ring.current.public)
+    return [(plan, link.change_cursor) for plan, link in zip(planned, every, strict=True)]
 
 
 def build(ctx: CycleContext, report: CycleReport) -> None:
     """Queue the next changeset for every link that has something to carry."""
     with ctx.engine.begin() as conn:
         planned = plans(ctx, conn)
-        tables = sorted({t for p in planned for t in p.rules})
+        tables = sorted({t for p, _ in planned for t in p.rules})
         repaired, broken = _ensure_capture(conn, tables)
     for name in repaired:
         ctx.journal.warning("capture", f"capture triggers of table {name} (re)installed")
     horizon = ctx.dialect.change_horizon(ctx.engine)
     part_size = part_bytes(ctx.config.mailbox.max_message_bytes)
-    for plan in planned:
+    for plan, cursor in planned:
+        if horizon <= cursor and not plan.carries_controls:
+            # nothing logged since its last build, nothing else to tell it:
+            # an idle link costs no statement and no transaction
+            continue
         peer = plan.peer
         with for_peer(report, ctx.journal, peer, "build-failed", f"building for {peer}"):
             for table in plan.rules:

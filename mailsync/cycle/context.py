@@ -87,27 +87,41 @@ class Role:
                 out.add(peer)
         return out
 
-    def plan(self, conn: Connection, me: str, link: Link, announce: PublicKey | None) -> LinkPlan:
-        """What may travel to ``link.peer`` in this build."""
-        effective = self.rules(conn, link.peer)
-        if not self.is_host:
-            return LinkPlan(me, link.peer, "up", effective, announce_key=announce)
-        digest = rules_mod.rules_hash(effective)
-        loaded = {
-            r[0] for r in conn.execute(select(loads.c.tbl).where(loads.c.station == link.peer))
-        }
-        return LinkPlan(
-            me,
-            link.peer,
-            "down",
-            effective,
-            # a reloaded station may hold the rules of its backup's day
-            send_rules=digest != link.rules_hash or link.reload_wanted,
-            rules_hash=digest,
-            initial_loads=[t for t, r in effective.items() if "I" in r.down and t not in loaded],
-            announce_key=announce,
-            reload=link.reload_wanted,
-        )
+    def plans(
+        self, conn: Connection, me: str, links: list[Link], mine: PublicKey
+    ) -> list[LinkPlan]:
+        """What may travel to each of ``links`` in this build: the rules and
+        the loads already sent are read once for all of them."""
+        every = rules_mod.all_rules(conn)
+        loaded: dict[str, set[str]] = {}
+        if self.is_host:
+            for station, table in conn.execute(select(loads.c.station, loads.c.tbl)):
+                loaded.setdefault(station, set()).add(table)
+        out = []
+        for link in links:
+            announce = None if link.key_announced == mine.key_id else mine
+            effective = rules_mod.effective_from(every, link.peer if self.is_host else None)
+            if not self.is_host:
+                out.append(LinkPlan(me, link.peer, "up", effective, announce_key=announce))
+                continue
+            digest = rules_mod.rules_hash(effective)
+            done = loaded.get(link.peer, set())
+            to_load = [t for t, r in effective.items() if "I" in r.down and t not in done]
+            out.append(
+                LinkPlan(
+                    me,
+                    link.peer,
+                    "down",
+                    effective,
+                    # a reloaded station may hold the rules of its backup's day
+                    send_rules=digest != link.rules_hash or link.reload_wanted,
+                    rules_hash=digest,
+                    initial_loads=to_load,
+                    announce_key=announce,
+                    reload=link.reload_wanted,
+                )
+            )
+        return out
 
     def ranges_out(
         self, conn: Connection, peer: str, resend: dt.timedelta, ask_again: dt.timedelta

@@ -177,27 +177,33 @@ def due(
     peer whose message cannot be composed (no key to seal it for) is held
     with its reason; what composing it wrote is rolled back to its savepoint."""
     out = []
+    waiting = inbox.peers_waiting(conn)
     for link in links_mod.all_links(conn):
         peer = link.peer
         with (
             for_peer(report, ctx.journal, peer, "send-failed", f"controls for {peer}"),
             conn.begin_nested(),
         ):
-            control = _compose(ctx, conn, link, carried, report)
+            control = _compose(ctx, conn, link, carried, report, peer in waiting)
             if control is not None:
                 out.append(control)
     return out
 
 
 def _compose(
-    ctx: CycleContext, conn: Connection, link: Link, carried: set[str], report: CycleReport
+    ctx: CycleContext,
+    conn: Connection,
+    link: Link,
+    carried: set[str],
+    report: CycleReport,
+    buffered: bool,
 ) -> OutgoingControl | None:
     cfg = ctx.config
     gap_after = dt.timedelta(minutes=cfg.gap_request_minutes)
     limit = now() - gap_after
     resend_after = dt.timedelta(minutes=cfg.resend_after_minutes)
     wanted: list[Wanted] = []
-    oldest = inbox.oldest_buffered(conn, link.peer)
+    oldest = inbox.oldest_buffered(conn, link.peer) if buffered else None
     asked = link.gap_requested_at
     # dropped from the inbox as never completed (apply's expiry): asked for
     # again at once, whole
