@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from counting import Counts, SqlCounter
 from fleet import FleetRun, idle_fleet
 from pg_capture import pg_capture
+from pipeline import KEPT_BEGIN as BEGIN
+from pipeline import KEPT_END as END
 from pipeline import ROWS_PER_CHANGESET, Figure, _changed_lines, _commit, machine
 from streaming_memory import setup
 
@@ -72,7 +74,6 @@ QUICK = Sizes(
     cycles=3, process_runs=1, stations=(3, 10), idle_runs=2, capture_rows=2_000, capture_runs=1
 )
 INVOICES = 2_000
-BEGIN, END = "<!-- bench/cycle_cost.py: begin -->", "<!-- bench/cycle_cost.py: end -->"
 
 
 def until_idle(*nodes: Node, rounds: int = 8) -> None:
@@ -343,7 +344,8 @@ def main() -> None:
         "each figure is taken: the docstrings of `bench/cycle_cost.py`, `bench/fleet.py` "
         "and `bench/pg_capture.py`. The "
         "machine is shared with other work: CPU and wall figures are medians or bests, "
-        "as marked."
+        "as marked. Sections 1-5 above come from another run (its commit and machine "
+        "at the top): compare ratios, not times, across the two."
     )
     print(head, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
