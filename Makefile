@@ -42,12 +42,14 @@ unit: $(STAMP)
 ## make bench: measurements, not part of make test
 bench: $(STAMP)
 	$(PY) bench/pipeline.py --output docs/benchmarks.md
+	$(PY) bench/cycle_cost.py --output docs/benchmarks.md
 	$(PY) bench/streaming_memory.py
 	$(PY) bench/compression_levels.py
 
 ## the benchmarks' quick mode, once per `make test`, so that they never rot
 bench-quick: $(STAMP)
 	$(PY) bench/pipeline.py --quick > /dev/null
+	$(PY) bench/cycle_cost.py --quick > /dev/null
 	$(PY) bench/streaming_memory.py --quick > /dev/null
 
 clean:

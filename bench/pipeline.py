@@ -637,6 +637,10 @@ def postgresql(sizes: dict[str, int], runs: int, sqlite_load: dict[str, object])
     )
 
 
+#: bench/cycle_cost.py's sections sit between these in the output; a run of
+#: this script keeps them
+KEPT_BEGIN, KEPT_END = "<!-- bench/cycle_cost.py: begin -->", "<!-- bench/cycle_cost.py: end -->"
+
 PREAMBLE = """# Benchmarks
 
 Written by `bench/pipeline.py` (`make bench`) at commit {commit}, {runs} run(s)
@@ -713,7 +717,10 @@ def main() -> None:
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(PREAMBLE.format(commit=_commit(), runs=runs) + text)
+        old = args.output.read_text() if args.output.exists() else ""
+        kept = old[old.index(KEPT_BEGIN) :] if KEPT_BEGIN in old else ""
+        text = PREAMBLE.format(commit=_commit(), runs=runs) + text
+        args.output.write_text(text + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":
