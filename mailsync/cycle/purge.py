@@ -13,45 +13,63 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Connection, delete, func, select
 
 from mailsync.cycle.context import CycleContext
+from mailsync.link import aware
 from mailsync.store.tables import changes, horizons, links, log_table, now, outbox
 
 
 def purge(ctx: CycleContext) -> None:
-    """A fixed handful of statements whatever the number of peers (an idle
-    host with a thousand stations used to ask three questions per station)."""
+    """A fixed handful of reads whatever the number of peers (an idle host
+    with a thousand stations used to ask three questions per station), and
+    a write only when there is something to forget."""
+    cutoff = now() - dt.timedelta(days=ctx.config.log_retention_days)
+    with ctx.engine.connect() as conn:
+        limit = _safe_to_forget(ctx, conn)
+        first = conn.execute(select(func.min(changes.c.id))).scalar()
+        oldest = conn.execute(select(func.min(log_table.c.at))).scalar()
+    forget_changes = limit is not None and first is not None and first <= limit
+    forget_log = oldest is not None and aware(oldest) < cutoff
+    if not (forget_changes or forget_log):
+        return
     with ctx.engine.begin() as conn:
-        cursors: dict[str, int] = {
-            peer: cursor
-            for peer, cursor in conn.execute(select(links.c.peer, links.c.change_cursor))
-        }
-        if cursors:
-            oldest: dict[str, int] = {
-                peer: first
-                for peer, first in conn.execute(
-                    select(outbox.c.peer, func.min(outbox.c.cursor_from)).group_by(outbox.c.peer)
+        if forget_changes:
+            conn.execute(delete(changes).where(changes.c.id <= limit))
+        if forget_log:
+            conn.execute(delete(log_table).where(log_table.c.at < cutoff))
+
+
+def _safe_to_forget(ctx: CycleContext, conn: Connection) -> int | None:
+    """The highest change-log id no peer can still need (None: no peers).
+    Only one cycle runs per node, so what it reads stays true until the
+    delete: a change logged meanwhile is above every cursor."""
+    cursors: dict[str, int] = {
+        peer: cursor for peer, cursor in conn.execute(select(links.c.peer, links.c.change_cursor))
+    }
+    if not cursors:
+        return None
+    oldest: dict[str, int] = {
+        peer: first
+        for peer, first in conn.execute(
+            select(outbox.c.peer, func.min(outbox.c.cursor_from)).group_by(outbox.c.peer)
+        )
+    }
+    safe = [int(min(cursor, oldest.get(peer, cursor))) for peer, cursor in cursors.items()]
+    senders = ctx.role.senders(conn, list(cursors))
+    if senders:
+        first = (
+            select(horizons.c.peer, func.min(horizons.c.seq).label("seq"))
+            .where(horizons.c.peer.in_(senders))
+            .group_by(horizons.c.peer)
+            .subquery()
+        )
+        safe.extend(
+            int(h)
+            for h in conn.execute(
+                select(horizons.c.horizon).join(
+                    first, (horizons.c.peer == first.c.peer) & (horizons.c.seq == first.c.seq)
                 )
-            }
-            safe = [int(min(cursor, oldest.get(peer, cursor))) for peer, cursor in cursors.items()]
-            senders = ctx.role.senders(conn, list(cursors))
-            if senders:
-                first = (
-                    select(horizons.c.peer, func.min(horizons.c.seq).label("seq"))
-                    .where(horizons.c.peer.in_(senders))
-                    .group_by(horizons.c.peer)
-                    .subquery()
-                )
-                safe.extend(
-                    int(h)
-                    for h in conn.execute(
-                        select(horizons.c.horizon).join(
-                            first,
-                            (horizons.c.peer == first.c.peer) & (horizons.c.seq == first.c.seq),
-                        )
-                    ).scalars()
-                )
-            conn.execute(delete(changes).where(changes.c.id <= min(safe)))
-        cutoff = now() - dt.timedelta(days=ctx.config.log_retention_days)
-        conn.execute(delete(log_table).where(log_table.c.at < cutoff))
+            ).scalars()
+        )
+    return min(safe)
