@@ -34,7 +34,28 @@ def reflect(conn: Connection, name: str) -> Table:
     """A table as the database has it; SchemaError if missing or keyless.
 
     The same :class:`Table` is returned while the schema is unchanged:
-    callers must not alter it."""
+    callers must not alter it. Within one transaction the fingerprint is
+    asked once per table (a build asked it a dozen times): only mailsync's
+    own DDL could change a table under its transaction, and it alters no
+    columns."""
+    tx = conn.get_transaction()
+    memo: tuple[Any, dict[str, Table]] | None = conn.info.get(_MEMO)
+    if tx is not None and memo is not None and memo[0] is tx and name in memo[1]:
+        return memo[1][name]
+    table = _cached(conn, name)
+    if tx is not None:
+        if memo is None or memo[0] is not tx:
+            memo = (tx, {})
+            conn.info[_MEMO] = memo
+        memo[1][name] = table
+    return table
+
+
+#: ``Connection.info`` key: (the transaction, the tables reflected in it)
+_MEMO = "mailsync.reflected"
+
+
+def _cached(conn: Connection, name: str) -> Table:
     mark = dialect_for(conn).schema_fingerprint(conn, name)
     if mark is not None:
         held = _reflected.get(conn.engine, {}).get(name)
