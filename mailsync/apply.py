@@ -219,6 +219,7 @@ def apply_buffered(
     direction: Direction,
     rules_for: RulesFor,
     accept_rules: bool,
+    on_applied: Callable[[Connection, Applied], None] | None = None,
 ) -> Applied:
     """Apply the buffered changeset ``seq`` from ``peer`` in one transaction.
 
@@ -228,6 +229,8 @@ def apply_buffered(
     ``direction`` is the direction the changeset travelled (``down`` when a
     remote applies the host's changes), which picks the operations allowed.
     Raises ApplyError (the envelope stays buffered, the link waits).
+    ``on_applied`` runs in the transaction just before it commits: what it
+    writes (the log lines saying so) commits with the rows or not at all.
     """
     origin = f"changeset #{seq} from {peer}"
     result = Applied(peer, seq)
@@ -334,6 +337,8 @@ def apply_buffered(
                 result.reloaded = True
             # the sequence number, its parts and anything older they supersede
             links_mod.applied(conn, peer, seq, header.cid, reloaded=result.reloaded)
+            if on_applied is not None:
+                on_applied(conn, result)
             faults.point("in-apply")
             dialect.end_apply(conn)
     except ApplyError:

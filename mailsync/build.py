@@ -300,6 +300,7 @@ def build_for_link(
     batch_rows: int,
     seal: Sealer,
     part_size: int,
+    on_built: Callable[[Connection, Built], None] | None = None,
 ) -> Built | None:
     """Build, seal and queue the next changeset for ``plan.peer``.
 
@@ -408,4 +409,7 @@ def build_for_link(
                     created_at=now(),
                 )
             )
-        return Built(plan.peer, seq, summary.rows, counter.count, size, parts)
+        built = Built(plan.peer, seq, summary.rows, counter.count, size, parts)
+        if on_built is not None:
+            on_built(conn, built)  # its log line commits with the outbox entry
+        return built

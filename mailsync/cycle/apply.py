@@ -116,6 +116,9 @@ def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) 
                 direction=ctx.role.inbound,
                 rules_for=lambda conn: ctx.role.rules(conn, peer),
                 accept_rules=ctx.role.accepts_rules,
+                # its log lines commit with its rows: a cycle killed after
+                # the commit still says what it applied
+                on_applied=lambda conn, applied: _log_applied(ctx, applied, conn),
             )
         except MailsyncError as exc:
             if SCOPES.index(exc.scope) <= SCOPES.index("peer"):
@@ -137,7 +140,6 @@ def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) 
             raise error from exc
         faults.point("after-apply")
         report.applied.append(applied)
-        _log_applied(ctx, applied)
         in_seq = seq
 
 
@@ -205,10 +207,14 @@ def _forget_horizons(ctx: CycleContext, report: CycleReport, peer: str) -> None:
         conn.execute(delete(horizons).where(horizons.c.peer == peer, horizons.c.seq < ack))
 
 
-def _log_applied(ctx: CycleContext, applied: Applied) -> None:
+def _log_applied(ctx: CycleContext, applied: Applied, conn: Connection) -> None:
     peer, seq, journal = applied.peer, applied.seq, ctx.journal
     journal.info(
-        "applied", f"changeset #{seq} from {peer}: {applied.rows} rows", peer=peer, seq=seq
+        "applied",
+        f"changeset #{seq} from {peer}: {applied.rows} rows",
+        peer=peer,
+        seq=seq,
+        conn=conn,
     )
     if applied.reloaded:
         journal.warning(
@@ -217,6 +223,7 @@ def _log_applied(ctx: CycleContext, applied: Applied) -> None:
             "(it had gone back to an older backup)",
             peer=peer,
             seq=seq,
+            conn=conn,
         )
     for line in applied.conflicts:
         journal.warning(
@@ -224,6 +231,7 @@ def _log_applied(ctx: CycleContext, applied: Applied) -> None:
             f"changeset #{seq} from {peer}: {line} (`mailsync conflicts list`)",
             peer=peer,
             seq=seq,
+            conn=conn,
         )
     if applied.parked:
         why = "".join(
@@ -236,6 +244,7 @@ def _log_applied(ctx: CycleContext, applied: Applied) -> None:
             f"applied and are parked (`mailsync errors list`){why}",
             peer=peer,
             seq=seq,
+            conn=conn,
         )
     for (table, reason), count in sorted(applied.refused.items()):
         journal.warning(
@@ -244,4 +253,5 @@ def _log_applied(ctx: CycleContext, applied: Applied) -> None:
             "nothing of them was written",
             peer=peer,
             seq=seq,
+            conn=conn,
         )

@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 
 from mailsync import capture, faults
 from mailsync import link as links_mod
-from mailsync.build import LinkPlan, build_for_link
+from mailsync.build import Built, LinkPlan, build_for_link
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
@@ -58,19 +58,24 @@ def build(ctx: CycleContext, report: CycleReport) -> None:
                 ctx.config.batch_rows,
                 ctx.seal,
                 part_size,
+                on_built=lambda conn, built: _log_built(ctx, conn, built),
             )
             if built is None:
                 continue
             faults.point("after-build")
             report.built.append(built)
-            ctx.journal.info(
-                "queued",
-                f"changeset #{built.seq} for {built.peer}: {built.rows} rows, "
-                f"{built.raw_size} bytes raw, {built.size} bytes packed"
-                + (f" in {built.parts} parts" if built.parts > 1 else ""),
-                peer=built.peer,
-                seq=built.seq,
-            )
+
+
+def _log_built(ctx: CycleContext, conn: Connection, built: Built) -> None:
+    ctx.journal.info(
+        "queued",
+        f"changeset #{built.seq} for {built.peer}: {built.rows} rows, "
+        f"{built.raw_size} bytes raw, {built.size} bytes packed"
+        + (f" in {built.parts} parts" if built.parts > 1 else ""),
+        peer=built.peer,
+        seq=built.seq,
+        conn=conn,
+    )
 
 
 def _ensure_capture(

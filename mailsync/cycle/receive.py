@@ -69,6 +69,7 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                         # signed, but with a value our columns cannot hold:
                         # this message's fault, not the database's
                         raise MessageError(f"{where}: {first_line(exc)}") from exc
+                    _log_received(ctx, conn, header, duplicate)
             except MessageError as exc:
                 if box.forward_unrecognized:
                     report.forward.append(msg.raw)
@@ -94,17 +95,22 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
             report.received += 1
             report.received_from[header.sender] += 1
             report.duplicates += duplicate
-            if header.seq == controls.CONTROL_SEQ:
-                what = f"ack {header.ack}"
-            else:
-                part = f" part {header.part}/{header.parts}" if header.parts > 1 else ""
-                what = f"{'duplicate ' if duplicate else ''}changeset #{header.seq}{part}"
-            ctx.journal.info(
-                "received",
-                f"{what} from {header.sender}",
-                peer=header.sender,
-                seq=header.seq or None,
-            )
+
+
+def _log_received(ctx: CycleContext, conn: Connection, header: Header, duplicate: bool) -> None:
+    """The line saying a message was taken, in the transaction that took it."""
+    if header.seq == controls.CONTROL_SEQ:
+        what = f"ack {header.ack}"
+    else:
+        part = f" part {header.part}/{header.parts}" if header.parts > 1 else ""
+        what = f"{'duplicate ' if duplicate else ''}changeset #{header.seq}{part}"
+    ctx.journal.info(
+        "received",
+        f"{what} from {header.sender}",
+        peer=header.sender,
+        seq=header.seq or None,
+        conn=conn,
+    )
 
 
 def _went_back(ctx: CycleContext, conn: Connection, link: Link, header: Header) -> Link:

@@ -138,11 +138,15 @@ def _send_parts(
             )
         tx.send(me.email, address, raw)
         faults.point("after-send")
+        again = "sent again" if sent_at is not None else "sent"
         with ctx.engine.begin() as conn:
             links_mod.sent(conn, peer, seq, part, header.ack)
+            ctx.journal.info(
+                "sent",
+                f"changeset {name} {again} to {peer} <{address}>",
+                peer=peer,
+                seq=seq,
+                conn=conn,
+            )
         report.sent += 1
         report.sent_to[peer] += 1
-        again = "sent again" if sent_at is not None else "sent"
-        ctx.journal.info(
-            "sent", f"changeset {name} {again} to {peer} <{address}>", peer=peer, seq=seq
-        )
