@@ -11,27 +11,46 @@ updates of one row travel once. Trigger DDL lives per database in
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 from mailsync.dialects import dialect_for
-from mailsync.store.reflection import reflect
+from mailsync.store.reflection import fingerprint, reflect
 from mailsync.store.tables import changes
 
 __all__ = ["changes", "check_capture", "drop_capture", "ensure_capture"]
 
 
 def ensure_capture(conn: Connection, tables: Iterable[str]) -> list[str]:
-    """Install or repair the triggers of ``tables``; returns those (re)installed."""
+    """Install or repair the triggers of ``tables``; returns those (re)installed.
+
+    A table whose schema fingerprint (which covers its triggers) is what it
+    was at the last check on this engine that found them whole is not read
+    again: every cycle checks, and reading the triggers' text back cost a
+    statement per table."""
     dialect = dialect_for(conn)
+    checked = _checked.setdefault(conn.engine, {})
     done = []
     for name in tables:
+        mark = fingerprint(conn, name)
+        if mark is not None and checked.get(name) == mark:
+            continue
         table = reflect(conn, name)
-        if not dialect.capture_installed(conn, table):
+        if dialect.capture_installed(conn, table):
+            checked[name] = mark
+        else:
             dialect.install_capture(conn, table)
+            checked.pop(name, None)  # the install changed the fingerprint
             done.append(name)
     return done
+
+
+#: per engine, per table: the fingerprint at the last check that found the
+#: capture triggers whole
+_checked: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def check_capture(conn: Connection, tables: Iterable[str]) -> list[str]:

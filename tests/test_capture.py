@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, delete, select, text, update
+from sqlalchemy import Engine, delete, event, select, text, update
 
 from mailsync import capture
 from mailsync.dialects import dialect_for
@@ -98,6 +98,40 @@ def test_missing_or_altered_triggers_are_found_and_repaired(engine: Engine) -> N
         assert capture.check_capture(conn, ["customers", "notes"]) == ["customers"]
         assert capture.ensure_capture(conn, ["customers", "notes"]) == ["customers"]
         assert capture.check_capture(conn, ["customers", "notes"]) == []
+
+
+def test_the_capture_check_reads_nothing_again_until_the_schema_changes(engine: Engine) -> None:
+    """Every cycle checks the triggers; with the fingerprint unchanged since a
+    check that found them whole it costs one fingerprint query (SQLite: one
+    for all tables), and a trigger dropped since is still found."""
+    seen: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if not statement.startswith("BEGIN"):
+            seen.append(statement)
+
+    tables = ["customers", "notes"]
+    with engine.begin() as conn:
+        assert capture.ensure_capture(conn, tables) == []  # a full check: whole
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with engine.begin() as conn:
+            assert capture.ensure_capture(conn, tables) == []
+        expected = 1 if engine.dialect.name == "sqlite" else 2
+        assert len(seen) == expected, seen
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    'DROP TRIGGER "mailsync_notes_au"'
+                    + (" ON notes" if engine.dialect.name == "postgresql" else "")
+                )
+            )
+        with engine.begin() as conn:
+            assert capture.ensure_capture(conn, tables) == ["notes"]
+        with engine.begin() as conn:
+            assert capture.check_capture(conn, tables) == []
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
 
 
 def test_horizon_covers_every_committed_change(engine: Engine) -> None:

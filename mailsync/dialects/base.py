@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 class Dialect(Protocol):
     name: str
+    #: :meth:`schema_fingerprint` is one value for the whole database
+    #: (SQLite's schema_version), asked once per transaction for all tables
+    fingerprint_per_database: bool
 
     def install_capture(self, conn: Connection, table: Table) -> None:
         """Create (or replace) the capture triggers of ``table``."""
@@ -46,7 +49,8 @@ class Dialect(Protocol):
 
     def schema_fingerprint(self, conn: Connection, table: str) -> Any:
         """One cheap query's worth of something that changes whenever the
-        table's definition might have (reflection is cached behind it)."""
+        table's definition or its triggers might have (reflection and the
+        capture check are cached behind it)."""
 
     def binding_refusal(self, table: Table, column: Column[Any]) -> str | None:
         """Why a range-bound trigger cannot fill ``column`` on this database

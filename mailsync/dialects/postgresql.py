@@ -48,13 +48,16 @@ SELECT c.oid::bigint, c.xmin::text,
   (SELECT string_agg(d.oid::text || ':' || d.xmin::text, ',' ORDER BY d.oid)
      FROM pg_attrdef d WHERE d.adrelid = c.oid),
   (SELECT string_agg(x.oid::text || ':' || x.xmin::text, ',' ORDER BY x.oid)
-     FROM pg_constraint x WHERE x.conrelid = c.oid)
+     FROM pg_constraint x WHERE x.conrelid = c.oid),
+  (SELECT string_agg(g.oid::text || ':' || g.xmin::text, ',' ORDER BY g.oid)
+     FROM pg_trigger g WHERE g.tgrelid = c.oid)
 FROM pg_class c WHERE c.oid = to_regclass(:t)
 """
 
 
 class PostgreSQLDialect:
     name = "postgresql"
+    fingerprint_per_database = False
 
     def _function_ddl(self, table: Table) -> str:
         t = table.name

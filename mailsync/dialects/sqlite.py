@@ -64,6 +64,7 @@ class ExactDecimal(TypeDecorator[decimal.Decimal]):
 
 class SQLiteDialect:
     name = "sqlite"
+    fingerprint_per_database = True
 
     def _ddl(self, table: Table) -> list[str]:
         q = '"'

@@ -38,25 +38,50 @@ def reflect(conn: Connection, name: str) -> Table:
     asked once per table (a build asked it a dozen times): only mailsync's
     own DDL could change a table under its transaction, and it alters no
     columns."""
-    tx = conn.get_transaction()
-    memo: tuple[Any, dict[str, Table]] | None = conn.info.get(_MEMO)
-    if tx is not None and memo is not None and memo[0] is tx and name in memo[1]:
-        return memo[1][name]
+    tables = _memo(conn).tables
+    if name in tables:
+        return tables[name]
     table = _cached(conn, name)
-    if tx is not None:
-        if memo is None or memo[0] is not tx:
-            memo = (tx, {})
-            conn.info[_MEMO] = memo
-        memo[1][name] = table
+    tables[name] = table
     return table
 
 
-#: ``Connection.info`` key: (the transaction, the tables reflected in it)
+class _Memo:
+    """What one transaction learnt of the schema: fingerprints and tables."""
+
+    def __init__(self, tx: Any) -> None:
+        self.tx = tx
+        self.marks: dict[str, Any] = {}
+        self.tables: dict[str, Table] = {}
+
+
+#: ``Connection.info`` key of the current transaction's :class:`_Memo`
 _MEMO = "mailsync.reflected"
 
 
+def _memo(conn: Connection) -> _Memo:
+    tx = conn.get_transaction()
+    memo: _Memo | None = conn.info.get(_MEMO)
+    if memo is None or tx is None or memo.tx is not tx:
+        memo = _Memo(tx)
+        if tx is not None:
+            conn.info[_MEMO] = memo
+    return memo
+
+
+def fingerprint(conn: Connection, name: str) -> Any:
+    """The dialect's schema fingerprint for ``name``, asked once per
+    transaction (once for all tables where it covers the whole database)."""
+    dialect = dialect_for(conn)
+    key = "" if dialect.fingerprint_per_database else name
+    marks = _memo(conn).marks
+    if key not in marks:
+        marks[key] = dialect.schema_fingerprint(conn, name)
+    return marks[key]
+
+
 def _cached(conn: Connection, name: str) -> Table:
-    mark = dialect_for(conn).schema_fingerprint(conn, name)
+    mark = fingerprint(conn, name)
     if mark is not None:
         held = _reflected.get(conn.engine, {}).get(name)
         if held is not None and held[0] == mark:
