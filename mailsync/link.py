@@ -9,9 +9,8 @@ only writer of the table, so the link's state machine can be read in one
 place:
 
 - :func:`acknowledged` — the peer applied our changesets up to ``ack``
-- :func:`outbound_went_back` / :func:`reload_wanted` /
-  :func:`lost_inbound_noticed` / :func:`rebased` — a database went back to
-  a backup; :func:`peer_to_report` / :func:`notice_sent` /
+- :func:`outbound_went_back` / :func:`reload_wanted` / :func:`rebased` —
+  a database went back to a backup; :func:`peer_to_report` / :func:`notice_sent` /
   :func:`peer_reported` / :func:`host_went_back` — the host did
 - :func:`reload_requested` / :func:`reload_asked` — the reload handshake
 - :func:`built` / :func:`nothing_built` — a changeset was queued (or not)
@@ -239,12 +238,6 @@ def host_went_back(conn: Connection, link: Link, host_in_seq: int) -> None:
     conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
 
 
-def lost_inbound_noticed(conn: Connection, peer: str) -> None:
-    """Host: a station says we applied more of it than we hold (the host went
-    back); remembered so that it is said once."""
-    conn.execute(update(links).where(links.c.peer == peer).values(reload_asked_at=now()))
-
-
 def reload_wanted(conn: Connection, peer: str) -> None:
     """Remote: we lost what the host sent; ask it for a reload (new request id)."""
     conn.execute(
@@ -274,8 +267,9 @@ def reload_requested(conn: Connection, link: Link, request: str | None) -> None:
 
 
 def nothing_built(conn: Connection, peer: str, cursor: int, rules_hash: str | None) -> None:
-    """Routing found nothing for the peer up to ``cursor``."""
-    values: dict[str, Any] = {"change_cursor": cursor}
+    """Routing found nothing for the peer up to ``cursor`` (not even rows to
+    send again after the host went back: there are none)."""
+    values: dict[str, Any] = {"change_cursor": cursor, "resend_all": False}
     if rules_hash is not None:
         values["rules_hash"] = rules_hash
     conn.execute(update(links).where(links.c.peer == peer).values(**values))

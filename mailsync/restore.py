@@ -199,6 +199,7 @@ def _went_back(
     (journal.error if restored else journal.warning)("went-back", first, conn=conn)
     _heal_links(conn, witness, is_host, journal, steps)
     moved, ended, past = 0, 0, 0
+    _leases_back(conn, witness, journal, steps)
     for lease in _my_leases(conn):
         if lease.state != "active":
             continue
@@ -230,6 +231,40 @@ def _went_back(
         _host_floors(conn, witness, journal, steps)
     steps.insert(0, "restored from a backup" if restored else "an interrupted witness update")
     return found
+
+
+def _leases_back(conn: Connection, witness: Witness, journal: Journal, steps: list[str]) -> int:
+    """Leases the witness saw that this database does not hold (granted
+    after the backup) come back, from their ceiling on: a station restored
+    while offline keeps drawing new numbers. Only for ranges it knows."""
+    me, _ = this_node(conn)
+    held = set(conn.execute(select(leases.c.id)).scalars())
+    known = set(conn.execute(select(ranges_table.c.name)).scalars())
+    back = []
+    for lease_id, (name, first, last) in sorted(witness.spans.items()):
+        if lease_id in held or lease_id in witness.closed or name not in known:
+            continue
+        ceiling = min(max(witness.ceilings.get(lease_id, last + 1), first), last + 1)
+        conn.execute(
+            leases.insert().values(
+                id=lease_id,
+                range_name=name,
+                holder=me,
+                first=first,
+                last=last,
+                next=ceiling,
+                state="active",
+                granted_at=now(),
+                confirmed=False,
+                ceiling=ceiling,
+            )
+        )
+        back.append(f"{name} {first}-{last}")
+    if back:
+        step = f"{len(back)} lease(s) granted after the backup taken back: {', '.join(back)}"
+        journal.warning("range", step, conn=conn)
+        steps.append(step)
+    return len(back)
 
 
 def _heal_links(
@@ -365,7 +400,8 @@ def renew(
                     next_free[name] = max(next_free[name], free)
     me, _ = this_node(conn)
     database = get_meta(conn, DB_ID) or ""
-    fresh = Witness(me, database, 0, ceilings, closed, out_seq, in_seq, next_free, lease_id)
+    spans = {x.id: (x.range, x.first, x.last) for x in mine if x.state == "active"}
+    fresh = Witness(me, database, 0, ceilings, closed, spans, out_seq, in_seq, next_free, lease_id)
     if (
         witness is not None
         and generation == witness.generation

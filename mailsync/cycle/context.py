@@ -79,7 +79,15 @@ class Role:
         """What may travel to ``link.peer`` in this build."""
         effective = self.rules(conn, link.peer)
         if not self.is_host:
-            return LinkPlan(me, link.peer, "up", effective, announce_key=announce)
+            return LinkPlan(
+                me,
+                link.peer,
+                "up",
+                effective,
+                announce_key=announce,
+                resend_all=link.resend_all,
+                rebase=link.rebase,
+            )
         digest = rules_mod.rules_hash(effective)
         loaded = {
             r[0] for r in conn.execute(select(loads.c.tbl).where(loads.c.station == link.peer))
@@ -95,6 +103,7 @@ class Role:
             initial_loads=[t for t, r in effective.items() if "I" in r.down and t not in loaded],
             announce_key=announce,
             reload=link.reload_wanted,
+            rebase=link.rebase,
         )
 
     def ranges_out(

@@ -33,6 +33,7 @@ from mailsync.store.tables import loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Control, read_changeset
 from mailsync.wire.controls import (
     MAX_RESEND_REQUEST,
+    HostRestored,
     RangeGrants,
     RangeReport,
     ReloadRequest,
@@ -102,6 +103,8 @@ def act_on(
     for control in controls:
         if isinstance(control, ReloadRequest):
             _reload_requested(ctx, conn, links_mod.one(conn, peer), control)
+        elif isinstance(control, HostRestored):
+            _host_restored(ctx, conn, links_mod.one(conn, peer), control)
         elif isinstance(control, RangeGrants | RangeReport):
             for line in ctx.role.ranges_in(conn, peer, control):
                 ctx.journal.info("range", line, peer=peer, conn=conn)
@@ -153,6 +156,32 @@ def _reload_requested(
         peer=link.peer,
         conn=conn,
     )
+
+
+def _host_restored(ctx: CycleContext, conn: Connection, link: Link, control: HostRestored) -> None:
+    """Remote: the host went back to a backup. Where it lost changesets of
+    ours (it had acknowledged more), every row we send up goes again, and
+    a reload follows once it is in; either way our next report names every
+    lease in full, so the host learns what it granted us and lost."""
+    exchange.report_in_full(conn)
+    if control.in_seq < link.acked_seq and not link.resend_all:
+        links_mod.host_went_back(conn, link, control.in_seq)
+        ctx.journal.error(
+            "went-back",
+            f"{link.peer} went back to a backup: it holds our changesets up to "
+            f"#{control.in_seq}, not #{link.acked_seq}; every row we send up goes again, "
+            "then a reload is asked for",
+            peer=link.peer,
+            conn=conn,
+        )
+    else:
+        ctx.journal.warning(
+            "went-back",
+            f"{link.peer} went back to a backup; it has every changeset of ours: our number "
+            "leases are reported to it in full",
+            peer=link.peer,
+            conn=conn,
+        )
 
 
 # ------------------------------------------------------------------ outbound
@@ -214,11 +243,20 @@ def _compose(
         ctx.role.can_be_reloaded
         and link.reload_wanted
         and (link.reload_asked_at is None or link.reload_asked_at <= limit)
+        # after the host went back: once it holds every row we sent again
+        and not link.resend_all
+        and link.acked_seq >= link.resent_seq
+    )
+    notice = (
+        ctx.role.is_host
+        and link.report_due
+        and (link.notice_sent_at is None or link.notice_sent_at <= now() - resend_after)
     )
     ranges_control, ranges_due = ctx.role.ranges_out(conn, link.peer, resend_after, gap_after)
     if (
         not wanted
         and not reload
+        and not notice
         and not ranges_due
         and (link.in_seq <= link.ack_sent or link.peer in carried)
     ):
@@ -233,6 +271,9 @@ def _compose(
         writer.control(ranges_control.KIND, ranges_control.payload())
         if isinstance(ranges_control, RangeReport):
             exchange.station_reported(conn, ranges_control)
+    if notice:
+        writer.control(HostRestored.KIND, HostRestored(link.in_seq).payload())
+        links_mod.notice_sent(conn, link.peer)
     if reload:
         request = ReloadRequest(link.in_seq, link.reload_request)
         writer.control(ReloadRequest.KIND, request.payload())

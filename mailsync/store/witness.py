@@ -55,6 +55,9 @@ class Witness:
     ceilings: dict[int, int] = field(default_factory=dict)
     #: leases that ended (retired, released): never drawn from again
     closed: frozenset[int] = frozenset()
+    #: lease id → (range, first, last) of every active lease: a database
+    #: restored from before a grant gets the lease back (past its ceiling)
+    spans: dict[int, tuple[str, int, int]] = field(default_factory=dict)
     #: peer → our last outbound / inbound sequence number
     out_seq: dict[str, int] = field(default_factory=dict)
     in_seq: dict[str, int] = field(default_factory=dict)
@@ -71,6 +74,7 @@ class Witness:
             "generation": self.generation,
             "ceilings": {str(k): v for k, v in sorted(self.ceilings.items())},
             "closed": sorted(self.closed),
+            "spans": {str(k): list(v) for k, v in sorted(self.spans.items())},
             "out_seq": self.out_seq,
             "in_seq": self.in_seq,
             "next_free": self.next_free,
@@ -96,6 +100,17 @@ class Witness:
         generation, lease_id = data["generation"], data.get("lease_id", 0)
         if type(generation) is not int or type(lease_id) is not int:
             raise TypeError("generation")
+        spans: dict[int, tuple[str, int, int]] = {}
+        raw = data.get("spans", {})
+        if not isinstance(raw, dict):
+            raise TypeError("spans")
+        for key, value in raw.items():
+            if not isinstance(value, list) or len(value) != 3:
+                raise TypeError("a span")
+            name, first, last = value
+            if not isinstance(name, str) or type(first) is not int or type(last) is not int:
+                raise TypeError("a span")
+            spans[int(key)] = (name, first, last)
         closed = data.get("closed", [])
         if not isinstance(closed, list) or any(type(x) is not int for x in closed):
             raise TypeError("closed")
@@ -105,6 +120,7 @@ class Witness:
             generation=generation,
             ceilings={int(k): v for k, v in ints(data.get("ceilings", {})).items()},
             closed=frozenset(closed),
+            spans=spans,
             out_seq=ints(data.get("out_seq", {})),
             in_seq=ints(data.get("in_seq", {})),
             next_free=ints(data.get("next_free", {})),
