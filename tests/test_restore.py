@@ -325,14 +325,6 @@ def host_backup(c: Cluster, request: pytest.FixtureRequest, backend: str) -> Cal
 def test_a_host_restored_from_a_backup_learns_from_its_stations(
     tmp_path: Path, db_url: str, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    if backend == "postgresql":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="issue 16, open: on PostgreSQL berlin's full lease report is not "
-                "adopted by the restored host and its re-sent rows are refused",
-            )
-        )
     """The host goes back to last night's backup while koeln and berlin hold
     leases it granted since and rows it no longer has (delivered, and not
     yet sent). No station is enrolled again; no block is leased twice."""

@@ -218,10 +218,12 @@ class PostgreSQLDialect:
         return None if value is None else int(value)
 
     def lease_ids_above(self, conn: Connection, floor: int) -> None:
+        # never lower: the sequence may already be past the floor and every id
         conn.execute(
             text(
-                "SELECT setval(pg_get_serial_sequence('mailsync_leases', 'id'), "
-                "greatest(:f, (SELECT coalesce(max(id), 1) FROM mailsync_leases)))"
+                "SELECT setval(s, greatest(:f, (SELECT coalesce(max(id), 1) FROM "
+                "mailsync_leases), coalesce(pg_sequence_last_value(s), 1))) FROM "
+                "(SELECT pg_get_serial_sequence('mailsync_leases', 'id')::regclass AS s) AS q"
             ),
             {"f": max(floor, 1)},
         )
