@@ -97,11 +97,25 @@ class Site:
         # enrolled, with rules, nothing built yet: every run starts from here
         for name in ("hq", "koeln"):
             shutil.copy(root / f"{name}.db", root / f"{name}.template.db")
+        self.keep_witnesses()
         self.rows = sum(self.counts.values())
+
+    def keep_witnesses(self) -> None:
+        """Each node's restore witness goes back with its database: a run
+        starts from a copy, not from a database restored behind its witness."""
+        for name in ("hq", "koeln"):
+            witness = self.config(name).with_suffix(".witness")
+            shutil.copy(witness, witness.with_suffix(".witness-template"))
+
+    def put_witnesses_back(self) -> None:
+        for name in ("hq", "koeln"):
+            witness = self.config(name).with_suffix(".witness")
+            shutil.copy(witness.with_suffix(".witness-template"), witness)
 
     def reset(self) -> None:
         for name in ("hq", "koeln"):
             shutil.copy(self.root / f"{name}.template.db", self.root / f"{name}.db")
+        self.put_witnesses_back()
         shutil.rmtree(self.root / "mail", ignore_errors=True)
 
     def config(self, name: str) -> Path:
@@ -120,10 +134,12 @@ class PostgresSite(Site):
         self.counts = setup(root, invoices, 10_000_000, host_url=server.url("bench_hq"))
         shutil.copy(root / "koeln.db", root / "koeln.template.db")
         server.create_database("bench_hq_template", template="bench_hq")
+        self.keep_witnesses()
         self.rows = sum(self.counts.values())
 
     def reset(self) -> None:
         shutil.copy(self.root / "koeln.template.db", self.root / "koeln.db")
+        self.put_witnesses_back()
         shutil.rmtree(self.root / "mail", ignore_errors=True)
         self.server.drop_database("bench_hq")
         self.server.create_database("bench_hq", template="bench_hq_template")

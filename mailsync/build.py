@@ -67,13 +67,24 @@ class LinkPlan:
     #: full load of ``initial_loads`` that replaces its copy, applied on top
     #: of whatever it has (header base 0)
     reload: bool = False
+    #: remote, after the host went back to a backup: every row we send up
+    #: goes again (the host lost some), applied on top of whatever it has
+    resend_all: bool = False
+    #: our database went back: the peer may miss changesets we no longer
+    #: hold, so this one applies on top of whatever it has (header base 0)
+    rebase: bool = False
 
     @property
     def carries_controls(self) -> bool:
         """Something goes even with no change to send: our key, the rules,
-        a table's initial load, a full reload."""
+        a table's initial load, a full reload, every row again (the host
+        went back)."""
         return bool(
-            self.announce_key is not None or self.send_rules or self.initial_loads or self.reload
+            self.announce_key is not None
+            or self.send_rules
+            or self.initial_loads
+            or self.reload
+            or self.resend_all
         )
 
     def ops(self, table: str) -> str:
@@ -337,6 +348,9 @@ def build_for_link(
             if loaded:
                 builder.initial_load(name)
                 conn.execute(loads.insert().values(station=plan.peer, tbl=name, loaded_at=now()))
+            elif plan.resend_all and "I" in plan.ops(name):
+                builder.initial_load(name)
+                loaded = True
             builder.changes(name, horizon, cursor, loaded=loaded)
         for name in reversed(ordered):
             for chunk in keys.read(name):
@@ -369,6 +383,7 @@ def build_for_link(
             rules_hash=rules_hash,
             announced_key=plan.announce_key.key_id if plan.announce_key is not None else None,
             reload=plan.reload,
+            resent_all=plan.resend_all,
         )
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
@@ -388,7 +403,7 @@ def build_for_link(
                 part=number,
                 parts=parts,
                 cid=cid,
-                base=0 if plan.reload else -1,
+                base=0 if plan.reload or plan.rebase or plan.resend_all else -1,
                 ack_cid=link.in_cid,
                 acked=link.acked_seq,
             )

@@ -19,6 +19,8 @@ POINTS = (
     "after-apply",  # a changeset is applied and committed
     "after-build",  # an envelope is in the outbox, not yet sent
     "after-send",  # the mail system has the message, the outbox does not know
+    "witness-ahead",  # the restore witness is written, the database not yet committed
+    "witness-behind",  # the cycle committed its work, the witness is not renewed yet
 )
 
 

@@ -9,8 +9,9 @@ only writer of the table, so the link's state machine can be read in one
 place:
 
 - :func:`acknowledged` — the peer applied our changesets up to ``ack``
-- :func:`outbound_went_back` / :func:`reload_wanted` /
-  :func:`lost_inbound_noticed` — a database went back to a backup
+- :func:`outbound_went_back` / :func:`reload_wanted` / :func:`rebased` —
+  a database went back to a backup; :func:`peer_to_report` / :func:`notice_sent` /
+  :func:`peer_reported` / :func:`host_went_back` — the host did
 - :func:`reload_requested` / :func:`reload_asked` — the reload handshake
 - :func:`built` / :func:`nothing_built` — a changeset was queued (or not)
 - :func:`applied` — a changeset from the peer was applied
@@ -81,11 +82,27 @@ class Link:
     #: why the peer's changesets do not apply now, and since when
     held: str | None
     held_since: dt.datetime | None
+    #: our next changeset applies on top of whatever the peer holds (base 0)
+    rebase: bool
+    #: remote: the host went back; our next changeset carries every row we
+    #: send up, and the reload we ask for after waits for its ack
+    resend_all: bool
+    resent_seq: int
+    #: host: we went back; the station must report before it gets a block
+    report_due: bool
+    notice_sent_at: dt.datetime | None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Link:
         m = row._mapping
-        times = ("gap_requested_at", "reload_asked_at", "last_contact", "last_sent", "held_since")
+        times = (
+            "gap_requested_at",
+            "reload_asked_at",
+            "last_contact",
+            "last_sent",
+            "held_since",
+            "notice_sent_at",
+        )
         values = {f.name: m[f.name] for f in fields(cls)}
         for name in times:
             if values[name] is not None:
@@ -172,10 +189,53 @@ def outbound_went_back(conn: Connection, link: Link, ack: int) -> None:
     conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
 
 
-def lost_inbound_noticed(conn: Connection, peer: str) -> None:
-    """Host: a station says we applied more of it than we hold (the host went
-    back); remembered so that it is said once."""
-    conn.execute(update(links).where(links.c.peer == peer).values(reload_asked_at=now()))
+def rebased(conn: Connection, peer: str) -> None:
+    """Our database went back: the peer may miss changesets we no longer
+    hold, so our next one applies on top of whatever it has (base 0)."""
+    conn.execute(update(links).where(links.c.peer == peer).values(rebase=True))
+
+
+def peer_to_report(conn: Connection, peer: str) -> None:
+    """Host: we went back to a backup; the station is told, sends again what
+    we lost and its leases, and gets no block until it has reported."""
+    conn.execute(
+        update(links).where(links.c.peer == peer).values(report_due=True, notice_sent_at=None)
+    )
+
+
+def notice_sent(conn: Connection, peer: str) -> None:
+    """Host: the station was told (again) that we went back."""
+    conn.execute(update(links).where(links.c.peer == peer).values(notice_sent_at=now()))
+
+
+def peer_reported(conn: Connection, peer: str) -> None:
+    """Host: the station reported its leases after we went back."""
+    conn.execute(
+        update(links).where(links.c.peer == peer).values(report_due=False, notice_sent_at=None)
+    )
+
+
+def host_went_back(conn: Connection, link: Link, host_in_seq: int) -> None:
+    """Remote: the host lost our changesets after ``host_in_seq``. What
+    waits in the outbox is superseded: our next changeset carries every row
+    we send up, applied on top of whatever the host holds; the reload we
+    then ask for (to lose what the host lost, and get back what it kept)
+    waits until the host has acknowledged it."""
+    rewind = _rewind_point(conn, link.peer)
+    conn.execute(delete(outbox).where(outbox.c.peer == link.peer))
+    values: dict[str, Any] = {
+        "acked_seq": min(link.acked_seq, host_in_seq),
+        "resend_all": True,
+        "rebase": True,
+        "reload_wanted": True,
+        "reload_asked_at": None,
+        "reload_request": secrets.token_hex(8),
+    }
+    if rewind is not None:
+        values["change_cursor"] = min(link.change_cursor, rewind)
+    if link.key_announced_seq > host_in_seq:
+        values["key_announced"] = None
+    conn.execute(update(links).where(links.c.peer == link.peer).values(**values))
 
 
 def reload_wanted(conn: Connection, peer: str) -> None:
@@ -207,8 +267,9 @@ def reload_requested(conn: Connection, link: Link, request: str | None) -> None:
 
 
 def nothing_built(conn: Connection, peer: str, cursor: int, rules_hash: str | None) -> None:
-    """Routing found nothing for the peer up to ``cursor``."""
-    values: dict[str, Any] = {"change_cursor": cursor}
+    """Routing found nothing for the peer up to ``cursor`` (not even rows to
+    send again after the host went back: there are none)."""
+    values: dict[str, Any] = {"change_cursor": cursor, "resend_all": False}
     if rules_hash is not None:
         values["rules_hash"] = rules_hash
     conn.execute(update(links).where(links.c.peer == peer).values(**values))
@@ -223,9 +284,11 @@ def built(
     rules_hash: str | None = None,
     announced_key: str | None = None,
     reload: bool = False,
+    resent_all: bool = False,
 ) -> None:
     """Changeset ``seq`` for the peer was queued, covering the change log up
-    to ``cursor``; it carries the rules, our key or a full reload if said."""
+    to ``cursor``; it carries the rules, our key, a full reload or (remote,
+    after the host went back) every row we send up, if said."""
     values: dict[str, Any] = {"change_cursor": cursor, "out_seq": seq}
     if rules_hash is not None:
         values["rules_hash"] = rules_hash
@@ -235,6 +298,9 @@ def built(
     if reload:
         values["reload_wanted"] = False
         values["reload_seq"] = seq
+    values["rebase"] = False
+    if resent_all:
+        values.update(resend_all=False, resent_seq=seq)
     conn.execute(update(links).where(links.c.peer == peer).values(**values))
 
 

@@ -16,8 +16,9 @@ from types import TracebackType
 from typing import Self
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import admin, trust
+from mailsync import admin, restore, trust
 from mailsync import link as links_mod
 from mailsync.config import (
     NodeConfig,
@@ -35,9 +36,11 @@ from mailsync.enroll import Bundle
 from mailsync.errors import ConfigError, DatabaseError
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
+from mailsync.ranges.draw import next_number
 from mailsync.status import LinkStatus, Status, node_status
-from mailsync.store.engine import check_connection, open_engine, redact
+from mailsync.store.engine import check_connection, describe_db_error, open_engine, redact
 from mailsync.store.tables import ensure_schema, get_meta, set_meta
+from mailsync.store.witness import witness_path
 from mailsync.transport import TransportContext
 from mailsync.wire.envelope import Codec, Header
 
@@ -100,7 +103,29 @@ class Node:
                 f"{cfg.path}: database {redact(engine)} belongs to {role} {owner!r}, "
                 f"not to {cfg.role} {cfg.node_id!r}"
             )
-        return cls(cfg, engine, ring, memory=memory)
+        node = cls(cfg, engine, ring, memory=memory)
+        if owner is not None:
+            try:
+                # the first thing any mailsync action does: a database that
+                # went back to a backup is caught before it issues a number
+                node.confirm_witness()
+            except BaseException:
+                engine.dispose()
+                raise
+        return node
+
+    def confirm_witness(self) -> restore.Finding:
+        """Compare the database with its restore witness, heal what went
+        back, renew the witness (:mod:`mailsync.restore`)."""
+        try:
+            return restore.confirm(self.engine, witness_path(self.config.path), self.journal)
+        except SQLAlchemyError as exc:
+            raise describe_db_error(self.engine, exc, "cannot check the restore witness") from exc
+
+    def next_number(self, name: str) -> int:
+        """Draw one number of range ``name`` from this node's leases (after the
+        witness check, like every mailsync action), committed at once."""
+        return next_number(self.engine, name)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, distinct, func, or_, select
+from sqlalchemy import Connection, Engine, distinct, func, or_, select
 
 from mailsync import capture
 from mailsync import rules as rules_mod
@@ -19,6 +19,7 @@ from mailsync.link import Link, all_links
 from mailsync.ranges.admin import usage
 from mailsync.ranges.exchange import REFUSED
 from mailsync.ranges.model import RangeUsage
+from mailsync.restore import last_finding
 from mailsync.store.engine import redact
 from mailsync.store.tables import changes, conflicts_table, log_table, now, outbox, parked
 
@@ -76,6 +77,9 @@ class Status:
     #: blocks of a number range a station asked for and was refused: it
     #: held its cap of unused blocks (the host's count, not the station's)
     blocks_refused: int = 0
+    #: the last time this database was found behind its restore witness (or
+    #: without one): when, what was done, and whether healing is done
+    restored: str | None = None
 
 
 def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
@@ -137,6 +141,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
             conn.execute(select(func.count()).select_from(conflicts_table)).scalar() or 0
         )
         range_usage = usage(conn)
+        restored = _restored(conn, result)
         since = now() - dt.timedelta(days=config.log_retention_days)
         counts: dict[str, int] = dict(
             conn.execute(
@@ -167,17 +172,35 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         refused=int(counts.get("refused", 0)),
         replayed=int(counts.get("control-replayed", 0)),
         blocks_refused=int(counts.get(REFUSED, 0)),
+        restored=restored,
     )
+
+
+def _restored(conn: Connection, links: list[LinkStatus]) -> str | None:
+    """ "restored from a backup at …: 3 lease(s) moved past 100079, reload
+    requested of hq … done" (or what it still waits for)."""
+    found = last_finding(conn)
+    if found is None:
+        return None
+    at, _, text = found
+    pending = [x.restore for x in links if x.restore is not None]
+    state = "; ".join(pending) if pending else "done"
+    return f"{text} (found {at:%Y-%m-%d %H:%M} UTC) … {state}"
 
 
 def _restore_state(link: Link, is_host: bool) -> str | None:
     """Say what is pending after a database went back to an older backup."""
     if is_host and link.reload_wanted:
         return f"{link.peer} went back to an older backup: a full reload is queued for it"
-    if is_host and link.reload_asked_at is not None:
+    if is_host and link.report_due:
         return (
-            f"this database went back to an older backup: rows {link.peer} sent since "
-            "are missing here; re-enroll the station"
+            f"this database went back to an older backup: {link.peer} is asked to send again "
+            "what it sent since, and its number leases (no block is granted it until then)"
+        )
+    if not is_host and (link.resend_all or link.acked_seq < link.resent_seq):
+        return (
+            f"{link.peer} went back to an older backup: every row we send up goes to it again"
+            + (", then a reload is asked for" if link.reload_wanted else "")
         )
     if not is_host and link.reload_wanted:
         asked = link.reload_asked_at

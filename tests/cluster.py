@@ -72,6 +72,33 @@ orders = Table(  # a column bound to a number range in the range tests
 )
 TABLES = ("customers", "invoices", "notes", "orders")
 
+#: the columns each schema version added (a migration test drops them and
+#: sets the version back; version 4 added an index only)
+SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
+    2: (("mailsync_links", "ctl_sent"), ("mailsync_links", "ctl_seen")),
+    3: (
+        ("mailsync_links", "held"),
+        ("mailsync_links", "held_since"),
+        ("mailsync_inbox", "size"),
+        ("mailsync_inbox", "attempts"),
+        ("mailsync_inbox", "last_error"),
+        ("mailsync_inbox", "quarantined_at"),
+    ),
+    5: (
+        ("mailsync_links", "rebase"),
+        ("mailsync_links", "resend_all"),
+        ("mailsync_links", "resent_seq"),
+        ("mailsync_links", "report_due"),
+        ("mailsync_links", "notice_sent_at"),
+        ("mailsync_leases", "ceiling"),
+    ),
+}
+
+
+def columns_since(version: int) -> list[tuple[str, str]]:
+    """The columns the schema versions after ``version`` added."""
+    return [c for v, cols in sorted(SCHEMA_ADDED.items()) if v > version for c in cols]
+
 
 class ChaosPostOffice(MemoryPostOffice):
     """Delivers with faults while ``chaotic``: loss, duplicates, delay/reorder."""

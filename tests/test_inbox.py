@@ -29,7 +29,7 @@ from sqlalchemy import text, update
 from mailsync.store.tables import inbox
 from mailsync.wire.changeset import ChangesetWriter
 from mailsync.wire.limits import MIB
-from tests.cluster import Cluster, customers
+from tests.cluster import Cluster, columns_since, customers
 from tests.test_containment import (
     RefusingPostOffice,
     Write,
@@ -191,17 +191,6 @@ def test_a_quarantined_changeset_is_skipped_only_when_the_admin_says_so(
     assert ids(c) == [2, 6, 7]
 
 
-#: what schema version 3 added
-V3_COLUMNS = (
-    ("mailsync_links", "held"),
-    ("mailsync_links", "held_since"),
-    ("mailsync_inbox", "size"),
-    ("mailsync_inbox", "attempts"),
-    ("mailsync_inbox", "last_error"),
-    ("mailsync_inbox", "quarantined_at"),
-)
-
-
 def test_a_version_2_database_gains_the_hold_and_inbox_columns(
     cluster: Cluster, office: RefusingPostOffice
 ) -> None:
@@ -211,7 +200,7 @@ def test_a_version_2_database_gains_the_hold_and_inbox_columns(
     from_berlin(c, office, berlin_rows((5, "Kunde 5", "berlin")), seq=2)  # early: waits
     c.host.sync()
     with c.engines["hq"].begin() as conn:
-        for table, column in V3_COLUMNS:
+        for table, column in columns_since(2):
             conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
         conn.execute(text("UPDATE mailsync_meta SET value = '2' WHERE key = 'schema_version'"))
     c.restart("hq")

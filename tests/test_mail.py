@@ -236,7 +236,16 @@ def test_the_same_run_with_aiosmtpd_for_developers_without_root(
 
 
 @pytest.mark.parametrize(
-    "point", ["after-buffer", "in-apply", "after-apply", "after-build", "after-send"]
+    "point",
+    [
+        "after-buffer",
+        "in-apply",
+        "after-apply",
+        "after-build",
+        "after-send",
+        "witness-ahead",  # the restore witness written, the database not committed
+        "witness-behind",  # the cycle's work committed, the witness not renewed
+    ],
 )
 def test_sigkill_at_any_point_loses_nothing_and_applies_nothing_twice(
     cluster: Cluster, mail_servers: MailServers, point: str

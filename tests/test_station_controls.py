@@ -33,19 +33,26 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 
 from mailsync import link as links_mod
 from mailsync.ranges import admin, model
 from mailsync.ranges.draw import next_number
 from mailsync.store.engine import open_engine
-from mailsync.store.tables import SCHEMA_VERSION, ensure_schema, links, log_table, outbox
+from mailsync.store.tables import (
+    SCHEMA_VERSION,
+    ensure_schema,
+    leases,
+    links,
+    log_table,
+    outbox,
+)
 from mailsync.wire.changeset import ChangesetWriter
 from mailsync.wire.controls import LeaseState, RangeReport, ReloadRequest, Resend
 from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.message import Address, build_message
-from tests.cluster import DOMAIN, Cluster, orders
+from tests.cluster import DOMAIN, Cluster, columns_since, orders
 from tests.measure import MIB, cycle_under
-from tests.test_inbox import V3_COLUMNS
 
 HQ, KOELN = f"hq@{DOMAIN}", f"koeln@{DOMAIN}"
 
@@ -192,7 +199,9 @@ def test_a_station_that_used_its_bound_block_gets_the_next_before_its_rows_arriv
     """Plain use: the report asking for the next block reaches the host in
     the same cycle as the rows that used the current one, ahead of them.
     The current block, with no row seen yet, is its one unused block: the
-    next is granted, and koeln draws on into it."""
+    next is granted, and koeln draws on into it — by trigger, as far as its
+    restore witness reserved (the rest of the block in use, half of the
+    next) until any mailsync action reserves more."""
     c = cluster(tmp_path, db_url, resend_after_minutes=0, gap_request_minutes=0)
     try:
         add_range(c, bind="orders.order_no", threshold=0.5)
@@ -202,7 +211,11 @@ def test_a_station_that_used_its_bound_block_gets_the_next_before_its_rows_arriv
         with c.engines["koeln"].connect() as conn:
             (use,) = admin.usage(conn)
         assert use.next_held and use.left == 14
-        c.execute("koeln", orders.insert(), [{"id": 10 + i, "customer": "b"} for i in range(14)])
+        c.execute("koeln", orders.insert(), [{"id": 10 + i, "customer": "b"} for i in range(9)])
+        with pytest.raises(IntegrityError, match="no numbers left on this node"):
+            c.execute("koeln", orders.insert(), {"id": 19, "customer": "b"})
+        c.nodes["koeln"].confirm_witness()  # what any mailsync action does first
+        c.execute("koeln", orders.insert(), [{"id": 19 + i, "customer": "b"} for i in range(5)])
         numbers = sorted(int(r[1]) for r in c.rows("koeln", orders))
         assert len(set(numbers)) == 20 and len(koeln_leases(c)) == 2
     finally:
@@ -399,9 +412,8 @@ def test_a_version_1_database_gains_the_control_numbers(db_url: str) -> None:
     try:
         ensure_schema(engine)
         with engine.begin() as conn:
-            # back to version 1: without the columns versions 2 and 3 added
-            v2 = (("mailsync_links", "ctl_sent"), ("mailsync_links", "ctl_seen"))
-            for table, name in v2 + V3_COLUMNS:
+            # back to version 1: without the columns the later versions added
+            for table, name in columns_since(1):
                 conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {name}"))
             conn.execute(
                 text(
@@ -410,14 +422,25 @@ def test_a_version_1_database_gains_the_control_numbers(db_url: str) -> None:
                     "reload_seq) VALUES ('koeln', 'k@x', 3, 2, 1, 0, 0, 0, '', false, 0)"
                 )
             )
+            conn.execute(
+                text(
+                    'INSERT INTO mailsync_leases (id, range_name, holder, "first", "last", '
+                    '"next", state, granted_at, confirmed) VALUES '
+                    "(7, 'order_no', 'koeln', 1000, 1009, 1003, 'active', '2026-01-01', false)"
+                )
+            )
             conn.execute(text("UPDATE mailsync_meta SET value = '1' WHERE key = 'schema_version'"))
         ensure_schema(engine)
         with engine.connect() as conn:
             row = conn.execute(select(links)).one()
+            lease = conn.execute(select(leases)).one()
             version = conn.execute(
                 text("SELECT value FROM mailsync_meta WHERE key = 'schema_version'")
             ).scalar()
         assert (row.peer, row.out_seq, row.ctl_sent, row.ctl_seen) == ("koeln", 3, 0, 0)
-        assert version == str(SCHEMA_VERSION) == "4"
+        assert (row.rebase, row.resend_all, row.report_due) == (False, False, False)
+        # a lease of an older version may have been drawn to its end
+        assert (lease.next, lease.ceiling) == (1003, 1010)
+        assert version == str(SCHEMA_VERSION) == "5"
     finally:
         engine.dispose()

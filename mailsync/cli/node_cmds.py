@@ -229,6 +229,8 @@ def status(
             f"[bold red]capture triggers missing or altered:[/] {', '.join(st.capture_missing)}"
             " (the next sync reinstalls them)"
         )
+    if st.restored:
+        console.print(f"[bold yellow]restore:[/] {escape(st.restored)}")
     if st.set_aside:
         console.print(f"[yellow]{st.set_aside} message(s) set aside as unrecognized[/] (see log)")
     if st.errors:

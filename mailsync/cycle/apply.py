@@ -37,6 +37,8 @@ def apply(ctx: CycleContext, report: CycleReport) -> None:
         waiting = inbox.peers_waiting(conn)
     for link in peers:
         peer = link.peer
+        if link.report_due:
+            continue  # we went back to a backup: its leases first (its report), then its rows
         # a message of the peer's that receive could not take (a bug met
         # with it) holds the link as much as a changeset that fails here
         reason = report.peer_errors.get(peer)

@@ -25,6 +25,7 @@ from mailsync.journal import Journal
 from mailsync.keys import KeyRing, PublicKey
 from mailsync.link import Link
 from mailsync.ranges import exchange
+from mailsync.ranges.model import RangeDef
 from mailsync.rules import Direction, Rule
 from mailsync.store.seen import SeenInDatabase
 from mailsync.store.tables import loads
@@ -102,7 +103,17 @@ class Role:
             announce = None if link.key_announced == mine.key_id else mine
             effective = rules_mod.effective_from(every, link.peer if self.is_host else None)
             if not self.is_host:
-                out.append(LinkPlan(me, link.peer, "up", effective, announce_key=announce))
+                out.append(
+                    LinkPlan(
+                        me,
+                        link.peer,
+                        "up",
+                        effective,
+                        announce_key=announce,
+                        resend_all=link.resend_all,
+                        rebase=link.rebase,
+                    )
+                )
                 continue
             digest = rules_mod.rules_hash(effective)
             done = loaded.get(link.peer, set())
@@ -119,18 +130,26 @@ class Role:
                     initial_loads=to_load,
                     announce_key=announce,
                     reload=link.reload_wanted,
+                    rebase=link.rebase,
                 )
             )
         return out
 
     def ranges_out(
-        self, conn: Connection, peer: str, resend: dt.timedelta, ask_again: dt.timedelta
+        self,
+        conn: Connection,
+        link: Link,
+        resend: dt.timedelta,
+        ask_again: dt.timedelta,
+        ranges: list[RangeDef],
     ) -> tuple[RangeGrants | RangeReport | None, bool]:
-        """The number-range control due to ``peer``, and whether it must go
-        now (a host's grants always must; a station's report when it has
-        something to confirm or ask for)."""
+        """The number-range control due to ``link``'s peer, and whether it
+        must go now (a host's grants always must; a station's report when it
+        has something to confirm or ask for). ``ranges``: read once per cycle."""
         if self.is_host:
-            grants = exchange.host_outgoing(conn, peer, resend)
+            grants = exchange.host_outgoing(
+                conn, link.peer, resend, ranges=ranges, waiting=link.report_due
+            )
             return (grants or None), bool(grants)
         return exchange.station_outgoing(conn, ask_again)
 

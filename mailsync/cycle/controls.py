@@ -29,10 +29,12 @@ from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.link import Link
 from mailsync.ranges import exchange
+from mailsync.ranges.model import RangeDef, list_ranges
 from mailsync.store.tables import loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Control, read_changeset
 from mailsync.wire.controls import (
     MAX_RESEND_REQUEST,
+    HostRestored,
     RangeGrants,
     RangeReport,
     ReloadRequest,
@@ -102,6 +104,8 @@ def act_on(
     for control in controls:
         if isinstance(control, ReloadRequest):
             _reload_requested(ctx, conn, links_mod.one(conn, peer), control)
+        elif isinstance(control, HostRestored):
+            _host_restored(ctx, conn, links_mod.one(conn, peer), control)
         elif isinstance(control, RangeGrants | RangeReport):
             for event, line in ctx.role.ranges_in(conn, peer, control):
                 level = "warning" if event == exchange.REFUSED else "info"
@@ -156,6 +160,32 @@ def _reload_requested(
     )
 
 
+def _host_restored(ctx: CycleContext, conn: Connection, link: Link, control: HostRestored) -> None:
+    """Remote: the host went back to a backup. Where it lost changesets of
+    ours (it had acknowledged more), every row we send up goes again, and
+    a reload follows once it is in; either way our next report names every
+    lease in full, so the host learns what it granted us and lost."""
+    exchange.report_in_full(conn)
+    if control.in_seq < link.acked_seq and not link.resend_all:
+        links_mod.host_went_back(conn, link, control.in_seq)
+        ctx.journal.error(
+            "went-back",
+            f"{link.peer} went back to a backup: it holds our changesets up to "
+            f"#{control.in_seq}, not #{link.acked_seq}; every row we send up goes again, "
+            "then a reload is asked for",
+            peer=link.peer,
+            conn=conn,
+        )
+    else:
+        ctx.journal.warning(
+            "went-back",
+            f"{link.peer} went back to a backup; it has every changeset of ours: our number "
+            "leases are reported to it in full",
+            peer=link.peer,
+            conn=conn,
+        )
+
+
 # ------------------------------------------------------------------ outbound
 
 
@@ -178,13 +208,11 @@ def due(
     with its reason; what composing it wrote is rolled back to its savepoint."""
     out = []
     waiting = inbox.peers_waiting(conn)
+    ranges = list_ranges(conn)  # once for every link
     for link in links_mod.all_links(conn):
         peer = link.peer
-        with (
-            for_peer(report, ctx.journal, peer, "send-failed", f"controls for {peer}"),
-            conn.begin_nested(),
-        ):
-            control = _compose(ctx, conn, link, carried, report, peer in waiting)
+        with for_peer(report, ctx.journal, peer, "send-failed", f"controls for {peer}"):
+            control = _compose(ctx, conn, link, carried, report, peer in waiting, ranges)
             if control is not None:
                 out.append(control)
     return out
@@ -197,6 +225,7 @@ def _compose(
     carried: set[str],
     report: CycleReport,
     buffered: bool,
+    ranges: list[RangeDef],
 ) -> OutgoingControl | None:
     cfg = ctx.config
     gap_after = dt.timedelta(minutes=cfg.gap_request_minutes)
@@ -221,14 +250,45 @@ def _compose(
         ctx.role.can_be_reloaded
         and link.reload_wanted
         and (link.reload_asked_at is None or link.reload_asked_at <= limit)
+        # after the host went back: once it holds every row we sent again
+        and not link.resend_all
+        and link.acked_seq >= link.resent_seq
     )
-    ranges_control, ranges_due = ctx.role.ranges_out(conn, link.peer, resend_after, gap_after)
-    if (
+    notice = (
+        ctx.role.is_host
+        and link.report_due
+        and (link.notice_sent_at is None or link.notice_sent_at <= now() - resend_after)
+    )
+    quiet = (
         not wanted
         and not reload
-        and not ranges_due
+        and not notice
         and (link.in_seq <= link.ack_sent or link.peer in carried)
-    ):
+    )
+    if quiet and ctx.role.is_host and not ranges:
+        return None  # nothing to say, nothing written: no savepoint (an idle station)
+    # what composing writes is rolled back to here if it fails
+    with conn.begin_nested():
+        return _write(ctx, conn, link, wanted, reload, notice, quiet, ranges)
+
+
+def _write(
+    ctx: CycleContext,
+    conn: Connection,
+    link: Link,
+    wanted: list[Wanted],
+    reload: bool,
+    notice: bool,
+    quiet: bool,
+    ranges: list[RangeDef],
+) -> OutgoingControl | None:
+    """The range traffic (a grant may be made here) and, if anything is
+    due, the control message itself, sealed."""
+    cfg = ctx.config
+    resend_after = dt.timedelta(minutes=cfg.resend_after_minutes)
+    gap_after = dt.timedelta(minutes=cfg.gap_request_minutes)
+    ranges_control, ranges_due = ctx.role.ranges_out(conn, link, resend_after, gap_after, ranges)
+    if quiet and not ranges_due:
         return None
     buffer = io.BytesIO()
     compressed = ctx.codec.body_writer(buffer)
@@ -240,6 +300,9 @@ def _compose(
         writer.control(ranges_control.KIND, ranges_control.payload())
         if isinstance(ranges_control, RangeReport):
             exchange.station_reported(conn, ranges_control)
+    if notice:
+        writer.control(HostRestored.KIND, HostRestored(link.in_seq).payload())
+        links_mod.notice_sent(conn, link.peer)
     if reload:
         request = ReloadRequest(link.in_seq, link.reload_request)
         writer.control(ReloadRequest.KIND, request.payload())

@@ -146,14 +146,17 @@ def _went_back(ctx: CycleContext, conn: Connection, link: Link, header: Header) 
             conn=conn,
         )
     lost = header.acked > link.in_seq
-    if lost and not ctx.role.can_be_reloaded and link.reload_asked_at is None:
-        # the host is the reference copy: nobody can reload it (logged once)
-        links_mod.lost_inbound_noticed(conn, peer)
+    if lost and not ctx.role.can_be_reloaded and not link.report_due:
+        # the host is the reference copy: nobody can reload it; the station
+        # sends again what it lost, and its leases (the witness, where it
+        # caught the restore first, told every station already)
+        links_mod.peer_to_report(conn, peer)
         ctx.journal.error(
             "went-back",
             f"{peer} says we applied its changesets up to #{header.acked}, but this "
             f"database has only #{link.in_seq}: it was restored from an older backup; "
-            f"the rows {peer} sent since are missing here — re-enroll the station",
+            f"{peer} is told to send again what it sent since, and its number leases, "
+            "before it gets another block",
             peer=peer,
             conn=conn,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from mailsync import faults, restore
 from mailsync.cycle.apply import apply
 from mailsync.cycle.build import build
 from mailsync.cycle.contain import contained
@@ -21,6 +22,7 @@ from mailsync.cycle.receive import receive
 from mailsync.cycle.report import CycleReport
 from mailsync.cycle.send import send
 from mailsync.store.engine import describe_db_error
+from mailsync.store.witness import witness_path
 
 
 def run_cycle(ctx: CycleContext) -> CycleReport:
@@ -30,6 +32,10 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
     try:
         with journal.deferred():
             journal.info("cycle", "sync cycle started")
+            # before anything is received, drawn or built: a database that
+            # went back to a backup is caught even on an idle or dead link
+            witness = witness_path(ctx.config.path)
+            restore.confirm(ctx.engine, witness, journal)
             # the mailbox steps: a mailbox that cannot be reached ends its
             # stage, and the rest of the cycle goes on without it
             with contained(report, journal, scope="mailbox", event="mailbox"):
@@ -43,6 +49,9 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
             with contained(report, journal, scope="mailbox", event="mailbox"):
                 send(ctx, report)
             purge(ctx)
+            # leases granted and sequence numbers moved in this cycle
+            faults.point("witness-behind")
+            restore.confirm(ctx.engine, witness, journal)
             journal.info(
                 "cycle",
                 f"sync cycle done: {report.received} received, {report.rows_applied} rows "

@@ -64,6 +64,10 @@ class Dialect(Protocol):
     def drop_binding(self, conn: Connection, table: str, column: str) -> None:
         """Remove a bound column's triggers, if present."""
 
+    def lease_ids_above(self, conn: Connection, floor: int) -> None:
+        """Make every lease id given from now on higher than ``floor`` (a
+        host restored from a backup must not lease under an id it used)."""
+
     def highest_bound(
         self, conn: Connection, table: str, column: str, first: int, last: int
     ) -> int | None:

@@ -220,6 +220,17 @@ class PostgreSQLDialect:
         ).scalar()
         return None if value is None else int(value)
 
+    def lease_ids_above(self, conn: Connection, floor: int) -> None:
+        # never lower: the sequence may already be past the floor and every id
+        conn.execute(
+            text(
+                "SELECT setval(s, greatest(:f, (SELECT coalesce(max(id), 1) FROM "
+                "mailsync_leases), coalesce(pg_sequence_last_value(s), 1))) FROM "
+                "(SELECT pg_get_serial_sequence('mailsync_leases', 'id')::regclass AS s) AS q"
+            ),
+            {"f": max(floor, 1)},
+        )
+
     def drop_binding(self, conn: Connection, table: str, column: str) -> None:
         exists = conn.execute(
             text("SELECT to_regclass(:t)"), {"t": quote_ident(_Q, table)}
@@ -247,14 +258,15 @@ BEGIN
   FOR attempt IN 1..5 LOOP
     UPDATE mailsync_leases SET "next" = "next" + 1
       WHERE id = (SELECT id FROM mailsync_leases WHERE range_name = r AND holder = me
-                  AND state = 'active' AND "next" <= "last" ORDER BY "first" LIMIT 1)
-        AND state = 'active' AND "next" <= "last"
+                  AND state = 'active' AND "next" <= "last" AND "next" < ceiling
+                  ORDER BY "first" LIMIT 1)
+        AND state = 'active' AND "next" <= "last" AND "next" < ceiling
       RETURNING "next" - 1 INTO n;
     IF n IS NOT NULL THEN
       RETURN n;
     END IF;
     IF EXISTS (SELECT 1 FROM mailsync_leases WHERE range_name = r AND holder = me
-               AND state = 'active' AND "next" <= "last") THEN
+               AND state = 'active' AND "next" <= "last" AND "next" < ceiling) THEN
       CONTINUE;
     END IF;
     IF NOT host THEN
@@ -266,8 +278,8 @@ BEGIN
     END IF;
     UPDATE mailsync_ranges SET next_free = least(f + b, e + 1) WHERE name = r;
     INSERT INTO mailsync_leases(range_name, holder, "first", "last", "next", state, granted_at,
-                                confirmed)
-      VALUES (r, me, f, least(f + b - 1, e), f, 'active', now(), true);
+                                confirmed, ceiling)
+      VALUES (r, me, f, least(f + b - 1, e), f, 'active', now(), true, least(f + b - 1, e) + 1);
   END LOOP;
   RAISE EXCEPTION USING ERRCODE = 'check_violation',
     MESSAGE = format('number range %s: no numbers left on this node '

@@ -131,7 +131,7 @@ class SQLiteDialect:
         mine = f"range_name = {r} AND holder = {holder}"
         usable = (
             f"SELECT id FROM mailsync_leases WHERE {mine} AND state = 'active' "
-            f'AND "next" <= "last" ORDER BY "first" LIMIT 1'
+            f'AND "next" <= "last" AND "next" < ceiling ORDER BY "first" LIMIT 1'
         )
         local = "NOT EXISTS (SELECT 1 FROM mailsync_applying)"
         wrong = (
@@ -143,9 +143,10 @@ class SQLiteDialect:
         if is_host:  # the host leases itself the next block when it has none
             fill += [
                 'INSERT INTO mailsync_leases(range_name, holder, "first", "last", "next", '
-                "state, granted_at, confirmed) SELECT name, "
+                "state, granted_at, confirmed, ceiling) SELECT name, "
                 f'{holder}, next_free, min(next_free + block - 1, "last"), next_free, '
-                "'active', strftime('%Y-%m-%d %H:%M:%S', 'now'), 1 FROM mailsync_ranges "
+                "'active', strftime('%Y-%m-%d %H:%M:%S', 'now'), 1, "
+                'min(next_free + block - 1, "last") + 1 FROM mailsync_ranges '
                 f'WHERE name = {r} AND next_free <= "last" AND NOT EXISTS ({usable});',
                 'UPDATE mailsync_ranges SET next_free = (SELECT max("last") + 1 FROM '
                 f"mailsync_leases WHERE range_name = {r}) WHERE name = {r} AND next_free <= "
@@ -201,6 +202,19 @@ class SQLiteDialect:
         for suffix in ("bi", "bu", "ai"):
             name = trigger_name(f"rng_{table}_{column}", suffix)
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote_ident(chr(34), name)}")
+
+    def lease_ids_above(self, conn: Connection, floor: int) -> None:
+        # SQLite gives max(rowid) + 1: an ended, empty lease row at the floor
+        # holds it (its range name is empty: no range has that name)
+        conn.execute(
+            text(
+                'INSERT INTO mailsync_leases(id, range_name, holder, "first", "last", "next", '
+                "state, granted_at, confirmed, ceiling) SELECT :f, '', '', 0, -1, 0, 'retired', "
+                "strftime('%Y-%m-%d %H:%M:%S', 'now'), 1, 0 "
+                "WHERE coalesce((SELECT max(id) FROM mailsync_leases), 0) < :f"
+            ),
+            {"f": floor},
+        )
 
     def schema_fingerprint(self, conn: Connection, table: str) -> Any:
         return conn.exec_driver_sql("PRAGMA schema_version").scalar()

@@ -13,6 +13,7 @@ import datetime as dt
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
+from mailsync import restore
 from mailsync.errors import RangeError
 from mailsync.ranges.model import Lease, RangeDef, as_lease, get_range, this_node
 from mailsync.store.engine import open_engine
@@ -95,36 +96,44 @@ def grant(
 def draw(conn: Connection, name: str) -> int:
     """Issue the next number of range ``name`` on this node (in ``conn``'s
     transaction). The host leases itself a new block when it has none left;
-    a station that has none left gets a :class:`RangeError` saying why."""
+    a station that has none left gets a :class:`RangeError` saying why.
+
+    Only numbers below a lease's ceiling are drawn (what the restore
+    witness holds, :mod:`mailsync.restore`); where the lease has more, the
+    witness is renewed first and the draw tried again."""
     me, is_host = this_node(conn)
     rdef = get_range(conn, name)
-    for _ in range(3):
+    mine = (
+        leases.c.range_name == name,
+        leases.c.holder == me,
+        leases.c.state == "active",
+        leases.c.next <= leases.c.last,
+    )
+    for _ in range(4):
         usable = (
             select(leases.c.id)
-            .where(
-                leases.c.range_name == name,
-                leases.c.holder == me,
-                leases.c.state == "active",
-                leases.c.next <= leases.c.last,
-            )
+            .where(*mine, leases.c.next < leases.c.ceiling)
             .order_by(leases.c.first)
             .limit(1)
             .scalar_subquery()
         )
         issued = conn.execute(
             update(leases)
-            .where(
-                leases.c.id == usable, leases.c.state == "active", leases.c.next <= leases.c.last
-            )
+            .where(leases.c.id == usable, *mine, leases.c.next < leases.c.ceiling)
             .values(next=leases.c.next + 1)
             .returning(leases.c.next)
         ).scalar()
         if issued is not None:
             return int(issued) - 1
         # another session took the lease's last number, or retired it: try
-        # the next usable lease; only the host can make a new one
+        # the next usable lease; numbers not yet reserved are reserved
+        # first; only the host can make a new lease
         if conn.execute(select(usable)).scalar() is not None:
             continue
+        if conn.execute(select(leases.c.id).where(*mine).limit(1)).first() is not None:
+            if restore.reserve(conn):
+                continue
+            break
         if not is_host or grant(conn, rdef, me, confirmed=True) is None:
             break
     raise _dry(conn, rdef, me, is_host)
@@ -157,10 +166,14 @@ def next_number(database: Engine | str, name: str) -> int:
     """Draw one number of range ``name`` for an application, committed at once.
 
     ``database`` is the node's database (an engine or a SQLAlchemy URL).
+    Like every mailsync action it first compares the database with its
+    restore witness (:func:`mailsync.restore.reserve`): a database restored
+    from a backup never hands out a number it issued before.
     """
     engine = open_engine(database) if isinstance(database, str) else database
     try:
         with engine.begin() as conn:
+            restore.reserve(conn)  # a database behind its witness is caught first
             return draw(conn, name)
     finally:
         if isinstance(database, str):

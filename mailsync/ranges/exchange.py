@@ -40,10 +40,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, delete, func, select, update
 
+from mailsync import link as links_mod
 from mailsync.dialects import dialect_for
-from mailsync.ranges.draw import grant
+from mailsync.ranges.draw import block_for, grant
 from mailsync.ranges.model import (
     Lease,
     RangeDef,
@@ -55,11 +56,14 @@ from mailsync.ranges.model import (
 )
 from mailsync.store.tables import (
     ALL_STATIONS,
+    get_meta,
     leases,
+    meta_table,
     now,
     range_free,
     ranges_table,
     rules_table,
+    set_meta,
 )
 from mailsync.wire.controls import Grant, LeaseState, RangeGrants, RangeReport
 
@@ -68,6 +72,8 @@ from mailsync.wire.controls import Grant, LeaseState, RangeGrants, RangeReport
 DONE, REFUSED = "range", "range-refused"
 #: (log event, line): what acting on a range control did, for the log
 Note = tuple[str, str]
+#: ``mailsync_meta`` (station): the next report names every lease in full.
+IN_FULL = "report_leases_in_full"
 
 
 def _grant_of(rdef: RangeDef, lease: Lease) -> Grant:
@@ -142,13 +148,25 @@ def _unused(conn: Connection, rdef: RangeDef, station: str) -> int:
     return unused
 
 
-def host_outgoing(conn: Connection, station: str, resend_after: dt.timedelta) -> RangeGrants:
+def host_outgoing(
+    conn: Connection,
+    station: str,
+    resend_after: dt.timedelta,
+    *,
+    ranges: list[RangeDef],
+    waiting: bool,
+) -> RangeGrants:
     """What the host must tell a station now: its first block of every range
     that serves it (with the initial load), grants it has not confirmed, and
-    leases asked back. Marks them sent."""
+    leases asked back. Marks them sent. ``ranges`` (read once per cycle for
+    every station: none is the common case, and costs nothing) and
+    ``waiting`` (the station owes its report: we went back to a backup) come
+    from the caller."""
+    if not ranges:
+        return RangeGrants(grants=(), release=())
     live = leases.c.state.in_(["active", "release"])
-    for rdef in list_ranges(conn):
-        if rdef.serves(station) and not _held(conn, rdef, station, live):
+    for rdef in ranges:
+        if rdef.serves(station) and not waiting and not _held(conn, rdef, station, live):
             grant(conn, rdef, station)
     stale = now() - resend_after
     due = conn.execute(
@@ -159,7 +177,7 @@ def host_outgoing(conn: Connection, station: str, resend_after: dt.timedelta) ->
             (leases.c.sent_at.is_(None)) | (leases.c.sent_at <= stale),
         )
     ).all()
-    defs = {r.name: r for r in list_ranges(conn)}
+    defs = {r.name: r for r in ranges}
     if due:
         conn.execute(
             update(leases).where(leases.c.id.in_([r.id for r in due])).values(sent_at=now())
@@ -176,8 +194,14 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[N
     """A station's report: its leases' use and state, and the ranges it wants
     a block of. Returns what was done (and refused), for the log."""
     done: list[Note] = []
-    reported = {item.lease_id: (item.next, item.state) for item in report.leases}
     defs = {r.name: r for r in list_ranges(conn)}
+    waiting = _report_due(conn, station)
+    if waiting and report.full:
+        # we went back to a backup: learn the leases granted since, first
+        done += [(DONE, line) for line in _adopt(conn, station, report, defs)]
+        links_mod.peer_reported(conn, station)
+        waiting = False
+    reported = {item.lease_id: (item.next, item.state) for item in report.leases}
     for row in conn.execute(select(leases).where(leases.c.holder == station)).all():
         lease = as_lease(row)
         if lease.id not in reported:
@@ -218,6 +242,15 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[N
         if wanted is None or not as_range(wanted).serves(station):
             continue
         rdef = as_range(wanted)
+        if waiting:
+            done.append(
+                (
+                    DONE,
+                    f"{station} asked for a block of {rdef.name}: it waits until {station} has "
+                    "reported every lease it holds (this database went back to a backup)",
+                )
+            )
+            continue
         unused = _unused(conn, rdef, station)
         if unused >= rdef.max_blocks:
             done.append(
@@ -233,6 +266,86 @@ def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[N
             done.append((DONE, f"{station} asked for a block of {rdef.name}, which is used up"))
         else:
             done.append((DONE, f"granted {rdef.name} {granted.first}-{granted.last} to {station}"))
+    return done
+
+
+def _report_due(conn: Connection, station: str) -> bool:
+    link = links_mod.get(conn, station)
+    return link is not None and link.report_due
+
+
+def _adopt(
+    conn: Connection, station: str, report: RangeReport, defs: dict[str, RangeDef]
+) -> list[str]:
+    """Host, back on a backup: a station's leases this database does not
+    know (granted after the backup) are taken from its report where they
+    are plausible — a range that serves it, inside the range, at most a
+    block's size, overlapping no lease held here — and no block is carved
+    from their numbers again. What is not plausible is refused and said."""
+    done = []
+    rows = conn.execute(select(leases.c.id, leases.c.range_name)).all()
+    known = {int(r.id) for r in rows if r.range_name != ""}
+    floor = max((int(r.id) for r in rows), default=0)  # the id floor's row included
+    for item in report.leases:
+        if item.range is None or item.lease_id in known:
+            continue
+        rdef = defs.get(item.range)
+        size = item.last - item.first + 1
+        overlap = conn.execute(
+            select(func.count())
+            .select_from(leases)
+            .where(
+                leases.c.range_name == item.range,
+                leases.c.first <= item.last,
+                leases.c.last >= item.first,
+            )
+        ).scalar()
+        if (
+            rdef is None
+            or not rdef.serves(station)
+            or not rdef.first <= item.first <= item.last <= rdef.last
+            or size > max(rdef.block, block_for(conn, rdef, station))
+            or overlap
+        ):
+            done.append(
+                f"{station} reports lease {item.first}-{item.last} of {item.range} that this "
+                "database does not know and cannot take: refused"
+            )
+            continue
+        # the id floor a restored host set may sit on this very id
+        conn.execute(delete(leases).where(leases.c.id == item.lease_id, leases.c.range_name == ""))
+        conn.execute(
+            leases.insert().values(
+                id=item.lease_id,
+                range_name=item.range,
+                holder=station,
+                first=item.first,
+                last=item.last,
+                next=max(item.first, min(item.next, item.last + 1)),
+                state=item.state if item.state in ("active", "released", "retired") else "active",
+                granted_at=now(),
+                confirmed=True,
+                sent_at=now(),
+            )
+        )
+        conn.execute(
+            delete(range_free).where(
+                range_free.c.range_name == item.range,
+                range_free.c.first <= item.last,
+                range_free.c.last >= item.first,
+            )
+        )
+        conn.execute(
+            update(ranges_table)
+            .where(ranges_table.c.name == item.range, ranges_table.c.next_free <= item.last)
+            .values(next_free=item.last + 1)
+        )
+        known.add(item.lease_id)
+        done.append(
+            f"lease {item.first}-{item.last} of {item.range}, granted to {station} before this "
+            "database went back, is known again"
+        )
+    dialect_for(conn).lease_ids_above(conn, max([floor, *known]))
     return done
 
 
@@ -320,9 +433,10 @@ def station_outgoing(conn: Connection, ask_again: dt.timedelta) -> tuple[RangeRe
     to confirm, or a block to ask for that was not asked for lately)."""
     me, _ = this_node(conn)
     rows = conn.execute(select(leases).where(leases.c.holder == me)).all()
-    if not rows and not list_ranges(conn):
+    full = get_meta(conn, IN_FULL) is not None
+    if not rows and not list_ranges(conn) and not full:
         return None, False
-    unconfirmed = any(not r.confirmed for r in rows)
+    unconfirmed = any(not r.confirmed for r in rows) or full
     want = []
     stale = now() - ask_again
     for rdef in list_ranges(conn):
@@ -342,15 +456,31 @@ def station_outgoing(conn: Connection, ask_again: dt.timedelta) -> tuple[RangeRe
                 asked = asked.replace(tzinfo=dt.UTC)
             want.append((rdef.name, asked is None or asked <= stale))
     report = RangeReport(
-        leases=tuple(LeaseState(r.id, int(r.next), str(r.state)) for r in rows),
+        leases=tuple(
+            LeaseState(r.id, int(r.next), str(r.state))
+            if not full
+            else LeaseState(
+                r.id, int(r.next), str(r.state), str(r.range_name), int(r.first), int(r.last)
+            )
+            for r in rows
+        ),
         want=tuple(name for name, _ in want),
+        full=full,
     )
     due = unconfirmed or any(fresh for _, fresh in want)
     return report, due
 
 
+def report_in_full(conn: Connection) -> None:
+    """Station: the host went back to a backup; our next report names every
+    lease with its range and numbers (the host may not know it)."""
+    set_meta(conn, IN_FULL, "1")
+
+
 def station_reported(conn: Connection, report: RangeReport) -> None:
     """The report went out: the host now knows these leases' state."""
+    if report.full:
+        conn.execute(delete(meta_table).where(meta_table.c.key == IN_FULL))
     ids = [item.lease_id for item in report.leases]
     if ids:
         conn.execute(update(leases).where(leases.c.id.in_(ids)).values(confirmed=True))

@@ -155,7 +155,11 @@ def list_ranges(conn: Connection) -> list[RangeDef]:
 
 
 def list_leases(conn: Connection, name: str | None = None) -> list[Lease]:
-    query = select(leases).order_by(leases.c.range_name, leases.c.holder, leases.c.first)
+    query = (
+        select(leases)
+        .where(leases.c.range_name != "")  # not the id floor (dialects' lease_ids_above)
+        .order_by(leases.c.range_name, leases.c.holder, leases.c.first)
+    )
     if name is not None:
         query = query.where(leases.c.range_name == name)
     return [as_lease(r) for r in conn.execute(query)]

@@ -13,6 +13,7 @@ versions step by step.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Callable
 
 from sqlalchemy import (
@@ -37,7 +38,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -108,6 +109,17 @@ links = Table(
     # quarantined changeset), since when; NULL while they flow (v3)
     Column("held", Text),
     Column("held_since", _Time),
+    # a database went back to a backup (v5): our next changeset applies on
+    # top of whatever the peer holds (it may miss ones we no longer have)
+    Column("rebase", Boolean, nullable=False, default=False),
+    # remote: the host went back; our next changeset carries every row we
+    # send up, and the reload we then ask for waits for its ack (resent_seq)
+    Column("resend_all", Boolean, nullable=False, default=False),
+    Column("resent_seq", BigInteger, nullable=False, default=0),
+    # host: we went back; the station is told (notice_sent_at) and sends
+    # its leases and what we lost; no block is granted it until it reports
+    Column("report_due", Boolean, nullable=False, default=False),
+    Column("notice_sent_at", _Time),
 )
 
 peer_keys = Table(
@@ -319,6 +331,9 @@ leases = Table(
     # station: the host has heard our current ``next`` and state
     Column("confirmed", Boolean, nullable=False, default=False),
     Column("sent_at", _Time),  # host: grant or release last sent
+    # numbers below this may have been issued: the restore witness holds it
+    # (or more) before the database does, and nothing draws at or above (v5)
+    Column("ceiling", BigInteger, nullable=False, default=0),
     Index("mailsync_leases_holder", "range_name", "holder", "first"),
 )
 
@@ -369,11 +384,30 @@ def _v3_to_v4(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS mailsync_log_at ON mailsync_log (at)")
 
 
+def _v4_to_v5(conn: Connection) -> None:
+    """The restore witness: a lease's ceiling (what may have been issued;
+    every lease of an older version may have been drawn to its end), and a
+    link's restore bookkeeping."""
+    time = _Time.compile(dialect=conn.dialect)
+    false = "false" if conn.dialect.name == "postgresql" else "0"
+    for table, column, kind in (
+        ("mailsync_leases", "ceiling", "BIGINT NOT NULL DEFAULT 0"),
+        ("mailsync_links", "rebase", f"BOOLEAN NOT NULL DEFAULT {false}"),
+        ("mailsync_links", "resend_all", f"BOOLEAN NOT NULL DEFAULT {false}"),
+        ("mailsync_links", "resent_seq", "BIGINT NOT NULL DEFAULT 0"),
+        ("mailsync_links", "report_due", f"BOOLEAN NOT NULL DEFAULT {false}"),
+        ("mailsync_links", "notice_sent_at", time),
+    ):
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    conn.exec_driver_sql('UPDATE mailsync_leases SET ceiling = "last" + 1')
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
     3: _v3_to_v4,
+    4: _v4_to_v5,
 }
 
 
@@ -392,6 +426,12 @@ def ensure_schema(engine: Engine) -> None:
             version = int(row[0]) if row else SCHEMA_VERSION
             if row is None:
                 conn.execute(meta_table.insert().values(key="schema_version", value=str(version)))
+            if get_meta(conn, "db_id") is None:
+                # names this database in its restore witness (a backup keeps it,
+                # another database has its own); the generation row is locked
+                # by whoever writes the witness
+                conn.execute(meta_table.insert().values(key="db_id", value=secrets.token_hex(8)))
+                conn.execute(meta_table.insert().values(key="witness_generation", value="0"))
             if version > SCHEMA_VERSION:
                 raise DatabaseError(
                     f"{engine.url.render_as_string(hide_password=True)}: the mailsync tables are "

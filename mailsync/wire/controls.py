@@ -18,6 +18,7 @@ kind          dataclass                what it says
 ``reload``    :class:`ReloadRequest`   I went back to a backup: reload me
 ``ranges``    :class:`RangeReport`     station → host: lease use, blocks wanted
 ``ranges``    :class:`RangeGrants`     host → station: blocks granted, asked back
+``restored``  :class:`HostRestored`    host → station: I went back to a backup
 ============  =======================  =====================================
 
 Sequenced changesets (applied with the rows, in the same transaction):
@@ -146,11 +147,44 @@ class ReloadRequest:
 
 @dataclass(frozen=True)
 class LeaseState:
-    """One lease as its holder reports it: next number to draw, state."""
+    """One lease as its holder reports it: next number to draw, state; and,
+    to a host that went back to a backup (which may not know the lease),
+    its range and numbers."""
 
     lease_id: int
     next: int
     state: str
+    range: str | None = None
+    first: int = 0
+    last: int = 0
+
+    def wire(self) -> list[Any]:
+        item: list[Any] = [self.lease_id, self.next, self.state]
+        if self.range is not None:
+            item += [self.range, self.first, self.last]
+        return item
+
+
+@dataclass(frozen=True)
+class HostRestored:
+    """Host → station: the host went back to a backup and holds the
+    station's changesets up to ``in_seq``: send again what followed, and
+    report every lease before asking for a block."""
+
+    in_seq: int
+
+    KIND = "restored"
+
+    def payload(self) -> dict[str, Any]:
+        return {"in_seq": self.in_seq}
+
+    @classmethod
+    def parse(cls, payload: Any) -> HostRestored:
+        data = _dict(cls.KIND, payload, "the notice")
+        in_seq = _int(cls.KIND, data.get("in_seq"), "in_seq")
+        if not 0 <= in_seq <= MAX_WIRE_INT:
+            raise _fail(cls.KIND, "in_seq is out of range")
+        return cls(in_seq)
 
 
 @dataclass(frozen=True)
@@ -160,36 +194,56 @@ class RangeReport:
 
     leases: tuple[LeaseState, ...] = ()
     want: tuple[str, ...] = ()
+    #: every lease named with its range and numbers, for a host that went
+    #: back to a backup (see :class:`HostRestored`)
+    full: bool = False
 
     KIND = "ranges"
     STATES = ("active", "release", "released", "retired")
 
     def payload(self) -> dict[str, Any]:
-        return {
-            "leases": [[s.lease_id, s.next, s.state] for s in self.leases],
+        out: dict[str, Any] = {
+            "leases": [s.wire() for s in self.leases],
             "want": list(self.want),
         }
+        if self.full:
+            out["full"] = True
+        return out
 
     @classmethod
     def parse(cls, payload: Any) -> RangeReport:
         data = _dict(cls.KIND, payload, "the report")
         leases = []
         for item in _list(cls.KIND, data.get("leases", []), "leases"):
-            if not isinstance(item, list) or len(item) != 3:
-                raise _fail(cls.KIND, "a lease is not [id, next, state]")
+            if not isinstance(item, list) or len(item) not in (3, 6):
+                raise _fail(cls.KIND, "a lease is not [id, next, state(, range, first, last)]")
             state = _str(cls.KIND, item[2], "a lease state")
             if state not in cls.STATES:
                 raise _fail(cls.KIND, f"lease state {state[:20]!r} is unknown")
-            leases.append(
-                LeaseState(
-                    _int(cls.KIND, item[0], "a lease id"), _int(cls.KIND, item[1], "next"), state
-                )
+            lease = LeaseState(
+                _int(cls.KIND, item[0], "a lease id"), _int(cls.KIND, item[1], "next"), state
             )
+            if len(item) == 6:
+                first, last = _int(cls.KIND, item[4], "first"), _int(cls.KIND, item[5], "last")
+                if not 0 <= first <= last <= MAX_WIRE_INT:
+                    raise _fail(cls.KIND, "a lease's numbers are out of range")
+                lease = LeaseState(
+                    lease.lease_id,
+                    lease.next,
+                    state,
+                    _str(cls.KIND, item[3], "a range name"),
+                    first,
+                    last,
+                )
+            leases.append(lease)
         want = tuple(
             _str(cls.KIND, name, "a range name")
             for name in _list(cls.KIND, data.get("want", []), "want")
         )
-        return cls(tuple(leases), want)
+        full = data.get("full", False)
+        if not isinstance(full, bool):
+            raise _fail(cls.KIND, "full is not true or false")
+        return cls(tuple(leases), want, full)
 
 
 @dataclass(frozen=True)
@@ -293,7 +347,7 @@ class RangeGrants:
         return cls(grants, release)
 
 
-UnsequencedControl = Resend | ReloadRequest | RangeReport | RangeGrants
+UnsequencedControl = Resend | ReloadRequest | RangeReport | RangeGrants | HostRestored
 
 
 def parse_unsequenced(kind: str, payload: Any, *, from_host: bool) -> UnsequencedControl | None:
@@ -310,6 +364,8 @@ def parse_unsequenced(kind: str, payload: Any, *, from_host: bool) -> Unsequence
         return ReloadRequest.parse(payload)
     if kind == "ranges":
         return RangeGrants.parse(payload) if from_host else RangeReport.parse(payload)
+    if kind == HostRestored.KIND and from_host:
+        return HostRestored.parse(payload)
     return None
 
 
