@@ -19,7 +19,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mailsync.errors import ConfigError
+from mailsync.private import read_private
 
 PUBLIC_PREFIX = "msk1:"
 #: How long a replaced key still opens and verifies messages.
@@ -180,51 +180,24 @@ def load_keyring(path: Path, node: str) -> KeyRing:
     """Read the key file; refuse one that others can read, that another user
     owns, or that is a symbolic link.
 
-    A link is refused, not followed and checked: the key file is found by
-    name beside the config, so a link there points mailsync at keys somebody
-    chose, and following it leaves a moment between check and read in which
-    the link can be turned. The file is opened with ``O_NOFOLLOW`` and checked
-    on the open descriptor, so what is checked is what is read.
+    How, and why a link is refused rather than followed:
+    :mod:`mailsync.private`.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    text = read_private(path, "key file")
+    if text is None:
         raise ConfigError(
             f"no key file at {path}",
             hint="`mailsync init` makes one; restore it from the node's backup if lost",
-        ) from None
-    except OSError as exc:
-        if path.is_symlink():
-            raise ConfigError(
-                f"key file {path} is a symbolic link; mailsync refuses to follow it",
-                hint=f"put the key file itself at {path} (mv its target there)",
-            ) from None
-        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "r", encoding="utf-8") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"key file {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise ConfigError(
-                f"key file {path} is owned by uid {st.st_uid}, not by the user running "
-                f"mailsync (uid {os.geteuid()}); mailsync refuses to use it",
-                hint=f"run mailsync as the key file's owner, or chown {os.geteuid()} {path}",
-            )
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"key file {path} can be read by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                "mailsync refuses to use it",
-                hint=f"chmod 600 {path}",
-            )
-        try:
-            data = json.loads(fh.read())
-            ring = KeyRing(
-                str(data["node"]),
-                KeyPair.from_json(data["current"]),
-                [KeyPair.from_json(p) for p in data.get("previous", [])],
-            )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"key file {path} is damaged or not a mailsync key file") from exc
+        )
+    try:
+        data = json.loads(text)
+        ring = KeyRing(
+            str(data["node"]),
+            KeyPair.from_json(data["current"]),
+            [KeyPair.from_json(p) for p in data.get("previous", [])],
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"key file {path} is damaged or not a mailsync key file") from exc
     if ring.node != node:
         raise ConfigError(f"key file {path} belongs to node {ring.node!r}, not {node!r}")
     return ring

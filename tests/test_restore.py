@@ -186,7 +186,7 @@ def test_a_witness_that_is_not_the_owners_or_not_this_nodes_is_refused(tmp_path:
         c.nodes["koeln"].close()
         good = path.read_bytes()
         path.chmod(0o644)
-        with pytest.raises(ConfigError, match="open to others"):
+        with pytest.raises(ConfigError, match="can be read by others"):
             Node.open(config, memory=c.office)
         path.chmod(0o600)
         path.write_bytes(witness_path(tmp_path / "hq" / "mailsync.toml").read_bytes())
@@ -203,7 +203,7 @@ def test_a_witness_that_is_not_the_owners_or_not_this_nodes_is_refused(tmp_path:
         path.write_bytes(good)  # the umask's mode: 0644
         refused = c.cli("koeln", "status")
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
-        assert "open to others" in refused.stderr and "hint: chmod 600" in refused.stderr
+        assert "can be read by others" in refused.stderr and "hint: chmod 600" in refused.stderr
         path.chmod(0o600)
         if os.geteuid() == 0:
             os.chown(path, 1, 1)

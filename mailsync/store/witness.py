@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mailsync.errors import ConfigError
+from mailsync.private import read_private
 
 #: The witness file's format version.
 VERSION = 1
@@ -141,37 +141,13 @@ def read_witness(path: Path, node: str, database: str) -> Witness | None:
     owns or others may read or write, one of another node or written for
     another database. :class:`DamagedWitness`: not readable as a witness.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    text = read_private(path, "restore witness")
+    if text is None:
         return None
-    except OSError as exc:
-        if path.is_symlink():
-            raise ConfigError(
-                f"restore witness {path} is a symbolic link; mailsync refuses to follow it",
-                hint=f"put the file itself at {path}",
-            ) from None
-        raise ConfigError(f"cannot read restore witness {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "r", encoding="utf-8") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"restore witness {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise ConfigError(
-                f"restore witness {path} is owned by uid {st.st_uid}, not by the user running "
-                f"mailsync (uid {os.geteuid()}); mailsync refuses to trust it",
-                hint=f"run mailsync as its owner, or chown {os.geteuid()} {path}",
-            )
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"restore witness {path} is open to others (mode "
-                f"{stat.S_IMODE(st.st_mode):04o}); mailsync refuses to trust it",
-                hint=f"chmod 600 {path}",
-            )
-        try:
-            witness = Witness.from_json(json.loads(fh.read()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DamagedWitness(f"restore witness {path} is damaged") from exc
+    try:
+        witness = Witness.from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DamagedWitness(f"restore witness {path} is damaged") from exc
     if witness.node != node:
         raise ConfigError(
             f"restore witness {path} belongs to node {witness.node!r}, not {node!r}",
