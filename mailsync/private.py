@@ -40,7 +40,7 @@ def read_private(path: Path, what: str) -> bytes | None:
             raise ConfigError(
                 f"{what} {path} is owned by uid {st.st_uid}, not by the user running "
                 f"mailsync (uid {os.geteuid()}); mailsync refuses to use it",
-                hint=f"run mailsync as the file's owner, or chown {os.geteuid()} {path}",
+                hint=f"run mailsync as the {what}'s owner, or chown {os.geteuid()} {path}",
             )
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigError(
