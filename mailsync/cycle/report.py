@@ -49,6 +49,19 @@ class CycleReport:
         return out
 
     @property
+    def quiet(self) -> bool:
+        """Nothing received, applied, built or sent, nothing failed or set
+        aside: the cycle moved no sequence number and granted no lease."""
+        return not (
+            self.received
+            or self.applied
+            or self.built
+            or self.sent
+            or self.errors
+            or self.set_aside
+        )
+
+    @property
     def rows_applied(self) -> int:
         return sum(a.rows for a in self.applied)
 
