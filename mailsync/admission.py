@@ -37,6 +37,7 @@ from sqlalchemy import Connection, Table, case, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync.ranges.model import list_ranges
+from mailsync.ranges.numformat import NumberFormat, number_in
 from mailsync.rules import Direction, Rule, filter_predicate
 from mailsync.store.changelog import key_filter
 from mailsync.store.tables import leases
@@ -71,22 +72,14 @@ class _Bound:
     range: str
     spans: tuple[tuple[int, int], ...]
     inside: bool
+    fmt: NumberFormat | None = None
 
     def admits(self, value: Any) -> bool:
-        number = _as_number(value)
+        number = number_in(value, self.fmt)
         if number is None:
             return not self.inside  # not a number: never one of the sender's leases
         hit = any(first <= number <= last for first, last in self.spans)
         return hit if self.inside else not hit
-
-
-def _as_number(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    text = str(value).strip()
-    return int(text) if text.isdigit() else None
 
 
 class Gate:
@@ -248,7 +241,13 @@ class Gate:
                     )
                 ).all()
                 found.append(
-                    _Bound(rdef.bind[1], rdef.name, tuple((a, b) for a, b in spans), inside)
+                    _Bound(
+                        rdef.bind[1],
+                        rdef.name,
+                        tuple((a, b) for a, b in spans),
+                        inside,
+                        rdef.number_format,
+                    )
                 )
             self._bounds[table.name] = found
         return self._bounds[table.name]
@@ -271,7 +270,8 @@ class Gate:
         bad = {
             id(r)
             for r in suspect
-            if _as_number(held.get(self._key(tdef, "I", r))) != _as_number(r[at])
+            if number_in(held.get(self._key(tdef, "I", r)), bound.fmt)
+            != number_in(r[at], bound.fmt)
             or self._key(tdef, "I", r) not in held
         }
         whose = (

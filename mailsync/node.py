@@ -122,9 +122,10 @@ class Node:
         except SQLAlchemyError as exc:
             raise describe_db_error(self.engine, exc, "cannot check the restore witness") from exc
 
-    def next_number(self, name: str) -> int:
+    def next_number(self, name: str) -> int | str:
         """Draw one number of range ``name`` from this node's leases (after the
-        witness check, like every mailsync action), committed at once."""
+        witness check, like every mailsync action), committed at once: an
+        ``int``, or the text of a range with a format."""
         return next_number(self.engine, name)
 
     def close(self) -> None:

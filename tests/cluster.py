@@ -92,6 +92,7 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
         ("mailsync_links", "notice_sent_at"),
         ("mailsync_leases", "ceiling"),
     ),
+    6: (("mailsync_ranges", "format"),),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -266,6 +267,12 @@ def test_number_ranges_through_the_cli(site: Path) -> None:
     assert "koeln" in shown and "100-104" in shown and "hq" in shown
     assert "custno" in mailsync("range", "list", cwd=hq).stdout
     assert_clean_error(mailsync("range", "remove", "custno", cwd=hq, ok=False), "still live")
+    bad = ("inv", "--start", "1", "--end", "99", "--format", "R-{x}-{n}")
+    assert_clean_error(mailsync("range", "add", *bad, cwd=hq, ok=False), "not '{'")
+    fmt = ("inv", "--start", "1", "--end", "999999", "--format", "R-{year}-{n:06}")
+    assert re.search(r"numbers like R-\d{4}-000001", mailsync("range", "add", *fmt, cwd=hq).stdout)
+    assert re.fullmatch(r"R-\d{4}-000001\n", mailsync("number", "next", "inv", cwd=hq).stdout)
+    assert "(R-{year}-{n:06})" in mailsync("range", "list", cwd=hq).stdout
     proc = mailsync("number", "next", "nope", cwd=koeln, ok=False)
     assert_clean_error(proc, "no number range 'nope'")
     assert proc.returncode == 6

@@ -31,7 +31,12 @@ from mailsync.store.witness import witness_path
 from tests.cluster import Cluster, customers, orders
 
 
-def cluster(tmp_path: Path, host_url: str, stations: tuple[str, ...] = ("koeln",)) -> Cluster:
+def cluster(
+    tmp_path: Path,
+    host_url: str,
+    stations: tuple[str, ...] = ("koeln",),
+    fmt: str | None = None,
+) -> Cluster:
     c = Cluster(
         tmp_path,
         host_url,
@@ -41,7 +46,8 @@ def cluster(tmp_path: Path, host_url: str, stations: tuple[str, ...] = ("koeln",
     c.host.add_rule("orders", down="IUD", up="IUD")
     c.host.add_rule("customers", down="IUD", up="IUD")
     with c.engines["hq"].begin() as conn:
-        admin.add_range(conn, model.RangeSpec("order_no", 1000, 99_999, 10, bind="orders.order_no"))
+        spec = model.RangeSpec("order_no", 1000, 99_999, 10, bind="orders.order_no", format=fmt)
+        admin.add_range(conn, spec)
     c.sync("hq", *stations, "hq", *stations)
     return c
 
@@ -91,13 +97,18 @@ def events(c: Cluster, node: str) -> list[str]:
         ]
 
 
+#: formatted numbers (issue 16, item 4) carry the same guarantee
+FORMATS = pytest.mark.parametrize("fmt", [None, "R-{year}-{n:06}"], ids=["plain", "formatted"])
+
+
+@FORMATS
 def test_a_station_restored_with_an_idle_link_never_issues_a_number_again(
-    tmp_path: Path, db_url: str
+    tmp_path: Path, db_url: str, fmt: str | None
 ) -> None:
     """The issue's story: koeln's backup is from before it drew 10 numbers
     and synced them; restored, it syncs, the host syncs (with nothing to
     send), koeln syncs — and its next 10 inserts get new numbers."""
-    c = cluster(tmp_path, db_url)
+    c = cluster(tmp_path, db_url, fmt=fmt)
     try:
         add_orders(c, "koeln", range(1, 3))
         settle(c)
@@ -322,13 +333,14 @@ def host_backup(c: Cluster, request: pytest.FixtureRequest, backend: str) -> Cal
     return restore_pg
 
 
+@FORMATS
 def test_a_host_restored_from_a_backup_learns_from_its_stations(
-    tmp_path: Path, db_url: str, backend: str, request: pytest.FixtureRequest
+    tmp_path: Path, db_url: str, backend: str, request: pytest.FixtureRequest, fmt: str | None
 ) -> None:
     """The host goes back to last night's backup while koeln and berlin hold
     leases it granted since and rows it no longer has (delivered, and not
     yet sent). No station is enrolled again; no block is leased twice."""
-    c = cluster(tmp_path, db_url, ("koeln", "berlin"))
+    c = cluster(tmp_path, db_url, ("koeln", "berlin"), fmt=fmt)
     try:
         add_orders(c, "koeln", range(1, 4))
         add_orders(c, "berlin", range(101, 104))

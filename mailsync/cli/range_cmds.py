@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -45,14 +47,24 @@ def range_add(
     station: list[str] = typer.Option(
         [], "--station", help="Lease only to this station (repeatable) [default: all]."
     ),
+    number_format: str | None = typer.Option(
+        None,
+        "--format",
+        help="Numbers as text, e.g. 'R-{year}-{n:06}' ({n} or {n:0W} once, {year} at most "
+        "once); a bound column must be text.",
+    ),
 ) -> None:
     """Define a number series; stations get their first block with their next sync."""
     stations = tuple(station) or None
-    spec = RangeSpec(name, start, end, block, threshold, max_blocks, bind, stations)
+    spec = RangeSpec(name, start, end, block, threshold, max_blocks, bind, stations, number_format)
     with open_node(ctx) as node:
         rdef = admin.add_range(node, spec)
     bound = f", bound to {rdef.bind_text}" if rdef.bind else ""
-    console.print(f"range [bold]{rdef.name}[/] {rdef.first}-{rdef.last}, blocks of {block}{bound}")
+    example = str(rdef.text_of(rdef.first, dt.date.today().year))
+    shown = f", numbers like {escape(example)}" if rdef.format else ""
+    console.print(
+        f"range [bold]{rdef.name}[/] {rdef.first}-{rdef.last}, blocks of {block}{bound}{shown}"
+    )
 
 
 @range_app.command("list")
@@ -73,7 +85,7 @@ def range_list(ctx: typer.Context) -> None:
             f"{r.first}-{r.last}",
             str(r.block),
             f"{r.threshold:g}",
-            r.bind_text or "-",
+            (r.bind_text or "-") + (f" ({escape(r.format)})" if r.format else ""),
             "all" if r.stations is None else (", ".join(r.stations) or "none (closed)"),
             str(sum(1 for x in mine if x.left)),
             str(sum(x.left for x in mine)),
@@ -93,6 +105,7 @@ def range_show(
         f"range [bold]{rdef.name}[/] {rdef.first}-{rdef.last}, blocks of {rdef.block}, "
         f"threshold {rdef.threshold:g}, at most {rdef.max_blocks} unused block(s) per station"
         + (f", bound to {rdef.bind_text}" if rdef.bind else "")
+        + (f", format {escape(rdef.format)}" if rdef.format else "")
         + (
             f"; never leased yet: {rdef.next_free}-{rdef.last}"
             if rdef.next_free <= rdef.last

@@ -15,6 +15,7 @@ from sqlalchemy import Column, Connection, Engine, Table
 
 if TYPE_CHECKING:
     from mailsync.ranges.model import RangeDef
+    from mailsync.ranges.numformat import NumberFormat
 
 
 class Dialect(Protocol):
@@ -64,15 +65,26 @@ class Dialect(Protocol):
     def drop_binding(self, conn: Connection, table: str, column: str) -> None:
         """Remove a bound column's triggers, if present."""
 
+    def current_year(self, conn: Connection) -> int:
+        """The year now in the database's local time (a formatted number's
+        ``{year}``, as the bound column's trigger writes it)."""
+
     def lease_ids_above(self, conn: Connection, floor: int) -> None:
         """Make every lease id given from now on higher than ``floor`` (a
         host restored from a backup must not lease under an id it used)."""
 
     def highest_bound(
-        self, conn: Connection, table: str, column: str, first: int, last: int
+        self,
+        conn: Connection,
+        table: str,
+        column: str,
+        first: int,
+        last: int,
+        fmt: NumberFormat | None = None,
     ) -> int | None:
         """The highest number from ``first`` to ``last`` that ``table`` holds
-        in its bound ``column`` (a number, or a text of digits), or None."""
+        in its bound ``column`` (a number, or a text of digits; with ``fmt``,
+        the ``n`` of a text in that format), or None."""
 
 
 def upsert_with(

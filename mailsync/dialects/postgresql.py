@@ -28,11 +28,52 @@ from mailsync.dialects.base import (
     trigger_name,
     upsert_with,
 )
+from mailsync.ranges.numformat import MAX_DIGITS, PLAIN, NumberFormat, Piece
 
 if TYPE_CHECKING:
     from mailsync.ranges.model import RangeDef
 
 _Q = '"'
+
+
+def _piece_re(piece: Piece) -> str:
+    if piece.literal is None:
+        return "[0-9]{4}"
+    return "".join("[.]" if c == "." else c for c in piece.literal)  # the rest is plain
+
+
+def number_sql(fmt: NumberFormat, value: str) -> str:
+    """SQL for ``n`` of the text ``value`` when it is a number of the format
+    in its canonical form, else NULL. Nested CASEs: PostgreSQL may evaluate
+    the operands of AND in any order, and a text that is no number must
+    never reach the cast."""
+    before = "".join(_piece_re(p) for p in fmt.before)
+    after = "".join(_piece_re(p) for p in fmt.after)
+    whole = sql_text(f"^{before}[0-9]{{1,{MAX_DIGITS}}}{after}$")
+    slot = f"substring({value} from {sql_text(f'^{before}([0-9]{{1,{MAX_DIGITS}}}){after}$')})"
+    return (
+        f"(CASE WHEN {value} ~ {whole} THEN CASE WHEN {_digits(fmt, f'{slot}::bigint')} = {slot} "
+        f"THEN {slot}::bigint END END)"
+    )
+
+
+def _digits(fmt: NumberFormat, n: str) -> str:
+    if not fmt.width:
+        return f"{n}::text"
+    return f"lpad({n}::text, greatest({fmt.width}, length({n}::text)), '0')"
+
+
+def render_sql(fmt: NumberFormat | None, n: str) -> str:
+    """SQL for the value a bound column gets for number ``n``: the number
+    itself, or its text (the year in the session's time zone)."""
+    if fmt is None:
+        return n
+    year = "to_char(localtimestamp, 'YYYY')"
+
+    def pieces(of: tuple[Piece, ...]) -> list[str]:
+        return [year if p.literal is None else sql_text(p.literal) for p in of]
+
+    return "(" + " || ".join([*pieces(fmt.before), _digits(fmt, n), *pieces(fmt.after)]) + ")"
 
 
 def _function_name(table: str) -> str:
@@ -176,23 +217,26 @@ class PostgreSQLDialect:
         self.drop_binding(conn, table, column)
         conn.exec_driver_sql(
             f"CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $mailsync$\n"
+            "DECLARE\n"
+            "  d bigint;\n"
             "BEGIN\n"
             "  IF coalesce(current_setting('mailsync.origin', true), '') <> '' THEN\n"
             "    RETURN NEW;\n"
             "  END IF;\n"
             f"  IF NEW.{cq} IS NULL THEN\n"
             "    IF TG_OP = 'INSERT' THEN\n"
-            f"      NEW.{cq} := mailsync_draw({r}, {holder}, {'true' if is_host else 'false'});\n"
+            f"      d := mailsync_draw({r}, {holder}, {'true' if is_host else 'false'});\n"
+            f"      NEW.{cq} := {render_sql(rdef.number_format, 'd')};\n"
             "    END IF;\n"
             "    RETURN NEW;\n"
             "  END IF;\n"
             f"  IF TG_OP = 'UPDATE' AND NEW.{cq}::text IS NOT DISTINCT FROM OLD.{cq}::text THEN\n"
             "    RETURN NEW;\n"
             "  END IF;\n"
-            f"  IF NEW.{cq}::text !~ '^[0-9]{{1,18}}$' OR NOT EXISTS (\n"
+            f"  d := {number_sql(rdef.number_format or PLAIN, f'NEW.{cq}::text')};\n"
+            "  IF d IS NULL OR NOT EXISTS (\n"
             f"      SELECT 1 FROM mailsync_leases WHERE range_name = {r} AND holder = {holder}\n"
-            f'      AND NEW.{cq}::text::bigint >= "first"\n'
-            f'      AND NEW.{cq}::text::bigint < "next") THEN\n'
+            '      AND d >= "first" AND d < "next") THEN\n'
             "    RAISE EXCEPTION USING ERRCODE = 'check_violation',\n"
             f"      MESSAGE = {sql_text(outside)};\n"
             "  END IF;\n"
@@ -205,20 +249,26 @@ class PostgreSQLDialect:
         )
 
     def highest_bound(
-        self, conn: Connection, table: str, column: str, first: int, last: int
+        self,
+        conn: Connection,
+        table: str,
+        column: str,
+        first: int,
+        last: int,
+        fmt: NumberFormat | None = None,
     ) -> int | None:
-        cq = f"{quote_ident(_Q, column)}::text"
-        # nested CASEs: PostgreSQL may evaluate the operands of AND in any
-        # order, and a text that is no number must never reach the cast
-        number = (
-            f"CASE WHEN {cq} ~ '^[0-9]{{1,18}}$' THEN CASE WHEN {cq}::bigint "
-            f"BETWEEN :first AND :last THEN {cq}::bigint END END"
-        )
+        number = number_sql(fmt or PLAIN, f"{quote_ident(_Q, column)}::text")
         value = conn.execute(
-            text(f"SELECT max({number}) FROM {quote_ident(_Q, table)}"),
+            text(
+                f"SELECT max(n) FROM (SELECT {number} AS n FROM {quote_ident(_Q, table)}) AS q "
+                "WHERE n BETWEEN :first AND :last"
+            ),
             {"first": first, "last": last},
         ).scalar()
         return None if value is None else int(value)
+
+    def current_year(self, conn: Connection) -> int:
+        return int(conn.exec_driver_sql("SELECT to_char(localtimestamp, 'YYYY')").scalar_one())
 
     def lease_ids_above(self, conn: Connection, floor: int) -> None:
         # never lower: the sequence may already be past the floor and every id

@@ -24,10 +24,54 @@ from mailsync.dialects.base import (
     trigger_name,
     upsert_with,
 )
+from mailsync.ranges.numformat import MAX_DIGITS, PLAIN, NumberFormat, Piece
 from mailsync.store.tables import applying
 
 if TYPE_CHECKING:
     from mailsync.ranges.model import RangeDef
+
+
+def _piece_sql(piece: Piece, text_sql: str) -> str:
+    if piece.literal is None:
+        return f"{text_sql} GLOB '[0-9][0-9][0-9][0-9]'"
+    return f"{text_sql} = {sql_text(piece.literal)} COLLATE BINARY"
+
+
+def number_sql(fmt: NumberFormat, value: str) -> str:
+    """SQL for ``n`` of ``value`` when it is a number of the format in its
+    canonical form, else NULL (SQLite has no regular expressions: every piece
+    but ``n`` has a fixed width, so ``n`` is a ``substr``)."""
+    t = f"CAST({value} AS TEXT)"
+    head, tail = fmt.head, fmt.tail
+    slot = f"substr({t}, {head + 1}, length({t}) - {head + tail})"
+    checks = [f"length({t}) BETWEEN {head + 1} AND {head + tail + MAX_DIGITS}"]
+    at = 0
+    for piece in fmt.before:
+        checks.append(_piece_sql(piece, f"substr({t}, {at + 1}, {piece.width})"))
+        at += piece.width
+    at = 0
+    for piece in fmt.after:
+        start = f"length({t}) - {tail - at - 1}"
+        checks.append(_piece_sql(piece, f"substr({t}, {start}, {piece.width})"))
+        at += piece.width
+    checks.append(f"{slot} NOT GLOB '*[^0-9]*'")
+    checks.append(f"printf('%0{fmt.width}d', CAST({slot} AS INTEGER)) = {slot}")
+    return f"(CASE WHEN {' AND '.join(checks)} THEN CAST({slot} AS INTEGER) END)"
+
+
+def render_sql(fmt: NumberFormat | None, n: str) -> str:
+    """SQL for the value a bound column gets for number ``n``: the number
+    itself, or its text (the year in the machine's local time)."""
+    if fmt is None:
+        return n
+    digits = f"printf('%0{fmt.width}d', {n})"
+    year = "strftime('%Y', 'now', 'localtime')"
+
+    def pieces(of: tuple[Piece, ...]) -> list[str]:
+        return [year if p.literal is None else sql_text(p.literal) for p in of]
+
+    return "(" + " || ".join([*pieces(fmt.before), digits, *pieces(fmt.after)]) + ")"
+
 
 _ORIGIN = "(SELECT origin FROM mailsync_applying LIMIT 1)"
 
@@ -134,10 +178,11 @@ class SQLiteDialect:
             f'AND "next" <= "last" AND "next" < ceiling ORDER BY "first" LIMIT 1'
         )
         local = "NOT EXISTS (SELECT 1 FROM mailsync_applying)"
+        fmt = rdef.number_format
+        number = number_sql(fmt or PLAIN, f"NEW.{cq}")
         wrong = (
             f"NEW.{cq} IS NOT NULL AND {local} AND NOT EXISTS (SELECT 1 FROM mailsync_leases "
-            f"WHERE {mine} AND CAST(CAST(NEW.{cq} AS INTEGER) AS TEXT) = CAST(NEW.{cq} AS TEXT) "
-            f'AND CAST(NEW.{cq} AS INTEGER) >= "first" AND CAST(NEW.{cq} AS INTEGER) < "next")'
+            f'WHERE {mine} AND {number} BETWEEN "first" AND "next" - 1)'
         )
         fill = []
         if is_host:  # the host leases itself the next block when it has none
@@ -156,10 +201,11 @@ class SQLiteDialect:
         # have no variables), so the guard on updates must not see this write:
         # an empty origin in the flag table marks it (its capture is not sent
         # up; the insert's, which reads the row as built, is).
+        drawn = render_sql(fmt, '"next"')
         fill += [
             f"SELECT RAISE(ABORT, {dry}) WHERE NOT EXISTS ({usable});",
             "INSERT INTO mailsync_applying(origin) VALUES ('');",
-            f'UPDATE {tq} SET {cq} = (SELECT "next" FROM mailsync_leases WHERE id = ({usable})) '
+            f"UPDATE {tq} SET {cq} = (SELECT {drawn} FROM mailsync_leases WHERE id = ({usable})) "
             "WHERE rowid = NEW.rowid;",
             "DELETE FROM mailsync_applying WHERE origin = '';",
             f'UPDATE mailsync_leases SET "next" = "next" + 1 WHERE id = ({usable});',
@@ -182,13 +228,15 @@ class SQLiteDialect:
             conn.exec_driver_sql(ddl)
 
     def highest_bound(
-        self, conn: Connection, table: str, column: str, first: int, last: int
+        self,
+        conn: Connection,
+        table: str,
+        column: str,
+        first: int,
+        last: int,
+        fmt: NumberFormat | None = None,
     ) -> int | None:
-        cq = f"CAST({quote_ident(chr(34), column)} AS TEXT)"
-        number = (
-            f"CASE WHEN length({cq}) BETWEEN 1 AND 18 AND {cq} NOT GLOB '*[^0-9]*' "
-            f"THEN CAST({cq} AS INTEGER) END"
-        )
+        number = number_sql(fmt or PLAIN, quote_ident(chr(34), column))
         value = conn.execute(
             text(
                 f"SELECT max(n) FROM (SELECT {number} AS n FROM {quote_ident(chr(34), table)}) "
@@ -202,6 +250,9 @@ class SQLiteDialect:
         for suffix in ("bi", "bu", "ai"):
             name = trigger_name(f"rng_{table}_{column}", suffix)
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote_ident(chr(34), name)}")
+
+    def current_year(self, conn: Connection) -> int:
+        return int(conn.exec_driver_sql("SELECT strftime('%Y', 'now', 'localtime')").scalar_one())
 
     def lease_ids_above(self, conn: Connection, floor: int) -> None:
         # SQLite gives max(rowid) + 1: an ended, empty lease row at the floor

@@ -10,6 +10,7 @@ where to go.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
 
@@ -26,6 +27,7 @@ from mailsync.ranges.model import (
     list_ranges,
     this_node,
 )
+from mailsync.ranges.numformat import NumberFormat, parse_format
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import leases, now, range_blocks, range_free, ranges_table
 
@@ -57,7 +59,8 @@ def add_range(conn: Connection, spec: RangeSpec) -> RangeDef:
         raise ConfigError(f"range {name}: --threshold must be above 0 and at most 1")
     if max_blocks < 1:
         raise ConfigError(f"range {name}: --max-blocks must be at least 1")
-    target = _parse_bind(conn, name, bind) if bind else None
+    fmt = parse_format(spec.format, where=f"range {name}") if spec.format is not None else None
+    target = _parse_bind(conn, name, bind, fmt, last) if bind else None
     if target is not None:
         for other in list_ranges(conn):
             if other.bind == target:
@@ -76,6 +79,7 @@ def add_range(conn: Connection, spec: RangeSpec) -> RangeDef:
             stations=json.dumps(listed) if listed else None,
             next_free=first,
             created_at=now(),
+            format=spec.format,
         )
     )
     rdef = get_range(conn, name)
@@ -84,7 +88,9 @@ def add_range(conn: Connection, spec: RangeSpec) -> RangeDef:
     return rdef
 
 
-def _parse_bind(conn: Connection, name: str, bind: str) -> tuple[str, str]:
+def _parse_bind(
+    conn: Connection, name: str, bind: str, fmt: NumberFormat | None, last: int
+) -> tuple[str, str]:
     table_name, _, column = bind.partition(".")
     if not table_name or not column:
         raise ConfigError(f"range {name}: --bind takes TABLE.COLUMN, not {bind!r}")
@@ -101,6 +107,8 @@ def _parse_bind(conn: Connection, name: str, bind: str) -> tuple[str, str]:
         raise ConfigError(
             f"range {name}: {bind} is {col.type}; a number range binds an integer or text column"
         )
+    if fmt is not None:
+        _check_room(name, bind, col, fmt, last, python_type)
     refusal = dialect_for(conn).binding_refusal(table, col)
     if refusal is None and (col.server_default is not None or col.identity is not None):
         refusal = (
@@ -113,6 +121,24 @@ def _parse_bind(conn: Connection, name: str, bind: str) -> tuple[str, str]:
             hint="draw numbers with `mailsync number next` or the Python API instead",
         )
     return table_name, column
+
+
+def _check_room(
+    name: str, bind: str, col: Any, fmt: NumberFormat, last: int, python_type: type | None
+) -> None:
+    """A formatted range binds a text column long enough for its last number."""
+    if python_type is not str:
+        raise ConfigError(
+            f"range {name}: {bind} is {col.type}; a formatted number needs a text column",
+            hint="bind an integer column without --format",
+        )
+    longest = len(fmt.render(last, 2000))
+    length = getattr(col.type, "length", None)
+    if length is not None and length < longest:
+        raise ConfigError(
+            f"range {name}: {bind} is {col.type}, too short for {fmt.render(last, 2000)!r} "
+            f"({longest} characters)"
+        )
 
 
 def set_block(conn: Connection, name: str, block: int, station: str | None = None) -> None:

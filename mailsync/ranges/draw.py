@@ -14,6 +14,7 @@ import datetime as dt
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from mailsync import restore
+from mailsync.dialects import dialect_for
 from mailsync.errors import RangeError
 from mailsync.ranges.model import Lease, RangeDef, as_lease, get_range, this_node
 from mailsync.store.engine import open_engine
@@ -162,8 +163,21 @@ def _dry(conn: Connection, rdef: RangeDef, me: str, is_host: bool) -> RangeError
     )
 
 
-def next_number(database: Engine | str, name: str) -> int:
-    """Draw one number of range ``name`` for an application, committed at once.
+def issue(conn: Connection, name: str) -> int | str:
+    """Draw one number of range ``name`` (in ``conn``'s transaction) as the
+    application stores it: the number, or for a range with a format its
+    text (``R-2026-000123``; the year in the database's local time, as the
+    bound column's trigger writes it)."""
+    n = draw(conn, name)
+    rdef = get_range(conn, name)
+    if rdef.format is None:
+        return n
+    return rdef.text_of(n, dialect_for(conn).current_year(conn))
+
+
+def next_number(database: Engine | str, name: str) -> int | str:
+    """Draw one number of range ``name`` for an application, committed at once:
+    an ``int``, or the text of a range with a format (:func:`issue`).
 
     ``database`` is the node's database (an engine or a SQLAlchemy URL).
     Like every mailsync action it first compares the database with its
@@ -174,7 +188,7 @@ def next_number(database: Engine | str, name: str) -> int:
     try:
         with engine.begin() as conn:
             restore.reserve(conn)  # a database behind its witness is caught first
-            return draw(conn, name)
+            return issue(conn, name)
     finally:
         if isinstance(database, str):
             engine.dispose()

@@ -86,6 +86,7 @@ def _grant_of(rdef: RangeDef, lease: Lease) -> Grant:
         threshold=rdef.threshold,
         max_blocks=rdef.max_blocks,
         bind=rdef.bind_text,
+        format=rdef.format,
         first=lease.first,
         last=lease.last,
         next=lease.next,
@@ -118,7 +119,9 @@ def _seen_next(conn: Connection, rdef: RangeDef, lease: Lease) -> int:
     """The number after the highest of ``lease`` that the host holds in the
     range's bound column (``lease.first`` when it holds none)."""
     assert rdef.bind is not None
-    highest = dialect_for(conn).highest_bound(conn, *rdef.bind, lease.first, lease.last)
+    highest = dialect_for(conn).highest_bound(
+        conn, *rdef.bind, lease.first, lease.last, rdef.number_format
+    )
     return lease.first if highest is None else highest + 1
 
 
@@ -379,6 +382,7 @@ def station_incoming(conn: Connection, grants: RangeGrants) -> list[str]:
             "max_blocks": g.max_blocks,
             "bind_table": table or None,
             "bind_column": column or None,
+            "format": g.format,
         }
         if conn.execute(select(ranges_table.c.name).where(ranges_table.c.name == name)).first():
             conn.execute(update(ranges_table).where(ranges_table.c.name == name).values(**values))

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from mailsync.errors import RangeError
+from mailsync.ranges.numformat import NumberFormat, parse_format
 from mailsync.store.tables import get_meta, leases, ranges_table
 
 #: Range names: like node ids, they appear in triggers and messages.
@@ -42,6 +43,7 @@ class RangeSpec:
     max_blocks: int = DEFAULT_MAX_BLOCKS
     bind: str | None = None
     stations: tuple[str, ...] | None = None
+    format: str | None = None  # e.g. 'R-{year}-{n:06}': see ranges/numformat.py
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,23 @@ class RangeDef:
     bind: tuple[str, str] | None = None
     stations: tuple[str, ...] | None = None
     next_free: int = 0
+    format: str | None = None
 
     @property
     def bind_text(self) -> str | None:
         return f"{self.bind[0]}.{self.bind[1]}" if self.bind else None
+
+    @property
+    def number_format(self) -> NumberFormat | None:
+        """The parsed format; None for plain numbers."""
+        if self.format is None:
+            return None
+        return parse_format(self.format, where=f"number range {self.name}")
+
+    def text_of(self, n: int, year: int) -> int | str:
+        """Number ``n`` as the application stores it: itself, or its text."""
+        fmt = self.number_format
+        return n if fmt is None else fmt.render(n, year)
 
     def serves(self, station: str) -> bool:
         return self.stations is None or station in self.stations
@@ -116,6 +131,7 @@ def as_range(row: Any) -> RangeDef:
         bind,
         stations,
         row.next_free,
+        row.format,
     )
 
 

@@ -38,7 +38,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -291,6 +291,7 @@ ranges_table = Table(
     Column("next_free", BigInteger, nullable=False),
     Column("created_at", _Time, nullable=False),
     Column("asked_at", _Time),  # station: when it last asked for a block
+    Column("format", String(64)),  # e.g. 'R-{year}-{n:06}' (ranges/numformat.py); NULL: plain
 )
 
 # A station's own block size for a range, where it differs from the range's.
@@ -402,12 +403,18 @@ def _v4_to_v5(conn: Connection) -> None:
     conn.exec_driver_sql('UPDATE mailsync_leases SET ceiling = "last" + 1')
 
 
+def _v5_to_v6(conn: Connection) -> None:
+    """Formatted numbers: a range may carry a format (``R-{year}-{n:06}``)."""
+    conn.exec_driver_sql("ALTER TABLE mailsync_ranges ADD COLUMN format VARCHAR(64)")
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
     3: _v3_to_v4,
     4: _v4_to_v5,
+    5: _v5_to_v6,
 }
 
 

@@ -40,7 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailsync.errors import MessageError
+from mailsync.errors import ConfigError, MessageError
+from mailsync.ranges.numformat import MAX_FORMAT, parse_format
 from mailsync.wire.envelope import MAX_WIRE_INT
 
 #: At most this many sequence numbers or parts are asked for in one request.
@@ -261,9 +262,12 @@ class Grant:
     first: int
     last: int
     next: int
+    format: str | None = None  # the range's number format (ranges/numformat.py)
 
     def payload(self) -> dict[str, Any]:
+        extra = {} if self.format is None else {"format": self.format}
         return {
+            **extra,
             "id": self.lease_id,
             "range": self.range,
             "start": self.start,
@@ -296,6 +300,13 @@ class Grant:
             table, dot, column = bind.partition(".")
             if not (table and dot and column):
                 raise _fail(kind, f"bind {bind[:40]!r} is not table.column")
+        fmt = g.get("format")
+        if fmt is not None:
+            fmt = _str(kind, fmt, "format", limit=MAX_FORMAT)
+            try:
+                parse_format(fmt, where="format")
+            except ConfigError as exc:
+                raise _fail(kind, str(exc)) from None
         if not ints["start"] <= ints["first"] <= ints["next"] <= ints["last"] + 1:
             raise _fail(kind, "the block's numbers are not in order")
         if ints["last"] > ints["end"] or ints["block"] < 1 or ints["max_blocks"] < 1:
@@ -312,6 +323,7 @@ class Grant:
             first=ints["first"],
             last=ints["last"],
             next=ints["next"],
+            format=fmt,
         )
 
 
