@@ -129,7 +129,10 @@ class Node:
         return next_number(self.engine, name)
 
     def close(self) -> None:
-        self.engine.dispose()
+        try:
+            self.cycle.keeper.close()  # the mail sessions kept between cycles
+        finally:
+            self.engine.dispose()
 
     def __enter__(self) -> Self:
         return self

@@ -372,3 +372,38 @@ def test_serve_syncs_on_its_schedule_runs_once_and_stops_on_sigterm(
             proc.kill()
     status = subprocess.run([*cli, "status"], capture_output=True, text=True, timeout=60)
     assert "stopped since" in status.stdout
+
+
+def test_mail_sessions_are_kept_between_cycles_and_renewed_when_gone(
+    cluster: Cluster, mail_servers: MailServers
+) -> None:
+    """A node that cycles again keeps its IMAP and SMTP sessions (never
+    POP3's); mail that came meanwhile is still seen on a kept session; a
+    session the server dropped (both servers restarted) is replaced in the
+    next cycle without an error; an idle one past ``max_idle`` is too."""
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln", "berlin")
+    koeln, berlin = cluster.nodes["koeln"].cycle.keeper, cluster.nodes["berlin"].cycle.keeper
+    kept = koeln.sessions()
+    assert sorted(k.split(" ")[0] for k in kept) == ["receive", "send"], kept  # its ack went
+    assert [k.split(" ")[0] for k in berlin.sessions()] == ["send"]  # POP3 never kept
+    cluster.execute("hq", update(customers).where(customers.c.id == 1).values(name="eins"))
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln", "berlin")
+    assert koeln.sessions() == kept  # the same sessions, and the new mail came through them
+    assert cluster.rows("koeln", customers)[0][1] == "eins"
+    mail_servers.stop_dovecot()
+    mail_servers.stop_postfix()
+    mail_servers.start_dovecot()
+    mail_servers.start_postfix()
+    cluster.execute("hq", update(customers).where(customers.c.id == 2).values(name="zwei"))
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln", "berlin")  # asserts no errors
+    assert cluster.rows("koeln", customers)[1][1] == "zwei"
+    renewed = koeln.sessions()
+    assert all(renewed[k] is not kept[k] for k in kept)
+    koeln.max_idle = 0.0
+    cluster.execute("hq", update(customers).where(customers.c.id == 3).values(name="drei"))
+    deliver_and_sync(cluster, mail_servers, "hq", "koeln", "berlin")
+    assert cluster.rows("koeln", customers)[2][1] == "drei"
+    assert all(koeln.sessions()[k] is not renewed[k] for k in kept)
+    assert cluster.agree("customers")
+    cluster.nodes["koeln"].close()
+    assert koeln.sessions() == {}

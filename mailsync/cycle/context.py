@@ -30,6 +30,7 @@ from mailsync.rules import Direction, Rule
 from mailsync.store.seen import SeenInDatabase
 from mailsync.store.tables import loads
 from mailsync.transport import TransportContext
+from mailsync.transport.keep import Keeper
 from mailsync.wire.controls import RangeGrants, RangeReport
 from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.limits import Limits
@@ -177,6 +178,9 @@ class CycleContext:
     memory: object | None = None
     #: seconds; the SMTP retry backoff base (tests make it small)
     retry_backoff: float = 1.0
+    #: IMAP and SMTP sessions kept from one cycle to the next (``Node.close``
+    #: logs them out)
+    keeper: Keeper = field(default_factory=Keeper)
     dialect: Dialect = field(init=False)
     role: Role = field(init=False)
 
@@ -209,6 +213,7 @@ class CycleContext:
             seen=SeenInDatabase(self.engine, box.receive),
             retry_backoff=self.retry_backoff,
             warn=self._warn_insecure,
+            keeper=self.keeper,
         )
 
     def _warn_insecure(self, text: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from mailsync.errors import ConfigError
 from mailsync.transport.base import (
@@ -31,6 +31,7 @@ from mailsync.transport.base import (
     Session,
     TransportContext,
 )
+from mailsync.transport.keep import Kept
 
 SenderFactory = Callable[[str, TransportContext], Sender]
 ReceiverFactory = Callable[[str, TransportContext], Receiver]
@@ -89,14 +90,26 @@ def _lookup(table: dict[str, F], builtin: dict[str, tuple[str, str]], url: str, 
         ) from None
 
 
+#: the schemes whose sessions may be kept between cycles (:mod:`.keep`;
+#: never POP3: it sees the mailbox as it was at login)
+KEEPABLE = frozenset(("imap", "imap+starttls", "imaps", "smtp", "smtp+starttls", "smtps"))
+
+
 def open_sender(url: str, ctx: TransportContext) -> Sender:
     """A sender for ``url``; it connects when entered, not here."""
-    return _lookup(_SENDERS, _BUILTIN_SENDERS, url, "send")(url, ctx)
+    factory = _lookup(_SENDERS, _BUILTIN_SENDERS, url, "send")
+    if ctx.keeper is not None and scheme_of(url) in KEEPABLE:
+        # entered, a Kept gives the (kept or new) sender itself
+        return cast(Sender, Kept(ctx.keeper, f"send {url}", lambda: factory(url, ctx)))
+    return factory(url, ctx)
 
 
 def open_receiver(url: str, ctx: TransportContext) -> Receiver:
     """A receiver for ``url``; it connects when entered, not here."""
-    return _lookup(_RECEIVERS, _BUILTIN_RECEIVERS, url, "receive")(url, ctx)
+    factory = _lookup(_RECEIVERS, _BUILTIN_RECEIVERS, url, "receive")
+    if ctx.keeper is not None and scheme_of(url) in KEEPABLE:
+        return cast(Receiver, Kept(ctx.keeper, f"receive {url}", lambda: factory(url, ctx)))
+    return factory(url, ctx)
 
 
 __all__ = [

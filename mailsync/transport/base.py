@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from mailsync.transport.account import Secret
+from mailsync.transport.keep import Keeper
 
 
 @dataclass(frozen=True)
@@ -113,3 +114,6 @@ class TransportContext:
     #: where a transport reports a weakened connection (``insecure = true``);
     #: the ``mailsync`` logger when None
     warn: Callable[[str], None] | None = None
+    #: sessions kept open between this node's cycles (:mod:`.keep`); None:
+    #: every cycle opens and closes its own
+    keeper: Keeper | None = None

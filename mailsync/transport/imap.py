@@ -93,6 +93,18 @@ class ImapReceiver(Session):
             raise
         return self
 
+    def resume(self) -> bool:
+        """Another cycle on this session (:mod:`.keep`): select INBOX again,
+        which brings the mail that came meanwhile and UIDVALIDITY."""
+        if self._client is None:
+            return False
+        try:
+            selected = self._client.select_folder("INBOX")
+        except (OSError, ssl.SSLError, IMAPClientError, imaplib.IMAP4.abort):
+            return False
+        self._uidvalidity = int(selected[b"UIDVALIDITY"])
+        return True
+
     def _call(self, doing: str, fn: Any, *args: Any) -> Any:
         assert self._client is not None
         try:
