@@ -336,6 +336,7 @@ leases = Table(
     # (or more) before the database does, and nothing draws at or above (v5)
     Column("ceiling", BigInteger, nullable=False, default=0),
     Index("mailsync_leases_holder", "range_name", "holder", "first"),
+    Index("mailsync_leases_of", "holder", "first"),  # a station's leases, every cycle
 )
 
 # The one ``mailsync serve`` that runs this node: where, since when, and how
@@ -404,8 +405,12 @@ def _v4_to_v5(conn: Connection) -> None:
 
 
 def _v5_to_v6(conn: Connection) -> None:
-    """Formatted numbers: a range may carry a format (``R-{year}-{n:06}``)."""
+    """Formatted numbers: a range may carry a format (``R-{year}-{n:06}``);
+    a holder's leases are found by index (a cycle asks for them)."""
     conn.exec_driver_sql("ALTER TABLE mailsync_ranges ADD COLUMN format VARCHAR(64)")
+    conn.exec_driver_sql(
+        'CREATE INDEX IF NOT EXISTS mailsync_leases_of ON mailsync_leases (holder, "first")'
+    )
 
 
 #: Steps that bring the schema from version N to N + 1.
