@@ -112,6 +112,27 @@ def add_station(
     return station, bundle
 
 
+def edit_station(
+    site: Site, station_id: str, *, label: str | None = None, email: str | None = None
+) -> rules_mod.Station:
+    """Change a station's label or e-mail address (where its mail goes)."""
+    _require_host(site, "a station")
+    with site.engine.begin() as conn:
+        before, after = rules_mod.edit_station(conn, station_id, label=label, email=email)
+        changes = []
+        if after.label != before.label:
+            changes.append(f"label {before.label!r} -> {after.label!r}")
+        if after.email != before.email:
+            changes.append(f"address <{before.email}> -> <{after.email}>")
+        site.journal.info(
+            "station",
+            f"station {station_id} edited: {', '.join(changes) or 'no change'}",
+            conn=conn,
+            peer=station_id,
+        )
+    return after
+
+
 def remove_station(site: Site, station_id: str) -> None:
     """Forget a station, its own rules, its link and outbox; its number
     leases end (their unused numbers are never leased again)."""

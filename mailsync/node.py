@@ -220,6 +220,7 @@ class Node:
         return self.ring.current.public
 
     remove_station = admin.remove_station
+    edit_station = admin.edit_station
     stations = admin.list_stations
     station = admin.show_station
     add_rule = admin.add_rule

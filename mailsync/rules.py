@@ -165,6 +165,35 @@ def add_station(
     return Station(station_id, label, email)
 
 
+def edit_station(
+    conn: Connection, station_id: str, *, label: str | None = None, email: str | None = None
+) -> tuple[Station, Station]:
+    """Change a station's label or address; returns it before and after.
+    A new address is where its mail goes from now on (its link too)."""
+    before = get_station(conn, station_id)
+    if label is None and email is None:
+        raise RuleError(f"station {station_id}: nothing to change", hint="give --label or --email")
+    if email is not None and email != before.email:
+        check_email(email, "station e-mail")
+        clash = conn.execute(
+            select(stations.c.id).where(stations.c.email == email, stations.c.id != station_id)
+        ).first()
+        if clash:
+            raise RuleError(f"address {email} already belongs to station {clash[0]!r}")
+        links_mod.readdress(conn, station_id, email)
+    after = Station(
+        station_id,
+        before.label if label is None else label,
+        before.email if email is None else email,
+    )
+    conn.execute(
+        update(stations)
+        .where(stations.c.id == station_id)
+        .values(label=after.label, email=after.email)
+    )
+    return before, after
+
+
 def remove_station(conn: Connection, station_id: str) -> None:
     get_station(conn, station_id)
     conn.execute(delete(rules_table).where(rules_table.c.station == station_id))

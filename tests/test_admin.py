@@ -93,6 +93,12 @@ def test_every_admin_command_writes_its_log_line(c: Cluster, tmp_path: Path) -> 
     ok("hq", c, "range", "set-block", "order_no", "10", "--station", "koeln")
     ok("hq", c, "range", "release", "order_no")
     ok("hq", c, "range", "remove", "order_no")
+    clash = run("hq", c, "station", "edit", "koeln", "--email", "b@x.test")
+    refused(clash, "address b@x.test already belongs to station 'berlin'")
+    ok("hq", c, "station", "edit", "berlin", "--label", "Berlin Mitte")
+    ok("hq", c, "station", "edit", "berlin", "--email", "mitte@x.test")
+    shown = ok("hq", c, "station", "show", "berlin")
+    assert "Berlin Mitte" in shown and "mitte@x.test" in shown
     ok("hq", c, "station", "remove", "berlin", "--yes")
     row = parked_id(c)
     assert run("hq", c, "errors", "retry", str(row)).returncode == 5  # the cause is still there
@@ -113,6 +119,8 @@ def test_every_admin_command_writes_its_log_line(c: Cluster, tmp_path: Path) -> 
         "range order_no: blocks of 10 for koeln from the next lease on",
         "range order_no: 0 lease(s) asked back from every station (the range closes)",
         "range order_no removed",
+        "station berlin edited: label '' -> 'Berlin Mitte'",
+        "station berlin edited: address <b@x.test> -> <mitte@x.test>",
         "station berlin removed",
         f"parked row {row} (customers, from koeln #",
         "applied on retry",
@@ -130,6 +138,10 @@ def test_every_admin_command_writes_its_log_line(c: Cluster, tmp_path: Path) -> 
 
 MISTAKES = [
     ("hq", ("station", "show", "ghost"), "no station 'ghost'"),
+    ("hq", ("station", "edit", "ghost", "--label", "x"), "no station 'ghost'"),
+    ("hq", ("station", "edit", "koeln"), "nothing to change"),
+    ("hq", ("station", "edit", "koeln", "--email", "not an address"), "e-mail"),
+    ("koeln", ("station", "edit", "koeln", "--label", "x"), "is a remote"),
     ("hq", ("table", "add", "customers", "--station", "ghost"), "no station 'ghost'"),
     ("hq", ("table", "remove", "orders"), "no rule for table 'orders'"),
     ("hq", ("range", "show", "nope"), "no number range 'nope'"),

@@ -120,6 +120,23 @@ def station_show(
     _print_rules(list(rules.values()), empty="no table rules apply to this station yet")
 
 
+@station_app.command("edit")
+def station_edit(
+    ctx: typer.Context,
+    station_id: str = typer.Argument(..., help="The station's id."),
+    label: str | None = typer.Option(None, "--label", help="A new label."),
+    email: str | None = typer.Option(
+        None, "--email", help="A new mailbox address: the station's mail goes there from now on."
+    ),
+) -> None:
+    """Change a station's label or mailbox address."""
+    with open_node(ctx) as node:
+        station = node.edit_station(station_id, label=label, email=email)
+    console.print(
+        f"station [bold]{escape(station.id)}[/] {escape(station.label)} <{escape(station.email)}>"
+    )
+
+
 @station_app.command("remove")
 def station_remove(
     ctx: typer.Context,
