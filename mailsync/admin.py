@@ -36,7 +36,7 @@ from mailsync.conflicts import Conflict
 from mailsync.conflicts import drop_conflicts as drop_conflict_records
 from mailsync.conflicts import list_conflicts as read_conflicts
 from mailsync.enroll import Bundle
-from mailsync.errors import ConfigError
+from mailsync.errors import ConfigError, RuleError
 from mailsync.inbox import Buffered
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey
@@ -44,7 +44,7 @@ from mailsync.ranges import admin as ranges_admin
 from mailsync.ranges.exchange import retire_station
 from mailsync.ranges.model import Lease, RangeDef, RangeSpec, get_range, list_leases
 from mailsync.ranges.model import list_ranges as read_ranges
-from mailsync.store.tables import ALL_STATIONS
+from mailsync.store.tables import ALL_STATIONS, loads
 
 
 class Site(Protocol):
@@ -146,6 +146,44 @@ def remove_station(site: Site, station_id: str) -> None:
         )
 
 
+def reload_station(site: Site, station_id: str, tables: Iterable[str] = ()) -> list[str]:
+    """Send ``tables`` (default: every table the station gets inserts of)
+    to a station again in full, replacing its copy of them — rows changed,
+    deleted or added behind mailsync's back come back to the host's; what
+    the station changed itself and has not delivered yet is kept (the
+    reload machinery of :mod:`mailsync.reload`). Returns the tables."""
+    _require_host(site, "a reload")
+    with site.engine.begin() as conn:
+        rules_mod.get_station(conn, station_id)
+        effective = rules_mod.effective_rules(conn, station_id)
+        sent = sorted(t for t, r in effective.items() if "I" in r.down)
+        wanted = sorted(set(tables)) or sent
+        for name in wanted:
+            if name not in effective:
+                raise RuleError(
+                    f"table {name!r} does not travel to {station_id}",
+                    hint=f"`mailsync station show {station_id}` lists its tables",
+                )
+            if name not in sent:
+                raise RuleError(
+                    f"table {name!r}: the rule for {station_id} sends no inserts down, "
+                    "so it cannot be sent again in full"
+                )
+        if not wanted:
+            raise RuleError(f"no table travels to {station_id}: nothing to reload")
+        link = links_mod.one(conn, station_id)
+        conn.execute(loads.delete().where(loads.c.station == station_id, loads.c.tbl.in_(wanted)))
+        if not link.reload_wanted:
+            links_mod.reload_requested(conn, link, None)
+        site.journal.info(
+            "reload",
+            f"{station_id}: {', '.join(wanted)} to be sent again in full (asked by the admin)",
+            conn=conn,
+            peer=station_id,
+        )
+    return wanted
+
+
 def list_stations(site: Site) -> list[rules_mod.Station]:
     with site.engine.connect() as conn:
         return rules_mod.list_stations(conn)
@@ -177,6 +215,7 @@ def add_rule(
     """Sync a table (for all stations or one), or change its rule; returns
     the rule and warnings for the admin. Capture triggers go in at once."""
     _require_host(site, "a table rule")
+    down, up = _ops(down, "down"), _ops(up, "up")
     rule = rules_mod.Rule(table, station or ALL_STATIONS, down, up, row_filter or None, conflict)
     with site.engine.begin() as conn:
         warnings = rules_mod.add_rule(conn, rule)
@@ -188,6 +227,14 @@ def add_rule(
             peer=station,
         )
     return rule, warnings
+
+
+def _ops(value: str, what: str) -> str:
+    """Operations as letters (``"IUD"``) or as the CLI takes them
+    (``"insert,update"``, ``"all"``, ``"none"``)."""
+    if value and set(value) <= set("IUD"):
+        return "".join(op for op in "IUD" if op in value)
+    return rules_mod.parse_ops(value, what)
 
 
 def remove_rule(site: Site, table: str, station: str | None = None) -> None:

@@ -221,6 +221,7 @@ class Node:
 
     remove_station = admin.remove_station
     edit_station = admin.edit_station
+    reload_station = admin.reload_station
     stations = admin.list_stations
     station = admin.show_station
     add_rule = admin.add_rule

@@ -100,6 +100,7 @@ def test_every_admin_command_writes_its_log_line(c: Cluster, tmp_path: Path) -> 
     shown = ok("hq", c, "station", "show", "berlin")
     assert "Berlin Mitte" in shown and "mitte@x.test" in shown
     ok("hq", c, "station", "remove", "berlin", "--yes")
+    assert "sent again in full to koeln" in ok("hq", c, "reload", "--station", "koeln")
     row = parked_id(c)
     assert run("hq", c, "errors", "retry", str(row)).returncode == 5  # the cause is still there
     with c.engines["hq"].begin() as conn:
@@ -122,6 +123,7 @@ def test_every_admin_command_writes_its_log_line(c: Cluster, tmp_path: Path) -> 
         "station berlin edited: label '' -> 'Berlin Mitte'",
         "station berlin edited: address <b@x.test> -> <mitte@x.test>",
         "station berlin removed",
+        "koeln: customers to be sent again in full (asked by the admin)",
         f"parked row {row} (customers, from koeln #",
         "applied on retry",
         "0 parked row(s) dropped",
@@ -142,6 +144,9 @@ MISTAKES = [
     ("hq", ("station", "edit", "koeln"), "nothing to change"),
     ("hq", ("station", "edit", "koeln", "--email", "not an address"), "e-mail"),
     ("koeln", ("station", "edit", "koeln", "--label", "x"), "is a remote"),
+    ("hq", ("reload", "--station", "ghost"), "no station 'ghost'"),
+    ("hq", ("reload", "--station", "koeln", "--table", "orders"), "does not travel to koeln"),
+    ("koeln", ("reload", "--station", "koeln"), "is a remote"),
     ("hq", ("table", "add", "customers", "--station", "ghost"), "no station 'ghost'"),
     ("hq", ("table", "remove", "orders"), "no rule for table 'orders'"),
     ("hq", ("range", "show", "nope"), "no number range 'nope'"),

@@ -225,3 +225,22 @@ def table_remove(
     with open_node(ctx) as node:
         node.remove_rule(table, station)
     console.print(f"rule for {escape(table)} removed")
+
+
+def reload(
+    ctx: typer.Context,
+    station: str = typer.Option(..., "--station", help="The station to send tables to again."),
+    table: list[str] = typer.Option(
+        [], "--table", help="Only this table (repeatable) [default: every table it gets]."
+    ),
+) -> None:
+    """Send tables to a station again in full, replacing its copy (host).
+
+    Rows changed, deleted or added at the station behind mailsync's back
+    become the host's again; what the station changed itself and has not
+    delivered yet is kept. Goes with the next sync."""
+    with open_node(ctx) as node:
+        sent = node.reload_station(station, table)
+    console.print(
+        f"{escape(', '.join(sent))}: sent again in full to {escape(station)} with the next sync"
+    )
