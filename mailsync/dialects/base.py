@@ -65,6 +65,9 @@ class Dialect(Protocol):
     def drop_binding(self, conn: Connection, table: str, column: str) -> None:
         """Remove a bound column's triggers, if present."""
 
+    def unique_constraints(self, conn: Connection, table: str) -> list[list[str]]:
+        """The column lists of ``table``'s unique constraints (not its key)."""
+
     def current_year(self, conn: Connection) -> int:
         """The year now in the database's local time (a formatted number's
         ``{year}``, as the bound column's trigger writes it)."""

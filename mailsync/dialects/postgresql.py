@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, Connection, Engine, Table, text
+from sqlalchemy import Column, Connection, Engine, Table, inspect, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from mailsync.dialects.base import (
@@ -266,6 +266,10 @@ class PostgreSQLDialect:
             {"first": first, "last": last},
         ).scalar()
         return None if value is None else int(value)
+
+    def unique_constraints(self, conn: Connection, table: str) -> list[list[str]]:
+        found = inspect(conn).get_unique_constraints(table)
+        return sorted([str(c) for c in u["column_names"] if c] for u in found)
 
     def current_year(self, conn: Connection) -> int:
         return int(conn.exec_driver_sql("SELECT to_char(localtimestamp, 'YYYY')").scalar_one())

@@ -251,6 +251,17 @@ class SQLiteDialect:
             name = trigger_name(f"rng_{table}_{column}", suffix)
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote_ident(chr(34), name)}")
 
+    def unique_constraints(self, conn: Connection, table: str) -> list[list[str]]:
+        # the inspector misses a column's own UNIQUE; SQLite's index list has
+        # every one (origin "u": made by a UNIQUE constraint)
+        q = quote_ident(chr(34), table)
+        out = []
+        for row in conn.exec_driver_sql(f"PRAGMA index_list({q})").all():
+            if row[3] == "u":
+                info = conn.exec_driver_sql(f"PRAGMA index_info({quote_ident(chr(34), row[1])})")
+                out.append([str(r[2]) for r in sorted(info.all())])
+        return sorted(out)
+
     def current_year(self, conn: Connection) -> int:
         return int(conn.exec_driver_sql("SELECT strftime('%Y', 'now', 'localtime')").scalar_one())
 
