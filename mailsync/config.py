@@ -14,6 +14,7 @@ the folder that holds the config file, so a node folder can be moved whole.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -32,6 +33,8 @@ from mailsync.transport.account import Secret
 from mailsync.wire.limits import DEFAULT_LIMITS, LIMIT_KEYS, Limits
 
 DEFAULT_CONFIG = "mailsync.toml"
+#: the tables a config file may have
+SECTIONS = ("node", "mailbox", "schedule", "limits")
 CONFIG_ENV = "MAILSYNC_CONFIG"
 DEFAULT_COMPRESSION_LEVEL = 3
 DEFAULT_BATCH_ROWS = 5000
@@ -138,18 +141,75 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+class _Section(dict[str, Any]):
+    """A config table that remembers which keys were asked for, so that
+    the rest can be refused (a misspelt key would otherwise keep its
+    default without a word: ``log_retension_days = 5``)."""
+
+    def __init__(self, data: dict[str, Any], text: str, header: str) -> None:
+        super().__init__(data)
+        self.asked: set[str] = set()
+        self.text = text
+        self.header = header  # "node", "mailbox", "limits", "schedule"
+
+    def line_of(self, key: str) -> int | None:
+        """The line of ``key = …`` in this section of the file (TOML keeps none)."""
+        section = None
+        for number, line in enumerate(self.text.splitlines(), start=1):
+            head = re.match(r"^\s*\[+\s*([A-Za-z0-9_.-]+)\s*\]+", line)
+            if head:
+                section = head.group(1)
+            elif section == self.header and re.match(rf"^\s*{re.escape(key)}\s*=", line):
+                return number
+        return None
+
+
+#: a type as the config's reader would say it
+_WORDS = {int: "a whole number", str: "text in quotes", bool: "true or false"}
+
+
+def _at(table: dict[str, Any], key: str, where: str) -> str:
+    """``where`` with the key's line, when it is known."""
+    line = table.line_of(key) if isinstance(table, _Section) else None
+    if line is None:
+        return where
+    cut = where.rfind(" [")
+    if cut < 0:
+        return f"{where}:{line}"
+    return f"{where[:cut]}:{line}{where[cut:]}"
+
+
 def _get(table: dict[str, Any], key: str, kind: Any, where: str, default: Any = ...) -> Any:
+    if isinstance(table, _Section):
+        table.asked.add(key)
     if key not in table:
         if default is ...:
             raise ConfigError(f"{where}: missing setting {key!r}")
         return default
     value = table[key]
-    if kind is int and isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be a whole number")
-    if not isinstance(value, kind):
-        name = getattr(kind, "__name__", "number")
-        raise ConfigError(f"{where}: {key} must be a {name}, not {value!r}")
+    if (kind is int or kind == int | float) and isinstance(value, bool):
+        value = str(value).lower()  # said as written: true/false
+        kind_ok = False
+    else:
+        kind_ok = isinstance(value, kind)
+    if not kind_ok:
+        words = _WORDS.get(kind, "a number")
+        shown = json.dumps(value) if isinstance(value, str | int | float) else repr(value)
+        raise ConfigError(f"{_at(table, key, where)}: {key} must be {words}, not {shown}")
     return value
+
+
+def _refuse_unknown(table: dict[str, Any], where: str) -> None:
+    """A key no setting asked for is a mistake: name it, and what was meant."""
+    if not isinstance(table, _Section):
+        return
+    for key in sorted(set(table) - table.asked):
+        near = difflib.get_close_matches(key, sorted(table.asked), n=1, cutoff=0.6)
+        raise ConfigError(
+            f"{_at(table, key, where)}: unknown setting {key!r}"
+            + (f" (did you mean {near[0]!r}?)" if near else ""),
+            hint=f"the settings here are {', '.join(sorted(table.asked))}",
+        )
 
 
 def load_config(path: Path) -> NodeConfig:
@@ -170,9 +230,16 @@ def load_config(path: Path) -> NodeConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     base = path.resolve().parent
+    for name in sorted(set(data) - set(SECTIONS)):
+        near = difflib.get_close_matches(name, SECTIONS, n=1, cutoff=0.6)
+        raise ConfigError(
+            f"{path}: unknown section [{name}]" + (f" (did you mean [{near[0]}]?)" if near else ""),
+            hint=f"the sections are {', '.join(f'[{n}]' for n in SECTIONS)}",
+        )
     node = data.get("node")
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: missing [node] section")
+    node = _Section(node, text, "node")
     where = f"{path} [node]"
     node_id = check_node_id(_get(node, "id", str, where), f"{where} id")
     role = _get(node, "role", str, where)
@@ -198,12 +265,14 @@ def load_config(path: Path) -> NodeConfig:
     timezone = _get(node, "timezone", str, where, None)
     if timezone:
         parse_zone(timezone, where)
-    schedules = _schedules(data.get("schedule", []), path)
-    limits = _limits(data.get("limits", {}), path)
+    _refuse_unknown(node, where)
+    schedules = _schedules(data.get("schedule", []), path, text)
+    limits = _limits(data.get("limits", {}), path, text)
 
     box = data.get("mailbox")
     if not isinstance(box, dict):
         raise ConfigError(f"{path}: missing [mailbox] section")
+    box = _Section(box, text, "mailbox")
     where = f"{path} [mailbox]"
     sources = [k for k in ("password_env", "password_file", "password_command") if k in box]
     if len(sources) > 1:
@@ -237,6 +306,8 @@ def load_config(path: Path) -> NodeConfig:
         else None,
         max_message_bytes=limit,
     )
+    _refuse_unknown(box, where)
+    _check_urls(mailbox, where)
     return NodeConfig(
         path=path,
         node_id=node_id,
@@ -255,28 +326,39 @@ def load_config(path: Path) -> NodeConfig:
     )
 
 
-def _limits(value: Any, path: Path) -> Limits:
+def _check_urls(box: MailboxConfig, where: str) -> None:
+    """Both mailbox URLs name a transport that can do their job, at load:
+    a bad ``send`` would otherwise go unnoticed while there is nothing to send."""
+    from mailsync.transport import known_schemes, scheme_of
+
+    senders, receivers = known_schemes()
+    for key, url, known in (("send", box.send, senders), ("receive", box.receive, receivers)):
+        scheme = scheme_of(url)
+        if scheme not in known:
+            raise ConfigError(
+                f"{where}: {key} URL {url!r}: {scheme!r} cannot {key}",
+                hint=f"{key} takes {', '.join(f'{s}:' for s in sorted(known))}",
+            )
+
+
+def _limits(value: Any, path: Path, text: str = "") -> Limits:
     """The [limits] table: whole numbers of at least 1; a misspelt key is an
     error (a limit that silently kept its default would be a surprise)."""
     where = f"{path} [limits]"
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: limits must be a [limits] table")
-    unknown = set(value) - set(LIMIT_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown setting(s) {', '.join(sorted(unknown))}",
-            hint=f"the limits are {', '.join(LIMIT_KEYS)}",
-        )
+    value = _Section(value, text, "limits")
     given = {}
     for key in LIMIT_KEYS:
         number = _get(value, key, int, where, getattr(DEFAULT_LIMITS, key))
         if number < 1:
             raise ConfigError(f"{where}: {key} must be at least 1")
         given[key] = number
+    _refuse_unknown(value, where)
     return Limits(**given)
 
 
-def _schedules(value: Any, path: Path) -> tuple[Schedule, ...]:
+def _schedules(value: Any, path: Path, text: str = "") -> tuple[Schedule, ...]:
     """The [[schedule]] tables: every (required), between and days."""
     tables = [value] if isinstance(value, dict) else value
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
@@ -284,17 +366,16 @@ def _schedules(value: Any, path: Path) -> tuple[Schedule, ...]:
     out = []
     for number, table in enumerate(tables, start=1):
         where = f"{path} [[schedule]] #{number}"
-        unknown = set(table) - {"every", "between", "days"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+        section = _Section(table, text, "schedule")
         out.append(
             parse_schedule(
-                _get(table, "every", str, where),
-                _get(table, "between", str, where, None),
-                _get(table, "days", str, where, None),
+                _get(section, "every", str, where),
+                _get(section, "between", str, where, None),
+                _get(section, "days", str, where, None),
                 where=where,
             )
         )
+        _refuse_unknown(section, where)
     return tuple(out)
 
 

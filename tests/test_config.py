@@ -42,7 +42,10 @@ def test_a_full_mailbox_section_loads(tmp_path: Path) -> None:
         ('send = "m"\nreceive = "m"\nmax_message_bytes = 10\n', "at least 10000"),
         ('send = "m"\nreceive = "m"\ntimeout = -1\n', "timeout must be positive"),
         ('send = "m"\nreceive = "m"\nforward_unrecognized = "nobody"\n', "not an e-mail"),
-        ('send = "m"\nreceive = "m"\ninsecure = "yes"\n', "insecure must be a bool"),
+        (
+            'send = "m"\nreceive = "m"\ninsecure = "yes"\n',
+            r'mailsync.toml:\d+ \[mailbox\]: insecure must be true or false, not "yes"',
+        ),
     ],
 )
 def test_bad_mailbox_settings(tmp_path: Path, mailbox: str, message: str) -> None:
@@ -79,3 +82,66 @@ def test_password_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         Secret(command="false").resolve("x")
     with pytest.raises(ConfigError, match="cannot read password file"):
         Secret(file=tmp_path / "nope").resolve("x")
+
+
+MAILDIR = 'send = "maildir:mail"\nreceive = "maildir:mail"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # the issue's misspellings: refused, with the line and what was meant
+        (
+            BASE.replace("[node]\n", "[node]\nlog_retension_days = 5\n")
+            + '[mailbox]\naddress = "hq@x.test"\n'
+            + MAILDIR,
+            r"mailsync.toml:2 \[node\]: unknown setting 'log_retension_days' "
+            r"\(did you mean 'log_retention_days'\?\)",
+        ),
+        (
+            BASE + '[mailbox]\naddress = "hq@x.test"\n' + MAILDIR + "keep_procesed = false\n",
+            r"mailsync.toml:9 \[mailbox\]: unknown setting 'keep_procesed' "
+            r"\(did you mean 'keep_processed'\?\)",
+        ),
+        (
+            BASE + '[mailbox]\naddress = "hq@x.test"\n' + MAILDIR + "[limit]\nmax_parts = 3\n",
+            r"unknown section \[limit\] \(did you mean \[limits\]\?\)",
+        ),
+        (
+            BASE + 'batch_rows = "5000"\n[mailbox]\naddress = "hq@x.test"\n' + MAILDIR,
+            r'mailsync.toml:5 \[node\]: batch_rows must be a whole number, not "5000"',
+        ),
+        (
+            BASE + 'batch_rows = true\n[mailbox]\naddress = "hq@x.test"\n' + MAILDIR,
+            r'batch_rows must be a whole number, not "true"',
+        ),
+        (
+            BASE + 'resend_after_minutes = "1h"\n[mailbox]\naddress = "hq@x.test"\n' + MAILDIR,
+            r'resend_after_minutes must be a number, not "1h"',
+        ),
+        (
+            BASE
+            + '[mailbox]\naddress = "hq@x.test"\nsend = "imaps://u@h"\nreceive = "maildir:m"\n',
+            r"send URL 'imaps://u@h': 'imaps' cannot send",
+        ),
+        (
+            BASE
+            + '[mailbox]\naddress = "hq@x.test"\nsend = "maildir:m"\nreceive = "smtps://u@h"\n',
+            r"receive URL 'smtps://u@h': 'smtps' cannot receive",
+        ),
+        (
+            BASE
+            + '[mailbox]\naddress = "hq@x.test"\n'
+            + MAILDIR
+            + '[[schedule]]\nevery = "15m"\nbetwen = "06:00-20:00"\n',
+            r"\[\[schedule\]\] #1: unknown setting 'betwen' \(did you mean 'between'\?\)",
+        ),
+    ],
+)
+def test_a_mistyped_config_is_one_line_with_file_line_and_meaning(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "mailsync.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

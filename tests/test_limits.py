@@ -355,7 +355,10 @@ def test_limits_are_read_from_the_config_and_a_misspelt_one_is_refused(tmp_path:
     assert (limits.max_batch_rows, limits.max_ahead) == (20000, 500)
     assert limits.max_columns == DEFAULT_LIMITS.max_columns
     path.write_text(base + "[limits]\nmax_batch_row = 20000\n")
-    with pytest.raises(ConfigError, match=r"unknown setting\(s\) max_batch_row$"):
+    with pytest.raises(
+        ConfigError,
+        match=r":\d+ \[limits\]: unknown setting 'max_batch_row' \(did you mean 'max_batch_rows'\?\)",
+    ):
         load_config(path)
     path.write_text(base + "[limits]\nmax_parts = 0\n")
     with pytest.raises(ConfigError, match="max_parts must be at least 1"):

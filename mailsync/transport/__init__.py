@@ -95,6 +95,11 @@ def _lookup(table: dict[str, F], builtin: dict[str, tuple[str, str]], url: str, 
 KEEPABLE = frozenset(("imap", "imap+starttls", "imaps", "smtp", "smtp+starttls", "smtps"))
 
 
+def known_schemes() -> tuple[set[str], set[str]]:
+    """The URL schemes that can send, and those that can receive."""
+    return set(_SENDERS) | set(_BUILTIN_SENDERS), set(_RECEIVERS) | set(_BUILTIN_RECEIVERS)
+
+
 def open_sender(url: str, ctx: TransportContext) -> Sender:
     """A sender for ``url``; it connects when entered, not here."""
     factory = _lookup(_SENDERS, _BUILTIN_SENDERS, url, "send")
