@@ -15,7 +15,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import admin, restore, trust
@@ -88,9 +89,11 @@ class Node:
         """Open a node from its config (a NodeConfig, a path, or the default)."""
         cfg = config if isinstance(config, NodeConfig) else load_config(config_path(config))
         ring = load_keyring(key_path(cfg.path), cfg.node_id)
+        _refuse_missing_file(cfg)
         engine = open_engine(cfg.database)
         try:
             check_connection(engine)
+            _refuse_foreign(engine, cfg)
             ensure_schema(engine)
             with engine.connect() as conn:
                 owner, role = get_meta(conn, "node_id"), get_meta(conn, "role")
@@ -227,6 +230,32 @@ class Node:
     add_rule = admin.add_rule
     remove_rule = admin.remove_rule
     rules = admin.list_rules
+
+
+def _refuse_missing_file(cfg: NodeConfig) -> None:
+    """A SQLite file that is not there is a mistyped path, not a new node:
+    opening it would make an empty database and report success."""
+    url = make_url(cfg.database)
+    if url.get_backend_name() != "sqlite":
+        return
+    db = url.database or ""
+    if db in ("", ":memory:") or db.startswith("file:") or Path(db).exists():
+        return
+    raise DatabaseError(
+        f"{cfg.path}: no database file at {db}",
+        hint="a mistyped path in [node] database? `mailsync init` makes a new node",
+    )
+
+
+def _refuse_foreign(engine: Engine, cfg: NodeConfig) -> None:
+    """A database without mailsync's tables is an application database no
+    node was made for: say so rather than add the tables silently."""
+    if inspect(engine).has_table("mailsync_meta"):
+        return
+    raise DatabaseError(
+        f"{cfg.path}: database {redact(engine)} is not a mailsync node (it has no mailsync tables)",
+        hint=f"`mailsync init {cfg.role} …` makes it one",
+    )
 
 
 def init_node(

@@ -188,7 +188,28 @@ def test_bad_config_files(site: Path) -> None:
         '[node]\nid = "hq"\nrole = "host"\ndatabase = "sqlite:///missing/dir/x.db"\n'
         '[mailbox]\naddress = "hq@x.test"\nsend = "maildir:m"\nreceive = "maildir:m"\n'
     )
-    assert_clean_error(mailsync("status", cwd=hq, ok=False), "cannot open the database")
+    assert_clean_error(mailsync("status", cwd=hq, ok=False), "no database file at")
+    # a mistyped path: refused (exit 3), not a new empty node
+    cfg.write_text(
+        '[node]\nid = "hq"\nrole = "host"\ndatabase = "sqlite:///app.dbb"\n'
+        '[mailbox]\naddress = "hq@x.test"\nsend = "maildir:m"\nreceive = "maildir:m"\n'
+    )
+    proc = mailsync("sync", cwd=hq, ok=False)
+    assert_clean_error(proc, "no database file at", "app.dbb")
+    assert "mistyped path" in proc.stderr
+    assert proc.returncode == 3 and not (hq / "app.dbb").exists()
+    # an application database no node was made for: not taken over silently
+    sqlite3.connect(hq / "erp.db").execute("CREATE TABLE t (id INTEGER PRIMARY KEY)").close()
+    cfg.write_text(
+        '[node]\nid = "hq"\nrole = "host"\ndatabase = "sqlite:///erp.db"\n'
+        '[mailbox]\naddress = "hq@x.test"\nsend = "maildir:m"\nreceive = "maildir:m"\n'
+    )
+    proc = mailsync("sync", cwd=hq, ok=False)
+    assert_clean_error(proc, "is not a mailsync node")
+    assert "mailsync init host" in proc.stderr and proc.returncode == 3
+    with sqlite3.connect(hq / "erp.db") as erp:
+        names = [r[0] for r in erp.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert names == ["t"]
     cfg.write_text(
         '[node]\nid = "hq"\nrole = "host"\ndatabase = "nosuchdb://x"\n'
         '[mailbox]\naddress = "hq@x.test"\nsend = "maildir:m"\nreceive = "maildir:m"\n'
