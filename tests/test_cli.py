@@ -316,6 +316,16 @@ def test_schedule_log_and_json_through_the_cli(site: Path) -> None:
     assert "every 15m between 22:00-02:00 on fri" in out
     runs = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
     assert len(runs) == 5 and set(runs) <= {"Fri", "Sat"}
+    # a schedule tried on the command line needs no node (the example)
+    bare = site / "nowhere"
+    bare.mkdir()
+    tried = mailsync(
+        "schedule", "--every", "45m", "--between", "22:00-02:00", "--days", "mon-fri", cwd=bare
+    ).stdout
+    assert "every 45m between 22:00-02:00 on mon,tue,wed,thu,fri" in tried
+    assert len([line for line in tried.splitlines() if line.startswith("  ")]) == 5
+    none = mailsync("schedule", cwd=hq, ok=False)
+    assert "add [[schedule]] to the config" in none.stdout and none.returncode == 1
     assert_clean_error(mailsync("serve", cwd=hq, ok=False), "no [[schedule]] to serve")
     assert_clean_error(mailsync("schedule", "--every", "soon", cwd=hq, ok=False), "not an interval")
     assert "not configured (no [[schedule]];" in mailsync("status", cwd=hq).stdout

@@ -357,7 +357,8 @@ def test_limits_are_read_from_the_config_and_a_misspelt_one_is_refused(tmp_path:
     path.write_text(base + "[limits]\nmax_batch_row = 20000\n")
     with pytest.raises(
         ConfigError,
-        match=r":\d+ \[limits\]: unknown setting 'max_batch_row' \(did you mean 'max_batch_rows'\?\)",
+        match=r":\d+ \[limits\]: unknown setting 'max_batch_row' "
+        r"\(did you mean 'max_batch_rows'\?\)",
     ):
         load_config(path)
     path.write_text(base + "[limits]\nmax_parts = 0\n")

@@ -55,19 +55,27 @@ def schedule(
 ) -> None:
     """The next run times of the node's schedule (or of the one given), in local time."""
     state: State = ctx.obj
-    config = load_config(config_path(state.config))
+    path = config_path(state.config)
     where = "--every/--between/--days"
     schedules: tuple[Schedule, ...]
+    if (between is not None or days is not None) and every is None:
+        raise ConfigError(f"{where}: --between and --days need --every")
+    # a schedule tried on the command line needs no node: the config, when
+    # there is one, gives only its time zone
+    config = load_config(path) if every is None or path.exists() else None
     if every is not None:
         schedules = (parse_schedule(every, between, days, where=where),)
-    elif between or days:
-        raise ConfigError(f"{where}: --between and --days need --every")
     else:
+        assert config is not None
         schedules = config.schedules
     if not schedules:
-        console.print("no schedule: add \\[[schedule]] to the config (or try one with --every 15m)")
+        console.print(
+            "no schedule: add "
+            + escape("[[schedule]]")
+            + " to the config (or try one with --every 15m)"
+        )
         raise typer.Exit(1)
-    zone = parse_zone(config.timezone, str(config.path))
+    zone = parse_zone(config.timezone, str(config.path)) if config else parse_zone(None, "")
     for item in schedules:
         console.print(f"schedule: {item.describe()}")
     runs = next_runs(schedules, now(), zone, count)
