@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select, update
 
 from mailsync import admin
+from mailsync.errors import SchemaError
 from mailsync.keys import KeyPair
 from mailsync.ranges.model import RangeSpec
 from mailsync.store.tables import conflicts_table, parked
@@ -194,3 +195,26 @@ def test_one_unknown_id_among_known_ones_changes_none_of_them(c: Cluster) -> Non
         assert conn.execute(select(parked.c.id)).scalars().all() == [row]
     with c.engines["koeln"].connect() as conn:
         assert conn.execute(select(conflicts_table.c.id)).scalars().all() == [gone]
+
+
+def test_a_table_named_in_another_case_and_a_key_of_foreign_keys(tmp_path: Path) -> None:
+    """SQLite: `table add invoiceline` for InvoiceLine said "has no primary
+    key"; a key made of two foreign keys drew the integer-key warning."""
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+    try:
+        with c.engines["hq"].begin() as conn:
+            conn.exec_driver_sql('CREATE TABLE "InvoiceLine" (id TEXT PRIMARY KEY)')
+            conn.exec_driver_sql(
+                "CREATE TABLE tagging (customer INTEGER REFERENCES customers(id), "
+                "note_owner INTEGER REFERENCES customers(id), PRIMARY KEY (customer, note_owner))"
+            )
+        with pytest.raises(SchemaError, match="'invoiceline' is called 'InvoiceLine'"):
+            c.host.add_rule("invoiceline", down="IUD", up="IUD")
+        _, warned = c.host.add_rule("InvoiceLine", down="IUD", up="IUD")
+        assert warned == []
+        _, warned = c.host.add_rule("tagging", down="IUD", up="IUD")
+        assert warned == []
+        _, warned = c.host.add_rule("customers", down="IUD", up="IUD")
+        assert any("integer key (id)" in w for w in warned)
+    finally:
+        c.close()

@@ -191,6 +191,10 @@ def test_mailbox_test_command(cluster: Cluster, mail_servers: MailServers) -> No
     for name in ("hq", "berlin"):
         results = check_mailbox(cluster.nodes[name], wait_s=20)
         assert [c.ok for c in results] == [True] * 4, results
+        said = " ".join(c.detail for c in results)
+        # POP3 has no folders: it does not claim to have made them
+        assert ("folders ready" in said) == (name == "hq"), said
+        assert ("POP3: mail is deleted once applied" in said) == (name == "berlin"), said
     cluster.set_mailbox("koeln", mailbox(mail_servers, "koeln", password_env="TEST_PW_NOPE"))
     results = check_mailbox(cluster.nodes["koeln"], wait_s=5)
     assert not results[0].ok and "TEST_PW_NOPE is not set" in results[0].detail

@@ -92,14 +92,28 @@ def _cached(conn: Connection, name: str) -> Table:
     return table
 
 
+def _other_case(conn: Connection, name: str) -> str | None:
+    """The table whose name differs from ``name`` only in case, if any (on
+    SQLite such a name half-works: columns found, key not)."""
+    found = [n for n in inspect(conn).get_table_names() if n.lower() == name.lower()]
+    return found[0] if found and found[0] != name else None
+
+
 def _reflect(conn: Connection, name: str) -> Table:
     try:
         table = Table(name, MetaData(), autoload_with=conn)
     except NoSuchTableError:
+        near = _other_case(conn, name)
         raise SchemaError(
-            f"table {name!r} does not exist in {redact(conn.engine)}",
+            f"table {name!r} does not exist in {redact(conn.engine)}"
+            + (f" (did you mean {near!r}?)" if near else ""),
             hint="create the application schema first, or check the name",
         ) from None
+    if not table.primary_key.columns and (near := _other_case(conn, name)) is not None:
+        raise SchemaError(
+            f"table {name!r} is called {near!r} in {redact(conn.engine)}: give its name "
+            "as the database has it"
+        )
     if not table.primary_key.columns:
         raise SchemaError(
             f"table {name!r} in {redact(conn.engine)} has no primary key; "

@@ -42,6 +42,8 @@ def check_mailbox(
 
     def receive_login() -> str:
         with open_receiver(box.receive, ctx):
+            if box.receive.lower().startswith("pop3"):
+                return f"logged in to {box.receive} (POP3: mail is deleted once applied)"
             return f"logged in to {box.receive}; folders ready"
 
     def send_login() -> str:
