@@ -133,6 +133,7 @@ def test_wrong_password(
     for name in ("koeln", "berlin"):
         report = cluster.nodes[name].sync()
         assert any(f"login failed for {name}@{DOMAIN}" in e for e in report.errors), report.errors
+        assert report.exit_code == 4  # the mailbox's, as the README's table says
     monkeypatch.setenv("TEST_PW_KOELN", password_of("koeln"))
     monkeypatch.setenv("TEST_PW_BERLIN", password_of("berlin"))
     for name in ("koeln", "berlin"):

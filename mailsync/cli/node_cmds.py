@@ -92,7 +92,7 @@ def sync(
             }
         )
         if report.errors:
-            raise typer.Exit(5)
+            raise typer.Exit(report.exit_code)
         return
     console.print(
         f"received {report.received} message(s)"
@@ -111,7 +111,7 @@ def sync(
     for error in report.errors:
         console.print(f"[bold red]error:[/] {escape(error)}")
     if report.errors:
-        raise typer.Exit(5)
+        raise typer.Exit(report.exit_code)
 
 
 def _with_progress(node: Node) -> CycleReport:

@@ -61,6 +61,7 @@ def contained(
         outcome.error = exc
         line = f"{doing}: {describe(exc)}" if doing else describe(exc)
         report.errors.append(line)
+        report.exit_codes.append(exc.exit_code)
         if peer is not None:
             report.peer_errors.setdefault(peer, f"{doing}: {exc}" if doing else str(exc))
         journal.error(event, line, peer=peer)

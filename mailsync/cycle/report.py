@@ -21,6 +21,8 @@ class CycleReport:
     built: list[Built] = field(default_factory=list)
     sent: int = 0
     errors: list[str] = field(default_factory=list)
+    #: the exit codes of the errors caught (:mod:`mailsync.errors`' table)
+    exit_codes: list[int] = field(default_factory=list)
     #: per peer: messages received from it, sent to it, and its first error
     received_from: Counter[str] = field(default_factory=Counter)
     sent_to: Counter[str] = field(default_factory=Counter)
@@ -59,6 +61,20 @@ class CycleReport:
             or self.sent
             or self.errors
             or self.set_aside
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """0, or the exit code the command line gives this cycle: of its
+        errors, the one deepest in the table (config 2 < database 3 <
+        mailbox 4 < a changeset 5); 5 for an error with no class (a bug met
+        with a message, a quarantined changeset)."""
+        if not self.errors:
+            return 0
+        return (
+            min(self.exit_codes)
+            if len(self.exit_codes) == len(self.errors)
+            else min([*self.exit_codes, 5])
         )
 
     @property
