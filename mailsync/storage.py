@@ -1,0 +1,164 @@
+"""Rows in storage form: read raw, tagged per column, written raw.
+
+Rows flow in bulk (an initial load, a changeset) without SQLAlchemy's per
+value type processing, which cost more than everything else in the
+pipeline (PERF-FACTS): the build reads them as the driver hands them out
+(:func:`raw_select`), makes a column msgpack-native with one function where
+needed (:func:`wire_functions`: PostgreSQL's Decimal and datetimes become
+text) and tags it (:func:`tag_for`). The apply writes them at driver level
+(:mod:`mailsync.dialects.bulk`) as they came when the sender's database is
+of the receiver's kind — so SQLite text stays byte-identical — and turns
+them into Python values for the receiver's own column types otherwise
+(:class:`Columns`).
+
+The checks of the apply stage (rules, conflicts, reloads) compare values
+with rows SQLAlchemy reads: :meth:`Columns.typed` gives them a batch in
+Python values, only when a check needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    Numeric,
+    String,
+    Table,
+    Time,
+    type_coerce,
+)
+from sqlalchemy.engine import Dialect as SADialect
+from sqlalchemy.types import NullType, TypeEngine
+
+from mailsync.wire.changeset import RowBatch, TableDef
+from mailsync.wire.values import ANY, convert, from_wire, to_wire
+
+Fn = Callable[[Any], Any]
+
+
+def tag_for(ctype: TypeEngine[Any]) -> str:
+    """The wire tag of a column type (``any``: values carry their own type)."""
+    checks: tuple[tuple[type, str], ...] = (
+        (Boolean, "bool"),
+        (Integer, "int"),
+        (Float, "float"),
+        (Numeric, "decimal"),
+        (DateTime, "datetime"),
+        (Date, "date"),
+        (Time, "time"),
+        (String, "text"),
+        (LargeBinary, "bytes"),
+    )
+    impl = getattr(ctype, "impl_instance", ctype)  # a TypeDecorator: what it stores
+    for kind, tag in checks:
+        if isinstance(ctype, kind) or isinstance(impl, kind):
+            return tag
+    return ANY
+
+
+def raw_select_columns(table: Table) -> list[Any]:
+    """The table's columns as the driver hands their values out (no result
+    processing), under their own names."""
+    return [type_coerce(c, NullType()).label(c.name) for c in table.columns]
+
+
+def wire_functions(table: Table, dialect: SADialect) -> list[Fn | None]:
+    """Per column: the driver's value → msgpack-native storage form (None:
+    nothing to do). SQLite's driver hands out native values only."""
+    if dialect.name == "sqlite":
+        return [None] * len(table.columns)
+    return [to_wire(tag_for(c.type)) for c in table.columns]
+
+
+def key_typers(table: Table, dialect: SADialect) -> list[Fn | None]:
+    """Per key column: a raw value → the Python value SQLAlchemy reads (the
+    change log's keys are compared in these)."""
+    if dialect.name != "sqlite":
+        return [None] * len(table.primary_key.columns)  # psycopg types its values itself
+    return [_result_processor(c, dialect) for c in table.primary_key.columns]
+
+
+def _result_processor(column: Column[Any], dialect: SADialect) -> Fn | None:
+    return column.type._cached_result_processor(dialect, None)
+
+
+def _bind_processor(column: Column[Any], dialect: SADialect) -> Fn | None:
+    return column.type._cached_bind_processor(dialect)
+
+
+def _then(first: Fn | None, second: Fn | None) -> Fn | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return lambda v: second(first(v))
+
+
+class Columns:
+    """How a sender's declared columns are written into a local table.
+
+    Per column: ``store`` (the wire value → what this database's driver is
+    handed; None: as it is) and ``python`` (the wire value → the Python
+    value SQLAlchemy would read; None: the same)."""
+
+    def __init__(self, table: Table, tdef: TableDef, dialect: SADialect) -> None:
+        self.same = tdef.form == dialect.name
+        self.store: dict[str, Fn | None] = {}
+        self.python: dict[str, Fn | None] = {}
+        for name in tdef.column_names:
+            column = table.c[name]
+            tag = tdef.tag(name)
+            if tag == ANY or tdef.form is None:
+                # Python values already (format 1, or a type without a form)
+                self.python[name] = None
+                self.store[name] = _bind_processor(column, dialect)
+            elif self.same:
+                self.python[name] = from_wire(tag)
+                self.store[name] = None
+            else:
+                self.python[name] = from_wire(tag)
+                self.store[name] = _then(from_wire(tag), _bind_processor(column, dialect))
+
+    def names(self, tdef: TableDef, op: str) -> Sequence[str]:
+        return tdef.pk if op == "D" else tdef.column_names
+
+    def stored(self, batch: RowBatch) -> list[tuple[Any, ...]]:
+        """The batch's rows as this database's driver takes them."""
+        fns = [self.store[n] for n in self.names(batch.table, batch.op)]
+        if all(f is None for f in fns) or batch.columns is None:
+            if any(f is not None for f in fns):
+                return [
+                    tuple(f(v) if f and v is not None else v for f, v in zip(fns, r, strict=True))
+                    for r in batch.rows
+                ]
+            return batch.rows
+        return list(
+            zip(*(convert(c, f) for c, f in zip(batch.columns, fns, strict=True)), strict=True)
+        )
+
+    def typed(self, batch: RowBatch, stored: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The batch's rows in Python values (as SQLAlchemy reads them), in
+        the order of ``stored``; ``stored`` itself when they are the same."""
+        fns = [self.python[n] for n in self.names(batch.table, batch.op)]
+        if all(f is None for f in fns):
+            return stored if not self._bound(batch) else batch.rows
+        if batch.columns is None:
+            return [
+                tuple(f(v) if f and v is not None else v for f, v in zip(fns, r, strict=True))
+                for r in batch.rows
+            ]
+        return list(
+            zip(*(convert(c, f) for c, f in zip(batch.columns, fns, strict=True)), strict=True)
+        )
+
+    def _bound(self, batch: RowBatch) -> bool:
+        """Are any of the batch's columns changed by ``store``?"""
+        return any(self.store[n] is not None for n in self.names(batch.table, batch.op))
