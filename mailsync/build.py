@@ -41,6 +41,7 @@ from sqlalchemy import (
 )
 
 from mailsync import link as links_mod
+from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
 from mailsync.storage import key_typers, raw_select_columns, tag_for, wire_functions
@@ -177,7 +178,8 @@ class _Builder:
             flag = case((filter_predicate(row_filter, self.plan.peer), 1), else_=0)
         else:
             flag = literal(1)
-        return select(*raw_select_columns(table), flag.label("mailsync_in_scope"))
+        columns = raw_select_columns(table, self.engine.dialect)
+        return select(*columns, flag.label("mailsync_in_scope"))
 
     def write(self, name: str, op: Op, rows: list[Row[Any]]) -> None:
         """Rows as read (the flag last), column by column in storage form."""
@@ -371,6 +373,7 @@ def build_for_link(
     ):
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor
+        bulk.read_as_text(conn)
         compressed = codec.body_writer(spool)  # type: ignore[arg-type]
         counter = _CountingSink(compressed)
         meta = {"from": plan.me, "to": plan.peer, "dialect": engine.dialect.name}

@@ -32,7 +32,9 @@ from sqlalchemy import (
     Numeric,
     String,
     Table,
+    Text,
     Time,
+    cast,
     type_coerce,
 )
 from sqlalchemy.engine import Dialect as SADialect
@@ -64,10 +66,25 @@ def tag_for(ctype: TypeEngine[Any]) -> str:
     return ANY
 
 
-def raw_select_columns(table: Table) -> list[Any]:
+#: tags whose values PostgreSQL is asked for as its own text output (ISO
+#: dates, exact numerics): what its driver would make Python objects of, to
+#: be made text again for the wire
+_AS_TEXT = frozenset({"decimal", "datetime", "date", "time"})
+
+
+def _as_text(column: Column[Any], dialect: SADialect) -> bool:
+    return dialect.name != "sqlite" and tag_for(column.type) in _AS_TEXT
+
+
+def raw_select_columns(table: Table, dialect: SADialect) -> list[Any]:
     """The table's columns as the driver hands their values out (no result
-    processing), under their own names."""
-    return [type_coerce(c, NullType()).label(c.name) for c in table.columns]
+    processing), under their own names; on PostgreSQL, Decimal and dates as
+    the server's text (:func:`mailsync.dialects.bulk.read_as_text` sets its
+    date style)."""
+    return [
+        type_coerce(cast(c, Text) if _as_text(c, dialect) else c, NullType()).label(c.name)
+        for c in table.columns
+    ]
 
 
 def wire_functions(table: Table, dialect: SADialect) -> list[Fn | None]:
@@ -75,14 +92,17 @@ def wire_functions(table: Table, dialect: SADialect) -> list[Fn | None]:
     nothing to do). SQLite's driver hands out native values only."""
     if dialect.name == "sqlite":
         return [None] * len(table.columns)
-    return [to_wire(tag_for(c.type)) for c in table.columns]
+    return [None if _as_text(c, dialect) else to_wire(tag_for(c.type)) for c in table.columns]
 
 
 def key_typers(table: Table, dialect: SADialect) -> list[Fn | None]:
     """Per key column: a raw value → the Python value SQLAlchemy reads (the
     change log's keys are compared in these)."""
-    if dialect.name != "sqlite":
-        return [None] * len(table.primary_key.columns)  # psycopg types its values itself
+    if dialect.name != "sqlite":  # psycopg types its values itself, but for texts
+        return [
+            from_wire(tag_for(c.type)) if _as_text(c, dialect) else None
+            for c in table.primary_key.columns
+        ]
     return [_result_processor(c, dialect) for c in table.primary_key.columns]
 
 

@@ -121,6 +121,13 @@ def load(conn: Connection, stmts: Statements, rows: Sequence[tuple[Any, ...]]) -
             copy.write_row(row)
 
 
+def read_as_text(conn: Connection) -> None:
+    """Dates read as text (:func:`mailsync.storage.raw_select_columns`) come
+    in ISO form in this transaction, whatever the server's default."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL datestyle TO 'ISO, YMD'")
+
+
 def is_empty(conn: Connection, table: Table) -> bool:
     """Does ``table`` hold no row at all?"""
     quoted = conn.dialect.identifier_preparer.quote(table.name)

@@ -29,6 +29,9 @@ from decimal import Decimal
 from typing import Any
 
 ANY = "any"
+#: tags whose text a receiver parses, and the longest such text it takes
+_PARSED = frozenset({"datetime", "date", "time", "decimal"})
+MAX_PARSED = 64
 
 #: msgpack types (as decoded) a column of each tag may hold, besides None.
 ADMITS: dict[str, frozenset[type]] = {
@@ -53,10 +56,13 @@ def wrong_values(tag: str, column: Sequence[Any]) -> str | None:
     kinds = set(map(type, column))
     kinds.discard(type(None))
     if kinds <= admitted:
-        if tag in ("datetime", "date", "time", "decimal"):
-            long = next((v for v in column if isinstance(v, str) and len(v) > 64), None)
-            if long is not None:
-                return f"a {tag} value of {len(long):,} characters"
+        if tag in _PARSED and str in kinds:
+            if kinds == {str}:  # NULLs aside (filtered out with empty texts)
+                longest = max(map(len, filter(None, column)), default=0)
+            else:
+                longest = max((len(v) for v in column if type(v) is str), default=0)
+            if longest > MAX_PARSED:
+                return f"a {tag} value of {longest:,} characters"
         return None
     bad = sorted(k.__name__ for k in kinds - admitted)
     return f"a value of type {', '.join(bad)} in a {tag} column"
