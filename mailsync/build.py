@@ -35,7 +35,6 @@ from sqlalchemy import (
     delete,
     func,
     literal,
-    or_,
     select,
     update,
 )
@@ -45,9 +44,9 @@ from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
 from mailsync.storage import key_typers, raw_select_columns, tag_for, wire_functions
-from mailsync.store.changelog import key_filter, logged_key
+from mailsync.store.changelog import first_changes, key_filter, logged_key, stored_key_filter
 from mailsync.store.reflection import dependency_order, reflect
-from mailsync.store.tables import changes, horizons, loads, now, outbox
+from mailsync.store.tables import horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
 from mailsync.wire.controls import FullLoad, KeyAnnouncement, RulesUpdate, SequencedControl
 from mailsync.wire.envelope import Codec, Header
@@ -228,36 +227,27 @@ class _Builder:
         ops = self.plan.ops(name)
         if loaded:
             ops = ops.replace("I", "").replace("U", "")
-        origin = changes.c.origin
-        routed: Any
-        if self.plan.direction == "up":
-            routed = origin.is_(None)
-        else:
-            routed = or_(origin.is_(None), origin != self.plan.peer)
-        first = (
-            select(func.min(changes.c.id).label("first"))
-            .where(
-                changes.c.tbl == name,
-                changes.c.id > cursor,
-                changes.c.id <= horizon,
-                routed,
-            )
-            .group_by(changes.c.pk)
-            .subquery()
+        result = first_changes(
+            self.conn,
+            name,
+            cursor,
+            horizon,
+            not_from=None if self.plan.direction == "up" else self.plan.peer,
+            batch=self.batch,
         )
-        query = (
-            select(changes.c.pk, changes.c.op)
-            .join(first, changes.c.id == first.c.first)
-            .order_by(changes.c.id)
-        )
-        result = self.conn.execute(query, execution_options={"yield_per": self.batch})
         columns = list(table.columns)
         at = [columns.index(c) for c in pk_cols]
-        typers = key_typers(table, self.engine.dialect)
-        for part in batches(iter(result), self.batch):
-            keyed = [(logged_key(pk, pk_cols), op, pk) for pk, op in part]
+        # SQLite's change log holds keys as stored: they are looked up so
+        stored = self.engine.dialect.name == "sqlite"
+        typers = [None] * len(at) if stored else key_typers(table, self.engine.dialect)
+        where = stored_key_filter if stored else key_filter
+        for part in batches(result, self.batch):
+            keyed = [
+                (tuple(json.loads(pk)) if stored else logged_key(pk, pk_cols), op, pk)
+                for pk, op in part
+            ]
             rows = self.conn.execute(
-                self.scoped_select(table, name).where(key_filter(table, [k for k, _, _ in keyed]))
+                self.scoped_select(table, name).where(where(table, [k for k, _, _ in keyed]))
             ).all()
             found = {_key_of(r, at, typers): r for r in rows}
             inserts: list[Row[Any]] = []

@@ -72,6 +72,12 @@ def _kinds(name: str) -> Table:
 
 
 kinds = _kinds("kinds")
+stamps = Table(  # a date-time key
+    "stamps",
+    schema,
+    Column("at", DateTime, primary_key=True),
+    Column("v", Integer),
+)
 scratch = _kinds("kinds_expected")
 VALUE_COLUMNS = [c.name for c in kinds.columns if c.name != "id"]
 
@@ -112,6 +118,7 @@ class Pair:
         _, bundle = hq.add_station("koeln", "koeln@x.test", key=koeln.public_key)
         koeln.join(bundle)
         hq.add_rule("kinds", down="IUD", up="IUD")
+        hq.add_rule("stamps", down="IUD", up="IUD")
 
     def close(self) -> None:
         for node in self.nodes.values():
@@ -288,5 +295,28 @@ def test_an_upsert_and_a_delete_find_sqlite_s_own_text_key(tmp_path: Path) -> No
         assert p.nodes["koeln"].sync().rows_applied == 2
         assert stored(koeln, "kinds", [1, 2]) == stored(hq, "kinds", [1, 2])
         assert Decimal(str(stored(koeln, "kinds", [1])[1][4])) == Decimal("9.25")
+    finally:
+        p.close()
+
+
+def test_a_date_time_key_in_sqlite_s_own_text_is_updated_and_deleted(tmp_path: Path) -> None:
+    p = Pair(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", f"sqlite:///{tmp_path / 'koeln.db'}")
+    try:
+        hq, koeln = p.engines["hq"], p.engines["koeln"]
+        with hq.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO stamps VALUES ('2021-01-01 00:00:00', 1), ('2021-01-02 00:00:00', 2)"
+            )
+        p.nodes["hq"].sync()
+        assert p.nodes["koeln"].sync().rows_applied == 2
+        with hq.begin() as conn:
+            conn.exec_driver_sql("UPDATE stamps SET v = 10 WHERE at = '2021-01-01 00:00:00'")
+            conn.exec_driver_sql("DELETE FROM stamps WHERE at = '2021-01-02 00:00:00'")
+        p.nodes["hq"].sync()
+        assert p.nodes["koeln"].sync().rows_applied == 2
+        with koeln.connect() as conn:
+            assert conn.exec_driver_sql("SELECT at, v FROM stamps").all() == [
+                ("2021-01-01 00:00:00", 10)
+            ]
     finally:
         p.close()

@@ -69,22 +69,22 @@ def _build(conn: Connection, table: Table, names: list[str]) -> Statements:
         quoted = prep.quote(name)
         return quoted.replace("%", "%%") if dialect != "sqlite" else quoted
 
-    mark = "?" if dialect == "sqlite" else "%s"
+    m = mark(conn)
     pk = [c.name for c in table.primary_key.columns]
     others = [n for n in names if n not in pk]
     tq = q(table.name)
     cols = ", ".join(q(n) for n in names)
-    marks = ", ".join([mark] * len(names))
+    marks = ", ".join([m] * len(names))
     insert = f"INSERT INTO {tq} ({cols}) VALUES ({marks})"
     if others:
         sets = ", ".join(f"{q(n)} = excluded.{q(n)}" for n in others)
         upsert = f"{insert} ON CONFLICT ({', '.join(q(k) for k in pk)}) DO UPDATE SET {sets}"
     else:
         upsert = f"{insert} ON CONFLICT ({', '.join(q(k) for k in pk)}) DO NOTHING"
-    by_key = " AND ".join(f"{q(k)} = {mark}" for k in pk)
+    by_key = " AND ".join(f"{q(k)} = {m}" for k in pk)
     update = None
     if others and all(k in names for k in pk):
-        update = f"UPDATE {tq} SET {', '.join(f'{q(n)} = {mark}' for n in others)} WHERE {by_key}"
+        update = f"UPDATE {tq} SET {', '.join(f'{q(n)} = {m}' for n in others)} WHERE {by_key}"
     order = tuple([names.index(n) for n in others] + [names.index(k) for k in pk if k in names])
     copy = None
     if dialect == "postgresql":
@@ -99,6 +99,11 @@ def _build(conn: Connection, table: Table, names: list[str]) -> Statements:
         copy=copy,
         order=order,
     )
+
+
+def mark(conn: Connection) -> str:
+    """The driver's parameter mark (``?`` for sqlite3, ``%s`` for psycopg)."""
+    return "?" if conn.dialect.name == "sqlite" else "%s"
 
 
 def run(conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
