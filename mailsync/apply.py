@@ -36,7 +36,6 @@ from mailsync.keys import PublicKey
 from mailsync.reload import Reload
 from mailsync.rules import OP_NAMES, Direction, Rule, replace_rules
 from mailsync.storage import Columns
-from mailsync.store.changelog import key_filter
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import now, parked
 from mailsync.trust import trust_key
@@ -111,7 +110,7 @@ class _Target:
     def run(self, conn: Connection, op: str, rows: list[tuple[Any, ...]]) -> None:
         """``op``: D delete, I upsert, U update only (no insert right), L
         insert into a table that holds none of the keys (a load); rows in
-        storage form. ``d``: delete by keys as SQLAlchemy reads them."""
+        storage form."""
         if op == "I":
             bulk.run(conn, self.sql.upsert, rows)
         elif op == "L":
@@ -119,10 +118,8 @@ class _Target:
         elif op == "U":
             if self.sql.update is not None:  # else nothing but the key: nothing to change
                 bulk.run(conn, self.sql.update, self.sql.update_params(rows))
-        elif op == "D":
-            bulk.run(conn, self.sql.delete, rows)
         else:
-            conn.execute(delete(self.table).where(key_filter(self.table, rows)))
+            bulk.run(conn, self.sql.delete, rows)
 
     def guarded(
         self,
@@ -345,7 +342,8 @@ def apply_buffered(
                 )
                 check = None
                 if reload is not None and record.op == "I":
-                    rows = reload.loaded(record.table, rows)
+                    as_stored = None if by_id is None else [by_id[id(r)] for r in rows]
+                    rows = reload.loaded(record.table, rows, as_stored)
                 elif reload is None:
                     rows = gate.before(target.table, record.table, record.op, rows)
                     if clash_test:
@@ -383,7 +381,7 @@ def apply_buffered(
             if reload is not None:
                 mirrored = _mirrored(rules)
                 for table, tdef, keys in reload.doomed(mirrored):
-                    result.rows += _Target(conn, table, tdef).guarded(conn, "d", keys, park)
+                    result.rows += _Target(conn, table, tdef).guarded(conn, "D", keys, park)
                     reload.settled(table, keys)
                 reload.close()
                 result.reloaded = True

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.exc import DBAPIError
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,16 @@ def load(conn: Connection, stmts: Statements, rows: Sequence[tuple[Any, ...]]) -
     if stmts.copy is None:
         run(conn, stmts.insert, rows)
         return
+    dbapi = conn.dialect.loaded_dbapi
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy(stmts.copy) as copy:
-        for row in rows:
-            copy.write_row(row)
+    try:
+        with cursor.copy(stmts.copy) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except dbapi.Error as exc:  # as SQLAlchemy says it for a statement it ran
+        raise DBAPIError.instance(stmts.copy, None, exc, dbapi.Error, dialect=conn.dialect) from exc
+    finally:
+        cursor.close()
 
 
 def read_as_text(conn: Connection) -> None:

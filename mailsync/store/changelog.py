@@ -50,6 +50,15 @@ def key_filter(table: Table, keys: Sequence[tuple[Any, ...]]) -> Any:
     return tuple_(*pk).in_(keys)
 
 
+def stored_key(conn: Connection, pk: str, columns: Sequence[Column[Any]]) -> tuple[Any, ...]:
+    """A logged key as the database stores it: SQLite's change log holds
+    the stored values; elsewhere the Python values, which the driver binds
+    exactly."""
+    if conn.dialect.name == "sqlite":
+        return tuple(json.loads(pk))
+    return logged_key(pk, columns)
+
+
 def stored_key_filter(table: Table, keys: Sequence[tuple[Any, ...]]) -> Any:
     """``key IN keys`` for keys as the database stores them (bound as they
     are: SQLite's change log holds them so, and a date-time key kept as
