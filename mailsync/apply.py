@@ -180,7 +180,7 @@ class _Target:
         cannot take is parked."""
         try:
             stored = self.columns.stored(batch)
-            return stored, (self.columns.typed(batch, stored) if typed else stored)
+            return stored, (self.columns.typed(batch) if typed else stored)
         except _BAD_VALUE:
             pass
         good: list[tuple[Any, ...]] = []
@@ -189,7 +189,7 @@ class _Target:
             one = RowBatch(batch.table, batch.op, [row], [[v] for v in row])
             try:
                 stored = self.columns.stored(one)
-                good_typed += self.columns.typed(one, stored) if typed else stored
+                good_typed += self.columns.typed(one) if typed else stored
                 good += stored
             except _BAD_VALUE as exc:
                 park(batch.table, batch.op, row, f"a value this database cannot take: {exc}")

@@ -151,34 +151,24 @@ class Columns:
         return tdef.pk if op == "D" else tdef.column_names
 
     def stored(self, batch: RowBatch) -> list[tuple[Any, ...]]:
-        """The batch's rows as this database's driver takes them."""
-        fns = [self.store[n] for n in self.names(batch.table, batch.op)]
-        if all(f is None for f in fns) or batch.columns is None:
-            if any(f is not None for f in fns):
-                return [
-                    tuple(f(v) if f and v is not None else v for f, v in zip(fns, r, strict=True))
-                    for r in batch.rows
-                ]
-            return batch.rows
-        return list(
-            zip(*(convert(c, f) for c, f in zip(batch.columns, fns, strict=True)), strict=True)
-        )
+        """The batch's rows as this database's driver takes them (the
+        batch's own rows when nothing is to be converted)."""
+        return _converted(batch, [self.store[n] for n in self.names(batch.table, batch.op)])
 
-    def typed(self, batch: RowBatch, stored: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """The batch's rows in Python values (as SQLAlchemy reads them), in
-        the order of ``stored``; ``stored`` itself when they are the same."""
-        fns = [self.python[n] for n in self.names(batch.table, batch.op)]
-        if all(f is None for f in fns):
-            return stored if not self._bound(batch) else batch.rows
-        if batch.columns is None:
-            return [
-                tuple(f(v) if f and v is not None else v for f, v in zip(fns, r, strict=True))
-                for r in batch.rows
-            ]
-        return list(
-            zip(*(convert(c, f) for c, f in zip(batch.columns, fns, strict=True)), strict=True)
-        )
+    def typed(self, batch: RowBatch) -> list[tuple[Any, ...]]:
+        """The batch's rows in Python values, as SQLAlchemy reads them (the
+        batch's own rows when they are that already)."""
+        return _converted(batch, [self.python[n] for n in self.names(batch.table, batch.op)])
 
-    def _bound(self, batch: RowBatch) -> bool:
-        """Are any of the batch's columns changed by ``store``?"""
-        return any(self.store[n] is not None for n in self.names(batch.table, batch.op))
+
+def _converted(batch: RowBatch, fns: list[Fn | None]) -> list[tuple[Any, ...]]:
+    """``batch``'s rows with ``fns`` applied column by column (NULL kept)."""
+    if all(f is None for f in fns):
+        return batch.rows
+    if batch.columns is None:
+        return [
+            tuple(v if f is None or v is None else f(v) for f, v in zip(fns, r, strict=True))
+            for r in batch.rows
+        ]
+    columns = [convert(c, f) for c, f in zip(batch.columns, fns, strict=True)]
+    return list(zip(*columns, strict=True))
