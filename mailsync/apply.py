@@ -283,7 +283,8 @@ def apply_buffered(
 
             gate = Gate(conn, me=me, peer=peer, direction=direction, rules=rules, refuse=refuse)
             #: per table: are its inserts a load into a table that was empty
-            #: (no upsert)? None: not known yet; False: no (more)
+            #: (no upsert)? Asked at its first insert batch; False once any
+            #: other batch of it came
             loading: dict[str, bool] = {}
             #: tables loaded with their capture triggers off (see _loading)
             loads: list[str] = []

@@ -18,6 +18,7 @@ Python values, only when a check needs it.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -111,7 +112,36 @@ def _result_processor(column: Column[Any], dialect: SADialect) -> Fn | None:
 
 
 def _bind_processor(column: Column[Any], dialect: SADialect) -> Fn | None:
-    return column.type._cached_bind_processor(dialect)
+    process: Fn | None = column.type._cached_bind_processor(dialect)
+    if (
+        process is not None
+        and dialect.name == "sqlite"
+        and _default_sqlite_datetime(column, dialect)
+    ):
+        return _sqlite_datetime(process)
+    return process
+
+
+def _default_sqlite_datetime(column: Column[Any], dialect: SADialect) -> bool:
+    """Does SQLAlchemy store this column's date-times in SQLite's default
+    text form (``2021-01-01 00:00:00.000000``, the offset dropped)?"""
+    from sqlalchemy.dialects.sqlite import DATETIME
+
+    impl = column.type.dialect_impl(dialect)
+    default = DATETIME._storage_format
+    return type(impl) is DATETIME and impl._storage_format == default and impl._reg is None
+
+
+def _sqlite_datetime(process: Fn) -> Fn:
+    """SQLAlchemy's SQLite DATETIME bind (``process``), ~15x faster for a
+    datetime (a load from PostgreSQL turns every date-time into text)."""
+
+    def bind(value: Any) -> Any:
+        if type(value) is dt.datetime:
+            return value.isoformat(" ", "microseconds")[:26]
+        return process(value)
+
+    return bind
 
 
 def _then(first: Fn | None, second: Fn | None) -> Fn | None:
