@@ -16,6 +16,10 @@ the same run on the same machine (issue 8, sections 1-3).
 Every figure is the median of ``--runs`` runs with min–max.
 
     python bench/pipeline.py [--quick] [--runs 3] [--output docs/benchmarks.md]
+                             [--invoices N] [--changesets N] [--no-mail] [--no-postgresql]
+
+``--invoices`` and ``--changesets`` size a reduced run (side-by-side ratios
+while working on a change; the published figures come from a full run).
 """
 
 from __future__ import annotations
@@ -727,8 +731,17 @@ def main() -> None:
     parser.add_argument(
         "--no-postgresql", action="store_true", help="skip section 5 (the host on PostgreSQL)"
     )
+    parser.add_argument(
+        "--invoices", type=int, help="sample invoices (~4.3 rows each, all tables): a reduced run"
+    )
+    parser.add_argument("--changesets", type=int, help="steady-state changesets per run")
     args = parser.parse_args()
-    sizes = QUICK if args.quick else FULL
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.invoices:
+        sizes["invoices"] = args.invoices
+        sizes["capture_rows"] = min(sizes["capture_rows"], args.invoices * 3)
+    if args.changesets:
+        sizes["changesets"] = args.changesets
     runs = args.runs or (1 if args.quick else 3)
     head = (
         f"machine: {machine()}, Python {platform.python_version()}, SQLite "

@@ -124,6 +124,14 @@ class Gate:
                 rows = self._numbers(table, tdef, bound, rows)
         return rows
 
+    def needed(self, table: Table, tdef: TableDef, op: str) -> bool:
+        """Does :meth:`before` or :meth:`after` look at the rows of this
+        batch at all (a row filter, a bound number)? If not, they need not
+        be turned into Python values for it."""
+        if self._flag(table.name) is not None:
+            return True
+        return op != "D" and bool(self._bound(table, tdef))
+
     def after(self, table: Table, tdef: TableDef, op: str) -> Check | None:
         """For a batch just written in a savepoint: its rows that the change
         leaves outside the sender's filter (None: no filter to keep)."""

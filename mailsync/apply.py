@@ -15,25 +15,27 @@ is refused and counted per table and reason, never written.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
+from sqlalchemy import Connection, Engine, Table, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture, faults
 from mailsync import link as links_mod
 from mailsync.admission import CLASH, CLASH_REASON, Check, Gate
 from mailsync.conflicts import Detector
-from mailsync.dialects import dialect_for
+from mailsync.dialects import bulk, dialect_for
 from mailsync.errors import ApplyError, MailsyncError, SchemaError, first_line
 from mailsync.keys import PublicKey
 from mailsync.reload import Reload
 from mailsync.rules import OP_NAMES, Direction, Rule, replace_rules
-from mailsync.store.changelog import key_filter
+from mailsync.storage import Columns
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import now, parked
 from mailsync.trust import trust_key
@@ -81,9 +83,11 @@ Opener = Callable[[Connection, str], tuple[Header, Source]]
 
 
 class _Target:
-    """A local table matched against the sender's declaration."""
+    """A local table matched against the sender's declaration; its rows are
+    written at driver level (:mod:`mailsync.dialects.bulk`) in this
+    database's storage form (:class:`mailsync.storage.Columns`)."""
 
-    def __init__(self, table: Table, tdef: TableDef) -> None:
+    def __init__(self, conn: Connection, table: Table, tdef: TableDef) -> None:
         local = {c.name for c in table.columns}
         missing = [c for c in tdef.column_names if c not in local]
         if missing:
@@ -100,40 +104,22 @@ class _Target:
             )
         self.table = table
         self.tdef = tdef
-        names = tdef.column_names
-        self._update = (
-            update(table)
-            .where(*[table.c[k] == bindparam(f"k_{k}") for k in pk])
-            .values({c: bindparam(f"v_{c}") for c in names if c not in pk})
-        )
-        self._names = names
-        self._pk = pk
-
-    def upsert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        dialect_for(conn).upsert(
-            conn, self.table, [dict(zip(self._names, r, strict=True)) for r in rows]
-        )
-
-    def update(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        if len(self._names) == len(self._pk):
-            return  # nothing but the key: an update changes nothing
-        params = []
-        for row in rows:
-            values = dict(zip(self._names, row, strict=True))
-            params.append(
-                {
-                    **{f"v_{c}": v for c, v in values.items() if c not in self._pk},
-                    **{f"k_{k}": values[k] for k in self._pk},
-                }
-            )
-        conn.execute(self._update, params)
-
-    def delete(self, conn: Connection, keys: list[tuple[Any, ...]]) -> None:
-        conn.execute(delete(self.table).where(key_filter(self.table, keys)))
+        self.columns = Columns(table, tdef, conn.dialect)
+        self.sql = bulk.statements(conn, table, tdef.column_names)
 
     def run(self, conn: Connection, op: str, rows: list[tuple[Any, ...]]) -> None:
-        """``op``: D delete, I upsert, U update only (no insert right)."""
-        {"D": self.delete, "I": self.upsert, "U": self.update}[op](conn, rows)
+        """``op``: D delete, I upsert, U update only (no insert right), L
+        insert into a table that holds none of the keys (a load); rows in
+        storage form."""
+        if op == "I":
+            bulk.run(conn, self.sql.upsert, rows)
+        elif op == "L":
+            bulk.load(conn, self.sql, rows)
+        elif op == "U":
+            if self.sql.update is not None:  # else nothing but the key: nothing to change
+                bulk.run(conn, self.sql.update, self.sql.update_params(rows))
+        else:
+            bulk.run(conn, self.sql.delete, rows)
 
     def guarded(
         self,
@@ -143,17 +129,24 @@ class _Target:
         park: Parker,
         check: Check | None = None,
         outside: Callable[[int], None] | None = None,
+        stored: dict[int, tuple[Any, ...]] | None = None,
     ) -> int:
         """Apply a batch; if it fails, row by row, parking the rows that fail
         (constraint, foreign key, type) so that they never stall the link.
 
         ``check`` (a row filter to keep) names the rows the batch, written
         in its savepoint, left outside; then nothing of the batch stays, those
-        rows are counted by ``outside`` and the rest is applied again."""
+        rows are counted by ``outside`` and the rest is applied again.
+        ``stored``: ``rows`` are Python values (for the checks); what is
+        written, and parked, is each one's storage form, by ``id``."""
+
+        def run(rows: list[tuple[Any, ...]]) -> None:
+            self.run(conn, op, rows if stored is None else [stored[id(r)] for r in rows])
+
         while rows:
             try:
                 with conn.begin_nested():
-                    self.run(conn, op, rows)
+                    run(rows)
                     if check is not None and (bad := check(rows)):
                         raise _Outside(bad)
                 return len(rows)
@@ -168,7 +161,7 @@ class _Target:
         for row in rows:
             try:
                 with conn.begin_nested():
-                    self.run(conn, op, [row])
+                    run([row])
                     if check is not None and check([row]):
                         raise _Outside([row])
                 done += 1
@@ -176,8 +169,35 @@ class _Target:
                 if outside is not None:
                     outside(1)
             except (SQLAlchemyError, OverflowError) as exc:
-                park(self.tdef, op, row, first_line(exc))
+                park(self.tdef, op, row if stored is None else stored[id(row)], first_line(exc))
         return done
+
+    def prepared(
+        self, batch: RowBatch, typed: bool, park: Parker
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The batch's rows (storage form, and — when ``typed`` — Python
+        values, else the same list); a row with a value this database's type
+        cannot take is parked."""
+        try:
+            stored = self.columns.stored(batch)
+            return stored, (self.columns.typed(batch) if typed else stored)
+        except _BAD_VALUE:
+            pass
+        good: list[tuple[Any, ...]] = []
+        good_typed: list[tuple[Any, ...]] = []
+        for row in batch.rows:
+            one = RowBatch(batch.table, batch.op, [row], [[v] for v in row])
+            try:
+                stored = self.columns.stored(one)
+                good_typed += self.columns.typed(one) if typed else stored
+                good += stored
+            except _BAD_VALUE as exc:
+                park(batch.table, batch.op, row, f"a value this database cannot take: {exc}")
+        return good, good_typed if typed else good
+
+
+#: what converting a value to a column's type raises when it cannot be
+_BAD_VALUE = (ValueError, TypeError, ArithmeticError, OverflowError)
 
 
 class _Outside(Exception):
@@ -262,6 +282,12 @@ def apply_buffered(
                 result.refused[table, reason] = result.refused.get((table, reason), 0) + count
 
             gate = Gate(conn, me=me, peer=peer, direction=direction, rules=rules, refuse=refuse)
+            #: per table: are its inserts a load into a table that was empty
+            #: (no upsert)? Asked at its first insert batch; False once any
+            #: other batch of it came
+            loading: dict[str, bool] = {}
+            #: tables loaded with their capture triggers off (see _loading)
+            loads: list[str] = []
 
             for record in read_changeset(stream, origin=origin):
                 if isinstance(record, Control):
@@ -284,7 +310,7 @@ def apply_buffered(
                     table_name = record.name
                     allowed = _ops(rules, record.name, direction)
                     targets[record.index] = (
-                        _Target(reflect(conn, record.name), record) if allowed else None
+                        _Target(conn, reflect(conn, record.name), record) if allowed else None
                     )
                     continue
                 assert isinstance(record, RowBatch)
@@ -298,25 +324,49 @@ def apply_buffered(
                         len(record.rows),
                     )
                     continue
-                op = "I" if record.op == "I" or (record.op == "U" and "I" in allowed) else record.op
-                rows = record.rows
+                op: str = record.op
+                if record.op == "U" and "I" in allowed:
+                    op = "I"
+                clash_test = record.op == "I" and "U" not in allowed
+                detector.rules = rules  # they may have come with this changeset
+                checked = (
+                    reload is not None
+                    or clash_test
+                    or gate.needed(target.table, record.table, record.op)
+                    or bool(detector.pending(target.table))
+                )
+                stored, rows = target.prepared(record, checked, park)
+                by_id = (
+                    None
+                    if rows is stored
+                    else {id(t): r for t, r in zip(rows, stored, strict=True)}
+                )
                 check = None
                 if reload is not None and record.op == "I":
-                    rows = reload.loaded(record.table, rows)
+                    as_stored = None if by_id is None else [by_id[id(r)] for r in rows]
+                    rows = reload.loaded(record.table, rows, as_stored)
                 elif reload is None:
                     rows = gate.before(target.table, record.table, record.op, rows)
-                    if record.op == "I" and "U" not in allowed:
+                    if clash_test:
                         # before the conflict test: no policy may overwrite
                         rows, clashing = gate.clashes(target.table, record.table, rows)
                         for row in clashing:
-                            park(record.table, "I", row, CLASH)
+                            park(record.table, "I", row if by_id is None else by_id[id(row)], CLASH)
                         if clashing:
                             why = (table_name, CLASH_REASON)
                             before = result.parked_by_rule.get(why, 0)
                             result.parked_by_rule[why] = before + len(clashing)
-                    detector.rules = rules  # they may have come with this changeset
                     rows = detector.resolve(target.table, record.table, record.op, rows)
                     check = gate.after(target.table, record.table, op)
+                if record.op != "I":
+                    loading[table_name] = False
+                elif op == "I":
+                    if table_name not in loading:
+                        loading[table_name] = _loading(
+                            conn, target.table, direction, loads, dialect
+                        )
+                    if loading[table_name]:
+                        op = "L"  # nothing here to replace: a plain insert
                 if not rows:
                     continue
                 result.rows += target.guarded(
@@ -326,15 +376,18 @@ def apply_buffered(
                     park,
                     check,
                     partial(gate.refused_after, table_name),
+                    by_id,
                 )
             result.conflicts = detector.summary()
             if reload is not None:
                 mirrored = _mirrored(rules)
                 for table, tdef, keys in reload.doomed(mirrored):
-                    result.rows += _Target(table, tdef).guarded(conn, "D", keys, park)
+                    result.rows += _Target(conn, table, tdef).guarded(conn, "D", keys, park)
                     reload.settled(table, keys)
                 reload.close()
                 result.reloaded = True
+            for name in loads:  # capture as it was, in the same transaction
+                dialect.install_capture(conn, reflect(conn, name))
             # the sequence number, its parts and anything older they supersede
             links_mod.applied(conn, peer, seq, header.cid, reloaded=result.reloaded)
             if on_applied is not None:
@@ -351,6 +404,24 @@ def apply_buffered(
             hint="fix the cause; the changeset stays buffered and is applied next cycle",
         ) from exc
     return result
+
+
+def _loading(
+    conn: Connection, table: Table, direction: Direction, loads: list[str], dialect: Any
+) -> bool:
+    """Is ``table`` empty, so that the peer's inserts (each key once in a
+    changeset) need no upsert? On a station (``down``), its capture
+    triggers are then taken off until the changeset is applied
+    (``loads``: the caller puts them back in the same transaction): rows
+    from the host are never sent anywhere from a station, which sends up
+    only its own changes. On the host they stay: what a station loads may
+    be relayed to the other stations."""
+    if not bulk.is_empty(conn, table):
+        return False
+    if direction == "down" and table.name not in loads:
+        dialect.drop_capture(conn, table.name)
+        loads.append(table.name)
+    return True
 
 
 def _mirrored(rules: dict[str, Rule]) -> Callable[[str], bool]:
@@ -426,15 +497,28 @@ def retry_parked_row(conn: Connection, row_id: int) -> tuple[bool, str | None]:
     tdef = TableDef(0, r.tbl, tuple((n, "") for n in (names if r.op != "D" else pk)), tuple(pk))
     error = None
     try:
-        target = _Target(reflect(conn, r.tbl), tdef)
+        table = reflect(conn, r.tbl)
+        target = _Target(conn, table, tdef)
         with conn.begin_nested():
-            target.run(conn, r.op, [tuple(values)])
+            target.run(conn, r.op, [_stored(conn, table, names if r.op != "D" else pk, values)])
         conn.execute(delete(parked).where(parked.c.id == r.id))
     except (SQLAlchemyError, MailsyncError) as exc:
         error = first_line(exc)
         conn.execute(update(parked).where(parked.c.id == r.id).values(error=error))
     dialect.end_apply(conn)
     return True, error
+
+
+def _stored(conn: Connection, table: Table, names: list[str], values: list[Any]) -> tuple[Any, ...]:
+    """A parked row's values as the driver takes them: parked since format 2
+    in storage form already; before, as Python values (Decimal, dates)."""
+    out = []
+    for name, value in zip(names, values, strict=True):
+        if isinstance(value, Decimal | dt.date | dt.time):
+            process = table.c[name].type._cached_bind_processor(conn.dialect)
+            value = value if process is None else process(value)
+        out.append(value)
+    return tuple(out)
 
 
 def drop_parked(conn: Connection, ids: Collection[int] | None) -> int:

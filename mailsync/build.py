@@ -18,6 +18,7 @@ every step on the receiver.
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
@@ -34,20 +35,22 @@ from sqlalchemy import (
     delete,
     func,
     literal,
-    or_,
     select,
     update,
 )
 
 from mailsync import link as links_mod
+from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
-from mailsync.store.changelog import key_filter, logged_key
+from mailsync.storage import key_typers, raw_select_columns, tag_for, wire_functions
+from mailsync.store.changelog import first_changes, key_filter, logged_key, stored_key_filter
 from mailsync.store.reflection import dependency_order, reflect
-from mailsync.store.tables import changes, horizons, loads, now, outbox
+from mailsync.store.tables import horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
 from mailsync.wire.controls import FullLoad, KeyAnnouncement, RulesUpdate, SequencedControl
 from mailsync.wire.envelope import Codec, Header
+from mailsync.wire.values import convert
 
 
 @dataclass
@@ -144,6 +147,8 @@ class _Builder:
         self.batch = batch
         self.tables: dict[str, Table] = {}
         self.defs: dict[str, TableDef] = {}
+        #: per table, per column: the driver's value → the wire's (None: as is)
+        self.wire: dict[str, list[Any]] = {}
         self.deletes = deletes
 
     def table(self, name: str) -> Table:
@@ -158,22 +163,53 @@ class _Builder:
                 name,
                 [(c.name, type_name(c, self.engine)) for c in table.columns],
                 [c.name for c in table.primary_key.columns],
+                [tag_for(c.type) for c in table.columns],
             )
+            self.wire[name] = wire_functions(table, self.engine.dialect)
         return self.defs[name]
 
     def scoped_select(self, table: Table, name: str) -> Any:
-        """SELECT the columns plus an in-scope flag from the row filter."""
+        """SELECT the columns as stored (no type processing) plus an
+        in-scope flag from the row filter."""
         row_filter = self.plan.row_filter(name)
         flag: Any
         if row_filter:
             flag = case((filter_predicate(row_filter, self.plan.peer), 1), else_=0)
         else:
             flag = literal(1)
-        return select(*table.columns, flag.label("mailsync_in_scope"))
+        columns = raw_select_columns(table, self.engine.dialect)
+        return select(*columns, flag.label("mailsync_in_scope"))
 
     def write(self, name: str, op: Op, rows: list[Row[Any]]) -> None:
+        """Rows as read (the flag last), column by column in storage form."""
         if rows:
-            self.writer.rows(self.tdef(name), op, [tuple(r)[:-1] for r in rows])
+            tdef = self.tdef(name)
+            columns = list(zip(*rows, strict=True))[:-1]
+            fns = self.wire[name]
+            self.writer.columns(
+                tdef, op, [convert(list(c), f) for c, f in zip(columns, fns, strict=True)]
+            )
+
+    def tombstones(self, name: str, logged: list[str], keys: list[tuple[Any, ...]]) -> None:
+        """Keys of rows gone, as stored: SQLite's change log holds them so
+        (JSON of the stored values), elsewhere the typed keys are made
+        msgpack-native like any value of their columns."""
+        if not keys:
+            return
+        if self.engine.dialect.name == "sqlite":
+            self.deletes.add(name, [tuple(json.loads(pk)) for pk in logged])
+            return
+        table = self.table(name)
+        at = [list(table.columns).index(c) for c in table.primary_key.columns]
+        self.tdef(name)
+        fns = [self.wire[name][i] for i in at]
+        self.deletes.add(
+            name,
+            [
+                tuple(v if f is None or v is None else f(v) for f, v in zip(fns, k, strict=True))
+                for k in keys
+            ],
+        )
 
     def initial_load(self, name: str) -> None:
         table = self.table(name)
@@ -191,39 +227,34 @@ class _Builder:
         ops = self.plan.ops(name)
         if loaded:
             ops = ops.replace("I", "").replace("U", "")
-        origin = changes.c.origin
-        routed: Any
-        if self.plan.direction == "up":
-            routed = origin.is_(None)
-        else:
-            routed = or_(origin.is_(None), origin != self.plan.peer)
-        first = (
-            select(func.min(changes.c.id).label("first"))
-            .where(
-                changes.c.tbl == name,
-                changes.c.id > cursor,
-                changes.c.id <= horizon,
-                routed,
-            )
-            .group_by(changes.c.pk)
-            .subquery()
+        result = first_changes(
+            self.conn,
+            name,
+            cursor,
+            horizon,
+            not_from=None if self.plan.direction == "up" else self.plan.peer,
+            batch=self.batch,
         )
-        query = (
-            select(changes.c.pk, changes.c.op)
-            .join(first, changes.c.id == first.c.first)
-            .order_by(changes.c.id)
-        )
-        result = self.conn.execute(query, execution_options={"yield_per": self.batch})
-        for part in batches(iter(result), self.batch):
-            keyed = [(logged_key(pk, pk_cols), op) for pk, op in part]
+        columns = list(table.columns)
+        at = [columns.index(c) for c in pk_cols]
+        # SQLite's change log holds keys as stored: they are looked up so
+        stored = self.engine.dialect.name == "sqlite"
+        typers = [None] * len(at) if stored else key_typers(table, self.engine.dialect)
+        where = stored_key_filter if stored else key_filter
+        for part in batches(result, self.batch):
+            keyed = [
+                (tuple(json.loads(pk)) if stored else logged_key(pk, pk_cols), op, pk)
+                for pk, op in part
+            ]
             rows = self.conn.execute(
-                self.scoped_select(table, name).where(key_filter(table, [k for k, _ in keyed]))
+                self.scoped_select(table, name).where(where(table, [k for k, _, _ in keyed]))
             ).all()
-            found = {_key_of(r, table): r for r in rows}
+            found = {_key_of(r, at, typers): r for r in rows}
             inserts: list[Row[Any]] = []
             updates: list[Row[Any]] = []
             gone: list[tuple[Any, ...]] = []
-            for key, first_op in keyed:
+            logged: list[str] = []
+            for key, first_op, pk in keyed:
                 row = found.get(key)
                 if row is not None:
                     if not row[-1]:
@@ -235,14 +266,18 @@ class _Builder:
                         updates.append(row)
                 elif first_op != "I" and "D" in ops:
                     gone.append(key)
-            self.deletes.add(name, gone)
+                    logged.append(pk)
+            self.tombstones(name, logged, gone)
             self.write(name, "I", inserts)
             self.write(name, "U", updates)
 
 
-def _key_of(row: Row[Any], table: Table) -> tuple[Any, ...]:
-    mapping = row._mapping
-    return tuple(mapping[c.name] for c in table.primary_key.columns)
+def _key_of(row: Row[Any], at: list[int], typers: list[Any]) -> tuple[Any, ...]:
+    """A raw row's key in the values the change log's keys are read in."""
+    return tuple(
+        row[i] if f is None or row[i] is None else f(row[i])
+        for i, f in zip(at, typers, strict=True)
+    )
 
 
 Sealer = Callable[[Connection, Header, bytes], bytes]
@@ -328,9 +363,11 @@ def build_for_link(
     ):
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor
+        bulk.read_as_text(conn)
         compressed = codec.body_writer(spool)  # type: ignore[arg-type]
         counter = _CountingSink(compressed)
-        writer = ChangesetWriter(counter, {"from": plan.me, "to": plan.peer})
+        meta = {"from": plan.me, "to": plan.peer, "dialect": engine.dialect.name}
+        writer = ChangesetWriter(counter, meta)
         builder = _Builder(conn, engine, plan, writer, batch_rows, keys)
         controls: list[SequencedControl] = []
         if plan.announce_key is not None:

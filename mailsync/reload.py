@@ -29,9 +29,12 @@ from sqlalchemy import (
     exists,
     func,
     select,
+    type_coerce,
 )
+from sqlalchemy.types import NullType
 
-from mailsync.store.changelog import logged_key
+from mailsync.dialects.bulk import mark
+from mailsync.store.changelog import logged_key, stored_key
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import changes, links, outbox
 from mailsync.wire.changeset import TableDef
@@ -54,9 +57,10 @@ class Reload:
             seen.drop(conn, checkfirst=True)
             seen.create(conn)
             self.seen[name] = seen
+        self._stored: dict[str, list[tuple[Any, ...]]] = {}
         self.pending = self._pending(peer)
-        for name, keys in self.pending.items():
-            self._remember(name, list(keys))
+        for name, keys in self._stored.items():
+            self._remember(name, keys)
 
     def _pending(self, peer: str) -> dict[str, set[tuple[Any, ...]]]:
         """Keys of this station's own changes the host has not acknowledged:
@@ -80,38 +84,49 @@ class Reload:
         )
         for name, pk in rows:
             columns = list(self.tables[name].primary_key.columns)
-            key = logged_key(pk, columns)
-            pending.setdefault(name, set()).add(key)
+            pending.setdefault(name, set()).add(logged_key(pk, columns))
+            self._stored.setdefault(name, []).append(stored_key(conn, pk, columns))
         return pending
 
     def _remember(self, name: str, keys: list[tuple[Any, ...]]) -> None:
+        """Keys as stored (bound as they are, so that SQLite's own text of a
+        date-time key is the text compared)."""
         if keys:
             seen = self.seen[name]
-            names = [c.name for c in seen.columns]
-            self.conn.execute(seen.insert(), [dict(zip(names, k, strict=True)) for k in keys])
+            quote = self.conn.dialect.identifier_preparer.quote
+            names = ", ".join(quote(c.name) for c in seen.columns)
+            marks = ", ".join([mark(self.conn)] * len(seen.columns))
+            sql = f"INSERT INTO {quote(seen.name)} ({names}) VALUES ({marks})"
+            self.conn.exec_driver_sql(sql, list(keys))
 
-    def loaded(self, tdef: TableDef, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    def loaded(
+        self,
+        tdef: TableDef,
+        rows: list[tuple[Any, ...]],
+        stored: list[tuple[Any, ...]] | None = None,
+    ) -> list[tuple[Any, ...]]:
         """Record the keys of loaded rows; returns the rows to upsert (not
-        those the station changed itself and has not delivered yet)."""
+        those the station changed itself and has not delivered yet).
+        ``rows`` in Python values; ``stored``: the same rows as they are
+        written (default: ``rows``)."""
         if tdef.name not in self.seen:
             return rows
         positions = [tdef.column_names.index(k) for k in tdef.pk]
         pending = self.pending.get(tdef.name, set())
         keep, keys = [], []
-        for row in rows:
-            key = tuple(row[i] for i in positions)
-            if key not in pending:
+        for row, as_stored in zip(rows, rows if stored is None else stored, strict=True):
+            if tuple(row[i] for i in positions) not in pending:
                 keep.append(row)
-                keys.append(key)
+                keys.append(tuple(as_stored[i] for i in positions))
         self._remember(tdef.name, keys)
         return keep
 
     def doomed(
         self, mirrored: Callable[[str], bool]
     ) -> Iterator[tuple[Table, TableDef, list[tuple[Any, ...]]]]:
-        """Batches of local rows the load did not bring, children first, to
-        be deleted by the caller; each batch must be :meth:`settled` (deleted
-        or parked) before the next is looked for.
+        """Batches of local rows the load did not bring (keys as stored),
+        children first, to be deleted by the caller; each batch must be
+        :meth:`settled` (deleted or parked) before the next is looked for.
 
         Only tables that ``mirrored`` says follow the host's deletes with no
         row filter: a row missing from the load of a filtered table may be
@@ -124,8 +139,9 @@ class Reload:
             pk = list(table.primary_key.columns)
             tdef = TableDef(0, name, tuple((c.name, "") for c in pk), tuple(c.name for c in pk))
             unseen = ~exists().where(and_(*[seen.c[c.name] == c for c in pk]))
+            raw = [type_coerce(c, NullType()) for c in pk]
             while keys := [
-                tuple(r) for r in self.conn.execute(select(*pk).where(unseen).limit(self.batch))
+                tuple(r) for r in self.conn.execute(select(*raw).where(unseen).limit(self.batch))
             ]:
                 yield table, tdef, keys
 

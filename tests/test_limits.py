@@ -81,8 +81,8 @@ def head() -> bytes:
 
 
 def table_record(index: int = 0, columns: int = 3, name: str = "customers") -> bytes:
-    cols = [["id", "INTEGER"], ["name", "VARCHAR"], ["city", "VARCHAR"]][:columns]
-    cols += [[f"c{i}", "INTEGER"] for i in range(columns - len(cols))]
+    cols = [["id", "INTEGER", "int"], ["name", "VARCHAR", "text"], ["city", "VARCHAR", "text"]]
+    cols = cols[:columns] + [[f"c{i}", "INTEGER", "int"] for i in range(columns - len(cols))]
     return msgpack.packb(["T", index, name, cols, ["id"]])
 
 
@@ -379,6 +379,8 @@ _values = st.one_of(
     st.floats(allow_nan=False),
 )
 _column_names = st.sampled_from(["id", "name", "city", "ghost", "x" * 70, ""])
+#: type tags, known and not (format 2 declares one per column)
+_tags = st.sampled_from(["int", "text", "any", "decimal", "datetime", "bogus"])
 
 
 def outside_berlins_rules(c: Cluster) -> dict[str, list[tuple[Any, ...]]]:
@@ -400,7 +402,9 @@ def hostile_records(draw: st.DrawFn) -> list[bytes]:
         index = draw(st.integers(-1, 3))
         if kind == "T":
             name = draw(st.sampled_from(["customers", "articles", "nope", "mailsync_links"]))
-            columns = draw(st.lists(st.tuples(_column_names, st.just("INTEGER")), max_size=5))
+            columns = draw(
+                st.lists(st.tuples(_column_names, st.just("INTEGER"), _tags), max_size=5)
+            )
             pk = draw(st.lists(_column_names, max_size=2))
             records.append(msgpack.packb(["T", index, name, [list(c) for c in columns], pk]))
         elif kind == "R":
@@ -453,7 +457,11 @@ def plausible_records(draw: st.DrawFn) -> list[bytes]:
     return records
 
 
-_CUSTOMER_COLUMNS = [["id", "INTEGER"], ["name", "VARCHAR"], ["city", "VARCHAR"]]
+_CUSTOMER_COLUMNS = [
+    ["id", "INTEGER", "int"],
+    ["name", "VARCHAR", "text"],
+    ["city", "VARCHAR", "text"],
+]
 
 
 _HOSTILE = settings(

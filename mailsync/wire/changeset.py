@@ -4,7 +4,7 @@ A changeset is a sequence of msgpack objects, written and read one at a time
 so that a million-row initial load never has to sit in memory whole::
 
     ["mailsync-changeset", VERSION, {meta}]          header, always first
-    ["T", idx, name, [[column, type], ...], [pk]]    declares a table
+    ["T", idx, name, [[column, type, tag], ...], [pk]]  declares a table
     ["R", idx, op, [[values of column 0], ...]]      a batch of rows, columnar
     ["C", kind, payload]                             control (rules, ...)
     ["E", {"rows": n, "records": m}]                 trailer: detects truncation
@@ -14,12 +14,22 @@ row-wise ones under zstd, see PERF-FACTS). ``op`` is ``"I"`` (insert),
 ``"U"`` (update) or ``"D"`` (delete); insert and update batches carry every
 declared column, delete batches (tombstones) only the primary-key columns.
 
-Values carry their own type, so a reader needs no schema to decode them
-exactly: msgpack's native types hold NULL, bool, 64-bit integers, float64,
-text and bytes; extension types hold the rest losslessly — Decimal (with its
-scale, and NaN/Infinity), integers beyond 64 bits, date, time and datetime
-(naive or with a UTC offset). A zone-aware value keeps its offset, not its
-zone name, as every SQL database does.
+Format 2 (this one) declares a type *tag* per column and carries the values
+of a tagged column in the storage form of the sender's database, named by
+``meta["dialect"]`` (:mod:`mailsync.wire.values`): msgpack-native, converted
+by one function per column where they are not — never by a hook per value.
+A batch whose values do not fit their tags is refused with the table, the
+column and what is wrong. A sender whose batch does not fit declares the
+table again (a new index) with the misfit columns tagged ``any``.
+
+Values of an ``any`` column, of control records and of every column of a
+format-1 changeset (still read: nodes upgrade at different times, and a
+format-1 changeset may wait in an inbox or outbox) carry their own type:
+msgpack's native types hold NULL, bool, 64-bit integers, float64, text and
+bytes; extension types hold the rest losslessly — Decimal (with its scale,
+and NaN/Infinity), integers beyond 64 bits, date, time and datetime (naive
+or with a UTC offset). A zone-aware value keeps its offset, not its zone
+name, as every SQL database does.
 
 This module does no I/O of its own: it writes to any object with
 ``write(bytes)`` and reads from any object with ``read(n)``.
@@ -37,11 +47,14 @@ import msgpack
 
 from mailsync.errors import MessageError
 from mailsync.wire.limits import DEFAULT_LIMITS, MAX_EXT_BYTES, Limits, exceeded
+from mailsync.wire.values import ANY, TAGS, wrong_values
 
 T = TypeVar("T")
 
 MAGIC = "mailsync-changeset"
-VERSION = 1
+VERSION = 2
+#: formats this mailsync reads: 1 (values typed one by one) and 2 (tagged columns)
+READABLE = (1, 2)
 
 Op = Literal["I", "U", "D"]
 OPS: tuple[Op, ...] = ("I", "U", "D")
@@ -132,16 +145,31 @@ def unpack_stream(source: Source) -> Iterator[Any]:
 
 @dataclass(frozen=True)
 class TableDef:
-    """A table as the sender declares it: columns (name, type name) and key."""
+    """A table as the sender declares it: columns (name, type name), key,
+    a type tag per column (empty: every column ``any``) and the storage form
+    its tagged values are in (the sender's dialect; None: format 1)."""
 
     index: int
     name: str
     columns: tuple[tuple[str, str], ...]
     pk: tuple[str, ...]
+    tags: tuple[str, ...] = ()
+    form: str | None = None
 
     @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.columns)
+
+    def tag(self, column: str) -> str:
+        if not self.tags:
+            return ANY
+        return self.tags[self.column_names.index(column)]
+
+    def op_tags(self, op: str) -> tuple[str, ...]:
+        """The tags of a batch's columns (deletes: the key's)."""
+        if op == "D":
+            return tuple(self.tag(k) for k in self.pk)
+        return self.tags or (ANY,) * len(self.columns)
 
 
 @dataclass(frozen=True)
@@ -152,6 +180,8 @@ class RowBatch:
     table: TableDef
     op: Op
     rows: list[tuple[Any, ...]]
+    #: the same values column by column, as they came (None: not kept)
+    columns: list[list[Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -189,21 +219,35 @@ class ChangesetWriter:
 
     def __init__(self, sink: Sink, meta: dict[str, Any] | None = None) -> None:
         self._sink = sink
+        # the hook only sees values msgpack cannot hold: those of ``any``
+        # columns and of control records
         self._packer = msgpack.Packer(default=_encode_value, use_bin_type=True)
         self._tables: list[TableDef] = []
         self.summary = Summary()
         self._closed = False
+        self._form = (meta or {}).get("dialect")
         self._write([MAGIC, VERSION, meta or {}])
 
     def _write(self, obj: Any) -> None:
         self._sink.write(self._packer.pack(obj))
         self.summary.records += 1
 
-    def table(self, name: str, columns: Sequence[tuple[str, str]], pk: Sequence[str]) -> TableDef:
-        """Declare a table; the returned definition is passed to :meth:`rows`."""
-        tdef = TableDef(len(self._tables), name, tuple(columns), tuple(pk))
+    def table(
+        self,
+        name: str,
+        columns: Sequence[tuple[str, str]],
+        pk: Sequence[str],
+        tags: Sequence[str] | None = None,
+    ) -> TableDef:
+        """Declare a table; the returned definition is passed to :meth:`rows`.
+        ``tags``: one per column (default: every column ``any``)."""
+        tagged = tuple(tags) if tags is not None else (ANY,) * len(columns)
+        if len(tagged) != len(columns) or not set(tagged) <= TAGS:
+            raise ValueError(f"{name}: bad type tags {tagged!r}")
+        tdef = TableDef(len(self._tables), name, tuple(columns), tuple(pk), tagged, self._form)
         self._tables.append(tdef)
-        self._write(["T", tdef.index, name, [list(c) for c in tdef.columns], list(tdef.pk)])
+        declared = [[c, t, tag] for (c, t), tag in zip(tdef.columns, tagged, strict=True)]
+        self._write(["T", tdef.index, name, declared, list(tdef.pk)])
         return tdef
 
     def rows(self, table: TableDef, op: Op, rows: Sequence[Sequence[Any]]) -> None:
@@ -214,9 +258,34 @@ class ChangesetWriter:
         for row in rows:
             if len(row) != width:
                 raise ValueError(f"{table.name}: a {op} row needs {width} values, got {len(row)}")
-        columns = [list(col) for col in zip(*rows, strict=True)]
-        self._write(["R", table.index, op, columns])
-        self.summary.count(table.name, op, len(rows))
+        self.columns(table, op, [list(col) for col in zip(*rows, strict=True)])
+
+    def columns(self, table: TableDef, op: Op, columns: list[list[Any]]) -> None:
+        """Write one batch given column by column (each a list of values).
+
+        A column whose values do not fit its tag (SQLite holds any value in
+        any column) goes as ``any``: the table is declared again for this
+        batch with that column's tag ``any``."""
+        if not columns or not columns[0]:
+            return
+        tags = table.op_tags(op)
+        misfit = {
+            i
+            for i, (tag, col) in enumerate(zip(tags, columns, strict=True))
+            if wrong_values(tag, col)
+        }
+        target = table
+        if misfit:
+            names = table.pk if op == "D" else table.column_names
+            bad = {names[i] for i in misfit}
+            target = self.table(
+                table.name,
+                table.columns,
+                table.pk,
+                [ANY if c in bad else table.tag(c) for c in table.column_names],
+            )
+        self._write(["R", target.index, op, columns])
+        self.summary.count(table.name, op, len(columns[0]))
 
     def control(self, kind: str, payload: Any) -> None:
         """Write a control record (applied before the rows that follow it)."""
@@ -272,6 +341,8 @@ def read_changeset(
     tables: dict[int, TableDef] = {}
     summary = Summary()
     ended = False
+    version = VERSION
+    form: str | None = None
     try:
         first = True
         for obj in unpacker:
@@ -282,12 +353,16 @@ def read_changeset(
                 first = False
                 if not (isinstance(obj, list) and len(obj) == 3 and obj[0] == MAGIC):
                     raise MessageError(f"{origin}: not a mailsync changeset")
-                if obj[1] != VERSION:
+                if obj[1] not in READABLE:
                     raise MessageError(
                         f"{origin}: changeset format version {obj[1]} is not supported "
-                        f"(this mailsync reads version {VERSION})",
+                        f"(this mailsync reads versions {', '.join(map(str, READABLE))})",
                         hint="upgrade mailsync on this node",
                     )
+                version = obj[1]
+                meta = obj[2] if isinstance(obj[2], dict) else {}
+                dialect = meta.get("dialect")
+                form = dialect[:32] if isinstance(dialect, str) and version >= 2 else None
                 summary.records += 1
                 continue
             if not isinstance(obj, list) or not obj:
@@ -300,7 +375,7 @@ def read_changeset(
                 ended = True
                 continue
             summary.records += 1
-            yield _record(obj, tables, summary, origin, limits, typed)
+            yield _record(obj, tables, summary, origin, limits, typed, version, form)
             del obj  # a batch is not kept alive while the next one is read
     except MessageError:
         raise
@@ -379,6 +454,8 @@ def _record(
     origin: str,
     limits: Limits,
     typed: bool = True,
+    version: int = VERSION,
+    form: str | None = None,
 ) -> Record:
     kind = obj[0]
     if kind == "T" and len(obj) == 5:
@@ -397,7 +474,17 @@ def _record(
         names = {c for c, _ in cols}
         if not isinstance(name, str) or not pk or any(p not in names for p in pk):
             raise MessageError(f"{origin}: bad table declaration for {name!r}")
-        tdef = TableDef(int(index), name, cols, tuple(str(p) for p in pk))
+        tags: tuple[str, ...] = ()
+        if version >= 2:
+            claimed = [c[2] if len(c) == 3 else None for c in columns]
+            for (column, _), tag in zip(cols, claimed, strict=True):
+                if tag not in TAGS:
+                    what = "no type tag" if tag is None else f"unknown type tag {str(tag)[:20]!r}"
+                    raise MessageError(
+                        f"{origin}: table {name[:64]!r}, column {column[:64]!r}: {what}"
+                    )
+            tags = tuple(str(t) for t in claimed)
+        tdef = TableDef(int(index), name, cols, tuple(str(p) for p in pk), tags, form)
         tables[tdef.index] = tdef
         return tdef
     if kind == "R" and len(obj) == 4:
@@ -420,9 +507,19 @@ def _record(
                 f"{origin}: {tdef.name} {op} batch of "
                 + exceeded(f"{n:,} rows", "max_batch_rows", limits.max_batch_rows)
             )
+        for tag, column, values in zip(
+            tdef.op_tags(op), tdef.pk if op == "D" else tdef.column_names, columns, strict=True
+        ):
+            why = wrong_values(tag, values)
+            if why is not None:
+                raise MessageError(
+                    f"{origin}: table {tdef.name[:64]}, {op} batch, column {column[:64]!r}: {why}"
+                )
         summary.count(tdef.name, op, n)
         # a check of the structure alone (not typed) needs no rows built
-        return RowBatch(tdef, op, list(zip(*columns, strict=True)) if typed else [])
+        if not typed:
+            return RowBatch(tdef, op, [])
+        return RowBatch(tdef, op, list(zip(*columns, strict=True)), columns)
     if kind == "C" and len(obj) == 3 and isinstance(obj[1], str):
         return Control(obj[1], obj[2])
     raise MessageError(f"{origin}: unknown record {str(kind)[:20]!r}")
