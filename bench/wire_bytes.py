@@ -11,6 +11,9 @@ what a per-link dictionary could save. The floor is the same rows as CSV
 compressed with zstd -19 (``bench/pipeline.py`` section 3).
 
     python bench/wire_bytes.py [--invoices 2000] [--changesets 60]
+
+Messages are reported in two groups: before the link's dictionary was in
+use (the first ``dictionary_samples`` + 2 changesets or so) and after.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import zstandard
 from sqlalchemy import select, update
@@ -36,11 +40,6 @@ from mailsync.wire.envelope import _PREFIX, _SIG, _TAG, read_header
 from mailsync.wire.message import extract_envelope
 
 ROWS = 50
-
-
-def messages(box: Path) -> list[bytes]:
-    files = [p for p in box.rglob("*") if p.is_file() and p.parent.name in ("new", "cur")]
-    return [p.read_bytes() for p in sorted(files, key=lambda p: p.stat().st_mtime_ns)]
 
 
 def main() -> None:
@@ -81,8 +80,8 @@ def main() -> None:
                 for p in sorted(box.rglob("*"), key=lambda p: p.stat().st_mtime_ns)
                 if p.is_file() and p.parent.name in ("new", "cur") and p.name not in seen
             ]
+            groups: dict[bool, dict[str, list[int]]] = {True: {}, False: {}}
             bodies = []
-            split = {"message": [], "mail": [], "base64": [], "clear": [], "tag+sig": [], "body": []}
             for raw in raws:
                 env = extract_envelope(raw, "m")
                 header = read_header(env, "m")
@@ -90,24 +89,36 @@ def main() -> None:
                     continue
                 clear = _PREFIX.size + int(_PREFIX.unpack_from(env)[2])
                 b64 = len(base64.encodebytes(env).replace(b"\n", b"\r\n"))
-                _, body = hq_dec = koeln.codec.decrypt(env, "m", koeln.ring, koeln_keys(koeln))
-                del hq_dec
-                split["message"].append(len(raw))
-                split["mail"].append(len(raw) - b64)
-                split["base64"].append(b64 - len(env))
-                split["clear"].append(clear)
-                split["tag+sig"].append(_TAG + _SIG)
-                split["body"].append(len(body))
-                bodies.append(zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read())
+                _, body = koeln.codec.decrypt(env, "m", koeln.ring, koeln_keys(koeln))
+                split = groups[bool(header.dictionary)]
+                for key, value in (
+                    ("message", len(raw)),
+                    ("mail", len(raw) - b64),
+                    ("base64", b64 - len(env)),
+                    ("clear", clear),
+                    ("tag+sig", _TAG + _SIG),
+                    ("body", len(body)),
+                ):
+                    split.setdefault(key, []).append(value)
+                stream = koeln.codec.stream([body], "m", header)
+                bodies.append(stream.read())
+    floor_row = csv_bytes / (args.changesets * ROWS)
+    print(f"CSV + zstd -19 (the floor): {floor_row:.1f} bytes/row")
+    for with_dict, split in groups.items():
+        if not split:
+            continue
+        per = {k: statistics.mean(v) for k, v in split.items()}
+        what = "with the link's dictionary" if with_dict else "without a dictionary"
+        print(f"\n{len(split['message'])} changeset messages of {ROWS} rows, {what}:\n")
+        print("| part of a message | bytes | per row | share |")
+        print("|---|---|---|---|")
+        for key in ("mail", "base64", "clear", "tag+sig", "body"):
+            share = per[key] / per["message"]
+            print(f"| {key} | {per[key]:,.0f} | {per[key] / ROWS:.1f} | {share:.0%} |")
+        whole = per["message"] / ROWS
+        ratio = whole / floor_row
+        print(f"| whole message | {per['message']:,.0f} | {whole:.1f} | ÷ floor {ratio:.2f} |")
     n = len(bodies)
-    per = {k: statistics.mean(v) for k, v in split.items()}
-    print(f"{n} changeset messages of {ROWS} rows; CSV + zstd -19: "
-          f"{csv_bytes / (args.changesets * ROWS):.1f} bytes/row")
-    print("| part of a message | bytes | per row | share |")
-    print("|---|---|---|---|")
-    for key in ("mail", "base64", "clear", "tag+sig", "body"):
-        print(f"| {key} | {per[key]:,.0f} | {per[key] / ROWS:.1f} | {per[key] / per['message']:.0%} |")
-    print(f"| whole message | {per['message']:,.0f} | {per['message'] / ROWS:.1f} | |")
     raw_mean = statistics.mean(len(b) for b in bodies)
     print(f"\nraw changeset {raw_mean:,.0f} bytes ({raw_mean / ROWS:.1f}/row)")
     train, test = bodies[: n // 2], bodies[n // 2 :]
@@ -117,18 +128,20 @@ def main() -> None:
         print(f"zstd -{level}, no dictionary: {m:,.0f} bytes ({m / ROWS:.1f}/row)")
     for size in (8192, 16384, 32768):
         try:
-            d = zstandard.train_dictionary(size, train)
+            d = zstandard.train_dictionary(size, list[Any](train))
         except zstandard.ZstdError as exc:
             print(f"dictionary {size}: {exc}")
             continue
         for level in (3, 9, 19):
             c = zstandard.ZstdCompressor(level=level, dict_data=d)
             m = statistics.mean(len(c.compress(b)) for b in test)
-            print(f"dictionary {len(d.as_bytes()):,} B trained on {len(train)}, zstd -{level}: "
-                  f"{m:,.0f} bytes ({m / ROWS:.1f}/row)")
+            print(
+                f"dictionary {len(d.as_bytes()):,} B trained on {len(train)}, zstd -{level}: "
+                f"{m:,.0f} bytes ({m / ROWS:.1f}/row)"
+            )
 
 
-def koeln_keys(node: Node):  # type: ignore[no-untyped-def]
+def koeln_keys(node: Node) -> list[Any]:
     with node.engine.connect() as conn:
         return node.cycle.sender_keys(conn, "hq")
 

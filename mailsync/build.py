@@ -39,6 +39,7 @@ from sqlalchemy import (
     update,
 )
 
+from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
@@ -328,8 +329,12 @@ def build_for_link(
     ):
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor
-        compressed = codec.body_writer(spool)  # type: ignore[arg-type]
-        counter = _CountingSink(compressed)
+        bulk = bool(plan.initial_loads or plan.reload or plan.resend_all)
+        dicts = dicts_mod.for_build(
+            conn, codec, plan.peer, acked=link.acked_seq, out_seq=link.out_seq, bulk=bulk
+        )
+        compressed = codec.body_writer(spool, plan.peer, dicts.use)  # type: ignore[arg-type]
+        counter = _CountingSink(dicts.tap(compressed))
         writer = ChangesetWriter(counter, {"from": plan.me, "to": plan.peer})
         builder = _Builder(conn, engine, plan, writer, batch_rows, keys)
         controls: list[SequencedControl] = []
@@ -339,6 +344,8 @@ def build_for_link(
             controls.append(FullLoad(tuple(plan.initial_loads)))
         if plan.send_rules:
             controls.append(RulesUpdate(tuple(r.to_wire() for r in plan.rules.values())))
+        if dicts.carry is not None:
+            controls.append(dicts.carry)
         for control in controls:
             writer.control(control.KIND, control.payload())
         names = [n for n in plan.rules if plan.ops(n)]
@@ -385,6 +392,7 @@ def build_for_link(
             reload=plan.reload,
             resent_all=plan.resend_all,
         )
+        dicts_mod.after_build(conn, dicts, seq)
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
         conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))
@@ -406,6 +414,7 @@ def build_for_link(
                 base=0 if plan.reload or plan.rebase or plan.resend_all else -1,
                 ack_cid=link.in_cid,
                 acked=link.acked_seq,
+                dictionary=dicts.use,
             )
             blob = seal(conn, header, body)
             size += len(blob)

@@ -251,6 +251,30 @@ horizons = Table(
     Column("horizon", BigInteger, nullable=False),
 )
 
+# Per-link zstd dictionaries (mailsync/dictionaries.py): ours ("out": ``seq``
+# the changeset that carried it, NULL until one did; ``first_seq`` the first
+# compressed with it) and the peers' ("in": ``seq`` where it arrived).
+dictionaries = Table(
+    "mailsync_dictionaries",
+    metadata,
+    Column("peer", String(64), primary_key=True),
+    Column("way", String(3), primary_key=True),
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("seq", BigInteger),
+    Column("first_seq", BigInteger),
+    Column("created_at", _Time, nullable=False),
+)
+
+# Recent small changeset bodies of a link, until a dictionary is trained.
+dictionary_samples = Table(
+    "mailsync_dictionary_samples",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("peer", String(64), nullable=False, index=True),
+    Column("body", LargeBinary, nullable=False),
+)
+
 mailbox_seen = Table(
     "mailsync_mailbox_seen",
     metadata,
@@ -400,6 +424,13 @@ def _v4_to_v5(conn: Connection) -> None:
     ):
         conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     conn.exec_driver_sql('UPDATE mailsync_leases SET ceiling = "last" + 1')
+
+
+def _to_v7(conn: Connection) -> None:
+    """Per-link zstd dictionaries: two new tables (``create_all`` in
+    :func:`ensure_schema` makes them already; this keeps the step explicit)."""
+    for table in (dictionaries, dictionary_samples):
+        table.create(conn, checkfirst=True)
 
 
 #: Steps that bring the schema from version N to N + 1.
