@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from mailsync import dictionaries as dicts_mod
 from mailsync.errors import MessageError
 from mailsync.store.tables import dictionaries, dictionary_samples, outbox
+from mailsync.tools.inspection import inspect_message
 from mailsync.transport.memory import MemoryPostOffice
 from mailsync.wire.changeset import ChangesetWriter, read_changeset
 from mailsync.wire.controls import (
@@ -42,9 +43,11 @@ class Recording(MemoryPostOffice):
     def __init__(self) -> None:
         super().__init__()
         self.headers: list[Header] = []
+        self.raws: list[bytes] = []
 
     def deliver(self, recipient: str, raw: bytes) -> str:
         self.headers.append(read_header(extract_envelope(raw, "m"), "m"))
+        self.raws.append(raw)
         return super().deliver(recipient, raw)
 
     def used(self) -> set[int]:
@@ -106,6 +109,10 @@ def test_a_dictionary_is_trained_carried_used_once_acknowledged_and_rotated(
         run(c, range(6, 9))
         assert office.used() == {carried}
         assert c.agree("customers")
+        # `mailsync inspect` opens one with the dictionary the station holds
+        raw = next(r for r, h in zip(office.raws, office.headers, strict=True) if h.dictionary)
+        seen = inspect_message(c.nodes["koeln"], raw)
+        assert seen.opened == "yes" and seen.summary.rows == 5
         run(c, range(9, 20))  # past dictionary_rotate: a new one, used in turn
         assert len(office.used()) >= 2
         assert c.agree("customers")
