@@ -124,6 +124,36 @@ def test_a_dictionary_is_trained_carried_used_once_acknowledged_and_rotated(
         c.close()
 
 
+def test_a_lost_or_duplicated_carrier_delays_the_dictionary_never_breaks_it(
+    tmp_path: Path,
+) -> None:
+    """The changeset carrying the dictionary is lost: nothing uses the
+    dictionary until it came again and was acknowledged; a duplicate of it
+    changes nothing. (Nothing is resent by time here: the station asks for
+    the gap.)"""
+    c, office = pair(tmp_path, resend_after_minutes=10_000)
+    try:
+        run(c, range(1, 5))
+        edit(c, 5)
+        c.sync("hq")
+        (carried,) = held(c, "hq", "out")
+        carrier = office.raws[-1]
+        office.boxes["koeln@example.test"].clear()  # lost
+        for step in (6, 7):  # more changesets while it is unacknowledged
+            edit(c, step)
+            c.sync("hq", "koeln")
+        # the station asked for the gap and got the carrier again; the host
+        # has not heard its ack yet: the dictionary is not used
+        assert not office.used() and held(c, "koeln", "in") == [carried]
+        office.deliver("koeln@example.test", carrier)  # a late duplicate
+        run(c, range(8, 11))
+        assert office.used() == {carried}
+        assert held(c, "koeln", "in") == [carried]
+        assert c.agree("customers")
+    finally:
+        c.close()
+
+
 def test_bodies_with_a_dictionary_are_smaller(tmp_path: Path) -> None:
     c, office = pair(tmp_path)
     try:
