@@ -330,8 +330,12 @@ def build_for_link(
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor
         bulk = bool(plan.initial_loads or plan.reload or plan.resend_all)
-        dicts = dicts_mod.for_build(
-            conn, codec, plan.peer, acked=link.acked_seq, out_seq=link.out_seq, bulk=bulk
+        dicts = (  # no rows may go (a station without up rules): no read
+            dicts_mod.for_build(
+                conn, codec, plan.peer, acked=link.acked_seq, out_seq=link.out_seq, bulk=bulk
+            )
+            if any(plan.ops(n) for n in plan.rules)
+            else dicts_mod.BuildDictionaries(plan.peer)
         )
         compressed = codec.body_writer(spool, plan.peer, dicts.use)  # type: ignore[arg-type]
         counter = _CountingSink(dicts.tap(compressed))
@@ -392,7 +396,7 @@ def build_for_link(
             reload=plan.reload,
             resent_all=plan.resend_all,
         )
-        dicts_mod.after_build(conn, dicts, seq)
+        dicts_mod.after_build(conn, codec, dicts, seq)
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
         conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))

@@ -13,7 +13,9 @@ restores on either side. So:
   (``mailsync_dictionary_samples``) until there are ``dictionary_samples`` of
   them; then a dictionary is trained (``zstandard.train_dictionary``; the
   samples' own bytes if training refuses them) and rides in the next
-  changeset as a sequenced ``dict`` control. It is used only once the peer
+  changeset as a sequenced ``dict`` control. A build costs one read of the
+  link's dictionaries; sampling and training add writes only to a build
+  that made a changeset. It is used only once the peer
   has **acknowledged** that changeset — applied it, and with it stored the
   dictionary in the same transaction — so the peer certainly has it. Every
   ``dictionary_rotate`` changesets a new one is trained the same way
@@ -81,6 +83,10 @@ class BuildDictionaries:
     collect: bool = False
     #: ``use`` is used for the first time (its first changeset is recorded)
     first_use: bool = False
+    #: a new dictionary may be trained after this build (samples enough)
+    train: bool = False
+    #: the link's other dictionaries of ours, as read (for pruning)
+    rows: list[Any] = field(default_factory=list, repr=False)
     sample: bytearray | None = field(default=None, repr=False)
 
     def tap(self, sink: Sink) -> Sink:
@@ -112,8 +118,9 @@ def for_build(
 ) -> BuildDictionaries:
     """Decide, in the build's transaction, which dictionary the next body of
     the link to ``peer`` uses (the newest the peer has acknowledged), whether
-    a new one is trained and carried, and whether the body is kept as a
-    sample. ``bulk``: a load or reload (no dictionary, no sample)."""
+    it carries a new one, and whether the body is kept as a sample — one
+    read; a build that makes nothing costs no more. ``bulk``: a load or
+    reload (no dictionary, no sample)."""
     settings = codec.dictionaries
     plan = BuildDictionaries(peer)
     if not settings.enabled:
@@ -133,41 +140,48 @@ def for_build(
     if pending or bulk:
         return plan
     age = 0 if active is None or active.first_seq is None else out_seq + 1 - active.first_seq
-    if active is not None and age < settings.rotate_every - settings.samples:
-        return plan
-    s = dictionary_samples.c
-    count = conn.execute(select(func.count()).where(s.peer == peer)).scalar() or 0
-    if count < settings.samples or (active is not None and age < settings.rotate_every):
+    if active is None or age >= settings.rotate_every - settings.samples:
         plan.collect = True
-        return plan
-    bodies = [
-        bytes(b)
-        for (b,) in conn.execute(select(s.body).where(s.peer == peer).order_by(s.id.desc()))
-    ]
-    data = train(bodies, settings.size)
-    ident = dictionary_id(data)
-    conn.execute(delete(dictionary_samples).where(s.peer == peer))
-    if ident not in {r.id for r in rows}:
-        conn.execute(
-            dictionaries.insert().values(
-                peer=peer, way=OUT, id=ident, data=data, seq=None, created_at=now()
-            )
-        )
-        plan.carry = Dictionary(ident, data)
-        _prune_sent(conn, peer, [r for r in rows if active is None or r.id != active.id])
+        plan.train = active is None or age >= settings.rotate_every
+        plan.rows = [r for r in rows if active is None or r.id != active.id]
     return plan
 
 
-def after_build(conn: Connection, plan: BuildDictionaries, seq: int) -> None:
-    """Record, in the build's transaction, what changeset ``seq`` did."""
+def after_build(conn: Connection, codec: Codec, plan: BuildDictionaries, seq: int) -> None:
+    """Record, in the build's transaction, what changeset ``seq`` did: the
+    dictionary it carried or used first, its body as a sample; and once
+    there are samples enough, train the next dictionary (the next build
+    carries it)."""
     d = dictionaries.c
     mine = (d.peer == plan.peer, d.way == OUT)
     if plan.carry is not None:
         conn.execute(update(dictionaries).where(*mine, d.id == plan.carry.id).values(seq=seq))
     if plan.use and plan.first_use:
         conn.execute(update(dictionaries).where(*mine, d.id == plan.use).values(first_seq=seq))
-    if plan.collect and plan.sample:
-        conn.execute(dictionary_samples.insert().values(peer=plan.peer, body=bytes(plan.sample)))
+    if not (plan.collect and plan.sample):
+        return
+    s = dictionary_samples.c
+    conn.execute(dictionary_samples.insert().values(peer=plan.peer, body=bytes(plan.sample)))
+    settings = codec.dictionaries
+    if not plan.train:
+        return
+    count = conn.execute(select(func.count()).where(s.peer == plan.peer)).scalar() or 0
+    if count < settings.samples:
+        return
+    bodies = [
+        bytes(b)
+        for (b,) in conn.execute(select(s.body).where(s.peer == plan.peer).order_by(s.id.desc()))
+    ]
+    data = train(bodies, settings.size)
+    ident = dictionary_id(data)
+    conn.execute(delete(dictionary_samples).where(s.peer == plan.peer))
+    if ident not in {r.id for r in plan.rows} and ident != plan.use:
+        conn.execute(
+            dictionaries.insert().values(
+                peer=plan.peer, way=OUT, id=ident, data=data, seq=None, created_at=now()
+            )
+        )
+        _prune_sent(conn, plan.peer, plan.rows)
 
 
 def train(bodies: list[bytes], size: int) -> bytes:
