@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, faults
+from mailsync import capture, dictionaries, faults
 from mailsync import link as links_mod
 from mailsync.admission import CLASH, CLASH_REASON, Check, Gate
 from mailsync.conflicts import Detector
@@ -48,8 +48,15 @@ from mailsync.wire.changeset import (
     read_changeset,
     unpack,
 )
-from mailsync.wire.controls import FullLoad, KeyAnnouncement, RulesUpdate, parse_sequenced
+from mailsync.wire.controls import (
+    Dictionary,
+    FullLoad,
+    KeyAnnouncement,
+    RulesUpdate,
+    parse_sequenced,
+)
 from mailsync.wire.envelope import Header
+from mailsync.wire.limits import DEFAULT_LIMITS
 
 
 @dataclass
@@ -305,6 +312,9 @@ def apply_buffered(
                         rules = rules_for(conn)
                         gate.rules = rules
                         result.rules_received = True
+                    elif isinstance(control, Dictionary):
+                        limits = getattr(stream, "limits", DEFAULT_LIMITS)
+                        dictionaries.received(conn, peer, control, limits, seq)
                     continue
                 if isinstance(record, TableDef):
                     table_name = record.name

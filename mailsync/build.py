@@ -39,6 +39,7 @@ from sqlalchemy import (
     update,
 )
 
+from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
@@ -364,8 +365,16 @@ def build_for_link(
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor
         bulk.read_as_text(conn)
-        compressed = codec.body_writer(spool)  # type: ignore[arg-type]
-        counter = _CountingSink(compressed)
+        loading = bool(plan.initial_loads or plan.reload or plan.resend_all)
+        dicts = (  # no rows may go (a station without up rules): no read
+            dicts_mod.for_build(
+                conn, codec, plan.peer, acked=link.acked_seq, out_seq=link.out_seq, bulk=loading
+            )
+            if any(plan.ops(n) for n in plan.rules)
+            else dicts_mod.BuildDictionaries(plan.peer)
+        )
+        compressed = codec.body_writer(spool, plan.peer, dicts.use)  # type: ignore[arg-type]
+        counter = _CountingSink(dicts.tap(compressed))
         meta = {"from": plan.me, "to": plan.peer, "dialect": engine.dialect.name}
         writer = ChangesetWriter(counter, meta)
         builder = _Builder(conn, engine, plan, writer, batch_rows, keys)
@@ -376,6 +385,8 @@ def build_for_link(
             controls.append(FullLoad(tuple(plan.initial_loads)))
         if plan.send_rules:
             controls.append(RulesUpdate(tuple(r.to_wire() for r in plan.rules.values())))
+        if dicts.carry is not None:
+            controls.append(dicts.carry)
         for control in controls:
             writer.control(control.KIND, control.payload())
         names = [n for n in plan.rules if plan.ops(n)]
@@ -422,6 +433,7 @@ def build_for_link(
             reload=plan.reload,
             resent_all=plan.resend_all,
         )
+        dicts_mod.after_build(conn, codec, dicts, seq)
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
         conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))
@@ -443,6 +455,7 @@ def build_for_link(
                 base=0 if plan.reload or plan.rebase or plan.resend_all else -1,
                 ack_cid=link.in_cid,
                 acked=link.acked_seq,
+                dictionary=dicts.use,
             )
             blob = seal(conn, header, body)
             size += len(blob)

@@ -37,6 +37,14 @@ DEFAULT_CONFIG = "mailsync.toml"
 SECTIONS = ("node", "mailbox", "schedule", "limits")
 CONFIG_ENV = "MAILSYNC_CONFIG"
 DEFAULT_COMPRESSION_LEVEL = 3
+#: small changesets, compressed with the link's dictionary (see
+#: mailsync/dictionaries.py): bytes of a dictionary (0: none), the level,
+#: the samples one is trained from, changesets before the next one
+DEFAULT_DICTIONARY_BYTES = 8192
+DEFAULT_DICTIONARY_LEVEL = 9
+DEFAULT_DICTIONARY_SAMPLES = 24
+DEFAULT_DICTIONARY_ROTATE = 1000
+MAX_DICTIONARY_BYTES = 1024 * 1024
 DEFAULT_BATCH_ROWS = 5000
 #: An unacknowledged message is sent again after this long.
 DEFAULT_RESEND_AFTER_MINUTES = 60.0
@@ -96,6 +104,10 @@ class NodeConfig:
     database: str
     mailbox: MailboxConfig
     compression_level: int = DEFAULT_COMPRESSION_LEVEL
+    dictionary_bytes: int = DEFAULT_DICTIONARY_BYTES
+    dictionary_level: int = DEFAULT_DICTIONARY_LEVEL
+    dictionary_samples: int = DEFAULT_DICTIONARY_SAMPLES
+    dictionary_rotate: int = DEFAULT_DICTIONARY_ROTATE
     batch_rows: int = DEFAULT_BATCH_ROWS
     key_grace_days: int = DEFAULT_GRACE_DAYS
     resend_after_minutes: float = DEFAULT_RESEND_AFTER_MINUTES
@@ -249,6 +261,22 @@ def load_config(path: Path) -> NodeConfig:
     level = _get(node, "compression_level", int, where, DEFAULT_COMPRESSION_LEVEL)
     if not 1 <= level <= 22:
         raise ConfigError(f"{where}: compression_level must be 1-22, not {level}")
+    dict_level = _get(node, "dictionary_level", int, where, DEFAULT_DICTIONARY_LEVEL)
+    if not 1 <= dict_level <= 22:
+        raise ConfigError(f"{where}: dictionary_level must be 1-22, not {dict_level}")
+    dict_bytes = _get(node, "dictionary_bytes", int, where, DEFAULT_DICTIONARY_BYTES)
+    if dict_bytes != 0 and not 256 <= dict_bytes <= MAX_DICTIONARY_BYTES:
+        raise ConfigError(
+            f"{where}: dictionary_bytes must be 0 (no dictionaries) or "
+            f"256-{MAX_DICTIONARY_BYTES}, not {dict_bytes}"
+        )
+    samples = _get(node, "dictionary_samples", int, where, DEFAULT_DICTIONARY_SAMPLES)
+    rotate = _get(node, "dictionary_rotate", int, where, DEFAULT_DICTIONARY_ROTATE)
+    if samples < 4 or rotate < samples:
+        raise ConfigError(
+            f"{where}: dictionary_samples must be at least 4 and dictionary_rotate at "
+            f"least dictionary_samples, not {samples} and {rotate}"
+        )
     batch = _get(node, "batch_rows", int, where, DEFAULT_BATCH_ROWS)
     if batch < 1:
         raise ConfigError(f"{where}: batch_rows must be at least 1")
@@ -315,6 +343,10 @@ def load_config(path: Path) -> NodeConfig:
         database=database,
         mailbox=mailbox,
         compression_level=level,
+        dictionary_bytes=dict_bytes,
+        dictionary_level=dict_level,
+        dictionary_samples=samples,
+        dictionary_rotate=rotate,
         batch_rows=batch,
         key_grace_days=grace,
         resend_after_minutes=float(resend),
@@ -403,6 +435,8 @@ def render_config(
         f"role = {_q(role)}            # host | remote",
         f"database = {_q(database)}    # any SQLAlchemy URL",
         f"compression_level = {DEFAULT_COMPRESSION_LEVEL}   # zstd level, 1-22",
+        f"dictionary_bytes = {DEFAULT_DICTIONARY_BYTES}   # per-link dictionary for small "
+        "changesets (0: none)",
         f"batch_rows = {DEFAULT_BATCH_ROWS}          # rows per batch when building/applying",
         f"key_grace_days = {DEFAULT_GRACE_DAYS}        # replaced keys still open mail this long",
         f"resend_after_minutes = {DEFAULT_RESEND_AFTER_MINUTES:g}  # unacknowledged mail is resent",

@@ -43,7 +43,7 @@ from mailsync.store.engine import check_connection, describe_db_error, open_engi
 from mailsync.store.tables import ensure_schema, get_meta, set_meta
 from mailsync.store.witness import witness_path
 from mailsync.transport import TransportContext
-from mailsync.wire.envelope import Codec, Header
+from mailsync.wire.envelope import Codec, DictionarySettings, Header
 
 
 class Node:
@@ -55,7 +55,14 @@ class Node:
         self.config = config
         self.engine = engine
         self.journal = Journal(engine, config.node_id)
-        codec = Codec(config.compression_level, config.limits)
+        codec = Codec(
+            config.compression_level,
+            config.limits,
+            config.dictionary_level,
+            DictionarySettings(
+                config.dictionary_bytes, config.dictionary_samples, config.dictionary_rotate
+            ),
+        )
         self.cycle = CycleContext(config, engine, ring, codec, self.journal, memory=memory)
 
     @property

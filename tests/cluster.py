@@ -33,6 +33,8 @@ from mailsync.enroll import read_bundle, write_bundle
 from mailsync.node import CycleReport, Node, init_node
 from mailsync.store.engine import open_engine
 from mailsync.transport.memory import MemoryPostOffice
+from mailsync.wire.envelope import read_header
+from mailsync.wire.message import extract_envelope
 
 DOMAIN = "example.test"
 
@@ -93,6 +95,9 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
         ("mailsync_leases", "ceiling"),
     ),
     6: (("mailsync_ranges", "format"),),
+    # no column: two new tables (mailsync_dictionaries,
+    # mailsync_dictionary_samples), which ensure_schema's create_all makes
+    7: (),
 }
 
 
@@ -111,10 +116,12 @@ class ChaosPostOffice(MemoryPostOffice):
         self.held: list[tuple[str, bytes]] = []
         self.dropped = self.duplicated = self.delayed = 0
         self.parts = 0  # changesets (first parts) in more than one part
+        self.dictionaries = 0  # messages whose body names a zstd dictionary
 
     def deliver(self, recipient: str, raw: bytes) -> str:
         if b"X-Mailsync-Part: 1/" in raw and b"X-Mailsync-Part: 1/1\r\n" not in raw:
             self.parts += 1
+        self.dictionaries += bool(read_header(extract_envelope(raw, "chaos"), "chaos").dictionary)
         if not self.chaotic:
             return super().deliver(recipient, raw)
         roll = self.rng.random()
@@ -301,6 +308,13 @@ def chaos_cluster(root: Path, seed: int) -> tuple[Cluster, ChaosPostOffice]:
         f"sqlite:///{root / 'hq.db'}",
         ("koeln", "berlin", "muenchen"),
         office=office,
-        node_settings={"resend_after_minutes": 0, "gap_request_minutes": 0},
+        # dictionaries trained after a few changesets and rotated often:
+        # carried, acknowledged, used and replaced under loss and reordering
+        node_settings={
+            "resend_after_minutes": 0,
+            "gap_request_minutes": 0,
+            "dictionary_samples": 4,
+            "dictionary_rotate": 5,
+        },
     )
     return c, office

@@ -17,6 +17,10 @@ CREATE TABLE keyless (a INTEGER, b TEXT);
 """
 
 
+#: the package under test, where it is not the installed one (a worktree)
+_PATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+
+
 def mailsync(
     *args: str, cwd: Path, ok: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -26,7 +30,7 @@ def mailsync(
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd), **(env or {})},
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd), **_PATH, **(env or {})},
     )
     if ok:
         assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -138,7 +142,7 @@ def test_a_station_converges_through_the_cli(site: Path) -> None:
         cwd=site,
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "MAILSYNC_CONFIG": str(hq / "mailsync.toml")},
+        env={"PATH": "/usr/bin:/bin", "MAILSYNC_CONFIG": str(hq / "mailsync.toml"), **_PATH},
         check=True,
     )
     assert "hq (host)" in env_proc.stdout

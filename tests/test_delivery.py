@@ -102,6 +102,7 @@ def test_chaos_converges_exactly_once(tmp_path: Path, seed: int, limit: int | No
             for name in rng.sample(c.names, len(c.names)):
                 assert not c.nodes[name].sync().errors
         assert office.dropped and office.duplicated and office.delayed
+        assert office.dictionaries, "some bodies should have used a link's dictionary"
         if limit:
             assert office.parts > 1, "the small limit should have made parts"
         office.calm()

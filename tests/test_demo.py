@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from mailsync.tools.demo import run_demo
+
+#: the package under test, where it is not the installed one (a worktree)
+_PATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
 
 
 def test_demo_converges_and_can_run_again(tmp_path: Path) -> None:
@@ -33,7 +37,7 @@ def test_demo_command_prints_agreeing_checksums(tmp_path: Path) -> None:
         [sys.executable, "-m", "mailsync", "demo", str(tmp_path / "d")],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "120"},
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "120", **_PATH},
     )
     assert proc.returncode == 0, proc.stderr
     assert "all three databases agree" in proc.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.header
 import email.policy
@@ -30,8 +31,11 @@ def test_message_round_trip_and_readable_headers() -> None:
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert msg["Subject"] == "[mailsync] koeln → hq #42"
     assert msg["X-Mailsync-From"] == "koeln" and msg["X-Mailsync-Seq"] == "42"
-    (part,) = [p for p in msg.iter_attachments()]
-    assert part.get_content_type() == "application/octet-stream"
+    # the message is its one attachment: no text part, no boundaries
+    assert not msg.is_multipart()
+    assert msg.get_content_type() == "application/octet-stream"
+    assert msg.get_content_disposition() == "attachment"
+    assert msg.get_content() == blob
     clear = read_header(blob, "m")
     assert (clear.sender, clear.recipient, clear.seq, clear.ack) == ("koeln", "hq", 42, 7)
     assert clear.key_id == HQ.public.key_id and len(clear.eph) == 32
@@ -41,6 +45,29 @@ def test_message_round_trip_and_readable_headers() -> None:
 def test_clear_text_names_no_table_or_value() -> None:
     raw, _ = make(body=b"customers Mueller secret")
     assert b"customers" not in raw and b"Mueller" not in raw
+
+
+def test_multipart_messages_of_earlier_versions_are_still_read() -> None:
+    """Until the single-part shape, a message was multipart/mixed with a
+    text part before the attachment; those still in a mailbox are read."""
+    _, blob = make()
+    body = base64.encodebytes(blob).replace(b"\n", b"\r\n")
+    raw = (
+        b"From: koeln@x.test\r\nX-Mailsync-Version: 2\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="=_b"\r\n\r\npreamble\r\n'
+        b"--=_b\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+        b'--=_b\r\nContent-Type: application/octet-stream; name="x.msync"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + body + b"\r\n--=_b--\r\n"
+    )
+    assert extract_envelope(raw, "m") == blob
+
+
+def test_a_small_message_is_mostly_its_envelope() -> None:
+    """What a message adds around its envelope: base64 and the headers
+    (issue 17: the fixed bytes weigh on every small changeset)."""
+    raw, blob = make(body=b"")
+    headers = len(raw) - len(base64.encodebytes(blob).replace(b"\n", b"\r\n"))
+    assert headers < 600
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,6 @@ import logging
 import sys
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from mailsync.cli import (
     admin,
@@ -25,7 +23,7 @@ from mailsync.cli import (
     range_cmds,
     service_cmds,
 )
-from mailsync.cli.common import State
+from mailsync.cli.common import LazyConsole, State, escape
 from mailsync.errors import MailsyncError
 
 app = typer.Typer(
@@ -75,11 +73,11 @@ def main() -> None:
     try:
         app()
     except MailsyncError as exc:
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err = LazyConsole(stderr=True)
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         if exc.hint:
             err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
+        LazyConsole(stderr=True).print("interrupted")
         sys.exit(130)

@@ -6,10 +6,8 @@ import os
 from pathlib import Path
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from mailsync.cli.common import console, open_node
+from mailsync.cli.common import console, escape, new_table, open_node
 from mailsync.enroll import new_passphrase, passphrase_from, write_bundle
 from mailsync.errors import ConfigError
 from mailsync.keys import PublicKey
@@ -91,7 +89,7 @@ def station_list(ctx: typer.Context) -> None:
     if not stations:
         console.print("no stations yet: `mailsync station add ID --email ADDRESS`")
         return
-    table = Table(show_edge=False)
+    table = new_table(show_edge=False)
     for col in ("id", "label", "email", "last contact", "out #", "in #"):
         table.add_column(col)
     for st in stations:
@@ -155,7 +153,7 @@ def _print_rules(rules: list, empty: str) -> None:  # type: ignore[type-arg]
     if not rules:
         console.print(empty)
         return
-    table = Table(show_edge=False)
+    table = new_table(show_edge=False)
     for col in ("table", "station", "down (host → remote)", "up (remote → host)", "row filter"):
         table.add_column(col)
     for r in rules:

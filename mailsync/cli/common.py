@@ -1,27 +1,100 @@
-"""What the command modules share: the selected config and the consoles."""
+"""What the command modules share: the selected config and the consoles.
+
+``rich`` is imported only when something is printed that needs it (a table,
+markup, a terminal): an idle ``mailsync sync`` into a log file or a pipe
+prints its one plain line without it. Start-up is most of a laptop's small
+sync (issue 17, item 4); ``tests/test_cli.py`` pins what a command imports.
+"""
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from mailsync.config import config_path
 from mailsync.errors import ConfigError
-from mailsync.node import Node
 
-# Into a file or a pipe, rich would assume 80 columns and squeeze the links
-# table to "koe…"; a log file or a mail from cron has room.
-_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
-console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mailsync.node import Node
+
+#: what rich would read as markup or an emoji code: such text goes through rich
+_RICH_SIGNS = ("[", ":")
+
+
+class LazyConsole:
+    """A ``rich`` console made on first real use; plain text bound for a
+    file or a pipe is printed without it (the same bytes rich would write:
+    no markup, no wrapping, no colour there)."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def rich(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            # Into a file or a pipe, rich would assume 80 columns and squeeze
+            # the links table to "koe…"; a log file or a mail from cron has room.
+            stream = sys.stderr if self._stderr else sys.stdout
+            width = None if stream.isatty() or "COLUMNS" in os.environ else 160
+            self._console = Console(
+                highlight=False, soft_wrap=True, width=width, stderr=self._stderr
+            )
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        if self._console is None and not _forced_terminal():
+            return (sys.stderr if self._stderr else sys.stdout).isatty()
+        return self.rich.is_terminal
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        if (
+            self._console is None
+            and not options
+            and all(isinstance(o, str) and not any(c in o for c in _RICH_SIGNS) for o in objects)
+            and not self.is_terminal
+        ):
+            builtins.print(*objects, file=sys.stderr if self._stderr else sys.stdout)
+            return
+        self.rich.print(*objects, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rich, name)
+
+
+def _forced_terminal() -> bool:
+    return any(os.environ.get(k) for k in ("FORCE_TERMINAL", "TTY_COMPATIBLE", "FORCE_COLOR"))
+
+
+console = LazyConsole()
+
+
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped (rich imported only now)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def new_table(*args: Any, **kwargs: Any) -> Table:
+    """A rich table (rich imported only now)."""
+    from rich.table import Table
+
+    return Table(*args, **kwargs)
 
 
 @dataclass
@@ -30,6 +103,8 @@ class State:
 
 
 def open_node(ctx: typer.Context) -> Node:
+    from mailsync.node import Node
+
     state: State = ctx.obj
     return Node.open(config_path(state.config))
 
@@ -57,7 +132,7 @@ def chosen_ids(ids: list[int] | None, all_: bool, what: str, listed_by: str) -> 
 
 def grid(*columns: str) -> Table:
     """A borderless table with these column headings."""
-    table = Table(show_edge=False)
+    table = new_table(show_edge=False)
     for col in columns:
         table.add_column(col)
     return table

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
 from mailsync import admin
-from mailsync.cli.common import chosen_ids, console, grid, open_node, print_json, when
+from mailsync.cli.common import chosen_ids, console, escape, grid, open_node, print_json, when
 
 conflicts_app = typer.Typer(
     help="Rows changed here and at a peer before either had the other's change.",

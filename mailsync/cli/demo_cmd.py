@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from mailsync.cli.common import console
+from mailsync.cli.common import console, escape, new_table
 
 
 def demo(
@@ -21,7 +19,7 @@ def demo(
 
     result = run_demo(directory, lambda line: console.print(escape(line)))
     nodes = list(result.checksums)
-    table = Table(title="after sync: rows and content checksum per node", show_edge=False)
+    table = new_table(title="after sync: rows and content checksum per node", show_edge=False)
     table.add_column("table", no_wrap=True)
     table.add_column("rows", justify="right", no_wrap=True)
     for node in nodes:

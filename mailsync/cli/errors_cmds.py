@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
 from mailsync import admin
-from mailsync.cli.common import chosen_ids, console, grid, open_node, when
+from mailsync.cli.common import chosen_ids, console, escape, grid, open_node, when
 
 errors_app = typer.Typer(
     help="Rows that could not be applied (parked, so that they never stall a link).",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
 from mailsync import admin
-from mailsync.cli.common import age, console, grid, open_node, print_json, when
+from mailsync.cli.common import age, console, escape, grid, open_node, print_json, when
 from mailsync.inbox import Buffered
 
 inbox_app = typer.Typer(

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from mailsync.cli.common import console, open_node
+from mailsync.cli.common import console, escape, new_table, open_node
 from mailsync.enroll import passphrase_from, read_bundle
 from mailsync.errors import ConfigError
 
@@ -99,7 +97,7 @@ def inspect(
     if report.controls:
         console.print(f"control: {', '.join(report.controls)}")
     if report.summary.per_table:
-        table = Table(show_edge=False)
+        table = new_table(show_edge=False)
         for col in ("table", "insert", "update", "delete"):
             table.add_column(col, justify="left" if col == "table" else "right")
         for name, ops in report.summary.per_table.items():

@@ -5,18 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from mailsync.cli.common import State, age, console, open_node, print_json, when
+from mailsync.cli.common import State, age, console, escape, new_table, open_node, print_json, when
 from mailsync.config import config_path
 from mailsync.keys import key_path, load_keyring
 from mailsync.node import CycleReport, Node, init_node
 from mailsync.schedule import next_runs, parse_zone
-from mailsync.service import ServiceState, service_state
 from mailsync.store.tables import now
+
+if TYPE_CHECKING:
+    from mailsync.service import ServiceState
 
 
 class RoleChoice(StrEnum):
@@ -153,6 +154,8 @@ def status(
     """Show role, peers, last contact, pending changes, outbox and problems."""
     with open_node(ctx) as node:
         st = node.status()
+        from mailsync.service import service_state  # the service's machinery: only here
+
         service = service_state(node)
         zone = parse_zone(node.config.timezone, str(node.config.path))
         upcoming = next_runs(node.config.schedules, now(), zone, 1)
@@ -169,7 +172,7 @@ def status(
     for peer, line in service.last_peers.items():
         colour = "red" if line.startswith("failed") else "green"
         console.print(f"  with {escape(peer)}: [{colour}]{escape(line)}[/]")
-    table = Table(title="links" if st.links else None, show_edge=False)
+    table = new_table(title="links" if st.links else None, show_edge=False)
     numeric = ("out #", "acked #", "in #", "pending", "outbox", "unacked", "buffered")
     for col in ("peer", "address", "last contact", "last sent", *numeric, "missing"):
         table.add_column(col, justify="right" if col in numeric else "left")

@@ -5,11 +5,9 @@ from __future__ import annotations
 import datetime as dt
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from mailsync import admin
-from mailsync.cli.common import console, open_node, when
+from mailsync.cli.common import console, escape, new_table, open_node, when
 from mailsync.ranges.draw import next_number
 from mailsync.ranges.model import DEFAULT_MAX_BLOCKS, DEFAULT_THRESHOLD, RangeSpec
 
@@ -75,7 +73,7 @@ def range_list(ctx: typer.Context) -> None:
     if not found:
         console.print("no number ranges (`mailsync range add`)")
         return
-    table = Table(show_edge=False)
+    table = new_table(show_edge=False)
     for col in ("range", "numbers", "block", "threshold", "bound to", "stations", "leases", "left"):
         table.add_column(col)
     for entry in found:
@@ -112,7 +110,7 @@ def range_show(
             else ""
         )
     )
-    table = Table(show_edge=False)
+    table = new_table(show_edge=False)
     for col in ("holder", "block", "used", "left", "state", "granted"):
         table.add_column(col)
     for x in held:

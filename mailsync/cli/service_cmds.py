@@ -8,16 +8,12 @@ import threading
 from pathlib import Path
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from mailsync.cli.common import State, console, open_node, print_json
+from mailsync.cli.common import State, console, escape, new_table, open_node, print_json
 from mailsync.config import config_path, load_config
 from mailsync.errors import ConfigError
 from mailsync.journal import LEVELS, read_log
 from mailsync.schedule import Schedule, next_runs, parse_schedule, parse_zone
-from mailsync.service import serve as run_service
-from mailsync.service import stop_on_signals
 from mailsync.store.tables import now
 
 _AGO = re.compile(r"^(\d+)\s*(m|h|d)$")
@@ -40,6 +36,9 @@ def serve(
     state: State = ctx.obj
     paths = configs or [config_path(state.config)]
     stop = threading.Event()
+    from mailsync.service import serve as run_service
+    from mailsync.service import stop_on_signals
+
     stop_on_signals(stop, console.print)
     failed = run_service(paths, once=once, say=console.print, stop=stop)
     if once and failed:
@@ -123,7 +122,7 @@ def log(
         print_json(entries)
         return
     colours = {"error": "bold red", "warning": "yellow", "info": "", "debug": "dim"}
-    table = Table(show_edge=False, show_header=False, box=None)
+    table = new_table(show_edge=False, show_header=False, box=None)
     for entry in entries:
         style = colours[entry.level]
         table.add_row(

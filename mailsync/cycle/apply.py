@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, delete
 from sqlalchemy.exc import OperationalError
 
-from mailsync import faults, inbox
+from mailsync import dictionaries, faults, inbox
 from mailsync import link as links_mod
 from mailsync.apply import Applied, Opener, apply_buffered
 from mailsync.cycle.contain import contained, describe
@@ -190,7 +190,8 @@ def _opener(ctx: CycleContext, peer: str, seq: int, parts: int) -> Opener:
                     raise MessageError(f"{origin}: part {number} is from another changeset")
                 yield more
 
-        return first, ctx.codec.stream(bodies(), origin)
+        dictionaries.ready(conn, ctx.codec, peer, first.dictionary, origin)
+        return first, ctx.codec.stream(bodies(), origin, first)
 
     return open_stream
 

@@ -22,7 +22,7 @@ from itertools import chain, islice
 
 from sqlalchemy import Connection
 
-from mailsync import inbox
+from mailsync import dictionaries, inbox
 from mailsync import link as links_mod
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
@@ -34,6 +34,8 @@ from mailsync.store.tables import loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Control, read_changeset
 from mailsync.wire.controls import (
     MAX_RESEND_REQUEST,
+    Dictionary,
+    DictionaryWanted,
     HostRestored,
     RangeGrants,
     RangeReport,
@@ -106,6 +108,18 @@ def act_on(
             _reload_requested(ctx, conn, links_mod.one(conn, peer), control)
         elif isinstance(control, HostRestored):
             _host_restored(ctx, conn, links_mod.one(conn, peer), control)
+        elif isinstance(control, Dictionary):
+            dictionaries.received(conn, peer, control, ctx.limits, link.in_seq)
+        elif isinstance(control, DictionaryWanted):
+            found = dictionaries.asked_for(conn, peer, control.ids)
+            report.dictionaries_due.setdefault(peer, []).extend(found)
+            ctx.journal.info(
+                "dictionary-request",
+                f"{peer} asks again for {len(control.ids)} dictionary(ies) of ours "
+                f"({len(found)} still held: sent, and our unacknowledged changesets after them)",
+                peer=peer,
+                conn=conn,
+            )
         elif isinstance(control, RangeGrants | RangeReport):
             for event, line in ctx.role.ranges_in(conn, peer, control):
                 level = "warning" if event == exchange.REFUSED else "info"
@@ -259,8 +273,12 @@ def _compose(
         and link.report_due
         and (link.notice_sent_at is None or link.notice_sent_at <= now() - resend_after)
     )
+    dicts_wanted = sorted(report.dictionaries_wanted.get(link.peer, ()))
+    dicts_due = report.dictionaries_due.get(link.peer, [])
     quiet = (
         not wanted
+        and not dicts_wanted
+        and not dicts_due
         and not reload
         and not notice
         and (link.in_seq <= link.ack_sent or link.peer in carried)
@@ -269,7 +287,10 @@ def _compose(
         return None  # nothing to say, nothing written: no savepoint (an idle station)
     # what composing writes is rolled back to here if it fails
     with conn.begin_nested():
-        return _write(ctx, conn, link, wanted, reload, notice, quiet, ranges)
+        extra: list[DictionaryWanted | Dictionary] = list(dicts_due)
+        if dicts_wanted:
+            extra.append(DictionaryWanted(tuple(dicts_wanted)))
+        return _write(ctx, conn, link, wanted, reload, notice, quiet, ranges, extra)
 
 
 def _write(
@@ -281,9 +302,11 @@ def _write(
     notice: bool,
     quiet: bool,
     ranges: list[RangeDef],
+    extra: list[DictionaryWanted | Dictionary],
 ) -> OutgoingControl | None:
     """The range traffic (a grant may be made here) and, if anything is
-    due, the control message itself, sealed."""
+    due, the control message itself, sealed (with ``extra``: dictionaries
+    asked for, or sent again)."""
     cfg = ctx.config
     resend_after = dt.timedelta(minutes=cfg.resend_after_minutes)
     gap_after = dt.timedelta(minutes=cfg.gap_request_minutes)
@@ -303,6 +326,8 @@ def _write(
     if notice:
         writer.control(HostRestored.KIND, HostRestored(link.in_seq).payload())
         links_mod.notice_sent(conn, link.peer)
+    for control in extra:
+        writer.control(control.KIND, control.payload())
     if reload:
         request = ReloadRequest(link.in_seq, link.reload_request)
         writer.control(ReloadRequest.KIND, request.payload())

@@ -19,7 +19,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, delete, select
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
-from mailsync import faults
+from mailsync import dictionaries, faults
 from mailsync import inbox as inbox_mod
 from mailsync import link as links_mod
 from mailsync.cycle import controls
@@ -31,7 +31,7 @@ from mailsync.link import Link
 from mailsync.ranges import exchange
 from mailsync.store.tables import inbox, outbox
 from mailsync.transport import open_receiver
-from mailsync.wire.envelope import Header, read_header
+from mailsync.wire.envelope import Header, UnknownDictionary, read_header
 from mailsync.wire.limits import exceeded
 from mailsync.wire.message import extract_envelope, is_mailsync
 
@@ -71,6 +71,8 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                         raise MessageError(f"{where}: {first_line(exc)}") from exc
                     _log_received(ctx, conn, header, duplicate)
             except MessageError as exc:
+                if isinstance(exc, UnknownDictionary):  # asked for in this cycle's controls
+                    report.dictionaries_wanted.setdefault(exc.peer, set()).add(exc.dictionary)
                 if box.forward_unrecognized:
                     report.forward.append(msg.raw)
                 rx.set_aside(msg.id, str(exc))
@@ -250,6 +252,7 @@ def _buffer(
         )
     if header.part == 1:
         body = ctx.codec.unseal(header, blob, where, ctx.ring)  # verified above
-        ctx.codec.check_first_part(body, where, whole=header.parts == 1)
+        dictionaries.ready(conn, ctx.codec, peer, header.dictionary, where)
+        ctx.codec.check_first_part(body, where, whole=header.parts == 1, header=header)
     inbox_mod.store(conn, peer, header, blob)
     return False

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mailsync.apply import Applied
 from mailsync.build import Built
+from mailsync.wire.controls import Dictionary
 
 
 @dataclass
@@ -34,6 +35,10 @@ class CycleReport:
     #: apply → controls: per peer, incomplete changesets dropped from the
     #: inbox (limits.incomplete_expiry_hours), to be asked for again whole
     expired: dict[str, list[int]] = field(default_factory=dict)
+    #: receive → controls: per peer, dictionaries a body of its named that we
+    #: do not hold (asked for), and ours it asked for (sent again)
+    dictionaries_wanted: dict[str, set[int]] = field(default_factory=dict)
+    dictionaries_due: dict[str, list[Dictionary]] = field(default_factory=dict)
 
     def peer_outcomes(self) -> dict[str, str]:
         """One line per peer something happened with in this cycle."""

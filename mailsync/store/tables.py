@@ -38,7 +38,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -251,6 +251,30 @@ horizons = Table(
     Column("horizon", BigInteger, nullable=False),
 )
 
+# Per-link zstd dictionaries (mailsync/dictionaries.py): ours ("out": ``seq``
+# the changeset that carried it, NULL until one did; ``first_seq`` the first
+# compressed with it) and the peers' ("in": ``seq`` where it arrived).
+dictionaries = Table(
+    "mailsync_dictionaries",
+    metadata,
+    Column("peer", String(64), primary_key=True),
+    Column("way", String(3), primary_key=True),
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("seq", BigInteger),
+    Column("first_seq", BigInteger),
+    Column("created_at", _Time, nullable=False),
+)
+
+# Recent small changeset bodies of a link, until a dictionary is trained.
+dictionary_samples = Table(
+    "mailsync_dictionary_samples",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("peer", String(64), nullable=False, index=True),
+    Column("body", LargeBinary, nullable=False),
+)
+
 mailbox_seen = Table(
     "mailsync_mailbox_seen",
     metadata,
@@ -413,6 +437,13 @@ def _v5_to_v6(conn: Connection) -> None:
     )
 
 
+def _v6_to_v7(conn: Connection) -> None:
+    """Per-link zstd dictionaries: two new tables (``create_all`` in
+    :func:`ensure_schema` makes them already; this keeps the step explicit)."""
+    for table in (dictionaries, dictionary_samples):
+        table.create(conn, checkfirst=True)
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
@@ -420,6 +451,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     3: _v3_to_v4,
     4: _v4_to_v5,
     5: _v5_to_v6,
+    6: _v6_to_v7,
 }
 
 

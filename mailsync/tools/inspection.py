@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mailsync import trust
+from mailsync import dictionaries, trust
 from mailsync.errors import MessageError
 from mailsync.node import Node
 from mailsync.wire.changeset import Control, RowBatch, Summary, read_changeset
@@ -77,6 +77,9 @@ def inspect_message(node: Node, raw: bytes, origin: str = "message") -> Inspecti
         )
         return report
     try:
+        if header.dictionary:  # the sender's dictionary, as this node holds it
+            with node.engine.connect() as conn:
+                dictionaries.ready(conn, node.codec, header.sender, header.dictionary, origin)
         _, stream = node.codec.open(blob, origin, node.ring, keys)
         counting = _Counting(stream)
         for record in read_changeset(counting, origin=origin):

@@ -19,6 +19,8 @@ kind          dataclass                what it says
 ``ranges``    :class:`RangeReport`     station → host: lease use, blocks wanted
 ``ranges``    :class:`RangeGrants`     host → station: blocks granted, asked back
 ``restored``  :class:`HostRestored`    host → station: I went back to a backup
+``dict?``     :class:`DictionaryWanted` send me these dictionaries again
+``dict``      :class:`Dictionary`      a dictionary asked for (sent again)
 ============  =======================  =====================================
 
 Sequenced changesets (applied with the rows, in the same transaction):
@@ -27,6 +29,7 @@ Sequenced changesets (applied with the rows, in the same transaction):
 ``key``       :class:`KeyAnnouncement` the sender's next public key
 ``rules``     :class:`RulesUpdate`     a station's effective table rules
 ``reload``    :class:`FullLoad`        these tables follow in full: replace
+``dict``      :class:`Dictionary`      a zstd dictionary for this link's bodies
 ============  =======================  =====================================
 
 The wire keeps the name ``reload`` for both a request and a full load (older
@@ -42,7 +45,7 @@ from typing import Any
 
 from mailsync.errors import ConfigError, MessageError
 from mailsync.ranges.numformat import MAX_FORMAT, parse_format
-from mailsync.wire.envelope import MAX_WIRE_INT
+from mailsync.wire.envelope import MAX_WIRE_INT, dictionary_id
 
 #: At most this many sequence numbers or parts are asked for in one request.
 MAX_RESEND_REQUEST = 10_000
@@ -359,7 +362,70 @@ class RangeGrants:
         return cls(grants, release)
 
 
-UnsequencedControl = Resend | ReloadRequest | RangeReport | RangeGrants | HostRestored
+#: No dictionary this version would accept is larger (``[limits]``
+#: ``max_dictionary_bytes`` is the node's own bound, at most this).
+MAX_DICTIONARY_BYTES = 1024 * 1024
+#: At most this many dictionaries asked for in one request.
+MAX_DICTIONARIES_WANTED = 16
+
+
+@dataclass(frozen=True)
+class Dictionary:
+    """A zstd dictionary the sender compresses this link's small bodies with
+    once the receiver has it (see :mod:`mailsync.dictionaries`); ``id`` is
+    the digest of ``data`` (:func:`~mailsync.wire.envelope.dictionary_id`),
+    checked here, so a forged or damaged one never parses."""
+
+    id: int
+    data: bytes
+
+    KIND = "dict"
+
+    def payload(self) -> dict[str, Any]:
+        return {"id": self.id, "data": self.data}
+
+    @classmethod
+    def parse(cls, payload: Any) -> Dictionary:
+        data = _dict(cls.KIND, payload, "the dictionary")
+        ident = _int(cls.KIND, data.get("id"), "id")
+        blob = data.get("data")
+        if not isinstance(blob, bytes) or not blob:
+            raise _fail(cls.KIND, "data is not bytes")
+        if len(blob) > MAX_DICTIONARY_BYTES:
+            raise _fail(
+                cls.KIND, f"data has {len(blob):,} bytes (at most {MAX_DICTIONARY_BYTES:,})"
+            )
+        if dictionary_id(blob) != ident:
+            raise _fail(cls.KIND, f"id {ident:x} is not the digest of its data")
+        return cls(ident, blob)
+
+
+@dataclass(frozen=True)
+class DictionaryWanted:
+    """Send me these dictionaries again: a body named one I do not hold."""
+
+    ids: tuple[int, ...]
+
+    KIND = "dict?"
+
+    def payload(self) -> list[int]:
+        return list(self.ids)
+
+    @classmethod
+    def parse(cls, payload: Any) -> DictionaryWanted:
+        items = _list(cls.KIND, payload, "the ids")[:MAX_DICTIONARIES_WANTED]
+        return cls(tuple(_int(cls.KIND, i, "an id") for i in items))
+
+
+UnsequencedControl = (
+    Resend
+    | ReloadRequest
+    | RangeReport
+    | RangeGrants
+    | HostRestored
+    | Dictionary
+    | DictionaryWanted
+)
 
 
 def parse_unsequenced(kind: str, payload: Any, *, from_host: bool) -> UnsequencedControl | None:
@@ -378,6 +444,10 @@ def parse_unsequenced(kind: str, payload: Any, *, from_host: bool) -> Unsequence
         return RangeGrants.parse(payload) if from_host else RangeReport.parse(payload)
     if kind == HostRestored.KIND and from_host:
         return HostRestored.parse(payload)
+    if kind == Dictionary.KIND:
+        return Dictionary.parse(payload)
+    if kind == DictionaryWanted.KIND:
+        return DictionaryWanted.parse(payload)
     return None
 
 
@@ -449,11 +519,11 @@ class FullLoad:
         return cls(tuple(_str(cls.KIND, t, "a table name") for t in names))
 
 
-SequencedControl = KeyAnnouncement | RulesUpdate | FullLoad
+SequencedControl = KeyAnnouncement | RulesUpdate | FullLoad | Dictionary
 
-_SEQUENCED: dict[str, type[KeyAnnouncement] | type[RulesUpdate] | type[FullLoad]] = {
-    c.KIND: c for c in (KeyAnnouncement, RulesUpdate, FullLoad)
-}
+_SEQUENCED: dict[
+    str, type[KeyAnnouncement] | type[RulesUpdate] | type[FullLoad] | type[Dictionary]
+] = {c.KIND: c for c in (KeyAnnouncement, RulesUpdate, FullLoad, Dictionary)}
 
 
 def parse_sequenced(kind: str, payload: Any) -> SequencedControl | None:

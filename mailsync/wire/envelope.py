@@ -9,7 +9,9 @@ it names a table, a column or a value.
 
 Sealing (DESIGN §6), with the ``cryptography`` package's primitives only:
 
-- the body is the zstd-compressed changeset;
+- the body is the zstd-compressed changeset — for a small changeset, with
+  the link's zstd dictionary named by the header's ``dict`` (0: none; see
+  :mod:`mailsync.dictionaries`): a body is never decompressed with any other;
 - a fresh X25519 key pair per message agrees a secret with the recipient's
   static X25519 key; HKDF-SHA256 turns it into a ChaCha20-Poly1305 key
   (unique per message, so a fixed nonce is safe);
@@ -25,6 +27,7 @@ Layout (integers big-endian)::
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,6 +56,10 @@ _TAG = 16  # Poly1305
 _NONCE = bytes(12)  # the key is unique per message
 _INFO = b"mailsync envelope v2"
 DEFAULT_LEVEL = 3
+#: small changesets with a dictionary: ~0.2 ms for 5 kB, 6 % smaller than at 3
+DEFAULT_DICTIONARY_LEVEL = 9
+#: compressors with a dictionary kept ready (a new one costs ~170 µs)
+_DICTS_KEPT = 64
 #: decompressed bytes per read when a part is measured
 _MEASURE_CHUNK = 1 << 17
 
@@ -87,6 +94,10 @@ class Header:
     #: receiver acts only on one above the highest it has seen, so a copy
     #: replayed from the mailbox is ignored. Signed with the rest.
     ctl: int = 0
+    #: the id of the zstd dictionary the body was compressed with (0: none):
+    #: a digest of the dictionary's content (:func:`dictionary_id`), so an id
+    #: names one dictionary forever, whoever trained it and whenever
+    dictionary: int = 0
 
     @property
     def after(self) -> int:
@@ -109,6 +120,7 @@ class Header:
             "ack_cid": self.ack_cid,
             "acked": self.acked,
             "ctl": self.ctl,
+            **({"dict": self.dictionary} if self.dictionary else {}),
         }
 
     @classmethod
@@ -130,6 +142,7 @@ class Header:
                 ack_cid=str(data.get("ack_cid", "")),
                 acked=int(data.get("acked", 0)),
                 ctl=int(data.get("ctl", 0)),
+                dictionary=int(data.get("dict", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError(f"{origin}: envelope header is malformed") from exc
@@ -143,6 +156,7 @@ class Header:
             header.acked,
             header.after,
             header.ctl,
+            header.dictionary,
         )
         if any(n > MAX_WIRE_INT for n in numbers) or (
             header.seq < 0
@@ -153,6 +167,7 @@ class Header:
             or len(header.ack_cid) > 32
             or header.acked < 0
             or header.ctl < 0
+            or header.dictionary < 0
         ):
             raise MessageError(f"{origin}: envelope header has impossible numbers")
         return header
@@ -161,6 +176,59 @@ class Header:
 #: The largest number a header may carry: what a signed 64-bit column holds
 #: (mailsync's sequence numbers are BIGINT on every database).
 MAX_WIRE_INT = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class DictionarySettings:
+    """How a node trains the dictionaries of its links (config ``[node]``
+    ``dictionary_*``; see :mod:`mailsync.dictionaries`)."""
+
+    #: bytes of one dictionary (0: no dictionaries)
+    size: int = 8 * 1024
+    #: small bodies a dictionary is trained from
+    samples: int = 24
+    #: changesets compressed with one dictionary before a new one is trained
+    rotate_every: int = 1000
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+
+class UnknownDictionary(MessageError):
+    """A body names a dictionary this node does not hold (lost with a
+    restored database, pruned, or an id the sender made up): it cannot be
+    decoded, and is never decoded with another one."""
+
+    def __init__(self, origin: str, peer: str, dictionary: int) -> None:
+        super().__init__(
+            f"{origin}: compressed with dictionary {dictionary:x} of {peer}, which this node "
+            "does not hold (it is asked for; the changeset comes again)"
+        )
+        self.peer = peer
+        self.dictionary = dictionary
+
+
+def dictionary_contexts(
+    data: bytes, level: int, origin: str = "dictionary"
+) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+    """A compressor and a decompressor with the dictionary ``data``, tried
+    on a few bytes first: zstd loads a dictionary lazily, and one that is
+    not (its header malformed) fails only then — MessageError here."""
+    try:
+        zdict = zstandard.ZstdCompressionDict(data)
+        compressor = zstandard.ZstdCompressor(level=level, dict_data=zdict)
+        decompressor = zstandard.ZstdDecompressor(dict_data=zdict)
+        probe = compressor.compress(b"mailsync")
+        decompressor.decompress(probe)
+    except zstandard.ZstdError as exc:
+        raise MessageError(f"{origin}: not a usable zstd dictionary ({exc})") from exc
+    return compressor, decompressor
+
+
+def dictionary_id(data: bytes) -> int:
+    """The id of a dictionary: the first 63 bits of its SHA-256 (never 0)."""
+    return (int.from_bytes(hashlib.sha256(data).digest()[:8], "big") >> 1) or 1
 
 
 class Codec:
@@ -172,16 +240,60 @@ class Codec:
     uncompressed in memory; what they decompress into is bounded by
     ``limits`` (per part and per changeset), and so is what the changeset
     reader built on :meth:`stream` accepts.
+
+    Dictionaries are learnt per peer (:meth:`learn`, by whoever read them
+    from the database) and kept with their compressor and decompressor, a
+    few per peer: a body names its dictionary by id, and one this codec has
+    not learnt from that peer raises :class:`UnknownDictionary`.
     """
 
-    def __init__(self, level: int = DEFAULT_LEVEL, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        level: int = DEFAULT_LEVEL,
+        limits: Limits = DEFAULT_LIMITS,
+        dictionary_level: int = DEFAULT_DICTIONARY_LEVEL,
+        dictionaries: DictionarySettings | None = None,
+    ) -> None:
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._decompressor = zstandard.ZstdDecompressor()
         self.limits = limits
+        self.dictionary_level = dictionary_level
+        self.dictionaries = dictionaries or DictionarySettings()
+        #: (peer, id) → (compressor, decompressor), most recently learnt last
+        self._dicts: dict[
+            tuple[str, int], tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]
+        ] = {}
 
-    def body_writer(self, sink: BinaryIO) -> zstandard.ZstdCompressionWriter:
-        """A stream that compresses what is written to it into ``sink``."""
-        return self._compressor.stream_writer(sink, closefd=False)
+    def learn(self, peer: str, data: bytes) -> int:
+        """Keep a dictionary of the link with ``peer`` ready; its id.
+        MessageError if zstd cannot use it."""
+        key = (peer, dictionary_id(data))
+        if key not in self._dicts:
+            self._dicts[key] = dictionary_contexts(data, self.dictionary_level)
+            if len(self._dicts) > _DICTS_KEPT:
+                del self._dicts[next(iter(self._dicts))]
+        return key[1]
+
+    def knows(self, peer: str, dictionary: int) -> bool:
+        return dictionary == 0 or (peer, dictionary) in self._dicts
+
+    def _contexts(
+        self, peer: str, dictionary: int, origin: str
+    ) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+        if not dictionary:
+            return self._compressor, self._decompressor
+        found = self._dicts.get((peer, dictionary))
+        if found is None:
+            raise UnknownDictionary(origin, peer, dictionary)
+        return found
+
+    def body_writer(
+        self, sink: BinaryIO, peer: str = "", dictionary: int = 0
+    ) -> zstandard.ZstdCompressionWriter:
+        """A stream that compresses what is written to it into ``sink`` (with
+        the dictionary ``dictionary`` learnt for ``peer``, if not 0)."""
+        compressor = self._contexts(peer, dictionary, "compressing")[0]
+        return compressor.stream_writer(sink, closefd=False)
 
     def seal(
         self, header: Header, body: bytes, recipient: PublicKey, signer: Ed25519PrivateKey
@@ -228,19 +340,27 @@ class Codec:
         """Verify, decrypt and return the header and a stream of the changeset
         (of a changeset in one part; see :meth:`stream` for several)."""
         header, body = self.decrypt(blob, origin, ring, sender_keys)
-        return header, self.stream([body], origin)
+        return header, self.stream([body], origin, header)
 
-    def stream(self, bodies: Iterable[bytes], origin: str) -> Source:
+    def stream(self, bodies: Iterable[bytes], origin: str, header: Header | None = None) -> Source:
         """The changeset from its decrypted parts, in order, decompressed as it
-        is read: only one part is held at a time."""
-        return self._reader(bodies, origin)
+        is read: only one part is held at a time. ``header`` (of its first
+        part) names the dictionary, if any."""
+        return self._reader(bodies, origin, header)
 
-    def _reader(self, bodies: Iterable[bytes], origin: str) -> _CheckedReader:
+    def _reader(
+        self, bodies: Iterable[bytes], origin: str, header: Header | None
+    ) -> _CheckedReader:
+        decompressor = self._decompressor
+        if header is not None:
+            decompressor = self._contexts(header.sender, header.dictionary, origin)[1]
         raw = _Chained(iter(bodies))
-        reader = self._decompressor.stream_reader(io.BufferedReader(raw), closefd=False)
+        reader = decompressor.stream_reader(io.BufferedReader(raw), closefd=False)
         return _CheckedReader(reader, origin, self.limits, raw)
 
-    def check_first_part(self, body: bytes, origin: str, *, whole: bool) -> int:
+    def check_first_part(
+        self, body: bytes, origin: str, *, whole: bool, header: Header | None = None
+    ) -> int:
         """What a receiver can know of a changeset before it buffers it:
         its first part (decrypted ``body``), the only one that decodes on its
         own, is decompressed and read through, keeping nothing, with every
@@ -248,7 +368,7 @@ class Codec:
         without converting values; returns its decompressed size.
         MessageError if it breaks one. ``whole``: the part is the whole
         changeset (else it may end anywhere)."""
-        reader = self._reader([body], origin)
+        reader = self._reader([body], origin, header)
         for _ in read_changeset(
             reader, origin=origin, limits=self.limits, partial=not whole, typed=False
         ):

@@ -48,6 +48,8 @@ class Limits:
     #: bytes of one text or binary value (a value lies inside a record: raise
     #: both for tables of large documents)
     max_value_bytes: int = 16 * MIB
+    #: bytes of one zstd dictionary a peer sends (mailsync trains 8 KiB ones)
+    max_dictionary_bytes: int = 64 * KIB
     #: how far ahead of the last changeset applied from its sender one may be
     #: numbered (a month of five-minute cycles is under 9,000)
     max_ahead: int = 100_000
