@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit imports install test-deps bench bench-quick clean
+.PHONY: demo test lint typecheck unit imports install test-deps bench bench-quick dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ imports: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest
 
+## make dist: the wheel a server or laptop installs (pipx install dist/mailsync-*.whl)
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+	@ls dist/*.whl
+
 ## make bench: measurements, not part of make test
 bench: $(STAMP)
 	$(PY) bench/pipeline.py --output docs/benchmarks.md
@@ -53,4 +59,4 @@ bench-quick: $(STAMP)
 	$(PY) bench/streaming_memory.py --quick > /dev/null
 
 clean:
-	rm -rf $(VENV) mailsync-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) mailsync-demo dist build .pytest_cache .mypy_cache .ruff_cache

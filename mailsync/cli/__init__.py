@@ -48,11 +48,29 @@ def _root(
         show_envvar=True,
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step to stderr."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=lambda shown: _print_version() if shown else None,
+        help="Print the installed version and exit.",
+    ),
 ) -> None:
     """mailsync: store-and-forward database sync over ordinary mailboxes."""
     ctx.obj = State(config=config)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _print_version() -> None:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        print(f"mailsync {installed('mailsync')}")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        print("mailsync (not installed: run from a source tree)")
+    raise typer.Exit()
 
 
 node_cmds.register(app)
