@@ -1,3 +1,5 @@
-from mailsync.cli import main
+"""``python -m mailsync``: the same entry point as the ``mailsync`` command."""
+
+from mailsync.entry import main
 
 main()

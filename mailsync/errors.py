@@ -52,6 +52,11 @@ def first_line(exc: BaseException) -> str:
     return detail[0] if detail else type(exc).__name__
 
 
+#: what a Ctrl-C says (the command line): every step commits before the
+#: next relies on it, so an interrupted command is simply run again
+INTERRUPTED = "interrupted; nothing lost — run the command again"
+
+
 class MailsyncError(Exception):
     """Base of every error mailsync reports to a user."""
 

@@ -21,9 +21,18 @@ POINTS = (
     "after-send",  # the mail system has the message, the outbox does not know
     "witness-ahead",  # the restore witness is written, the database not yet committed
     "witness-behind",  # the cycle committed its work, the witness is not renewed yet
+    "start",  # the command is starting: nothing imported but this module
 )
 
 
+#: ``MAILSYNC_FAULT=NAME:int`` sends SIGINT instead, as a Ctrl-C at that
+#: instant would
+INTERRUPT = ":int"
+
+
 def point(name: str) -> None:
-    if os.environ.get(ENV) == name:
+    wanted = os.environ.get(ENV)
+    if wanted == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == name + INTERRUPT:
+        os.kill(os.getpid(), signal.SIGINT)

@@ -75,7 +75,7 @@ RULES: tuple[Rule, ...] = (
         "cli-on-top",
         importers=("mailsync",),
         forbidden=("mailsync.cli",),
-        allowed=("mailsync.__main__", "mailsync.cli"),
+        allowed=("mailsync.__main__", "mailsync.entry", "mailsync.cli"),
         why="the command line is a thin layer over the library, which never needs it",
     ),
     Rule(

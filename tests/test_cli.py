@@ -486,3 +486,23 @@ def test_join_refuses_a_bundle_for_another_station(site: Path) -> None:
         ),
         "damaged",
     )
+
+
+def test_ctrl_c_says_nothing_is_lost_and_the_next_sync_finishes(site: Path) -> None:
+    """A Ctrl-C mid-sync (SIGINT after the apply committed) and during
+    start-up: one line, exit 130, no traceback; the next sync loses nothing."""
+    init_both(site)
+    hq, koeln = site / "hq", site / "koeln"
+    enroll(site)
+    mailsync("table", "add", "customers", cwd=hq)
+    mailsync("sync", cwd=hq)
+    for point in ("start:int", "after-apply:int"):
+        proc = mailsync("sync", cwd=koeln, ok=False, env={"MAILSYNC_FAULT": point})
+        assert proc.returncode == 130, (point, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            "interrupted; nothing lost — run the command again"
+        ], proc.stderr
+    mailsync("sync", cwd=koeln)
+    with sqlite3.connect(koeln / "app.db") as conn:
+        assert conn.execute("SELECT count(*) FROM customers").fetchone() == (1,)

@@ -8,6 +8,7 @@ a one-line message, a hint and a non-zero exit code — never a traceback.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import typer
@@ -24,7 +25,7 @@ from mailsync.cli import (
     service_cmds,
 )
 from mailsync.cli.common import LazyConsole, State, escape
-from mailsync.errors import MailsyncError
+from mailsync.errors import INTERRUPTED, MailsyncError
 
 app = typer.Typer(
     name="mailsync",
@@ -86,8 +87,21 @@ conflicts_cmds.register(app)
 demo_cmd.register(app)
 
 
+class _Interrupted(BaseException):
+    """A Ctrl-C, raised past click (which would print "Aborted!" for a
+    KeyboardInterrupt) to :func:`main`."""
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: one line for every failure a user causes
+    or meets, never a traceback; a Ctrl-C says that nothing is lost (every
+    step commits before the next relies on it). ``serve`` installs its own
+    SIGINT handler: it finishes the cycle in progress."""
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         app()
     except MailsyncError as exc:
@@ -96,6 +110,6 @@ def main() -> None:
         if exc.hint:
             err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        LazyConsole(stderr=True).print("interrupted")
+    except (_Interrupted, KeyboardInterrupt):
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
