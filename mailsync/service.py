@@ -62,6 +62,14 @@ class ServiceState:
     last_outcome: str | None = None
     #: per peer, the outcome of the last cycle that had to do with it
     last_peers: dict[str, str] = field(default_factory=dict)
+    #: the last heartbeat of the service that claimed the node
+    heartbeat_at: dt.datetime | None = None
+
+    @property
+    def crashed(self) -> bool:
+        """A service claimed the node, never said it stopped, and is gone
+        (killed, crashed, its machine down): not the same as "stopped"."""
+        return self.host is not None and self.stopped_at is None and not self.running
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -112,6 +120,7 @@ def service_state(node: Node) -> ServiceState:
         _aware(row.last_cycle_at),
         row.last_outcome,
         json.loads(row.last_peers) if row.last_peers else {},
+        _aware(row.heartbeat_at),
     )
 
 

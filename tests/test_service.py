@@ -192,3 +192,33 @@ def test_a_reused_pid_does_not_hold_the_claim_and_a_bug_does_not_stop_serve(
         other.kill()
         other.wait()
         c.close()
+
+
+def test_a_serve_that_died_is_named_as_such_not_stopped(tmp_path: Path) -> None:
+    """`status` after serve was killed said "stopped", like a service never
+    started; every time it prints carries its zone."""
+    import subprocess
+
+    from mailsync.cli.node_cmds import _service_line
+
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        add_schedule(c, "hq", '[[schedule]]\nevery = "15m"\n')
+        claim(c.engines["hq"], "serve")
+        with c.engines["hq"].begin() as conn:
+            conn.execute(update(service_table).values(pid=gone.pid))
+        state = service_state(c.nodes["hq"])
+        assert state.crashed and not state.running
+        line = _service_line(state, [])
+        assert "stopped unexpectedly" in line and f"pid {gone.pid}" in line
+        zone = dt.datetime.now().astimezone().strftime("%Z")
+        assert line.count(zone) >= 2, line
+        # a serve that stopped as asked is "stopped", not crashed
+        with c.engines["hq"].begin() as conn:
+            conn.execute(update(service_table).values(stopped_at=now()))
+        state = service_state(c.nodes["hq"])
+        assert not state.crashed and "stopped[/] since" in _service_line(state, [])
+    finally:
+        c.close()

@@ -110,12 +110,12 @@ def open_node(ctx: typer.Context) -> Node:
 
 
 def when(value: dt.datetime | None) -> str:
-    """A timestamp in local time, or 'never'."""
+    """A timestamp in local time with its zone, or 'never'."""
     if value is None:
         return "never"
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def chosen_ids(ids: list[int] | None, all_: bool, what: str, listed_by: str) -> list[int] | None:

@@ -282,13 +282,20 @@ def _service_line(service: ServiceState, upcoming: list[dt.datetime]) -> str:
             f"(pid {service.pid})"
         )
         if service.next_run_at is not None:
-            head += f", next sync at {service.next_run_at.astimezone():%H:%M}"
+            head += f", next sync at {service.next_run_at.astimezone():%H:%M %Z}"
+    elif service.crashed:
+        head = (
+            f"[bold red]stopped unexpectedly[/]: the serve on {escape(service.host or '')} "
+            f"(pid {service.pid}, running since {when(service.started_at)}) is gone without "
+            f"stopping; its last heartbeat was {when(service.heartbeat_at)} (see the system "
+            "log: killed, crashed or its machine went down)"
+        )
     else:
         head = "[yellow]stopped[/]" + (
             f" since {when(service.stopped_at)}" if service.stopped_at else ""
         )
         if upcoming:
-            head += f" (the schedule's next run would be {upcoming[0]:%a %H:%M})"
+            head += f" (the schedule's next run would be {upcoming[0]:%a %H:%M %Z})"
     if service.last_cycle_at is not None:
         head += f"; last cycle {when(service.last_cycle_at)}: {escape(service.last_outcome or '')}"
     return head

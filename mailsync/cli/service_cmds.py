@@ -126,7 +126,7 @@ def log(
     for entry in entries:
         style = colours[entry.level]
         table.add_row(
-            f"{entry.at.astimezone():%Y-%m-%d %H:%M:%S}",
+            f"{entry.at.astimezone():%Y-%m-%d %H:%M:%S %Z}",
             entry.level,
             entry.peer or "",
             escape(entry.message),
