@@ -119,6 +119,22 @@ class NodeConfig:
     timezone: str | None = None
     #: how much a received message may make this node decode ([limits])
     limits: Limits = DEFAULT_LIMITS
+    #: where the database's password comes from, when not from libpq's own
+    #: PGPASSWORD / ~/.pgpass (never the config: ``database_password_*``)
+    database_secret: Secret = field(default_factory=Secret)
+
+    def database_url(self) -> str:
+        """The database URL with its password filled in from its source."""
+        password = self.database_secret.resolve(f"{self.path} [node] database")
+        if password is None:
+            return self.database
+        url = make_url(self.database)
+        if url.password is not None:
+            raise ConfigError(
+                f"{self.path} [node]: the database URL has a password and a "
+                "database_password_* source is set too; give it in one place"
+            )
+        return url.set(password=password).render_as_string(hide_password=False)
 
     @property
     def base_dir(self) -> Path:
@@ -290,6 +306,19 @@ def load_config(path: Path) -> NodeConfig:
     retention = _get(node, "log_retention_days", int, where, DEFAULT_LOG_RETENTION_DAYS)
     if retention < 1:
         raise ConfigError(f"{where}: log_retention_days must be at least 1")
+    db_sources = [
+        k
+        for k in ("database_password_env", "database_password_file", "database_password_command")
+        if k in node
+    ]
+    if len(db_sources) > 1:
+        raise ConfigError(f"{where}: give only one of {', '.join(db_sources)}")
+    db_password_file = _get(node, "database_password_file", str, where, None)
+    database_secret = Secret(
+        env=_get(node, "database_password_env", str, where, None),
+        file=_resolve(base, db_password_file) if db_password_file else None,
+        command=_get(node, "database_password_command", str, where, None),
+    )
     timezone = _get(node, "timezone", str, where, None)
     if timezone:
         parse_zone(timezone, where)
@@ -355,6 +384,7 @@ def load_config(path: Path) -> NodeConfig:
         schedules=schedules,
         timezone=timezone,
         limits=limits,
+        database_secret=database_secret,
     )
 
 

@@ -97,7 +97,7 @@ class Node:
         cfg = config if isinstance(config, NodeConfig) else load_config(config_path(config))
         ring = load_keyring(key_path(cfg.path), cfg.node_id)
         _refuse_missing_file(cfg)
-        engine = open_engine(cfg.database)
+        engine = open_engine(cfg.database_url())
         try:
             check_connection(engine)
             _refuse_foreign(engine, cfg)
@@ -298,7 +298,7 @@ def init_node(
         cfg = NodeConfig(**{**cfg.__dict__, "path": path})
         if keys.exists():
             load_keyring(keys, node_id)  # refuses another node's or a readable file
-        engine = open_engine(cfg.database)
+        engine = open_engine(cfg.database_url())
         try:
             check_connection(engine)
             ensure_schema(engine)

@@ -145,3 +145,35 @@ def test_a_mistyped_config_is_one_line_with_file_line_and_meaning(
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_the_database_password_comes_from_a_source_not_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 20, item 10: like the mailbox's, never in the file itself (or
+    from libpq's own PGPASSWORD / ~/.pgpass when none is named)."""
+    url = "postgresql+psycopg://erp@db.example/firma"
+    node = f'[node]\nid = "hq"\nrole = "host"\ndatabase = "{url}"\n'
+    box = '[mailbox]\naddress = "hq@x.test"\n' + MAILDIR
+    path = tmp_path / "mailsync.toml"
+    path.write_text(node + box)
+    assert load_config(path).database_url() == url  # libpq finds it, or asks
+    path.write_text(node + 'database_password_env = "ERP_DB_PW"\n' + box)
+    monkeypatch.setenv("ERP_DB_PW", "s3cr:t@/x")
+    filled = load_config(path).database_url()
+    from sqlalchemy.engine import make_url
+
+    assert make_url(filled).password == "s3cr:t@/x" and "s3cr" not in path.read_text()
+    monkeypatch.delenv("ERP_DB_PW")
+    with pytest.raises(ConfigError, match="ERP_DB_PW is not set"):
+        load_config(path).database_url()
+    (tmp_path / "db.pw").write_text("from-a-file\n")
+    path.write_text(node + 'database_password_file = "db.pw"\n' + box)
+    assert make_url(load_config(path).database_url()).password == "from-a-file"
+    path.write_text(node + 'database_password_env = "A"\ndatabase_password_file = "db.pw"\n' + box)
+    with pytest.raises(ConfigError, match="only one of database_password_env"):
+        load_config(path)
+    inline = node.replace("erp@", "erp:pw@")
+    path.write_text(inline + 'database_password_file = "db.pw"\n' + box)
+    with pytest.raises(ConfigError, match="give it in one place"):
+        load_config(path).database_url()
