@@ -453,32 +453,75 @@ def render_config(
     database: str,
     address: str,
     mail: str,
+    send: str | None = None,
+    receive: str | None = None,
+    password_env: str | None = None,
+    password_file: str | None = None,
 ) -> str:
-    """The text of a new, commented config file."""
+    """The text of a new config file: every setting there is, the ones
+    not given commented out at their defaults, so that an admin reads what
+    can be set in the file itself (a test uncomments them all and loads it)."""
+    if password_env and password_file:
+        raise ConfigError("give only one of --password-env and --password-file")
+    password = (
+        f"password_env = {_q(password_env)}"
+        if password_env
+        else f"password_file = {_q(password_file)}"
+        if password_file
+        else '# password_env = "MAILSYNC_PASSWORD"   # or password_file = "…" / '
+        'password_command = "pass show mail/…"'
+    )
     lines = [
         "# mailsync node configuration. Local settings only: everything mailsync",
         "# remembers (stations, rules, sequence numbers) lives in the database.",
-        "# Relative paths are taken from the folder that holds this file.",
+        "# Relative paths are taken from the folder that holds this file. A setting",
+        "# mailsync does not know is refused, not ignored.",
         "",
         "[node]",
         f"id = {_q(node_id)}",
         f"role = {_q(role)}            # host | remote",
-        f"database = {_q(database)}    # any SQLAlchemy URL",
+        f"database = {_q(database)}    # any SQLAlchemy URL (no password in it)",
+        "# where the database password comes from, if libpq's PGPASSWORD or",
+        "# ~/.pgpass does not give it (one of the three):",
+        '# database_password_env = "MAILSYNC_DB_PASSWORD"',
+        '# database_password_file = "db-password.txt"',
+        '# database_password_command = "pass show db/firma"',
         f"compression_level = {DEFAULT_COMPRESSION_LEVEL}   # zstd level, 1-22",
         f"dictionary_bytes = {DEFAULT_DICTIONARY_BYTES}   # per-link dictionary for small "
         "changesets (0: none)",
+        f"# dictionary_level = {DEFAULT_DICTIONARY_LEVEL}      # zstd level with the dictionary",
+        f"# dictionary_samples = {DEFAULT_DICTIONARY_SAMPLES}   # small bodies it is trained from",
+        f"# dictionary_rotate = {DEFAULT_DICTIONARY_ROTATE}  # changesets until the next one",
         f"batch_rows = {DEFAULT_BATCH_ROWS}          # rows per batch when building/applying",
         f"key_grace_days = {DEFAULT_GRACE_DAYS}        # replaced keys still open mail this long",
         f"resend_after_minutes = {DEFAULT_RESEND_AFTER_MINUTES:g}  # unacknowledged mail is resent",
         f"gap_request_minutes = {DEFAULT_GAP_REQUEST_MINUTES:g}   # a missing message is asked for",
+        f"# log_retention_days = {DEFAULT_LOG_RETENTION_DAYS}   # days the node's log keeps",
+        "# timezone = \"Europe/Berlin\"   # the schedules' time zone (default: the machine's)",
         "# private keys: the .key file beside this one (owner-only, 0600)",
         "",
         "[mailbox]",
         f"address = {_q(address)}   # this node's e-mail address",
-        "# maildir:PATH is a local post office: one Maildir per address under PATH.",
-        f"send = {_q(mail)}",
-        f"receive = {_q(mail)}",
-        "keep_processed = true    # move processed mail to .Processed (false: delete)",
+        "# smtp+starttls://USER@HOST:587, smtps://USER@HOST, imaps://USER@HOST,",
+        "# pop3s://USER@HOST (USER with @ written %40); maildir:PATH is a local",
+        "# post office: one Maildir per address under PATH.",
+        f"send = {_q(send or mail)}",
+        f"receive = {_q(receive or mail)}",
+        password,
+        "keep_processed = true    # move processed mail to Processed (false: delete)",
+        '# ca_file = "company-ca.pem"   # a private CA to verify the servers against',
+        "# insecure = false        # true: no certificate checks (tests only)",
+        "# timeout = 60            # seconds for any one server operation",
+        '# processed_folder = "Processed"',
+        '# unrecognized_folder = "Unrecognized"',
+        '# forward_unrecognized = "admin@example.com"   # mail that is not mailsync\'s',
+        f"# max_message_bytes = {DEFAULT_MAX_MESSAGE_BYTES}   # larger changesets go in parts",
+        "",
+        "# When `mailsync serve` syncs (several [[schedule]] tables may be given):",
+        "# [[schedule]]",
+        '# every = "15m"',
+        '# between = "06:00-22:00"',
+        '# days = "mon-fri"',
         "",
         "# How much a received message may make this node decode; the defaults",
         "# admit what mailsync writes with a wide margin (see the README).",

@@ -274,6 +274,10 @@ def init_node(
     address: str,
     mail: str,
     force: bool = False,
+    send: str | None = None,
+    receive: str | None = None,
+    password_env: str | None = None,
+    password_file: str | None = None,
 ) -> NodeConfig:
     """Write a node's config and key file and create the mailsync tables.
 
@@ -286,7 +290,17 @@ def init_node(
     check_email(address, "node address")
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists", hint="pass --force to overwrite it")
-    text = render_config(node_id=node_id, role=role, database=database, address=address, mail=mail)
+    text = render_config(
+        node_id=node_id,
+        role=role,
+        database=database,
+        address=address,
+        mail=mail,
+        send=send,
+        receive=receive,
+        password_env=password_env,
+        password_file=password_file,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = key_path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=".mailsync-", suffix=".toml", dir=path.parent)

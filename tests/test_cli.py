@@ -238,6 +238,26 @@ def test_init_refuses_and_leaves_nothing_half_written(site: Path) -> None:
     assert_clean_error(proc, "cannot open the database")
     assert not (hq / "mailsync.toml").exists()
     assert [p.name for p in hq.iterdir()] == ["app.db"]
+    # a provider's two URLs and the password's source, checked before writing
+    base = ("init", "host", "--id", "hq", "--db", "sqlite:///app.db", "--address", "hq@x.test")
+    wrong = mailsync(*base, "--send", "imaps://hq%40x.test@mail.x.test", cwd=hq, ok=False)
+    assert_clean_error(wrong, "'imaps' cannot send")
+    assert wrong.returncode == 2 and not (hq / "mailsync.toml").exists()
+    mailsync(
+        *base,
+        "--send",
+        "smtp+starttls://hq%40x.test@mail.x.test:587",
+        "--receive",
+        "imaps://hq%40x.test@mail.x.test",
+        "--password-env",
+        "HQ_MAIL_PW",
+        cwd=hq,
+    )
+    written = (hq / "mailsync.toml").read_text()
+    assert 'send = "smtp+starttls://hq%40x.test@mail.x.test:587"' in written
+    assert 'receive = "imaps://hq%40x.test@mail.x.test"' in written
+    assert 'password_env = "HQ_MAIL_PW"' in written
+    (hq / "mailsync.toml").unlink()
     init_host(hq)
     again = mailsync(
         "init",

@@ -177,3 +177,48 @@ def test_the_database_password_comes_from_a_source_not_the_config(
     path.write_text(inline + 'database_password_file = "db.pw"\n' + box)
     with pytest.raises(ConfigError, match="give it in one place"):
         load_config(path).database_url()
+
+
+def test_a_new_config_names_every_setting_and_each_loads(tmp_path: Path) -> None:
+    """`init` writes every setting there is (issue 20, item 2): the ones not
+    given are commented out at their defaults; all of them uncommented, the
+    file still loads — so no name there is misspelt — and gives the defaults."""
+    import re
+
+    from mailsync.config import render_config
+
+    text = render_config(
+        node_id="hq",
+        role="host",
+        database="sqlite:///app.db",
+        address="hq@x.test",
+        mail="maildir:mail",
+        send="smtp+starttls://hq%40x.test@mail.x.test:587",
+        receive="imaps://hq%40x.test@mail.x.test",
+        password_env="HQ_MAIL_PW",
+    )
+    path = tmp_path / "mailsync.toml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert (
+        cfg.mailbox.send.startswith("smtp+starttls://") and cfg.mailbox.secret.env == "HQ_MAIL_PW"
+    )
+    for needed in ("log_retention_days", "timezone", "[[schedule]]", "database_password_env"):
+        assert needed in text, needed
+    opened = re.sub(r"(?m)^# (\[\[?\w+\]\]?|\w+ = )", r"\1", text)
+    # one database password source, not three (the loader refuses that)
+    opened = re.sub(r"(?m)^database_password_(file|command) = .*\n", "", opened)
+    path.write_text(opened)
+    full = load_config(path)
+    assert full.schedules and full.timezone == "Europe/Berlin"
+    assert full.limits == load_config(path).limits
+    with pytest.raises(ConfigError, match="only one of --password-env and --password-file"):
+        render_config(
+            node_id="hq",
+            role="host",
+            database="sqlite:///app.db",
+            address="hq@x.test",
+            mail="maildir:mail",
+            password_env="A",
+            password_file="B",
+        )

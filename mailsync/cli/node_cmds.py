@@ -38,6 +38,18 @@ def init(
         "--mail",
         help="Mailbox URL for sending and receiving; maildir:PATH is a local post office.",
     ),
+    send: str | None = typer.Option(
+        None, "--send", help="Where mail is sent, e.g. smtp+starttls://USER@HOST:587 [--mail]."
+    ),
+    receive: str | None = typer.Option(
+        None, "--receive", help="Where mail is read, e.g. imaps://USER@HOST [--mail]."
+    ),
+    password_env: str | None = typer.Option(
+        None, "--password-env", help="The environment variable with the mailbox password."
+    ),
+    password_file: str | None = typer.Option(
+        None, "--password-file", help="The file with the mailbox password (mode 0600)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing config file."),
 ) -> None:
     """Create a node: write its config and the mailsync tables in its database."""
@@ -51,6 +63,10 @@ def init(
         address=address,
         mail=mail,
         force=force,
+        send=send,
+        receive=receive,
+        password_env=password_env,
+        password_file=password_file,
     )
     public = load_keyring(key_path(path), cfg.node_id).current.public
     console.print(
