@@ -63,6 +63,12 @@ class Journal:
         finally:
             self._held = None
 
+    def drop_held(self, event: str) -> None:
+        """Forget the held entries of ``event`` (a quiet cycle's own lines:
+        an idle cycle writes nothing); the logger has had them already."""
+        if self._held is not None:
+            self._held = [e for e in self._held if e["event"] != event]
+
     def _flush(self) -> None:
         held, self._held = self._held or [], []
         if held:

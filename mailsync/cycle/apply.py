@@ -32,9 +32,13 @@ from mailsync.wire.envelope import Header, read_header
 def apply(ctx: CycleContext, report: CycleReport) -> None:
     """Apply what is complete and next, for every peer; settle which links
     are held, and why."""
-    with ctx.engine.connect() as conn:
-        peers = links_mod.all_links(conn)
-        waiting = inbox.peers_waiting(conn)
+    snap = ctx.fresh()
+    if snap is not None:
+        peers, waiting = snap.links, snap.waiting
+    else:
+        with ctx.engine.connect() as conn:
+            peers = links_mod.all_links(conn)
+            waiting = inbox.peers_waiting(conn)
     for link in peers:
         peer = link.peer
         if link.report_due:

@@ -20,27 +20,48 @@ from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import MailsyncError
+from mailsync.link import Link
+from mailsync.rules import Rule
 from mailsync.wire.message import part_bytes
 
 
-def plans(ctx: CycleContext, conn: Connection) -> list[tuple[LinkPlan, int]]:
-    """What may travel on each link now (routing), with the link's cursor."""
-    every = links_mod.all_links(conn)
-    planned = ctx.role.plans(conn, ctx.me, every, ctx.ring.current.public)
+def plans(
+    ctx: CycleContext,
+    conn: Connection,
+    every: list[Link] | None = None,
+    rules: list[Rule] | None = None,
+) -> list[tuple[LinkPlan, int]]:
+    """What may travel on each link now (routing), with the link's cursor
+    (``every`` and ``rules``: the links and rules, where read already)."""
+    if every is None:
+        every = links_mod.all_links(conn)
+    planned = ctx.role.plans(conn, ctx.me, every, ctx.ring.current.public, rules)
     return [(plan, link.change_cursor) for plan, link in zip(planned, every, strict=True)]
 
 
 def build(ctx: CycleContext, report: CycleReport) -> None:
     """Queue the next changeset for every link that has something to carry."""
-    with ctx.engine.begin() as conn:
-        planned = plans(ctx, conn)
-        tables = sorted({t for p, _ in planned for t in p.rules})
-        repaired, broken = _ensure_capture(conn, tables)
+    snap = ctx.fresh()
+    if snap is not None:
+        # nothing committed since the cycle's start: its reads hold (an
+        # idle cycle decides here without a statement)
+        planned, logged = snap.planned, snap.logged
+        repaired, broken = snap.repaired, snap.broken
+    else:
+        with ctx.engine.begin() as conn:
+            planned = plans(ctx, conn)
+            tables = sorted({t for p, _ in planned for t in p.rules})
+            repaired, broken = ensure_capture(conn, tables)
+        logged = None
     for name in repaired:
         ctx.journal.warning("capture", f"capture triggers of table {name} (re)installed")
-    horizon = ctx.dialect.change_horizon(ctx.engine)
+    horizon: int | None = None
     part_size = part_bytes(ctx.config.mailbox.max_message_bytes)
     for plan, cursor in planned:
+        if logged is not None and logged <= cursor and not plan.carries_controls:
+            continue  # nothing logged since its last build: no statement at all
+        if horizon is None:
+            horizon = ctx.dialect.change_horizon(ctx.engine)
         if horizon <= cursor and not plan.carries_controls:
             # nothing logged since its last build, nothing else to tell it:
             # an idle link costs no statement and no transaction
@@ -78,7 +99,7 @@ def _log_built(ctx: CycleContext, conn: Connection, built: Built) -> None:
     )
 
 
-def _ensure_capture(
+def ensure_capture(
     conn: Connection, tables: list[str]
 ) -> tuple[list[str], dict[str, MailsyncError]]:
     """Check (and repair) the capture triggers of ``tables``: the tables

@@ -13,6 +13,7 @@ from __future__ import annotations
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import faults, restore
+from mailsync.cycle import start
 from mailsync.cycle.apply import apply
 from mailsync.cycle.build import build
 from mailsync.cycle.contain import contained
@@ -33,9 +34,9 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
         with journal.deferred():
             journal.info("cycle", "sync cycle started")
             # before anything is received, drawn or built: a database that
-            # went back to a backup is caught even on an idle or dead link
-            witness = witness_path(ctx.config.path)
-            restore.confirm(ctx.engine, witness, journal)
+            # went back to a backup is caught even on an idle or dead link;
+            # and every stage's reads, in the same one transaction
+            ctx.snapshot = start.begin(ctx)
             # the mailbox steps: a mailbox that cannot be reached ends its
             # stage, and the rest of the cycle goes on without it
             with contained(report, journal, scope="mailbox", event="mailbox"):
@@ -54,13 +55,19 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
             # failed at nothing, moved none: the start's confirm holds)
             if not report.quiet:
                 faults.point("witness-behind")
-                restore.confirm(ctx.engine, witness, journal)
+                restore.confirm(ctx.engine, witness_path(ctx.config.path), journal)
             journal.info(
                 "cycle",
                 f"sync cycle done: {report.received} received, {report.rows_applied} rows "
                 f"applied, {report.rows_sent} rows queued, {report.sent} messages sent"
                 + (f", {len(report.errors)} errors" if report.errors else ""),
             )
+            if report.quiet:
+                # nothing happened: nothing to keep in the database either
+                # (the logger has heard both lines)
+                journal.drop_held("cycle")
     except SQLAlchemyError as exc:
         raise describe_db_error(ctx.engine, exc, "sync cycle failed") from exc
+    finally:
+        ctx.snapshot = None
     return report

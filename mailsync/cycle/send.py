@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from mailsync import faults
 from mailsync import link as links_mod
@@ -34,12 +34,13 @@ from mailsync.wire.envelope import read_header
 from mailsync.wire.message import Address, build_message
 
 
-def send(ctx: CycleContext, report: CycleReport) -> None:
-    """Hand every due message to the mail system (one connection per cycle)."""
+def due_parts(ctx: CycleContext, conn: Connection) -> list[Any]:
+    """The outbox parts due now (never sent, or unacknowledged for longer
+    than ``resend_after_minutes``), peer by peer, oldest first."""
     stale = now() - dt.timedelta(minutes=ctx.config.resend_after_minutes)
-    with ctx.engine.begin() as conn:
-        due = (outbox.c.sent_at.is_(None)) | (outbox.c.sent_at <= stale)
-        pending = conn.execute(
+    due = (outbox.c.sent_at.is_(None)) | (outbox.c.sent_at <= stale)
+    return list(
+        conn.execute(
             select(
                 outbox.c.peer,
                 outbox.c.seq,
@@ -53,10 +54,23 @@ def send(ctx: CycleContext, report: CycleReport) -> None:
             .where(due)
             .order_by(outbox.c.peer, outbox.c.seq, outbox.c.part)
         ).all()
+    )
+
+
+def send(ctx: CycleContext, report: CycleReport) -> None:
+    """Hand every due message to the mail system (one connection per cycle)."""
+    snap = ctx.fresh()
+    if snap is not None:
+        pending = snap.pending
         # a peer that gets a data message sealed with our current ack
         # learns it from that (a resent one carries the ack of its day)
         carried = {r.peer for r in pending if r.ack >= r.in_seq}
-        outgoing = controls.due(ctx, conn, carried, report)
+        outgoing = controls.due(ctx, carried, report, snap)
+    else:
+        with ctx.engine.begin() as conn:
+            pending = due_parts(ctx, conn)
+            carried = {r.peer for r in pending if r.ack >= r.in_seq}
+            outgoing = controls.compose_all(ctx, conn, carried, report)
     forward, report.forward = report.forward, []
     if not pending and not forward and not outgoing:
         return
