@@ -43,6 +43,7 @@ from mailsync import link as links_mod
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
 from mailsync.store.changelog import key_filter, logged_key
+from mailsync.store.engine import transaction
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import changes, horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
@@ -312,8 +313,10 @@ def build_for_link(
     seal: Sealer,
     part_size: int,
     on_built: Callable[[Connection, Built], None] | None = None,
+    within: Connection | None = None,
 ) -> Built | None:
-    """Build, seal and queue the next changeset for ``plan.peer``.
+    """Build, seal and queue the next changeset for ``plan.peer`` (in its
+    own transaction, or in a savepoint of ``within``'s).
 
     Rows stream from the database through the changeset writer and zstd into
     a spool, which is cut into parts of at most ``part_size`` bytes; each part
@@ -324,7 +327,7 @@ def build_for_link(
     with (
         contextlib.closing(_PartSpool(part_size)) as spool,
         contextlib.closing(_KeySpool()) as keys,
-        engine.begin() as conn,
+        transaction(engine, within) as conn,
     ):
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor

@@ -69,6 +69,13 @@ class Journal:
         if self._held is not None:
             self._held = [e for e in self._held if e["event"] != event]
 
+    def flush_into(self, conn: Connection) -> None:
+        """Write the held entries in ``conn``'s transaction (the cycle's
+        settling one) rather than in one of their own at the end."""
+        held, self._held = self._held, ([] if self._held is not None else None)
+        if held:
+            conn.execute(log_table.insert(), held)
+
     def _flush(self) -> None:
         held, self._held = self._held or [], []
         if held:

@@ -80,6 +80,8 @@ class Finding:
 
     kind: str  # "in step", "restored", "interrupted", "lost", "witness behind"
     steps: list[str] = field(default_factory=list)
+    #: the check wrote to the database (healed, or renewed the witness)
+    wrote: bool = False
 
 
 def confirm(engine: Engine, path: Path, journal: Journal) -> Finding:
@@ -121,7 +123,10 @@ def check(
         note["text"] = "; ".join(found.steps)
         set_meta(conn, NOTE, json.dumps(note))
     healed = found.kind not in ("in step", "witness behind")
-    renew(conn, path, witness, generation, (me, is_host, database), None if healed else every)
+    renewed = renew(
+        conn, path, witness, generation, (me, is_host, database), None if healed else every
+    )
+    found.wrote = renewed or found.kind != "in step"
     return found
 
 
@@ -380,12 +385,13 @@ def renew(
     generation: int,
     node: tuple[str, bool, str],
     every: list[links_mod.Link] | None = None,
-) -> None:
+) -> bool:
     """Write the witness anew (first, fsynced) where the database holds
     more than it says or a lease needs more numbers reserved, then raise
     the database's ceilings and generation (committed by the caller).
     ``node``: this node's id, whether it is the host, the database's id;
-    ``every``: the links, read in this transaction already (or None)."""
+    ``every``: the links, read in this transaction already (or None).
+    Whether it wrote."""
     me, is_host, database = node
     rows = conn.execute(select(leases).where(leases.c.holder == me).order_by(leases.c.first))
     mine, current = [], {}
@@ -421,7 +427,7 @@ def renew(
         and replace(witness, generation=0) == fresh
         and all(current.get(i) == c for i, c in ceilings.items())
     ):
-        return
+        return False
     number = max(generation, witness.generation if witness is not None else 0) + 1
     write_witness(path, replace(fresh, generation=number))
     faults.point("witness-ahead")  # the witness holds more than the database yet
@@ -430,6 +436,7 @@ def renew(
             conn.execute(update(leases).where(leases.c.id == lease_id_).values(ceiling=ceiling))
     set_meta(conn, GENERATION, str(number))
     set_meta(conn, WITNESS_PATH, str(path.resolve()))
+    return True
 
 
 def witness_of(conn: Connection) -> Path | None:

@@ -193,6 +193,9 @@ class CycleContext:
     #: what the cycle read at its start; None once anything committed since
     #: (:meth:`fresh`)
     snapshot: Snapshot | None = field(init=False, default=None)
+    #: the same, kept for the cycle whatever commits (for what only the
+    #: cycle's own stages change, and they say so in the report)
+    started: Snapshot | None = field(init=False, default=None)
     #: the node confirmed its restore witness and nothing ran since (the
     #: first cycle after ``Node.open`` need not do it again)
     witness_confirmed: bool = field(init=False, default=False)

@@ -200,16 +200,11 @@ class OutgoingControl:
     ack: int
 
 
-def due(
-    ctx: CycleContext, carried: set[str], report: CycleReport, snap: Snapshot
-) -> list[OutgoingControl]:
-    """:func:`compose_all` from the cycle's start ``snap`` (nothing has
-    committed since): a transaction only where some link may have
-    something to say — an idle cycle composes nothing and reads nothing."""
-    if not any(_may_say(ctx, link, carried, report, snap) for link in snap.links):
-        return []
-    with ctx.engine.begin() as conn:
-        return compose_all(ctx, conn, carried, report, snap)
+def may_say(ctx: CycleContext, carried: set[str], report: CycleReport, snap: Snapshot) -> bool:
+    """From the cycle's start ``snap`` (nothing has committed since):
+    whether any link may have a control message due — an idle cycle
+    composes nothing and reads nothing."""
+    return any(_may_say(ctx, link, carried, report, snap) for link in snap.links)
 
 
 def _may_say(
@@ -240,7 +235,14 @@ def compose_all(
     else:
         waiting, ranges = inbox.peers_waiting(conn), list_ranges(conn)  # once for every link
         every = links_mod.all_links(conn)
-    ranges_due = snap.ranges_due if snap is not None else None
+    ranges_due: set[str] | None = None
+    if snap is not None:
+        ranges_due = snap.ranges_due
+    elif ctx.role.is_host and ranges:
+        # one statement for every station, not a savepoint and reads each
+        resend_after = dt.timedelta(minutes=ctx.config.resend_after_minutes)
+        stations = {x.peer: x.report_due for x in every}
+        ranges_due = exchange.host_due(conn, stations, resend_after, ranges=ranges)
     for link in every:
         peer = link.peer
         with for_peer(report, ctx.journal, peer, "send-failed", f"controls for {peer}"):

@@ -21,30 +21,32 @@ from mailsync.rules import Rule
 from mailsync.store.tables import changes, horizons, links, log_table, now, outbox
 
 
-def purge(ctx: CycleContext) -> None:
-    """A fixed handful of reads whatever the number of peers (an idle host
-    with a thousand stations used to ask three questions per station) —
-    none where the cycle's start snapshot still holds — and a write only
-    when there is something to forget."""
+def log_due(ctx: CycleContext, oldest: dt.datetime | None) -> bool:
+    """Whether the log holds an entry past its retention."""
+    cutoff = now() - dt.timedelta(days=ctx.config.log_retention_days)
+    return oldest is not None and aware(oldest) < cutoff
+
+
+def purge(ctx: CycleContext, conn: Connection, rules: list[Rule] | None = None) -> None:
+    """In ``conn``'s transaction: a fixed handful of reads whatever the
+    number of peers (an idle host with a thousand stations used to ask
+    three questions per station) — none where the cycle's start snapshot
+    still holds: what it found safe then is safe now — and a write only
+    when there is something to forget. ``rules``: where read already."""
     cutoff = now() - dt.timedelta(days=ctx.config.log_retention_days)
     snap = ctx.fresh()
     if snap is not None:
         limit, oldest = snap.forget_upto, snap.oldest_log
     else:
-        with ctx.engine.connect() as conn:
-            limit = safe_to_forget(ctx, conn)
-            first = conn.execute(select(func.min(changes.c.id))).scalar()
-            oldest = conn.execute(select(func.min(log_table.c.at))).scalar()
+        limit = safe_to_forget(ctx, conn, None, rules)
+        first = conn.execute(select(func.min(changes.c.id))).scalar()
+        oldest = conn.execute(select(func.min(log_table.c.at))).scalar()
         if limit is not None and (first is None or first > limit):
             limit = None
-    forget_log = oldest is not None and aware(oldest) < cutoff
-    if limit is None and not forget_log:
-        return
-    with ctx.engine.begin() as conn:
-        if limit is not None:
-            conn.execute(delete(changes).where(changes.c.id <= limit))
-        if forget_log:
-            conn.execute(delete(log_table).where(log_table.c.at < cutoff))
+    if limit is not None:
+        conn.execute(delete(changes).where(changes.c.id <= limit))
+    if log_due(ctx, oldest):
+        conn.execute(delete(log_table).where(log_table.c.at < cutoff))
 
 
 def safe_to_forget(

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import faults, restore
+from mailsync import faults
 from mailsync.cycle import start
 from mailsync.cycle.apply import apply
-from mailsync.cycle.build import build
 from mailsync.cycle.contain import contained
 from mailsync.cycle.context import CycleContext
-from mailsync.cycle.purge import purge
 from mailsync.cycle.receive import receive
 from mailsync.cycle.report import CycleReport
-from mailsync.cycle.send import send
+from mailsync.cycle.send import Outgoing, send
+from mailsync.cycle.settle import settle, summary
 from mailsync.store.engine import describe_db_error
-from mailsync.store.witness import witness_path
 
 
 def run_cycle(ctx: CycleContext) -> CycleReport:
@@ -36,7 +34,7 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
             # before anything is received, drawn or built: a database that
             # went back to a backup is caught even on an idle or dead link;
             # and every stage's reads, in the same one transaction
-            ctx.snapshot = start.begin(ctx)
+            ctx.snapshot = ctx.started = start.begin(ctx)
             # the mailbox steps: a mailbox that cannot be reached ends its
             # stage, and the rest of the cycle goes on without it
             with contained(report, journal, scope="mailbox", event="mailbox"):
@@ -45,23 +43,19 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
             # escapes without naming its peer still ends only its stage
             with contained(report, journal, scope="peer", event="apply-failed"):
                 apply(ctx, report)
-            with contained(report, journal, scope="peer", event="build-failed"):
-                build(ctx, report)
-            with contained(report, journal, scope="mailbox", event="mailbox"):
-                send(ctx, report)
-            purge(ctx)
-            # leases granted and sequence numbers moved in this cycle (a
-            # cycle that received, applied, built and sent nothing, and
-            # failed at nothing, moved none: the start's confirm holds)
-            if not report.quiet:
+            if ctx.fresh() is None:
+                # work committed (received, applied); the witness is renewed
+                # with what comes next
                 faults.point("witness-behind")
-                restore.confirm(ctx.engine, witness_path(ctx.config.path), journal)
-            journal.info(
-                "cycle",
-                f"sync cycle done: {report.received} received, {report.rows_applied} rows "
-                f"applied, {report.rows_sent} rows queued, {report.sent} messages sent"
-                + (f", {len(report.errors)} errors" if report.errors else ""),
-            )
+            out = Outgoing()
+            with contained(report, journal, scope="peer", event="build-failed"):
+                # build, controls, records of what goes, purge, witness, the
+                # log lines held so far: one commit (none when idle)
+                out = settle(ctx, report)
+            with contained(report, journal, scope="mailbox", event="mailbox"):
+                send(ctx, report, out)
+            if not out.settled:
+                journal.info("cycle", summary(report))
             if report.quiet:
                 # nothing happened: nothing to keep in the database either
                 # (the logger has heard both lines)
@@ -69,5 +63,5 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
     except SQLAlchemyError as exc:
         raise describe_db_error(ctx.engine, exc, "sync cycle failed") from exc
     finally:
-        ctx.snapshot = None
+        ctx.snapshot = ctx.started = None
     return report

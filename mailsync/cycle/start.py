@@ -40,12 +40,21 @@ from mailsync.store.witness import witness_path
 
 def begin(ctx: CycleContext) -> Snapshot:
     """Confirm the witness (unless the node just did) and read the
-    snapshot; one transaction."""
-    with ctx.engine.begin() as conn:
+    snapshot; one transaction, committed only where it wrote."""
+    with ctx.engine.connect() as conn:
+        # the last cycle died with mail recorded as sent, not handed over
+        recovered = wrote = send.recover(ctx, conn)
         every = links_mod.all_links(conn)
         if not ctx.witness_confirmed:
-            restore.check(conn, witness_path(ctx.config.path), ctx.journal, every=every)
+            path = witness_path(ctx.config.path)
+            wrote = restore.check(conn, path, ctx.journal, every=every).wrote or wrote
+        ctx.witness_confirmed = False  # once: the next cycle checks again
         snap = _read(ctx, conn, every)
+        if wrote or snap.repaired or snap.broken:
+            conn.commit()
+        # else a read, rolled back: nothing to commit
+    if recovered:
+        send.unmark(ctx)
     return snap
 
 
