@@ -98,7 +98,7 @@ def check(
     """:func:`confirm` in the caller's transaction (``every``: the links,
     when the caller read them in it already)."""
     me, is_host = this_node(conn)
-    generation, database = _locked_generation(conn)
+    generation, database, recorded = _locked_generation(conn)
     damaged = False
     try:
         witness = read_witness(path, me, database)
@@ -124,7 +124,12 @@ def check(
         set_meta(conn, NOTE, json.dumps(note))
     healed = found.kind not in ("in step", "witness behind")
     renewed = renew(
-        conn, path, witness, generation, (me, is_host, database), None if healed else every
+        conn,
+        path,
+        witness,
+        generation,
+        (me, is_host, database, recorded),
+        None if healed else every,
     )
     found.wrote = renewed or found.kind != "in step"
     return found
@@ -141,20 +146,25 @@ def reserve(conn: Connection) -> bool:
     return True
 
 
-def _locked_generation(conn: Connection) -> tuple[int, str]:
+def _locked_generation(conn: Connection) -> tuple[int, str, str | None]:
     """This database's witness generation, its row locked until the commit
     (on PostgreSQL; SQLite's write transaction holds the whole database),
-    so that two processes never write the witness at once; and its id.
-    One statement."""
+    so that two processes never write the witness at once; its id, and
+    where its witness was last written. One statement."""
     rows = dict(
         conn.execute(
             select(meta_table.c.key, meta_table.c.value)
-            .where(meta_table.c.key.in_([GENERATION, DB_ID]))
+            .where(meta_table.c.key.in_([GENERATION, DB_ID, WITNESS_PATH]))
             .with_for_update()
         ).all()
     )
     value = rows.get(GENERATION)
-    return (int(value) if value is not None else 0), str(rows.get(DB_ID) or "")
+    recorded = rows.get(WITNESS_PATH)
+    return (
+        (int(value) if value is not None else 0),
+        str(rows.get(DB_ID) or ""),
+        None if recorded is None else str(recorded),
+    )
 
 
 def _my_leases(conn: Connection) -> list[Lease]:
@@ -383,16 +393,17 @@ def renew(
     path: Path,
     witness: Witness | None,
     generation: int,
-    node: tuple[str, bool, str],
+    node: tuple[str, bool, str, str | None],
     every: list[links_mod.Link] | None = None,
 ) -> bool:
     """Write the witness anew (first, fsynced) where the database holds
     more than it says or a lease needs more numbers reserved, then raise
     the database's ceilings and generation (committed by the caller).
-    ``node``: this node's id, whether it is the host, the database's id;
+    ``node``: this node's id, whether it is the host, the database's id,
+    where the database says its witness was last written;
     ``every``: the links, read in this transaction already (or None).
     Whether it wrote."""
-    me, is_host, database = node
+    me, is_host, database, recorded = node
     rows = conn.execute(select(leases).where(leases.c.holder == me).order_by(leases.c.first))
     mine, current = [], {}
     for row in rows:
@@ -435,7 +446,9 @@ def renew(
         if current.get(lease_id_) != ceiling:
             conn.execute(update(leases).where(leases.c.id == lease_id_).values(ceiling=ceiling))
     set_meta(conn, GENERATION, str(number))
-    set_meta(conn, WITNESS_PATH, str(path.resolve()))
+    where = str(path.resolve())
+    if where != recorded:
+        set_meta(conn, WITNESS_PATH, where)
     return True
 
 

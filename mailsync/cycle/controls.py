@@ -223,18 +223,25 @@ def compose_all(
     carried: set[str],
     report: CycleReport,
     snap: Snapshot | None = None,
+    every: list[Link] | None = None,
+    waiting: set[str] | None = None,
 ) -> list[OutgoingControl]:
     """Unsequenced messages due now, one per peer at most (``carried``: the
     peers a data message sealed with our current ack goes to anyway). A
     peer whose message cannot be composed (no key to seal it for) is held
     with its reason; what composing it wrote is rolled back to its savepoint.
-    ``snap``: the cycle's start reads, where they still hold."""
+    ``snap``: the cycle's start reads, where they still hold; else
+    ``every`` (the links) and ``waiting`` (peers that may have something
+    buffered), where the caller read them in this transaction."""
     out = []
     if snap is not None:
         waiting, ranges, every = snap.waiting, snap.ranges, snap.links
     else:
-        waiting, ranges = inbox.peers_waiting(conn), list_ranges(conn)  # once for every link
-        every = links_mod.all_links(conn)
+        ranges = list_ranges(conn)  # once for every link
+        if waiting is None:
+            waiting = inbox.peers_waiting(conn)
+        if every is None:
+            every = links_mod.all_links(conn)
     ranges_due: set[str] | None = None
     if snap is not None:
         ranges_due = snap.ranges_due

@@ -27,18 +27,24 @@ def log_due(ctx: CycleContext, oldest: dt.datetime | None) -> bool:
     return oldest is not None and aware(oldest) < cutoff
 
 
-def purge(ctx: CycleContext, conn: Connection, rules: list[Rule] | None = None) -> None:
+def purge(
+    ctx: CycleContext,
+    conn: Connection,
+    rules: list[Rule] | None = None,
+    every: list[Link] | None = None,
+) -> None:
     """In ``conn``'s transaction: a fixed handful of reads whatever the
     number of peers (an idle host with a thousand stations used to ask
     three questions per station) — none where the cycle's start snapshot
     still holds: what it found safe then is safe now — and a write only
-    when there is something to forget. ``rules``: where read already."""
+    when there is something to forget. ``rules``, ``every`` (the links):
+    where read already in this transaction."""
     cutoff = now() - dt.timedelta(days=ctx.config.log_retention_days)
     snap = ctx.fresh()
     if snap is not None:
         limit, oldest = snap.forget_upto, snap.oldest_log
     else:
-        limit = safe_to_forget(ctx, conn, None, rules)
+        limit = safe_to_forget(ctx, conn, every, rules)
         first = conn.execute(select(func.min(changes.c.id))).scalar()
         oldest = conn.execute(select(func.min(log_table.c.at))).scalar()
         if limit is not None and (first is None or first > limit):

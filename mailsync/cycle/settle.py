@@ -53,10 +53,12 @@ def settle(ctx: CycleContext, report: CycleReport) -> Outgoing:
     with ctx.engine.begin() as conn:
         built = build_stage.build(ctx, report, conn, horizon)
         _forget_horizons(ctx, report, conn)
-        out = _record(ctx, report, conn)
-        purge.purge(ctx, conn, build_stage.rules_now(ctx, report))
+        # the links as the builds left them: for controls, purge, witness
+        every = links_mod.all_links(conn)
+        out = _record(ctx, report, conn, every)
+        purge.purge(ctx, conn, build_stage.rules_now(ctx, report), every)
         # leases granted and sequence numbers moved in this cycle
-        restore.check(conn, witness_path(ctx.config.path), ctx.journal)
+        restore.check(conn, witness_path(ctx.config.path), ctx.journal, every=every)
         ctx.journal.info("cycle", summary(report, out))
         ctx.journal.flush_into(conn)
         if out.controls or out.parts:
@@ -91,14 +93,21 @@ def summary(report: CycleReport, out: Outgoing | None = None) -> str:
     )
 
 
-def _record(ctx: CycleContext, report: CycleReport, conn: Connection) -> Outgoing:
+def _record(
+    ctx: CycleContext, report: CycleReport, conn: Connection, every: list[links_mod.Link]
+) -> Outgoing:
     """The controls due, composed, and the parts due, read ahead; all
     recorded as sent (with their log lines) in ``conn``'s transaction."""
     pending = send.due_parts(ctx, conn)
     carried = {r.peer for r in pending if r.ack >= r.in_seq}
     # the start's reads, unless this transaction built something (links moved)
     snap = None if report.built else ctx.fresh()
-    out = Outgoing(controls=controls.compose_all(ctx, conn, carried, report, snap), settled=True)
+    waiting = None
+    if ctx.started is not None:
+        # what can be buffered now: what was, and what receive left
+        waiting = ctx.started.waiting | report.left_buffered
+    composed = controls.compose_all(ctx, conn, carried, report, snap, every, waiting)
+    out = Outgoing(controls=composed, settled=True)
     budget = READ_AHEAD_BYTES
     ahead = []
     for row in pending:
@@ -113,7 +122,7 @@ def _record(ctx: CycleContext, report: CycleReport, conn: Connection) -> Outgoin
             Part(row.peer, row.seq, row.part, row.address, row.sent_at is not None, row.ack, blob)
         )
     peers = {c.peer for c in out.controls} | {peer for peer, _, _ in ahead}
-    ack_before = {x.peer: x.ack_sent for x in links_mod.all_links(conn) if x.peer in peers}
+    ack_before = {x.peer: x.ack_sent for x in every if x.peer in peers}
     out.ack_before = ack_before
     for peer in sorted(peers):
         parts = [(s, p) for q, s, p in ahead if q == peer]
