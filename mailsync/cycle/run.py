@@ -2,10 +2,12 @@
 
 Every stage is idempotent and commits before the next one depends on it: a
 message leaves the mailbox only after the commit that buffered it (or found
-it a duplicate); an outbox entry, its sequence number and the change-log
-cursor commit together; a buffered changeset, its rows and the link's
-inbound sequence number commit together. A cycle killed at any instant and
-run again loses nothing and applies nothing twice.
+it a duplicate, or applied it); a buffered changeset, its rows and the
+link's inbound sequence number commit together; an outbox entry, its
+sequence number and the change-log cursor commit together, in the one
+settling transaction that also records what is sent (:mod:`.settle`). An
+idle cycle is the start's read transaction alone (:mod:`.start`). A cycle
+killed at any instant and run again loses nothing and applies nothing twice.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mailsync.store.engine import describe_db_error
 
 
 def run_cycle(ctx: CycleContext) -> CycleReport:
-    """receive → apply → build → send → purge, one cycle."""
+    """start → receive → apply → settle → send, one cycle."""
     report = CycleReport()
     journal = ctx.journal
     try:

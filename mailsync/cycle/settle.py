@@ -84,11 +84,16 @@ def _anything(ctx: CycleContext, report: CycleReport) -> bool:
 
 
 def summary(report: CycleReport, out: Outgoing | None = None) -> str:
-    """The cycle's line in the log (written as it settles, before the mail goes)."""
-    going = len(out.controls) + len(out.parts) if out is not None else report.sent
+    """The cycle's line in the log: written as it settles, before the mail
+    goes (``out``: what goes), or at its end where it did not settle."""
+    mail = (
+        f"{len(out.controls) + len(out.parts)} messages to send"
+        if out is not None
+        else f"{report.sent} messages sent"
+    )
     return (
         f"sync cycle done: {report.received} received, {report.rows_applied} rows applied, "
-        f"{report.rows_sent} rows queued, {going} messages to send"
+        f"{report.rows_sent} rows queued, {mail}"
         + (f", {len(report.errors)} errors" if report.errors else "")
     )
 
