@@ -36,6 +36,7 @@ from mailsync.keys import PublicKey
 from mailsync.reload import Reload
 from mailsync.rules import OP_NAMES, Direction, Rule, replace_rules
 from mailsync.storage import Columns
+from mailsync.store.engine import transaction
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import now, parked
 from mailsync.trust import trust_key
@@ -247,8 +248,10 @@ def apply_buffered(
     rules_for: RulesFor,
     accept_rules: bool,
     on_applied: Callable[[Connection, Applied], None] | None = None,
+    within: Connection | None = None,
 ) -> Applied:
-    """Apply the buffered changeset ``seq`` from ``peer`` in one transaction.
+    """Apply the buffered changeset ``seq`` from ``peer`` in one transaction
+    (its own, or a savepoint of ``within``'s).
 
     The changeset streams from ``opener`` batch by batch: memory holds one
     part and one batch of rows, whatever its size.
@@ -263,7 +266,7 @@ def apply_buffered(
     result = Applied(peer, seq)
     table_name = "-"
     try:
-        with engine.begin() as conn:
+        with transaction(engine, within) as conn:
             dialect = dialect_for(conn)
             dialect.begin_apply(conn, peer)
             header, stream = opener(conn, origin)

@@ -46,6 +46,7 @@ from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
 from mailsync.storage import key_typers, raw_select_columns, tag_for, wire_functions
 from mailsync.store.changelog import first_changes, key_filter, logged_key, stored_key_filter
+from mailsync.store.engine import transaction
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
@@ -348,8 +349,10 @@ def build_for_link(
     seal: Sealer,
     part_size: int,
     on_built: Callable[[Connection, Built], None] | None = None,
+    within: Connection | None = None,
 ) -> Built | None:
-    """Build, seal and queue the next changeset for ``plan.peer``.
+    """Build, seal and queue the next changeset for ``plan.peer`` (in its
+    own transaction, or in a savepoint of ``within``'s).
 
     Rows stream from the database through the changeset writer and zstd into
     a spool, which is cut into parts of at most ``part_size`` bytes; each part
@@ -360,7 +363,7 @@ def build_for_link(
     with (
         contextlib.closing(_PartSpool(part_size)) as spool,
         contextlib.closing(_KeySpool()) as keys,
-        engine.begin() as conn,
+        transaction(engine, within) as conn,
     ):
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor

@@ -21,7 +21,7 @@ from mailsync.dialects import dialect_for
 from mailsync.store.reflection import fingerprint, reflect
 from mailsync.store.tables import changes
 
-__all__ = ["changes", "check_capture", "drop_capture", "ensure_capture"]
+__all__ = ["changes", "check_capture", "drop_capture", "ensure_capture", "known_whole"]
 
 
 def ensure_capture(conn: Connection, tables: Iterable[str]) -> list[str]:
@@ -46,6 +46,18 @@ def ensure_capture(conn: Connection, tables: Iterable[str]) -> list[str]:
             checked.pop(name, None)  # the install changed the fingerprint
             done.append(name)
     return done
+
+
+def known_whole(conn: Connection, tables: Iterable[str]) -> bool:
+    """Whether every one of ``tables`` is as the last check on this engine
+    found it whole (one fingerprint read, no write): then
+    :func:`ensure_capture` has nothing to do."""
+    checked = _checked.get(conn.engine, {})
+    for name in tables:
+        mark = fingerprint(conn, name)
+        if mark is None or checked.get(name) != mark:
+            return False
+    return True
 
 
 #: per engine, per table: the fingerprint at the last check that found the

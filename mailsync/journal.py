@@ -63,6 +63,19 @@ class Journal:
         finally:
             self._held = None
 
+    def drop_held(self, event: str) -> None:
+        """Forget the held entries of ``event`` (a quiet cycle's own lines:
+        an idle cycle writes nothing); the logger has had them already."""
+        if self._held is not None:
+            self._held = [e for e in self._held if e["event"] != event]
+
+    def flush_into(self, conn: Connection) -> None:
+        """Write the held entries in ``conn``'s transaction (the cycle's
+        settling one) rather than in one of their own at the end."""
+        held, self._held = self._held, ([] if self._held is not None else None)
+        if held:
+            conn.execute(log_table.insert(), held)
+
     def _flush(self) -> None:
         held, self._held = self._held or [], []
         if held:

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, case, delete, func, insert, select, tuple_, update
 
 from mailsync.store.tables import inbox, links, now, outbox
 
@@ -337,6 +337,43 @@ def sent(conn: Connection, peer: str, seq: int, part: int, ack: int) -> None:
     )
     conn.execute(update(links).where(links.c.peer == peer).values(last_sent=now()))
     ack_sent(conn, peer, ack)
+
+
+def sending(conn: Connection, peer: str, parts: list[tuple[int, int]], ack: int) -> None:
+    """``parts`` of ours (and perhaps a control message: ``ack`` is what
+    they carry) are handed to the mail system right after this commits;
+    two statements for all of them. A send that fails after the commit is
+    taken back (:func:`not_sent`); one lost in a crash counts as mail lost
+    on the way (sent again after ``resend_after_minutes``, or when the
+    peer asks)."""
+    if parts:
+        conn.execute(
+            update(outbox)
+            .where(outbox.c.peer == peer, tuple_(outbox.c.seq, outbox.c.part).in_(parts))
+            .values(sent_at=now(), send_count=outbox.c.send_count + 1)
+        )
+    values: dict[str, Any] = {
+        "ack_sent": case((links.c.ack_sent < ack, ack), else_=links.c.ack_sent)
+    }
+    if parts:
+        values["last_sent"] = now()
+    conn.execute(update(links).where(links.c.peer == peer).values(**values))
+
+
+def not_sent(conn: Connection, peer: str, parts: list[tuple[int, int]], ack_before: int) -> None:
+    """What :func:`sending` recorded did not reach the mail system: the
+    parts are due again, and the peer has heard only ``ack_before``."""
+    if parts:
+        conn.execute(
+            update(outbox)
+            .where(outbox.c.peer == peer, tuple_(outbox.c.seq, outbox.c.part).in_(parts))
+            .values(sent_at=None, send_count=outbox.c.send_count - 1)
+        )
+    conn.execute(
+        update(links)
+        .where(links.c.peer == peer, links.c.ack_sent > ack_before)
+        .values(ack_sent=ack_before)
+    )
 
 
 def control_numbered(conn: Connection, link: Link) -> int:

@@ -128,9 +128,13 @@ class Node:
         """Compare the database with its restore witness, heal what went
         back, renew the witness (:mod:`mailsync.restore`)."""
         try:
-            return restore.confirm(self.engine, witness_path(self.config.path), self.journal)
+            found = restore.confirm(self.engine, witness_path(self.config.path), self.journal)
         except SQLAlchemyError as exc:
             raise describe_db_error(self.engine, exc, "cannot check the restore witness") from exc
+        # the next cycle need not confirm again at its start (a commit
+        # before it, by anyone on this engine, says otherwise)
+        self.cycle.witness_confirmed = True
+        return found
 
     def next_number(self, name: str) -> int | str:
         """Draw one number of range ``name`` from this node's leases (after the

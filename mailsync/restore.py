@@ -80,6 +80,8 @@ class Finding:
 
     kind: str  # "in step", "restored", "interrupted", "lost", "witness behind"
     steps: list[str] = field(default_factory=list)
+    #: the check wrote to the database (healed, or renewed the witness)
+    wrote: bool = False
 
 
 def confirm(engine: Engine, path: Path, journal: Journal) -> Finding:
@@ -90,11 +92,13 @@ def confirm(engine: Engine, path: Path, journal: Journal) -> Finding:
     return found
 
 
-def check(conn: Connection, path: Path, journal: Journal) -> Finding:
-    """:func:`confirm` in the caller's transaction."""
+def check(
+    conn: Connection, path: Path, journal: Journal, *, every: list[links_mod.Link] | None = None
+) -> Finding:
+    """:func:`confirm` in the caller's transaction (``every``: the links,
+    when the caller read them in it already)."""
     me, is_host = this_node(conn)
-    generation = _locked_generation(conn)
-    database = get_meta(conn, DB_ID) or ""
+    generation, database, recorded = _locked_generation(conn)
     damaged = False
     try:
         witness = read_witness(path, me, database)
@@ -118,7 +122,16 @@ def check(conn: Connection, path: Path, journal: Journal) -> Finding:
         note = {"at": now().isoformat(timespec="seconds"), "kind": found.kind}
         note["text"] = "; ".join(found.steps)
         set_meta(conn, NOTE, json.dumps(note))
-    renew(conn, path, witness, generation, is_host)
+    healed = found.kind not in ("in step", "witness behind")
+    renewed = renew(
+        conn,
+        path,
+        witness,
+        generation,
+        (me, is_host, database, recorded),
+        None if healed else every,
+    )
+    found.wrote = renewed or found.kind != "in step"
     return found
 
 
@@ -133,14 +146,25 @@ def reserve(conn: Connection) -> bool:
     return True
 
 
-def _locked_generation(conn: Connection) -> int:
+def _locked_generation(conn: Connection) -> tuple[int, str, str | None]:
     """This database's witness generation, its row locked until the commit
     (on PostgreSQL; SQLite's write transaction holds the whole database),
-    so that two processes never write the witness at once."""
-    row = conn.execute(
-        select(meta_table.c.value).where(meta_table.c.key == GENERATION).with_for_update()
-    ).first()
-    return int(row[0]) if row is not None else 0
+    so that two processes never write the witness at once; its id, and
+    where its witness was last written. One statement."""
+    rows = dict(
+        conn.execute(
+            select(meta_table.c.key, meta_table.c.value)
+            .where(meta_table.c.key.in_([GENERATION, DB_ID, WITNESS_PATH]))
+            .with_for_update()
+        ).all()
+    )
+    value = rows.get(GENERATION)
+    recorded = rows.get(WITNESS_PATH)
+    return (
+        (int(value) if value is not None else 0),
+        str(rows.get(DB_ID) or ""),
+        None if recorded is None else str(recorded),
+    )
 
 
 def _my_leases(conn: Connection) -> list[Lease]:
@@ -365,18 +389,26 @@ def _wanted_ceilings(mine: list[Lease], current: dict[int, int]) -> dict[int, in
 
 
 def renew(
-    conn: Connection, path: Path, witness: Witness | None, generation: int, is_host: bool
-) -> None:
+    conn: Connection,
+    path: Path,
+    witness: Witness | None,
+    generation: int,
+    node: tuple[str, bool, str, str | None],
+    every: list[links_mod.Link] | None = None,
+) -> bool:
     """Write the witness anew (first, fsynced) where the database holds
     more than it says or a lease needs more numbers reserved, then raise
-    the database's ceilings and generation (committed by the caller)."""
-    mine = _my_leases(conn)
-    current = {
-        int(r.id): int(r.ceiling)
-        for r in conn.execute(
-            select(leases.c.id, leases.c.ceiling).where(leases.c.id.in_([x.id for x in mine]))
-        )
-    }
+    the database's ceilings and generation (committed by the caller).
+    ``node``: this node's id, whether it is the host, the database's id,
+    where the database says its witness was last written;
+    ``every``: the links, read in this transaction already (or None).
+    Whether it wrote."""
+    me, is_host, database, recorded = node
+    rows = conn.execute(select(leases).where(leases.c.holder == me).order_by(leases.c.first))
+    mine, current = [], {}
+    for row in rows:
+        mine.append(as_lease(row))
+        current[int(row.id)] = int(row.ceiling)
     wanted = _wanted_ceilings(mine, current)
     old = witness.ceilings if witness is not None else {}
     ceilings = {i: max(c, old.get(i, 0)) for i, c in wanted.items()}
@@ -385,7 +417,7 @@ def renew(
         closed |= witness.closed & {x.id for x in mine}
     out_seq: dict[str, int] = {}
     in_seq: dict[str, int] = {}
-    for link in links_mod.all_links(conn):
+    for link in links_mod.all_links(conn) if every is None else every:
         out_seq[link.peer], in_seq[link.peer] = link.out_seq, link.in_seq
     next_free: dict[str, int] = {}
     lease_id = 0
@@ -398,8 +430,6 @@ def renew(
             for name, free in witness.next_free.items():
                 if name in next_free:
                     next_free[name] = max(next_free[name], free)
-    me, _ = this_node(conn)
-    database = get_meta(conn, DB_ID) or ""
     spans = {x.id: (x.range, x.first, x.last) for x in mine if x.state == "active"}
     fresh = Witness(me, database, 0, ceilings, closed, spans, out_seq, in_seq, next_free, lease_id)
     if (
@@ -408,7 +438,7 @@ def renew(
         and replace(witness, generation=0) == fresh
         and all(current.get(i) == c for i, c in ceilings.items())
     ):
-        return
+        return False
     number = max(generation, witness.generation if witness is not None else 0) + 1
     write_witness(path, replace(fresh, generation=number))
     faults.point("witness-ahead")  # the witness holds more than the database yet
@@ -416,7 +446,10 @@ def renew(
         if current.get(lease_id_) != ceiling:
             conn.execute(update(leases).where(leases.c.id == lease_id_).values(ceiling=ceiling))
     set_meta(conn, GENERATION, str(number))
-    set_meta(conn, WITNESS_PATH, str(path.resolve()))
+    where = str(path.resolve())
+    if where != recorded:
+        set_meta(conn, WITNESS_PATH, where)
+    return True
 
 
 def witness_of(conn: Connection) -> Path | None:

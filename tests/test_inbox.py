@@ -245,9 +245,10 @@ def test_a_flood_of_early_changesets_is_capped_and_the_link_still_moves(
     assert c.host.status().set_aside == 5
     assert link(c, "hq", "berlin").buffered == 3 and ids(c) == [2]
 
-    # the inbox is full: #1 is next in line, #2 evicts #5
-    berlin_sends(1, (101, "K1", "berlin"))
+    # the inbox is full: #2 (it comes first) evicts #5; #1 is next in line
+    # (and, in one part, applied as it is taken)
     berlin_sends(2, (102, "K2", "berlin"), (99, "K99", "berlin"))
+    berlin_sends(1, (101, "K1", "berlin"))
     report = c.host.sync()
     assert not report.errors and report.set_aside == 0, report
     assert ids(c) == [2, 99, 101, 102, 103, 104]

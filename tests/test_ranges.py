@@ -335,8 +335,10 @@ def test_a_malformed_range_report_is_set_aside_not_crashed_on(
         c.sync("hq", "koeln")
         real = exchange.station_outgoing
 
-        def garbled(conn: object, ask_again: object) -> tuple[RangeReport, bool]:
-            report, _ = real(conn, ask_again)  # type: ignore[arg-type]
+        def garbled(
+            conn: object, ask_again: object, ranges: object = None
+        ) -> tuple[RangeReport, bool]:
+            report, _ = real(conn, ask_again, ranges)  # type: ignore[arg-type]
             assert report is not None
             bad = LeaseState(1, "many", "active")  # type: ignore[arg-type]
             return RangeReport((bad,), report.want), True

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 
 from mailsync.errors import ConfigError
 from mailsync.journal import read_log
@@ -26,10 +26,10 @@ def add_schedule(c: Cluster, name: str, text: str) -> Path:
     return path
 
 
-def cycles(c: Cluster, name: str) -> int:
-    with c.engines[name].connect() as conn:
-        query = select(func.count()).where(log_table.c.message.like("sync cycle done%"))
-        return int(conn.execute(query).scalar_one())
+def cycles(said: list[str], name: str) -> int:
+    """The cycles the service said it ran for ``name`` (an idle cycle
+    leaves nothing in the database, by design)."""
+    return sum(line.startswith((f"{name}: ok", f"{name}: failed")) for line in said)
 
 
 def wait_for(condition: object, what: str, timeout: float = 30.0) -> None:
@@ -54,7 +54,7 @@ def test_serve_runs_cycles_on_schedule_and_stops_between_them(tmp_path: Path) ->
         )
         worker.start()
         try:
-            wait_for(lambda: cycles(c, "hq") >= 2, "two cycles")
+            wait_for(lambda: cycles(said, "hq") >= 2, "two cycles")
             state = service_state(c.nodes["hq"])
             assert state.running and state.pid == os.getpid() and state.host == socket.gethostname()
             assert state.last_outcome and state.last_outcome.startswith("ok:")
@@ -81,8 +81,9 @@ def test_a_node_without_schedule_is_not_served_and_once_runs_one_cycle(tmp_path:
             serve([path], memory=c.office, say=lambda _: None)
         assert not service_state(c.nodes["hq"]).configured
         station = c.root / "koeln" / "mailsync.toml"  # two nodes, one process
-        assert serve([path, station], once=True, memory=c.office, say=lambda _: None) == 0
-        assert cycles(c, "hq") == 1 and cycles(c, "koeln") == 1
+        said: list[str] = []
+        assert serve([path, station], once=True, memory=c.office, say=said.append) == 0
+        assert cycles(said, "hq") == 1 and cycles(said, "koeln") == 1
         state = service_state(c.nodes["hq"])
         assert not state.running and state.stopped_at is not None
     finally:

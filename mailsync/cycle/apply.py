@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlalchemy import Connection, delete
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 from mailsync import dictionaries, faults, inbox
@@ -24,17 +24,29 @@ from mailsync.cycle.report import CycleReport
 from mailsync.errors import SCOPES, ApplyError, MailsyncError, MessageError
 from mailsync.journal import logger
 from mailsync.link import Link
-from mailsync.store.tables import horizons
 from mailsync.wire.changeset import Source
-from mailsync.wire.envelope import Header, read_header
+from mailsync.wire.envelope import Header
 
 
 def apply(ctx: CycleContext, report: CycleReport) -> None:
     """Apply what is complete and next, for every peer; settle which links
     are held, and why."""
-    with ctx.engine.connect() as conn:
-        peers = links_mod.all_links(conn)
-        waiting = inbox.peers_waiting(conn)
+    snap, first = ctx.fresh(), ctx.started
+    if (
+        snap is None
+        and first is not None
+        and not (first.waiting or report.left_buffered or report.peer_errors)
+        and not any(x.held for x in first.links)
+    ):
+        # nothing was buffered at the start, receive applied all it took
+        # (:func:`apply_now`), no link is held or to be: nothing to read
+        return
+    if snap is not None:
+        peers, waiting = snap.links, snap.waiting
+    else:
+        with ctx.engine.connect() as conn:
+            peers = links_mod.all_links(conn)
+            waiting = inbox.peers_waiting(conn)
     for link in peers:
         peer = link.peer
         if link.report_due:
@@ -55,7 +67,6 @@ def apply(ctx: CycleContext, report: CycleReport) -> None:
         if out.error is not None:
             reason = reason or describe(out.error)
         _settle_hold(ctx, link, reason)
-        _forget_horizons(ctx, report, peer)
 
 
 def _settle_hold(ctx: CycleContext, link: Link, reason: str | None) -> None:
@@ -145,6 +156,34 @@ def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) 
         in_seq = seq
 
 
+def apply_now(
+    ctx: CycleContext, conn: Connection, report: CycleReport, peer: str, seq: int
+) -> bool:
+    """Receive: the one-part changeset ``seq`` just buffered in ``conn``'s
+    transaction is next in line: apply it there, in a savepoint, so that
+    the message, its rows and the link's ``in_seq`` commit together. False
+    (the savepoint rolled back, the changeset still buffered) where it
+    fails: the apply stage tries it again and says why."""
+    try:
+        applied = apply_buffered(
+            ctx.engine,
+            _opener(ctx, peer, seq, 1),
+            me=ctx.me,
+            peer=peer,
+            seq=seq,
+            direction=ctx.role.inbound,
+            rules_for=lambda conn: ctx.role.rules(conn, peer),
+            accept_rules=ctx.role.accepts_rules,
+            on_applied=lambda conn, applied: _log_applied(ctx, applied, conn),
+            within=conn,
+        )
+    except Exception:
+        logger.debug("%s: #%d from %s left for the apply stage", ctx.me, seq, peer, exc_info=True)
+        return False
+    report.applied.append(applied)
+    return True
+
+
 def _failed(ctx: CycleContext, peer: str, seq: int, exc: MailsyncError) -> None:
     """Count a failed attempt at changeset ``seq``; quarantine it at the
     limit (said once, here: from then on it is not tried by itself)."""
@@ -194,20 +233,6 @@ def _opener(ctx: CycleContext, peer: str, seq: int, parts: int) -> Opener:
         return first, ctx.codec.stream(bodies(), origin, first)
 
     return open_stream
-
-
-def _forget_horizons(ctx: CycleContext, report: CycleReport, peer: str) -> None:
-    """After the apply: the peer's changesets from now on name the ack of
-    its latest bare ack or a later one — except those still buffered
-    (fetched with it, or early), which keep the horizons they name. One
-    built earlier and still in the mail is tested against what is left."""
-    ack = report.bare_acks.pop(peer, 0)
-    if not ack:
-        return
-    with ctx.engine.begin() as conn:
-        for blob in inbox.first_parts(conn, peer):
-            ack = min(ack, read_header(blob, f"buffered changeset from {peer}").ack)
-        conn.execute(delete(horizons).where(horizons.c.peer == peer, horizons.c.seq < ack))
 
 
 def _log_applied(ctx: CycleContext, applied: Applied, conn: Connection) -> None:

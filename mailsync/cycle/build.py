@@ -13,37 +13,80 @@ from __future__ import annotations
 
 from sqlalchemy import Connection
 
-from mailsync import capture, faults
+from mailsync import capture
 from mailsync import link as links_mod
 from mailsync.build import Built, LinkPlan, build_for_link
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import MailsyncError
+from mailsync.link import Link
+from mailsync.rules import Rule
 from mailsync.wire.message import part_bytes
 
 
-def plans(ctx: CycleContext, conn: Connection) -> list[tuple[LinkPlan, int]]:
-    """What may travel on each link now (routing), with the link's cursor."""
-    every = links_mod.all_links(conn)
-    planned = ctx.role.plans(conn, ctx.me, every, ctx.ring.current.public)
+def plans(
+    ctx: CycleContext,
+    conn: Connection,
+    every: list[Link] | None = None,
+    rules: list[Rule] | None = None,
+) -> list[tuple[LinkPlan, int]]:
+    """What may travel on each link now (routing), with the link's cursor
+    (``every`` and ``rules``: the links and rules, where read already)."""
+    if every is None:
+        every = links_mod.all_links(conn)
+    planned = ctx.role.plans(conn, ctx.me, every, ctx.ring.current.public, rules)
     return [(plan, link.change_cursor) for plan, link in zip(planned, every, strict=True)]
 
 
-def build(ctx: CycleContext, report: CycleReport) -> None:
-    """Queue the next changeset for every link that has something to carry."""
-    with ctx.engine.begin() as conn:
-        planned = plans(ctx, conn)
+def wanted(ctx: CycleContext) -> bool:
+    """From the fresh start snapshot: whether any link has something to
+    build (something logged past its cursor, or a control to carry)."""
+    snap = ctx.snapshot
+    assert snap is not None
+    return any(snap.logged > cursor or p.carries_controls for p, cursor in snap.planned)
+
+
+def rules_now(ctx: CycleContext, report: CycleReport) -> list[Rule] | None:
+    """The rules as the cycle's start read them, unless a changeset applied
+    since brought new ones (None: read them again)."""
+    first = ctx.started
+    if first is None or any(a.rules_received for a in report.applied):
+        return None
+    return first.rules
+
+
+def horizon_needed(ctx: CycleContext) -> int | None:
+    """The change-log horizon (the dialect's own transaction, before the
+    settling one), or None where the start snapshot says no link needs it."""
+    if ctx.fresh() is not None and not wanted(ctx):
+        return None
+    return ctx.dialect.change_horizon(ctx.engine)
+
+
+def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int | None) -> bool:
+    """Queue the next changeset for every link that has something to carry,
+    each in a savepoint of ``conn``'s transaction; whether any was built."""
+    snap = ctx.fresh()
+    if snap is not None:
+        # nothing committed since the cycle's start: its reads hold
+        planned, repaired, broken = snap.planned, snap.repaired, snap.broken
+    else:
+        planned = plans(ctx, conn, None, rules_now(ctx, report))
         tables = sorted({t for p, _ in planned for t in p.rules})
-        repaired, broken = _ensure_capture(conn, tables)
+        repaired, broken = [], {}
+        if tables and not capture.known_whole(conn, tables):
+            repaired, broken = ensure_capture(conn, tables)
     for name in repaired:
-        ctx.journal.warning("capture", f"capture triggers of table {name} (re)installed")
-    horizon = ctx.dialect.change_horizon(ctx.engine)
+        ctx.journal.warning("capture", f"capture triggers of table {name} (re)installed", conn=conn)
+    if horizon is None:
+        return False
     part_size = part_bytes(ctx.config.mailbox.max_message_bytes)
+    done = False
     for plan, cursor in planned:
         if horizon <= cursor and not plan.carries_controls:
             # nothing logged since its last build, nothing else to tell it:
-            # an idle link costs no statement and no transaction
+            # an idle link costs no statement
             continue
         peer = plan.peer
         with for_peer(report, ctx.journal, peer, "build-failed", f"building for {peer}"):
@@ -59,11 +102,13 @@ def build(ctx: CycleContext, report: CycleReport) -> None:
                 ctx.seal,
                 part_size,
                 on_built=lambda conn, built: _log_built(ctx, conn, built),
+                within=conn,
             )
             if built is None:
                 continue
-            faults.point("after-build")
+            done = True
             report.built.append(built)
+    return done
 
 
 def _log_built(ctx: CycleContext, conn: Connection, built: Built) -> None:
@@ -78,7 +123,7 @@ def _log_built(ctx: CycleContext, conn: Connection, built: Built) -> None:
     )
 
 
-def _ensure_capture(
+def ensure_capture(
     conn: Connection, tables: list[str]
 ) -> tuple[list[str], dict[str, MailsyncError]]:
     """Check (and repair) the capture triggers of ``tables``: the tables

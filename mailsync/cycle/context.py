@@ -12,13 +12,14 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, event, select
 
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
 from mailsync import trust
 from mailsync.build import LinkPlan
 from mailsync.config import NodeConfig
+from mailsync.cycle.snapshot import Snapshot
 from mailsync.dialects import Dialect, dialect_for
 from mailsync.errors import ConfigError
 from mailsync.journal import Journal
@@ -77,10 +78,13 @@ class Role:
         host, the ones the host sent on a remote."""
         return rules_mod.effective_rules(conn, peer if self.is_host else None)
 
-    def senders(self, conn: Connection, peers: list[str]) -> set[str]:
+    def senders(
+        self, conn: Connection, peers: list[str], every: list[Rule] | None = None
+    ) -> set[str]:
         """Those of ``peers`` whose rules let them send us rows (one read of
-        the rules for all of them)."""
-        every = rules_mod.all_rules(conn)
+        the rules for all of them; none where ``every`` holds them)."""
+        if every is None:
+            every = rules_mod.all_rules(conn)
         inbound = self.inbound
         out = set()
         for peer in peers:
@@ -90,11 +94,18 @@ class Role:
         return out
 
     def plans(
-        self, conn: Connection, me: str, links: list[Link], mine: PublicKey
+        self,
+        conn: Connection,
+        me: str,
+        links: list[Link],
+        mine: PublicKey,
+        every: list[Rule] | None = None,
     ) -> list[LinkPlan]:
-        """What may travel to each of ``links`` in this build: the rules and
-        the loads already sent are read once for all of them."""
-        every = rules_mod.all_rules(conn)
+        """What may travel to each of ``links`` in this build: the rules
+        (unless ``every`` holds them) and the loads already sent are read
+        once for all of them."""
+        if every is None:
+            every = rules_mod.all_rules(conn)
         loaded: dict[str, set[str]] = {}
         if self.is_host:
             for station, table in conn.execute(select(loads.c.station, loads.c.tbl)):
@@ -152,7 +163,7 @@ class Role:
                 conn, link.peer, resend, ranges=ranges, waiting=link.report_due
             )
             return (grants or None), bool(grants)
-        return exchange.station_outgoing(conn, ask_again)
+        return exchange.station_outgoing(conn, ask_again, ranges)
 
     def ranges_in(
         self, conn: Connection, peer: str, control: RangeGrants | RangeReport
@@ -183,10 +194,29 @@ class CycleContext:
     keeper: Keeper = field(default_factory=Keeper)
     dialect: Dialect = field(init=False)
     role: Role = field(init=False)
+    #: what the cycle read at its start; None once anything committed since
+    #: (:meth:`fresh`)
+    snapshot: Snapshot | None = field(init=False, default=None)
+    #: the same, kept for the cycle whatever commits (for what only the
+    #: cycle's own stages change, and they say so in the report)
+    started: Snapshot | None = field(init=False, default=None)
+    #: the node confirmed its restore witness and nothing ran since (the
+    #: first cycle after ``Node.open`` need not do it again)
+    witness_confirmed: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.dialect = dialect_for(self.engine)
         self.role = Role(self.config.role)
+        event.listen(self.engine, "commit", self._committed)
+
+    def _committed(self, _conn: Connection) -> None:
+        self.snapshot = None
+        self.witness_confirmed = False
+
+    def fresh(self) -> Snapshot | None:
+        """The cycle's start snapshot, while no commit on this engine made
+        it stale (then a stage reads what it needs itself)."""
+        return self.snapshot
 
     @property
     def me(self) -> str:

@@ -27,6 +27,7 @@ from mailsync import link as links_mod
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
+from mailsync.cycle.snapshot import Snapshot
 from mailsync.link import Link
 from mailsync.ranges import exchange
 from mailsync.ranges.model import RangeDef, list_ranges
@@ -213,23 +214,105 @@ class OutgoingControl:
     ack: int
 
 
-def due(
-    ctx: CycleContext, conn: Connection, carried: set[str], report: CycleReport
+def may_say(ctx: CycleContext, carried: set[str], report: CycleReport, snap: Snapshot) -> bool:
+    """From the cycle's start ``snap`` (nothing has committed since):
+    whether any link may have a control message due — an idle cycle
+    composes nothing and reads nothing."""
+    return any(_may_say(ctx, link, carried, report, snap) for link in snap.links)
+
+
+def _may_say(
+    ctx: CycleContext, link: Link, carried: set[str], report: CycleReport, snap: Snapshot
+) -> bool:
+    """Whether composing for ``link`` could yield a message (a gap to ask
+    for needs the inbox read: a peer with something buffered may)."""
+    if link.peer in snap.waiting or link.peer in snap.ranges_due:
+        return True
+    return not _quiet(ctx, link, carried, report, [])
+
+
+def compose_all(
+    ctx: CycleContext,
+    conn: Connection,
+    carried: set[str],
+    report: CycleReport,
+    snap: Snapshot | None = None,
+    every: list[Link] | None = None,
+    waiting: set[str] | None = None,
 ) -> list[OutgoingControl]:
     """Unsequenced messages due now, one per peer at most (``carried``: the
     peers a data message sealed with our current ack goes to anyway). A
     peer whose message cannot be composed (no key to seal it for) is held
-    with its reason; what composing it wrote is rolled back to its savepoint."""
+    with its reason; what composing it wrote is rolled back to its savepoint.
+    ``snap``: the cycle's start reads, where they still hold; else
+    ``every`` (the links) and ``waiting`` (peers that may have something
+    buffered), where the caller read them in this transaction."""
     out = []
-    waiting = inbox.peers_waiting(conn)
-    ranges = list_ranges(conn)  # once for every link
-    for link in links_mod.all_links(conn):
+    if snap is not None:
+        waiting, ranges, every = snap.waiting, snap.ranges, snap.links
+    else:
+        ranges = list_ranges(conn)  # once for every link
+        if waiting is None:
+            waiting = inbox.peers_waiting(conn)
+        if every is None:
+            every = links_mod.all_links(conn)
+    ranges_due: set[str] | None = None
+    if snap is not None:
+        ranges_due = snap.ranges_due
+    elif ctx.role.is_host and ranges:
+        # one statement for every station, not a savepoint and reads each
+        resend_after = dt.timedelta(minutes=ctx.config.resend_after_minutes)
+        stations = {x.peer: x.report_due for x in every}
+        ranges_due = exchange.host_due(conn, stations, resend_after, ranges=ranges)
+    for link in every:
         peer = link.peer
         with for_peer(report, ctx.journal, peer, "send-failed", f"controls for {peer}"):
-            control = _compose(ctx, conn, link, carried, report, peer in waiting, ranges)
+            control = _compose(
+                ctx, conn, link, carried, report, peer in waiting, ranges, ranges_due
+            )
             if control is not None:
                 out.append(control)
     return out
+
+
+def _quiet(
+    ctx: CycleContext,
+    link: Link,
+    carried: set[str],
+    report: CycleReport,
+    wanted: list[Wanted],
+) -> bool:
+    """Nothing to ask for (rows or dictionaries), none to send, no reload or
+    restore notice due, and the peer has heard our ack (or a data message
+    carries it)."""
+    limit = now() - dt.timedelta(minutes=ctx.config.gap_request_minutes)
+    resend_after = dt.timedelta(minutes=ctx.config.resend_after_minutes)
+    reload = _reload_due(ctx, link, limit)
+    notice = (
+        ctx.role.is_host
+        and link.report_due
+        and (link.notice_sent_at is None or link.notice_sent_at <= now() - resend_after)
+    )
+    return (
+        not wanted
+        and not report.expired.get(link.peer)
+        and not report.dictionaries_wanted.get(link.peer)
+        and not report.dictionaries_due.get(link.peer)
+        and not reload
+        and not notice
+        and (link.in_seq <= link.ack_sent or link.peer in carried)
+    )
+
+
+def _reload_due(ctx: CycleContext, link: Link, limit: dt.datetime) -> bool:
+    return bool(
+        ctx.role.can_be_reloaded
+        and link.reload_wanted
+        and (link.reload_asked_at is None or link.reload_asked_at <= limit)
+        # after the host went back: once it holds every row we sent again
+        and not link.resend_all
+        and link.acked_seq >= link.resent_seq
+    )
 
 
 def _compose(
@@ -240,6 +323,7 @@ def _compose(
     report: CycleReport,
     buffered: bool,
     ranges: list[RangeDef],
+    ranges_due: set[str] | None,
 ) -> OutgoingControl | None:
     cfg = ctx.config
     gap_after = dt.timedelta(minutes=cfg.gap_request_minutes)
@@ -260,14 +344,7 @@ def _compose(
         wanted.extend(
             islice((g for g in gaps if g not in expired), MAX_RESEND_REQUEST - len(wanted))
         )
-    reload = (
-        ctx.role.can_be_reloaded
-        and link.reload_wanted
-        and (link.reload_asked_at is None or link.reload_asked_at <= limit)
-        # after the host went back: once it holds every row we sent again
-        and not link.resend_all
-        and link.acked_seq >= link.resent_seq
-    )
+    reload = _reload_due(ctx, link, limit)
     notice = (
         ctx.role.is_host
         and link.report_due
@@ -275,15 +352,11 @@ def _compose(
     )
     dicts_wanted = sorted(report.dictionaries_wanted.get(link.peer, ()))
     dicts_due = report.dictionaries_due.get(link.peer, [])
-    quiet = (
-        not wanted
-        and not dicts_wanted
-        and not dicts_due
-        and not reload
-        and not notice
-        and (link.in_seq <= link.ack_sent or link.peer in carried)
-    )
-    if quiet and ctx.role.is_host and not ranges:
+    quiet = _quiet(ctx, link, carried, report, wanted)
+    if quiet and (
+        (ctx.role.is_host and not ranges)
+        or (ranges_due is not None and link.peer not in ranges_due)
+    ):
         return None  # nothing to say, nothing written: no savepoint (an idle station)
     # what composing writes is rolled back to here if it fails
     with conn.begin_nested():

@@ -16,37 +16,60 @@ import datetime as dt
 from sqlalchemy import Connection, delete, func, select
 
 from mailsync.cycle.context import CycleContext
-from mailsync.link import aware
+from mailsync.link import Link, aware
+from mailsync.rules import Rule
 from mailsync.store.tables import changes, horizons, links, log_table, now, outbox
 
 
-def purge(ctx: CycleContext) -> None:
-    """A fixed handful of reads whatever the number of peers (an idle host
-    with a thousand stations used to ask three questions per station), and
-    a write only when there is something to forget."""
+def log_due(ctx: CycleContext, oldest: dt.datetime | None) -> bool:
+    """Whether the log holds an entry past its retention."""
     cutoff = now() - dt.timedelta(days=ctx.config.log_retention_days)
-    with ctx.engine.connect() as conn:
-        limit = _safe_to_forget(ctx, conn)
+    return oldest is not None and aware(oldest) < cutoff
+
+
+def purge(
+    ctx: CycleContext,
+    conn: Connection,
+    rules: list[Rule] | None = None,
+    every: list[Link] | None = None,
+) -> None:
+    """In ``conn``'s transaction: a fixed handful of reads whatever the
+    number of peers (an idle host with a thousand stations used to ask
+    three questions per station) — none where the cycle's start snapshot
+    still holds: what it found safe then is safe now — and a write only
+    when there is something to forget. ``rules``, ``every`` (the links):
+    where read already in this transaction."""
+    cutoff = now() - dt.timedelta(days=ctx.config.log_retention_days)
+    snap = ctx.fresh()
+    if snap is not None:
+        limit, oldest = snap.forget_upto, snap.oldest_log
+    else:
+        limit = safe_to_forget(ctx, conn, every, rules)
         first = conn.execute(select(func.min(changes.c.id))).scalar()
         oldest = conn.execute(select(func.min(log_table.c.at))).scalar()
-    forget_changes = limit is not None and first is not None and first <= limit
-    forget_log = oldest is not None and aware(oldest) < cutoff
-    if not (forget_changes or forget_log):
-        return
-    with ctx.engine.begin() as conn:
-        if forget_changes:
-            conn.execute(delete(changes).where(changes.c.id <= limit))
-        if forget_log:
-            conn.execute(delete(log_table).where(log_table.c.at < cutoff))
+        if limit is not None and (first is None or first > limit):
+            limit = None
+    if limit is not None:
+        conn.execute(delete(changes).where(changes.c.id <= limit))
+    if log_due(ctx, oldest):
+        conn.execute(delete(log_table).where(log_table.c.at < cutoff))
 
 
-def _safe_to_forget(ctx: CycleContext, conn: Connection) -> int | None:
+def safe_to_forget(
+    ctx: CycleContext,
+    conn: Connection,
+    every: list[Link] | None = None,
+    rules: list[Rule] | None = None,
+) -> int | None:
     """The highest change-log id no peer can still need (None: no peers).
     Only one cycle runs per node, so what it reads stays true until the
-    delete: a change logged meanwhile is above every cursor."""
-    cursors: dict[str, int] = {
-        peer: cursor for peer, cursor in conn.execute(select(links.c.peer, links.c.change_cursor))
-    }
+    delete: a change logged meanwhile is above every cursor. ``every`` and
+    ``rules``: the links and the rules, where read already."""
+    if every is None:
+        query = select(links.c.peer, links.c.change_cursor)
+        cursors: dict[str, int] = {peer: cursor for peer, cursor in conn.execute(query)}
+    else:
+        cursors = {x.peer: x.change_cursor for x in every}
     if not cursors:
         return None
     oldest: dict[str, int] = {
@@ -56,7 +79,7 @@ def _safe_to_forget(ctx: CycleContext, conn: Connection) -> int | None:
         )
     }
     safe = [int(min(cursor, oldest.get(peer, cursor))) for peer, cursor in cursors.items()]
-    senders = ctx.role.senders(conn, list(cursors))
+    senders = ctx.role.senders(conn, list(cursors), rules)
     if senders:
         first = (
             select(horizons.c.peer, func.min(horizons.c.seq).label("seq"))

@@ -23,6 +23,7 @@ from mailsync import dictionaries, faults
 from mailsync import inbox as inbox_mod
 from mailsync import link as links_mod
 from mailsync.cycle import controls
+from mailsync.cycle.apply import apply_now
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import MailsyncError, MessageError, first_line
@@ -70,6 +71,7 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                         # this message's fault, not the database's
                         raise MessageError(f"{where}: {first_line(exc)}") from exc
                     _log_received(ctx, conn, header, duplicate)
+                    applied = not duplicate and _apply_at_once(ctx, conn, report, link, header)
             except MessageError as exc:
                 if isinstance(exc, UnknownDictionary):  # asked for in this cycle's controls
                     report.dictionaries_wanted.setdefault(exc.peer, set()).add(exc.dictionary)
@@ -93,10 +95,35 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                 ctx.journal.error("receive-failed", line, peer=sender)
                 continue
             faults.point("after-buffer")
+            if applied:
+                faults.point("after-apply")
             rx.processed(msg.id)  # only now: the buffer commit made it redundant
             report.received += 1
             report.received_from[header.sender] += 1
             report.duplicates += duplicate
+
+
+def _apply_at_once(
+    ctx: CycleContext, conn: Connection, report: CycleReport, link: Link, header: Header
+) -> bool:
+    """A one-part changeset next in line on a link that flows is applied
+    in the transaction that buffered it (:func:`..apply.apply_now`): the
+    message leaves the mailbox after the one commit that applied it.
+    Anything else stays buffered for the apply stage."""
+    if header.seq == controls.CONTROL_SEQ:
+        return False
+    peer = link.peer
+    if (
+        header.parts == 1
+        and header.seq == link.in_seq + 1
+        and link.held is None
+        and not link.report_due
+        and peer not in report.peer_errors
+        and apply_now(ctx, conn, report, peer, header.seq)
+    ):
+        return True
+    report.left_buffered.add(peer)
+    return False
 
 
 def _log_received(ctx: CycleContext, conn: Connection, header: Header, duplicate: bool) -> None:

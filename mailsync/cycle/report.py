@@ -32,6 +32,9 @@ class CycleReport:
     forward: list[bytes] = field(default_factory=list)
     #: receive → apply: per peer, the highest ack its bare acks carried
     bare_acks: dict[str, int] = field(default_factory=dict)
+    #: receive → apply: peers something was buffered from and not applied
+    #: at once (a later part, an early changeset, one that failed)
+    left_buffered: set[str] = field(default_factory=set)
     #: apply → controls: per peer, incomplete changesets dropped from the
     #: inbox (limits.incomplete_expiry_hours), to be asked for again whole
     expired: dict[str, list[int]] = field(default_factory=dict)

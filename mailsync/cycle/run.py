@@ -2,40 +2,41 @@
 
 Every stage is idempotent and commits before the next one depends on it: a
 message leaves the mailbox only after the commit that buffered it (or found
-it a duplicate); an outbox entry, its sequence number and the change-log
-cursor commit together; a buffered changeset, its rows and the link's
-inbound sequence number commit together. A cycle killed at any instant and
-run again loses nothing and applies nothing twice.
+it a duplicate, or applied it); a buffered changeset, its rows and the
+link's inbound sequence number commit together; an outbox entry, its
+sequence number and the change-log cursor commit together, in the one
+settling transaction that also records what is sent (:mod:`.settle`). An
+idle cycle is the start's read transaction alone (:mod:`.start`). A cycle
+killed at any instant and run again loses nothing and applies nothing twice.
 """
 
 from __future__ import annotations
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import faults, restore
+from mailsync import faults
+from mailsync.cycle import start
 from mailsync.cycle.apply import apply
-from mailsync.cycle.build import build
 from mailsync.cycle.contain import contained
 from mailsync.cycle.context import CycleContext
-from mailsync.cycle.purge import purge
 from mailsync.cycle.receive import receive
 from mailsync.cycle.report import CycleReport
-from mailsync.cycle.send import send
+from mailsync.cycle.send import Outgoing, send
+from mailsync.cycle.settle import settle, summary
 from mailsync.store.engine import describe_db_error
-from mailsync.store.witness import witness_path
 
 
 def run_cycle(ctx: CycleContext) -> CycleReport:
-    """receive → apply → build → send → purge, one cycle."""
+    """start → receive → apply → settle → send, one cycle."""
     report = CycleReport()
     journal = ctx.journal
     try:
         with journal.deferred():
             journal.info("cycle", "sync cycle started")
             # before anything is received, drawn or built: a database that
-            # went back to a backup is caught even on an idle or dead link
-            witness = witness_path(ctx.config.path)
-            restore.confirm(ctx.engine, witness, journal)
+            # went back to a backup is caught even on an idle or dead link;
+            # and every stage's reads, in the same one transaction
+            ctx.snapshot = ctx.started = start.begin(ctx)
             # the mailbox steps: a mailbox that cannot be reached ends its
             # stage, and the rest of the cycle goes on without it
             with contained(report, journal, scope="mailbox", event="mailbox"):
@@ -44,23 +45,25 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
             # escapes without naming its peer still ends only its stage
             with contained(report, journal, scope="peer", event="apply-failed"):
                 apply(ctx, report)
-            with contained(report, journal, scope="peer", event="build-failed"):
-                build(ctx, report)
-            with contained(report, journal, scope="mailbox", event="mailbox"):
-                send(ctx, report)
-            purge(ctx)
-            # leases granted and sequence numbers moved in this cycle (a
-            # cycle that received, applied, built and sent nothing, and
-            # failed at nothing, moved none: the start's confirm holds)
-            if not report.quiet:
+            if ctx.fresh() is None:
+                # work committed (received, applied); the witness is renewed
+                # with what comes next
                 faults.point("witness-behind")
-                restore.confirm(ctx.engine, witness, journal)
-            journal.info(
-                "cycle",
-                f"sync cycle done: {report.received} received, {report.rows_applied} rows "
-                f"applied, {report.rows_sent} rows queued, {report.sent} messages sent"
-                + (f", {len(report.errors)} errors" if report.errors else ""),
-            )
+            out = Outgoing()
+            with contained(report, journal, scope="peer", event="build-failed"):
+                # build, controls, records of what goes, purge, witness, the
+                # log lines held so far: one commit (none when idle)
+                out = settle(ctx, report)
+            with contained(report, journal, scope="mailbox", event="mailbox"):
+                send(ctx, report, out)
+            if not out.settled:
+                journal.info("cycle", summary(report))
+            if report.quiet:
+                # nothing happened: nothing to keep in the database either
+                # (the logger has heard both lines)
+                journal.drop_held("cycle")
     except SQLAlchemyError as exc:
         raise describe_db_error(ctx.engine, exc, "sync cycle failed") from exc
+    finally:
+        ctx.snapshot = ctx.started = None
     return report

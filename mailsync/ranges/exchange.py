@@ -40,7 +40,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, case, delete, func, select, update
 
 from mailsync import link as links_mod
 from mailsync.dialects import dialect_for
@@ -191,6 +191,43 @@ def host_outgoing(
         ),
         release=tuple(r.id for r in due if r.state == "release"),
     )
+
+
+def host_due(
+    conn: Connection,
+    stations: dict[str, bool],
+    resend_after: dt.timedelta,
+    *,
+    ranges: list[RangeDef],
+) -> set[str]:
+    """Those of ``stations`` (each with whether it owes its report) that
+    :func:`host_outgoing` would tell something now — a first block to grant,
+    a grant or release to send again — read for all of them in one
+    statement, writing nothing: the others cost an idle cycle nothing."""
+    if not ranges or not stations:
+        return set()
+    stale = now() - resend_after
+    unsent = case(
+        (
+            leases.c.confirmed.is_(False)
+            & (leases.c.sent_at.is_(None) | (leases.c.sent_at <= stale)),
+            1,
+        ),
+        else_=0,
+    )
+    rows = conn.execute(
+        select(leases.c.holder, leases.c.range_name, func.max(unsent))
+        .where(leases.c.state.in_(["active", "release"]), leases.c.range_name != "")
+        .group_by(leases.c.holder, leases.c.range_name)
+    ).all()
+    held = {(str(h), str(r)) for h, r, _ in rows}
+    due = {str(h) for h, _, u in rows if u}
+    for station, waiting in stations.items():
+        if station in due or waiting:
+            continue
+        if any(r.serves(station) and (station, r.name) not in held for r in ranges):
+            due.add(station)
+    return due & set(stations)
 
 
 def host_incoming(conn: Connection, station: str, report: RangeReport) -> list[Note]:
@@ -432,18 +469,23 @@ def station_incoming(conn: Connection, grants: RangeGrants) -> list[str]:
     return done
 
 
-def station_outgoing(conn: Connection, ask_again: dt.timedelta) -> tuple[RangeReport | None, bool]:
+def station_outgoing(
+    conn: Connection, ask_again: dt.timedelta, ranges: list[RangeDef] | None = None
+) -> tuple[RangeReport | None, bool]:
     """The station's report, and whether it must go now (a grant or release
-    to confirm, or a block to ask for that was not asked for lately)."""
+    to confirm, or a block to ask for that was not asked for lately).
+    Reads only. ``ranges``: read once per cycle by the caller, or here."""
     me, _ = this_node(conn)
     rows = conn.execute(select(leases).where(leases.c.holder == me)).all()
     full = get_meta(conn, IN_FULL) is not None
-    if not rows and not list_ranges(conn) and not full:
+    if ranges is None:
+        ranges = list_ranges(conn)
+    if not rows and not ranges and not full:
         return None, False
     unconfirmed = any(not r.confirmed for r in rows) or full
     want = []
     stale = now() - ask_again
-    for rdef in list_ranges(conn):
+    for rdef in ranges:
         mine = sorted(
             (as_lease(r) for r in rows if r.range_name == rdef.name and r.state == "active"),
             key=lambda lease: lease.first,

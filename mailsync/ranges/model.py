@@ -152,11 +152,21 @@ def as_lease(row: Any) -> Lease:
 
 def this_node(conn: Connection) -> tuple[str, bool]:
     """This database's node id and whether it is the host: leases are
-    held by node id, and only the host may lease itself a block."""
+    held by node id, and only the host may lease itself a block.
+
+    Kept on the driver connection once known: a database's owner never
+    changes (``init_node`` refuses another), and a cycle asks often."""
+    known: tuple[str, bool] | None = conn.info.get(_THIS_NODE)
+    if known is not None:
+        return known
     node, role = get_meta(conn, "node_id"), get_meta(conn, "role")
     if node is None:
         raise RangeError("this database belongs to no mailsync node", hint="run `mailsync init`")
+    conn.info[_THIS_NODE] = node, role == "host"
     return node, role == "host"
+
+
+_THIS_NODE = "mailsync.this_node"
 
 
 def get_range(conn: Connection, name: str) -> RangeDef:

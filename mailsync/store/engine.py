@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -105,6 +106,19 @@ def _create_owner_only(cargs: list[Any], cparams: dict[str, Any]) -> None:
     except OSError:
         return  # it exists, or cannot be made here: SQLite says why when it opens it
     os.close(fd)
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine, within: Connection | None = None) -> Iterator[Connection]:
+    """A transaction of its own on ``engine``, or a savepoint in ``within``'s
+    (a unit of work that rides in a larger transaction, and rolls back
+    alone when it fails)."""
+    if within is None:
+        with engine.begin() as conn:
+            yield conn
+    else:
+        with within.begin_nested():
+            yield within
 
 
 def describe_db_error(engine: Engine, exc: BaseException, doing: str) -> DatabaseError:

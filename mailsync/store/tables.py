@@ -502,7 +502,7 @@ def get_meta(conn: Connection, key: str) -> str | None:
 
 
 def set_meta(conn: Connection, key: str, value: str) -> None:
-    if get_meta(conn, key) is None:
+    """Write ``key`` (one statement where it exists: update first)."""
+    done = conn.execute(meta_table.update().where(meta_table.c.key == key).values(value=value))
+    if not done.rowcount:
         conn.execute(meta_table.insert().values(key=key, value=value))
-    else:
-        conn.execute(meta_table.update().where(meta_table.c.key == key).values(value=value))
