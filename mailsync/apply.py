@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, dictionaries, faults
+from mailsync import capture, dictionaries, faults, provision
 from mailsync import link as links_mod
 from mailsync.admission import CLASH, CLASH_REASON, Check, Gate
 from mailsync.conflicts import Detector
@@ -54,6 +54,7 @@ from mailsync.wire.controls import (
     FullLoad,
     KeyAnnouncement,
     RulesUpdate,
+    TableDefinitions,
     parse_sequenced,
 )
 from mailsync.wire.envelope import Header
@@ -79,6 +80,10 @@ class Applied:
     reloaded: bool = False
     #: conflicts found, a line per table and outcome (see :mod:`mailsync.conflicts`)
     conflicts: list[str] = field(default_factory=list)
+    #: tables created from the definitions a load brought (:mod:`mailsync.provision`)
+    tables_created: list[str] = field(default_factory=list)
+    #: tables this node has that differ from their definition, and how
+    tables_differing: dict[str, list[str]] = field(default_factory=dict)
 
 
 RulesFor = Callable[[Connection], dict[str, Rule]]
@@ -315,6 +320,11 @@ def apply_buffered(
                         rules = rules_for(conn)
                         gate.rules = rules
                         result.rules_received = True
+                    elif isinstance(control, TableDefinitions) and accept_rules:
+                        # before the rules (their capture needs the tables)
+                        made, differing = provision.provision(conn, list(control.tables))
+                        result.tables_created += made
+                        result.tables_differing.update(differing)
                     elif isinstance(control, Dictionary):
                         limits = getattr(stream, "limits", DEFAULT_LIMITS)
                         dictionaries.received(conn, peer, control, limits, seq)

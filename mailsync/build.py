@@ -41,6 +41,7 @@ from sqlalchemy import (
 
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
+from mailsync import provision
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
@@ -50,7 +51,13 @@ from mailsync.store.engine import transaction
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
-from mailsync.wire.controls import FullLoad, KeyAnnouncement, RulesUpdate, SequencedControl
+from mailsync.wire.controls import (
+    FullLoad,
+    KeyAnnouncement,
+    RulesUpdate,
+    SequencedControl,
+    TableDefinitions,
+)
 from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.values import convert
 
@@ -113,6 +120,9 @@ class Built:
     raw_size: int
     size: int
     parts: int = 1
+    #: loaded tables whose definition could not travel, and why (the
+    #: station must create them itself)
+    undescribed: dict[str, str] = field(default_factory=dict)
 
 
 class _CountingSink:
@@ -384,6 +394,15 @@ def build_for_link(
         controls: list[SequencedControl] = []
         if plan.announce_key is not None:
             controls.append(KeyAnnouncement(plan.announce_key.token()))
+        undescribed: dict[str, str] = {}
+        if plan.initial_loads and plan.direction == "down":
+            # first, so that a station lacking a table has it before its rule
+            # (whose capture needs it) and its rows
+            defined, undescribed = provision.describe_each(
+                conn, plan.initial_loads, among=list(plan.rules)
+            )
+            if defined:
+                controls.append(TableDefinitions(tuple(defined)))
         if plan.reload:
             controls.append(FullLoad(tuple(plan.initial_loads)))
         if plan.send_rules:
@@ -477,7 +496,7 @@ def build_for_link(
                     created_at=now(),
                 )
             )
-        built = Built(plan.peer, seq, summary.rows, counter.count, size, parts)
+        built = Built(plan.peer, seq, summary.rows, counter.count, size, parts, undescribed)
         if on_built is not None:
             on_built(conn, built)  # its log line commits with the outbox entry
         return built

@@ -129,11 +129,13 @@ def _default(column: Column[Any], where: str) -> str | None:
     )
 
 
-def describe(conn: Connection, names: Sequence[str]) -> list[dict[str, Any]]:
+def describe(
+    conn: Connection, names: Sequence[str], among: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """The definitions of ``names`` (synced tables), parents first; foreign
-    keys to tables outside ``names`` are left out (the station has no such
-    table to point at)."""
-    wanted = set(names)
+    keys to tables outside ``names`` and ``among`` (the other synced tables)
+    are left out: the station has no such table to point at."""
+    wanted = set(names) | set(among)
     out = []
     for name in _parents_first(conn, names):
         table = reflect(conn, name)
@@ -304,3 +306,38 @@ _SAME = [
     {"Integer", "BigInteger"},
     {"Integer", "SmallInteger"},
 ]
+
+
+def describe_each(
+    conn: Connection, names: Sequence[str], among: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """:func:`describe`, table by table: the definitions that could be made,
+    and per table that cannot travel, why (its station creates it by hand)."""
+    made: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    for name in _parents_first(conn, names):
+        try:
+            made += describe(conn, [name], among=[*names, *among])
+        except SchemaError as exc:
+            failed[name] = str(exc)
+    return made, failed
+
+
+def provision(
+    conn: Connection, definitions: Sequence[dict[str, Any]]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """On a station: create the described tables it lacks; for the ones it
+    has, how they differ (reported, never altered). Returns both."""
+    existing = set(inspect(conn).get_table_names())
+    created = create_missing(conn, definitions)
+    differing = {}
+    for definition in definitions:
+        name = str(definition.get("table"))
+        if name in existing:
+            try:
+                found = differences(conn, definition)
+            except SchemaError as exc:  # e.g. the station's table has no key
+                found = [str(exc)]
+            if found:
+                differing[name] = found
+    return created, differing

@@ -16,7 +16,7 @@ import decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, MetaData, inspect, select, text
+from sqlalchemy import Engine, MetaData, Table, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from mailsync.errors import SchemaError
@@ -161,3 +161,46 @@ def test_what_cannot_travel_is_refused_by_name(tmp_path: Path) -> None:
             assert differences(conn, wanted) == ["t.c is missing", "t.b is not on the host"]
     finally:
         engine.dispose()
+
+
+def test_a_station_gets_its_tables_with_the_load(tmp_path: Path, db_url: str) -> None:
+    """Issue 19's user: the host on PostgreSQL (or SQLite), the laptop's
+    database has none of the synced tables. The first sync creates them,
+    parents first, and fills them; a station that has a table already is
+    told how it differs, not altered."""
+    from sqlalchemy import select as sa_select
+
+    from mailsync.store.tables import log_table
+    from tests.cluster import Cluster
+
+    c = Cluster(tmp_path, db_url, ("koeln",))
+    try:
+        erp(c.engines["hq"])
+        with c.engines["koeln"].begin() as conn:  # koeln has one, with a column of its own
+            conn.exec_driver_sql(
+                "CREATE TABLE category (id INTEGER PRIMARY KEY, parent_id INTEGER, "
+                "name VARCHAR(80) NOT NULL, note TEXT)"
+            )
+        for table in ("category", "article", "price_list"):
+            c.host.add_rule(table, down="IUD", up="none")
+        c.sync("hq", "koeln")
+        for table in ("article", "price_list"):
+            assert table in inspect(c.engines["koeln"]).get_table_names()
+        with c.engines["koeln"].connect() as conn:
+            rows = conn.execute(text("SELECT sku, price FROM article ORDER BY sku")).all()
+            said = [m for (m,) in conn.execute(sa_select(log_table.c.message))]
+        assert [(r[0], decimal.Decimal(str(r[1]))) for r in rows] == [
+            ("A-1", decimal.Decimal("9.99")),
+            ("A-2", decimal.Decimal("1250.50")),
+        ]
+        assert any("created table(s) article, price_list" in m for m in said), said
+        assert any(
+            "table category here differs" in m and "category.note is not on the host" in m
+            for m in said
+        ), said
+        # what the station had is not altered, and took the host's rows
+        cols = [col["name"] for col in inspect(c.engines["koeln"]).get_columns("category")]
+        assert cols == ["id", "parent_id", "name", "note"]
+        assert c.rows("koeln", Table("category", MetaData(), autoload_with=c.engines["koeln"]))
+    finally:
+        c.close()

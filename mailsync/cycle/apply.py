@@ -253,6 +253,24 @@ def _log_applied(ctx: CycleContext, applied: Applied, conn: Connection) -> None:
             seq=seq,
             conn=conn,
         )
+    if applied.tables_created:
+        journal.info(
+            "schema",
+            f"changeset #{seq} from {peer}: created table(s) "
+            f"{', '.join(applied.tables_created)} from the definitions it brought",
+            peer=peer,
+            seq=seq,
+            conn=conn,
+        )
+    for table, how in sorted(applied.tables_differing.items()):
+        journal.warning(
+            "schema",
+            f"changeset #{seq} from {peer}: table {table} here differs from {peer}'s: "
+            f"{'; '.join(how)} (not altered)",
+            peer=peer,
+            seq=seq,
+            conn=conn,
+        )
     for line in applied.conflicts:
         journal.warning(
             "conflict",

@@ -121,6 +121,15 @@ def _log_built(ctx: CycleContext, conn: Connection, built: Built) -> None:
         seq=built.seq,
         conn=conn,
     )
+    for table, why in sorted(built.undescribed.items()):
+        ctx.journal.warning(
+            "schema",
+            f"changeset #{built.seq} for {built.peer} loads table {table} without its "
+            f"definition: {why}; the station must create the table itself",
+            peer=built.peer,
+            seq=built.seq,
+            conn=conn,
+        )
 
 
 def ensure_capture(

@@ -519,11 +519,39 @@ class FullLoad:
         return cls(tuple(_str(cls.KIND, t, "a table name") for t in names))
 
 
-SequencedControl = KeyAnnouncement | RulesUpdate | FullLoad | Dictionary
+@dataclass(frozen=True)
+class TableDefinitions:
+    """The definitions of tables a load brings, in the portable form of
+    :mod:`mailsync.provision` (which checks each one before it is used): a
+    station that lacks one creates it. Only the envelope is checked here."""
+
+    tables: tuple[dict[str, Any], ...]
+
+    KIND = "tables"
+
+    def payload(self) -> list[dict[str, Any]]:
+        return list(self.tables)
+
+    @classmethod
+    def parse(cls, payload: Any) -> TableDefinitions:
+        out = []
+        for item in _list(cls.KIND, payload, "the tables"):
+            table = _dict(cls.KIND, item, "a table definition")
+            _str(cls.KIND, table.get("table"), "table", limit=128)
+            out.append(table)
+        return cls(tuple(out))
+
+
+SequencedControl = KeyAnnouncement | RulesUpdate | FullLoad | Dictionary | TableDefinitions
 
 _SEQUENCED: dict[
-    str, type[KeyAnnouncement] | type[RulesUpdate] | type[FullLoad] | type[Dictionary]
-] = {c.KIND: c for c in (KeyAnnouncement, RulesUpdate, FullLoad, Dictionary)}
+    str,
+    type[KeyAnnouncement]
+    | type[RulesUpdate]
+    | type[FullLoad]
+    | type[Dictionary]
+    | type[TableDefinitions],
+] = {c.KIND: c for c in (KeyAnnouncement, RulesUpdate, FullLoad, Dictionary, TableDefinitions)}
 
 
 def parse_sequenced(kind: str, payload: Any) -> SequencedControl | None:
