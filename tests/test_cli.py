@@ -362,9 +362,24 @@ def test_schedule_log_and_json_through_the_cli(site: Path) -> None:
     assert synced["errors"] == [] and synced["received"] == 0
     status = json.loads(mailsync("status", "--json", cwd=hq).stdout)
     assert status["node"]["node_id"] == "hq" and status["service"]["configured"] is True
+    # an idle cycle writes nothing (issue 17); an admin change is logged
+    key = mailsync("keys", "show", cwd=site / "koeln").stdout.splitlines()[1]
+    mailsync(
+        "station",
+        "add",
+        "bonn",
+        "--email",
+        "bonn@x.test",
+        "--key",
+        key,
+        "--bundle",
+        str(site / "bonn.bundle"),
+        cwd=hq,
+    )
     entries = json.loads(mailsync("log", "--json", "--since", "1h", cwd=hq).stdout)
-    assert any(e["message"].startswith("sync cycle done") for e in entries)
-    assert "sync cycle" in mailsync("log", cwd=hq).stdout
+    assert not any(e["message"].startswith("sync cycle") for e in entries), entries
+    assert any(e["message"].startswith("station bonn <bonn@x.test> added") for e in entries)
+    assert "station bonn" in mailsync("log", cwd=hq).stdout
     assert_clean_error(mailsync("log", "--since", "yesterday", cwd=hq, ok=False), "--since")
     assert_clean_error(mailsync("log", "--level", "loud", cwd=hq, ok=False), "--level")
 

@@ -24,7 +24,7 @@ a time, as they go, so memory holds one part.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, delete, select, tuple_
+from sqlalchemy import Connection, and_, delete, or_, select, tuple_
 
 from mailsync import faults, restore
 from mailsync import inbox as inbox_mod
@@ -143,9 +143,20 @@ def _record(
 def _blobs(conn: Connection, keys: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], bytes]:
     if not keys:
         return {}
+    # per peer, its (seq, part) pairs: SQLite searches the outbox's key for
+    # "peer = ? AND (seq, part) IN (…)", but scans it for a three-column IN
+    # (tests/test_growth.py)
+    by_peer: dict[str, list[tuple[int, int]]] = {}
+    for peer, seq, part in keys:
+        by_peer.setdefault(peer, []).append((seq, part))
     rows = conn.execute(
         select(outbox.c.peer, outbox.c.seq, outbox.c.part, outbox.c.blob).where(
-            tuple_(outbox.c.peer, outbox.c.seq, outbox.c.part).in_(keys)
+            or_(
+                *(
+                    and_(outbox.c.peer == peer, tuple_(outbox.c.seq, outbox.c.part).in_(pairs))
+                    for peer, pairs in by_peer.items()
+                )
+            )
         )
     )
     return {(r.peer, r.seq, r.part): r.blob for r in rows}

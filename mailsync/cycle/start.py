@@ -66,7 +66,13 @@ def _read(ctx: CycleContext, conn: Connection, every: list[links_mod.Link]) -> S
     broken: dict[str, MailsyncError] = {}
     if tables and not capture.known_whole(conn, tables):
         repaired, broken = build.ensure_capture(conn, tables)
-    first, logged = conn.execute(select(func.min(changes.c.id), func.max(changes.c.id))).one()
+    # two subqueries: min and max in one SELECT makes SQLite scan the log
+    first, logged = conn.execute(
+        select(
+            select(func.min(changes.c.id)).scalar_subquery(),
+            select(func.max(changes.c.id)).scalar_subquery(),
+        )
+    ).one()
     ranges = list_ranges(conn)
     cfg = ctx.config
     resend_after = dt.timedelta(minutes=cfg.resend_after_minutes)
