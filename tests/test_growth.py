@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, event, update
 
 from mailsync.ranges import admin, model
+from mailsync.store.tables import now
 from tests.cluster import Cluster, customers, orders
 
 #: tables that grow with time or traffic; mailsync_links, _rules, _ranges,
@@ -104,3 +105,36 @@ def test_no_cycle_statement_scans_a_table_that_grows(tmp_path: Path) -> None:
         assert len(statements["hq"]) > 100  # the cycles ran and were recorded
     finally:
         c.close()
+
+
+def test_the_parts_of_a_thousand_stations_are_read_without_hitting_sqlites_depth(
+    tmp_path: Path,
+) -> None:
+    """The bench's 1,000-station host failed its cycle: one OR per station
+    went past SQLite's expression depth (1,000). The parts are read in
+    chunks of stations."""
+    from mailsync.cycle.settle import _blobs
+    from mailsync.store.engine import open_engine
+    from mailsync.store.tables import ensure_schema, outbox
+
+    engine = open_engine(f"sqlite:///{tmp_path / 'hq.db'}")
+    try:
+        ensure_schema(engine)
+        keys = [(f"s{i:05}", 1, 1) for i in range(1500)]
+        with engine.begin() as conn:
+            conn.execute(
+                outbox.insert(),
+                [
+                    {
+                        "peer": "s01499",
+                        "seq": 1,
+                        "part": 1,
+                        "parts": 1,
+                        "blob": b"x",
+                        "created_at": now(),
+                    }
+                ],
+            )
+            assert _blobs(conn, keys) == {("s01499", 1, 1): b"x"}
+    finally:
+        engine.dispose()

@@ -146,20 +146,31 @@ def _blobs(conn: Connection, keys: list[tuple[str, int, int]]) -> dict[tuple[str
     # per peer, its (seq, part) pairs: SQLite searches the outbox's key for
     # "peer = ? AND (seq, part) IN (…)", but scans it for a three-column IN
     # (tests/test_growth.py)
+    # (tests/test_growth.py); at most PEERS_PER_READ peers to a statement,
+    # as SQLite bounds an expression's depth (a host with 1,000 stations)
     by_peer: dict[str, list[tuple[int, int]]] = {}
     for peer, seq, part in keys:
         by_peer.setdefault(peer, []).append((seq, part))
-    rows = conn.execute(
-        select(outbox.c.peer, outbox.c.seq, outbox.c.part, outbox.c.blob).where(
-            or_(
-                *(
-                    and_(outbox.c.peer == peer, tuple_(outbox.c.seq, outbox.c.part).in_(pairs))
-                    for peer, pairs in by_peer.items()
+    peers = list(by_peer.items())
+    out: dict[tuple[str, int, int], bytes] = {}
+    for start in range(0, len(peers), PEERS_PER_READ):
+        rows = conn.execute(
+            select(outbox.c.peer, outbox.c.seq, outbox.c.part, outbox.c.blob).where(
+                or_(
+                    *(
+                        and_(outbox.c.peer == peer, tuple_(outbox.c.seq, outbox.c.part).in_(pairs))
+                        for peer, pairs in peers[start : start + PEERS_PER_READ]
+                    )
                 )
             )
         )
-    )
-    return {(r.peer, r.seq, r.part): r.blob for r in rows}
+        out.update({(r.peer, r.seq, r.part): r.blob for r in rows})
+    return out
+
+
+#: peers whose parts one statement reads (SQLite: an expression at most
+#: 1,000 deep; each peer adds a level of OR)
+PEERS_PER_READ = 200
 
 
 def _log_sending(ctx: CycleContext, conn: Connection, part: Part) -> None:
