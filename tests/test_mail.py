@@ -65,9 +65,11 @@ def deliver_and_sync(c: Cluster, servers: MailServers, sender: str, *receivers: 
     built = c.nodes[sender].sync()
     assert not built.errors, built.errors
     for r in receivers:
-        parts = sum(b.parts for b in built.built if b.peer == r)
-        if built.sent and parts:
-            wait_for(lambda r=r, n=parts: servers.count(r) >= before[r] + n, f"mail for {r}")
+        # every message that went to r this cycle — parts built now, parts
+        # sent again (a send that failed last cycle), control messages
+        sent = built.sent_to.get(r, 0)
+        if sent:
+            wait_for(lambda r=r, n=sent: servers.count(r) >= before[r] + n, f"mail for {r}")
         report = c.nodes[r].sync()
         assert not report.errors, report.errors
 
