@@ -56,7 +56,7 @@ from sqlalchemy.types import TypeEngine
 
 from mailsync.dialects import dialect_for
 from mailsync.errors import SchemaError
-from mailsync.store.reflection import reflect
+from mailsync.store.reflection import dependency_order, reflect
 
 #: the generic types a definition may name, and the arguments each keeps
 _TYPES: dict[str, tuple[type[TypeEngine[Any]], tuple[str, ...]]] = {
@@ -180,8 +180,6 @@ def describe(
 
 
 def _parents_first(conn: Connection, names: Sequence[str]) -> list[str]:
-    from mailsync.store.reflection import dependency_order
-
     return dependency_order(conn, list(names))
 
 

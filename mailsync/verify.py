@@ -37,7 +37,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, String, Table, and_, func, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    String,
+    Table,
+    and_,
+    func,
+    literal,
+    select,
+    tuple_,
+)
 from sqlalchemy.sql.elements import TextClause
 
 from mailsync.errors import SchemaError
@@ -144,8 +154,6 @@ class Side:
 
     def _values(self, key: Key) -> list[Any]:
         """A canonical key back in the column types' Python values."""
-        from sqlalchemy import literal
-
         out = []
         for column, kind, value in zip(self.pk, self._key_types, key, strict=True):
             out.append(literal(_from_canonical(value, kind), type_=column.type))
@@ -255,23 +263,18 @@ def _sort_key(value: Any) -> Any:
     return value
 
 
+def _order(key: Key) -> tuple[Any, ...]:
+    return tuple(_sort_key(v) for v in key)
+
+
 def _before(key: Key, bound: Key) -> bool:
-    return tuple(_sort_key(v) for v in key) < tuple(_sort_key(v) for v in bound)
-
-
-def compare_spans(mine: Sequence[Digest], theirs: Sequence[Digest]) -> list[Span]:
-    """The spans whose digests differ."""
-    return [
-        a.span
-        for a, b in zip(mine, theirs, strict=True)
-        if (a.rows, a.digest) != (b.rows, b.digest)
-    ]
+    return _order(key) < _order(bound)
 
 
 def name_keys(mine: dict[Key, str], theirs: dict[Key, str]) -> list[Difference]:
     """The keys of a leaf span whose rows differ, and who has them."""
     out = []
-    for key in sorted(set(mine) | set(theirs), key=lambda k: tuple(_sort_key(v) for v in k)):
+    for key in sorted(set(mine) | set(theirs), key=_order):
         if mine.get(key) != theirs.get(key):
             out.append(Difference(key, key in mine, key in theirs))
     return out
@@ -297,4 +300,4 @@ def compare(here: Side, there: Side, *, leaf: int = LEAF_ROWS) -> list[Differenc
             if (a.rows, a.digest) != (b.rows, b.digest):
                 rows = (a.rows, b.rows) if planner is here else (b.rows, a.rows)
                 todo.append((a.span, *rows))
-    return sorted(differences, key=lambda d: tuple(_sort_key(v) for v in d.key))
+    return sorted(differences, key=lambda d: _order(d.key))
