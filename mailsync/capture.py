@@ -11,6 +11,7 @@ updates of one row travel once. Trigger DDL lives per database in
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -19,9 +20,20 @@ from sqlalchemy import Connection, Engine
 
 from mailsync.dialects import dialect_for
 from mailsync.store.reflection import fingerprint, reflect
-from mailsync.store.tables import changes
+from mailsync.store.tables import changes, get_meta, set_meta
 
-__all__ = ["changes", "check_capture", "drop_capture", "ensure_capture", "known_whole"]
+__all__ = [
+    "changes",
+    "check_capture",
+    "drop_capture",
+    "ensure_capture",
+    "known_whole",
+    "store_marks",
+]
+
+#: ``mailsync_meta`` key: per table, the fingerprint at which its triggers
+#: were last found whole (so that a new process trusts it too)
+MARKS_KEY = "capture_whole"
 
 
 def ensure_capture(conn: Connection, tables: Iterable[str]) -> list[str]:
@@ -32,10 +44,10 @@ def ensure_capture(conn: Connection, tables: Iterable[str]) -> list[str]:
     again: every cycle checks, and reading the triggers' text back cost a
     statement per table."""
     dialect = dialect_for(conn)
-    checked = _checked.setdefault(conn.engine, {})
+    checked = _marks(conn)
     done = []
     for name in tables:
-        mark = fingerprint(conn, name)
+        mark = _plain(fingerprint(conn, name))
         if mark is not None and checked.get(name) == mark:
             continue
         table = reflect(conn, name)
@@ -52,17 +64,52 @@ def known_whole(conn: Connection, tables: Iterable[str]) -> bool:
     """Whether every one of ``tables`` is as the last check on this engine
     found it whole (one fingerprint read, no write): then
     :func:`ensure_capture` has nothing to do."""
-    checked = _checked.get(conn.engine, {})
+    checked = _marks(conn)
     for name in tables:
-        mark = fingerprint(conn, name)
+        mark = _plain(fingerprint(conn, name))
         if mark is None or checked.get(name) != mark:
             return False
     return True
 
 
+def store_marks(conn: Connection) -> bool:
+    """Keep this engine's marks in the database where they moved since they
+    were read or stored (one write, in the caller's transaction): a process
+    started later — every ``mailsync sync`` from a laptop's timer — then
+    trusts them instead of reading every table's triggers back (tens of
+    milliseconds each start). Whether it wrote."""
+    checked = _marks(conn)
+    if checked == _stored.get(conn.engine):
+        return False
+    set_meta(conn, MARKS_KEY, json.dumps(checked, sort_keys=True))
+    _stored[conn.engine] = dict(checked)
+    return True
+
+
+def _marks(conn: Connection) -> dict[str, Any]:
+    """The engine's marks, read from the database the first time (one
+    statement per process and engine)."""
+    checked = _checked.get(conn.engine)
+    if checked is None:
+        try:
+            loaded = json.loads(get_meta(conn, MARKS_KEY) or "{}")
+        except ValueError:
+            loaded = {}  # damaged: every table is checked again
+        checked = loaded if isinstance(loaded, dict) else {}
+        _checked[conn.engine] = checked
+        _stored[conn.engine] = dict(checked)
+    return checked
+
+
+def _plain(mark: Any) -> Any:
+    """A fingerprint as it reads back from JSON (PostgreSQL's is a tuple)."""
+    return list(mark) if isinstance(mark, tuple) else mark
+
+
 #: per engine, per table: the fingerprint at the last check that found the
-#: capture triggers whole
+#: capture triggers whole, and what of it the database holds
 _checked: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
+_stored: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def check_capture(conn: Connection, tables: Iterable[str]) -> list[str]:

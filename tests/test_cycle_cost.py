@@ -121,7 +121,55 @@ def test_the_witness_is_checked_by_every_cycle_but_once_after_open(tmp_path: Pat
         for _ in range(3):
             with counting(c.nodes["hq"].engine) as n:
                 c.nodes["hq"].sync()
-            checked.append(any("FROM mailsync_meta" in s for s in n.shapes))
+            # the witness check's read of its generation (the capture marks'
+            # one read per process asks for a single key)
+            checked.append(any("FROM mailsync_meta" in s and " IN (" in s for s in n.shapes))
         assert checked == [False, True, True]
+    finally:
+        c.close()
+
+
+def test_a_new_process_trusts_the_triggers_found_whole_but_not_a_changed_schema(
+    tmp_path: Path,
+) -> None:
+    """The capture triggers found whole are remembered in the database with
+    the schema's fingerprint: a new process (every laptop ``sync``) does
+    not read every table's triggers back; a trigger dropped behind its back,
+    or a damaged record, makes it check (and repair) again."""
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+
+    def first_cycle_reflects(name: str) -> bool:
+        c.restart(name)
+        with counting(c.nodes[name].engine) as n:
+            report = c.nodes[name].sync()
+        assert not report.errors, report.errors
+        return any("table_info" in s or "sqlite_master" in s for s in n.shapes)
+
+    def sql(statement: str) -> list[Any]:
+        with c.engines["koeln"].begin() as conn:
+            result = conn.exec_driver_sql(statement)
+            return list(result) if result.returns_rows else []
+
+    def triggers() -> list[str]:
+        rows = sql("SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name")
+        return [r[0] for r in rows if "customers" in r[0]]
+
+    try:
+        c.host.add_rule("customers", down="IUD", up="IUD")
+        idle(c)
+        whole = triggers()
+        assert len(whole) >= 3
+        assert not first_cycle_reflects("koeln")
+        # hostile: a trigger dropped between two runs (schema fingerprint moves)
+        sql(f'DROP TRIGGER "{whole[0]}"')
+        assert triggers() != whole
+        assert first_cycle_reflects("koeln")
+        assert triggers() == whole
+        first_cycle_reflects("koeln")  # a repair is checked once more, then trusted
+        assert not first_cycle_reflects("koeln")
+        # a damaged record is no record: checked again, and written anew
+        sql("UPDATE mailsync_meta SET value = '{' WHERE key = 'capture_whole'")
+        assert first_cycle_reflects("koeln")
+        assert not first_cycle_reflects("koeln")
     finally:
         c.close()

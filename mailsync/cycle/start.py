@@ -50,6 +50,8 @@ def begin(ctx: CycleContext) -> Snapshot:
             wrote = restore.check(conn, path, ctx.journal, every=every).wrote or wrote
         ctx.witness_confirmed = False  # once: the next cycle checks again
         snap = _read(ctx, conn, every)
+        # the triggers found whole, for the next process (once per change)
+        wrote = capture.store_marks(conn) or wrote
         if wrote or snap.repaired or snap.broken:
             conn.commit()
         # else a read, rolled back: nothing to commit
