@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mailsync import allocator
 from mailsync.config import DEFAULT_MAX_MESSAGE_BYTES
 from mailsync.node import Node, init_node
 from mailsync.store.engine import open_engine
@@ -92,7 +93,9 @@ def peak_rss() -> int:
 
 
 def child(config: str) -> None:
-    """One sync cycle of one node; prints what it did and its peak RSS."""
+    """One sync cycle of one node; prints what it did and its peak RSS
+    (the allocator set as the ``mailsync`` command sets it)."""
+    allocator.pin_mmap_threshold()
     t0 = time.perf_counter()
     with Node.open(config) as node:
         report = node.sync()

@@ -15,7 +15,9 @@ from mailsync.errors import INTERRUPTED
 
 def main() -> None:
     try:
-        from mailsync import faults
+        from mailsync import allocator, faults
+
+        allocator.pin_mmap_threshold()
 
         faults.point("start")
         from mailsync.cli import main as run

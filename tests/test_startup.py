@@ -97,3 +97,20 @@ def test_an_idle_sync_imports_only_what_it_needs(tmp_path: Path, node: str) -> N
     assert "mailsync.cycle.run" in mods and loaded(mods, "sqlalchemy")  # it did sync
     for name in NOT_FOR_SYNC:
         assert not loaded(mods, name), f"an idle `mailsync sync` imported {name}"
+
+
+def test_the_command_pins_the_allocators_mmap_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``mailsync`` process keeps a load's megabyte buffers in ``mmap``
+    (:mod:`mailsync.allocator`): on Linux with glibc the pin takes; the
+    command's entry point asks for it before anything else."""
+    from mailsync import allocator, entry
+
+    if sys.platform.startswith("linux"):
+        assert allocator.pin_mmap_threshold()
+    asked: list[bool] = []
+    monkeypatch.setattr(allocator, "pin_mmap_threshold", lambda: asked.append(True) or True)
+    monkeypatch.setattr(sys, "argv", ["mailsync", "--version"])
+    with pytest.raises(SystemExit) as done:
+        entry.main()
+    assert done.value.code in (0, None)
+    assert asked == [True]

@@ -228,6 +228,7 @@ def _opener(ctx: CycleContext, peer: str, seq: int, parts: int) -> Opener:
                 if header.cid != first.cid or header.seq != first.seq:
                     raise MessageError(f"{origin}: part {number} is from another changeset")
                 yield more
+                del more  # not kept alive while the next part is read
 
         dictionaries.ready(conn, ctx.codec, peer, first.dictionary, origin)
         return first, ctx.codec.stream(bodies(), origin, first)

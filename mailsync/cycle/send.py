@@ -241,6 +241,7 @@ def _send_parts(
                 scope="peer",
             )
         tx.send(me.email, item.address, raw)
+        del raw, stored  # a load's part and its message: not kept while the next is read
         went.add((peer, seq, part))
         faults.point("after-send")
         if item.blob is None:

@@ -39,8 +39,10 @@ from mailsync.store.witness import witness_path
 from mailsync.wire.envelope import read_header
 
 #: Bytes of outbox parts read into memory in the settling transaction; the
-#: rest are read one by one as they are sent.
-READ_AHEAD_BYTES = 32 * 1024 * 1024
+#: rest are read one by one as they are sent. Steady-state changesets are
+#: kilobytes; a load's parts (megabytes each) go one at a time, so that the
+#: peak of a load's send is one part and its message, not several parts.
+READ_AHEAD_BYTES = 4 * 1024 * 1024
 
 
 def settle(ctx: CycleContext, report: CycleReport) -> Outgoing:

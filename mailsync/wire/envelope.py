@@ -311,9 +311,15 @@ class Codec:
         head = pack(sealed.to_wire())
         clear = _PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(head)) + head
         key = _derive(eph.exchange(recipient.encryption_key()), eph_pub, recipient.enc)
-        ciphertext = ChaCha20Poly1305(key).encrypt(_NONCE, body, clear)
-        signed = clear + ciphertext
-        return signed + signer.sign(signed)
+        # one buffer grows into the envelope, its value taken without a copy:
+        # a load's part is megabytes, and each copy adds to the peak
+        out = io.BytesIO()
+        out.write(clear)
+        out.write(ChaCha20Poly1305(key).encrypt(_NONCE, body, clear))
+        with out.getbuffer() as signed:
+            signature = signer.sign(signed)
+        out.write(signature)
+        return out.getvalue()
 
     def verify(self, blob: bytes, origin: str, sender_keys: Sequence[PublicKey]) -> Header:
         """The header, once the signature checks out with one of ``sender_keys``."""
@@ -325,7 +331,8 @@ class Codec:
             raise MessageError(f"{origin}: envelope has extra bytes")
         if not sender_keys:
             raise MessageError(f"{origin}: no key known for sender {header.sender!r}")
-        signed, signature = blob[:-_SIG], blob[-_SIG:]
+        # a view, not a copy of a part of megabytes
+        signed, signature = memoryview(blob)[:-_SIG], blob[-_SIG:]
         for key in sender_keys:
             try:
                 key.verification_key().verify(signature, signed)
@@ -399,7 +406,8 @@ class Codec:
         try:
             eph = X25519PublicKey.from_public_bytes(header.eph)
             key = _derive(pair.enc.exchange(eph), header.eph, pair.public.enc)
-            body = ChaCha20Poly1305(key).decrypt(_NONCE, blob[len(clear) : -_SIG], clear)
+            sealed_body = memoryview(blob)[len(clear) : -_SIG]
+            body = ChaCha20Poly1305(key).decrypt(_NONCE, sealed_body, clear)
         except (InvalidTag, ValueError) as exc:
             raise MessageError(f"{origin}: envelope does not decrypt") from exc
         return body
@@ -419,6 +427,8 @@ class _Chained(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         while not self._current:
+            # an empty view still holds its part: let it go before the next
+            self._current = memoryview(b"")
             chunk = next(self._chunks, None)
             if chunk is None:
                 return 0
