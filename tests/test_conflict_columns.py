@@ -411,3 +411,35 @@ def test_chaos_converges_with_conflicts_on_both_sides(tmp_path: Path) -> None:
             assert at_host == at_station, station
     finally:
         c.close()
+
+
+def test_capture_logs_the_changed_columns(tmp_path: Path, db_url: str) -> None:
+    """Both dialects' triggers: an update's bits name the columns whose value
+    changed, with a capture time; a key moved is a delete and an update of
+    every column; a row touched without a change is logged as every column."""
+    c = Cluster(tmp_path, db_url, ("koeln",))
+    try:
+        c.host.add_rule("customers", down="IUD", up="IUD")
+        c.execute("hq", customers.insert(), [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+        with c.engines["hq"].connect() as conn:
+            start = conn.execute(select(func.max(changes.c.id))).scalar()
+        before = int(time.time() * 1000) - 1000
+        c.execute("hq", update(customers).where(customers.c.id == 1).values(city="X"))
+        c.execute("hq", update(customers).where(customers.c.id == 2).values(id=3))
+        c.execute("hq", update(customers).where(customers.c.id == 1).values(city="X"))
+        with c.engines["hq"].connect() as conn:
+            logged = conn.execute(
+                select(changes.c.pk, changes.c.op, changes.c.cols, changes.c.at)
+                .where(changes.c.id > start)
+                .order_by(changes.c.id)
+            ).all()
+        columns = [col.name for col in customers.columns]
+        city = 1 << columns.index("city")
+        assert [(json.loads(pk), op, cols) for pk, op, cols, _ in logged] == [
+            ([1], "U", city),
+            *sorted([([2], "D", None), ([3], "U", None)], key=lambda r: r[1]),
+            ([1], "U", 0),
+        ]
+        assert all(at is not None and at >= before for *_, at in logged)
+    finally:
+        c.close()

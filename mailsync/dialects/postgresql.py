@@ -137,7 +137,11 @@ class PostgreSQLDialect:
         new_pk = pk_json(_Q, "n", pk, "json_build_array") + "::text"
         old_pk = pk_json(_Q, "o", pk, "json_build_array") + "::text"
         same = " AND ".join(f"n.{quote_ident(_Q, c)} = o.{quote_ident(_Q, c)}" for c in pk)
-        # a row whose key moved has no old row here: every bit set
+        # one join of the old and new rows: an old key gone is a delete, a
+        # new key (a key moved) an update of every column (NULL), a key
+        # kept an update of the columns whose values differ
+        key = quote_ident(_Q, pk[0])
+        gone, born = f"n.{key} IS NULL", f"o.{key} IS NULL"  # key columns are NOT NULL
         changed = " | ".join(
             f"(CASE WHEN {_compared(c, 'n')} IS DISTINCT FROM {_compared(c, 'o')} "
             f"THEN {bit}::int8 ELSE 0::int8 END)"
@@ -152,10 +156,10 @@ class PostgreSQLDialect:
             "  IF TG_OP = 'INSERT' THEN\n"
             f"    {ins} SELECT {lit}, {new_pk}, 'I', origin FROM mailsync_new n;\n"
             "  ELSIF TG_OP = 'UPDATE' THEN\n"
-            f"    {timed} SELECT {lit}, {old_pk}, 'D', origin, NULL, at FROM mailsync_old o\n"
-            f"      WHERE NOT EXISTS (SELECT 1 FROM mailsync_new n WHERE {same});\n"
-            f"    {timed} SELECT {lit}, {new_pk}, 'U', origin, {changed}, at\n"
-            f"      FROM mailsync_new n LEFT JOIN mailsync_old o ON {same};\n"
+            f"    {timed} SELECT {lit}, CASE WHEN {gone} THEN {old_pk} ELSE {new_pk} END,\n"
+            f"      CASE WHEN {gone} THEN 'D' ELSE 'U' END, origin,\n"
+            f"      CASE WHEN {gone} OR {born} THEN NULL ELSE {changed} END, at\n"
+            f"      FROM mailsync_old o FULL JOIN mailsync_new n ON {same};\n"
             "  ELSE\n"
             f"    {timed} SELECT {lit}, {old_pk}, 'D', origin, NULL, at FROM mailsync_old o;\n"
             "  END IF;\n"

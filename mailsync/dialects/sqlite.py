@@ -133,7 +133,8 @@ class SQLiteDialect:
             f"BEGIN {ins} VALUES ({lit}, {new_pk}, 'I', {_ORIGIN}); END",
             f"CREATE TRIGGER {quote_ident(q, trigger_name(t, 'au'))} AFTER UPDATE ON {tq} "
             f"BEGIN {timed} SELECT {lit}, {old_pk}, 'D', {_ORIGIN}, NULL, {_NOW} WHERE {moved}; "
-            f"{timed} VALUES ({lit}, {new_pk}, 'U', {_ORIGIN}, {changed}, {_NOW}); END",
+            f"{timed} VALUES ({lit}, {new_pk}, 'U', {_ORIGIN}, "
+            f"CASE WHEN {moved} THEN NULL ELSE {changed} END, {_NOW}); END",
             f"CREATE TRIGGER {quote_ident(q, trigger_name(t, 'ad'))} AFTER DELETE ON {tq} "
             f"BEGIN {timed} VALUES ({lit}, {old_pk}, 'D', {_ORIGIN}, NULL, {_NOW}); END",
         ]
