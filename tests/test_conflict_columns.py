@@ -443,3 +443,32 @@ def test_capture_logs_the_changed_columns(tmp_path: Path, db_url: str) -> None:
         assert all(at is not None and at >= before for *_, at in logged)
     finally:
         c.close()
+
+
+def test_hostile_notes(tmp_path: Path) -> None:
+    """A station cannot decide a conflict by note (only the host decides),
+    and a malformed note is refused, never recorded."""
+    from mailsync.conflict_notes import received
+    from mailsync.errors import MessageError
+    from mailsync.store.engine import open_engine
+    from mailsync.store.tables import conflicts_table, ensure_schema
+
+    engine = open_engine(f"sqlite:///{tmp_path / 'hq.db'}")
+    ensure_schema(engine)
+    decision = {
+        "k": "resolved",
+        "tbl": "customers",
+        "pk": "[1]",
+        "keep": "station",
+        "columns": [],
+        "differing": [],
+        "row": None,
+    }
+    with engine.begin() as conn:
+        (line,) = received(conn, "koeln", 5, [decision], from_host=False)
+        assert "ignored: the host decides" in line
+        for bad in ([{"k": "found", "seq": "5"}], [{"k": "launch"}], {"k": "found"}):
+            with pytest.raises(MessageError):
+                received(conn, "koeln", 5, bad, from_host=False)
+        assert conn.execute(select(func.count()).select_from(conflicts_table)).scalar() == 0
+    engine.dispose()
