@@ -250,6 +250,8 @@ conflicts_table = Table(
     # (after ``mine_from``, up to ``mine_to``), to know the peer's note of it
     Column("mine_from", BigInteger),
     Column("mine_to", BigInteger),
+    # a peer's note is matched with our record of the same row
+    Index("mailsync_conflicts_row", "peer", "tbl", "pk"),
 )
 
 # What the other side of a conflict must hear (mailsync/conflict_notes.py):
@@ -484,6 +486,9 @@ def _v7_to_v8_column_conflicts(conn: Connection) -> None:
         ("mailsync_conflicts", "mine_to", "BIGINT"),
     ):
         conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS mailsync_conflicts_row ON mailsync_conflicts (peer, tbl, pk)"
+    )
     conflict_notes.create(conn, checkfirst=True)
 
 
