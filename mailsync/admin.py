@@ -32,6 +32,7 @@ from mailsync import rules as rules_mod
 from mailsync.apply import ParkedRow, list_parked, retry_parked_row
 from mailsync.apply import drop_parked as drop_parked_rows
 from mailsync.config import NodeConfig
+from mailsync.conflict_resolve import Keep, resolve
 from mailsync.conflicts import Conflict
 from mailsync.conflicts import drop_conflicts as drop_conflict_records
 from mailsync.conflicts import list_conflicts as read_conflicts
@@ -211,12 +212,17 @@ def add_rule(
     station: str | None = None,
     row_filter: str | None = None,
     conflict: str = "host-wins",
+    newest_by: str | None = None,
 ) -> tuple[rules_mod.Rule, list[str]]:
     """Sync a table (for all stations or one), or change its rule; returns
-    the rule and warnings for the admin. Capture triggers go in at once."""
+    the rule and warnings for the admin. Capture triggers go in at once.
+    ``newest_by``: newest-wins compares this time column (default: the
+    capture times)."""
     _require_host(site, "a table rule")
     down, up = _ops(down, "down"), _ops(up, "up")
-    rule = rules_mod.Rule(table, station or ALL_STATIONS, down, up, row_filter or None, conflict)
+    rule = rules_mod.Rule(
+        table, station or ALL_STATIONS, down, up, row_filter or None, conflict, newest_by
+    )
     with site.engine.begin() as conn:
         warnings = rules_mod.add_rule(conn, rule)
         site.journal.info(
@@ -407,11 +413,36 @@ def drop_parked(site: Site, ids: Iterable[int] | None) -> int:
 
 
 def list_conflicts(
-    site: Site, *, table: str | None = None, limit: int | None = None
+    site: Site, *, table: str | None = None, limit: int | None = None, waiting: bool = False
 ) -> list[Conflict]:
-    """Recorded conflicts, newest first (of one table, the newest ``limit``)."""
+    """Recorded conflicts, newest first (of one table, the newest ``limit``,
+    only those waiting for an admin)."""
     with site.engine.connect() as conn:
-        return read_conflicts(conn, table=table, limit=limit)
+        return read_conflicts(conn, table=table, limit=limit, waiting=waiting)
+
+
+def resolve_conflict(site: Site, conflict_id: int, keep: Keep) -> Conflict:
+    """Decide a ``manual`` conflict on the host: keep the host's or the
+    station's version; the choice travels to the station with the next
+    sync, so both converge (:mod:`mailsync.conflict_resolve`)."""
+    if keep not in ("host", "station"):
+        raise ConfigError(f"--keep {keep!r}: use host or station")
+    if site.config.role != "host":
+        raise ConfigError(
+            f"conflicts are decided on the host; {site.config.node_id!r} is a remote: "
+            "nothing was changed",
+            hint="run `mailsync conflicts resolve` on the host; this station hears of it",
+        )
+    with site.engine.begin() as conn:
+        record = resolve(conn, conflict_id, keep)
+        site.journal.info(
+            "conflict",
+            f"conflict {conflict_id} (table {record.table} row {record.key}) resolved: "
+            f"{'the host' if keep == 'host' else record.peer + chr(39) + 's'} version kept",
+            conn=conn,
+            peer=record.peer,
+        )
+    return record
 
 
 def drop_conflicts(site: Site, ids: Iterable[int] | None) -> int:

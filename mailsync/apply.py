@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, dictionaries, faults, provision
+from mailsync import capture, conflict_notes, dictionaries, faults, provision
 from mailsync import link as links_mod
 from mailsync.admission import CLASH, CLASH_REASON, Check, Gate
 from mailsync.conflicts import Detector
@@ -40,6 +40,7 @@ from mailsync.store.engine import transaction
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import now, parked
 from mailsync.trust import trust_key
+from mailsync.wire import rowinfo
 from mailsync.wire.changeset import (
     Control,
     RowBatch,
@@ -59,6 +60,7 @@ from mailsync.wire.controls import (
 )
 from mailsync.wire.envelope import Header
 from mailsync.wire.limits import DEFAULT_LIMITS
+from mailsync.wire.rowinfo import RowInfo
 
 
 @dataclass
@@ -80,6 +82,9 @@ class Applied:
     reloaded: bool = False
     #: conflicts found, a line per table and outcome (see :mod:`mailsync.conflicts`)
     conflicts: list[str] = field(default_factory=list)
+    #: local edits overwritten (this link never carries them), and the
+    #: peer's conflict notes acted on: a log line each
+    overwritten: list[str] = field(default_factory=list)
     #: tables created from the definitions a load brought (:mod:`mailsync.provision`)
     tables_created: list[str] = field(default_factory=list)
     #: tables this node has that differ from their definition, and how
@@ -304,8 +309,18 @@ def apply_buffered(
             #: tables loaded with their capture triggers off (see _loading)
             loads: list[str] = []
 
+            #: what the sender says of the rows of its next batch
+            info: RowInfo | None = None
             for record in read_changeset(stream, origin=origin):
                 if isinstance(record, Control):
+                    if record.kind == rowinfo.KIND:
+                        info = rowinfo.parse(record.payload)
+                        continue
+                    if record.kind == conflict_notes.KIND:
+                        result.overwritten += conflict_notes.received(
+                            conn, peer, seq, record.payload, from_host=direction == "down"
+                        )
+                        continue
                     control = parse_sequenced(record.kind, record.payload)
                     if isinstance(control, FullLoad) and accept_rules and reload is None:
                         reload = Reload(conn, peer, list(control.tables), RELOAD_BATCH)
@@ -338,6 +353,7 @@ def apply_buffered(
                     continue
                 assert isinstance(record, RowBatch)
                 table_name = record.table.name
+                said, info = info, None
                 target = targets.get(record.table.index)
                 allowed = _ops(rules, table_name, direction)
                 if target is None or record.op not in allowed:
@@ -379,7 +395,14 @@ def apply_buffered(
                             why = (table_name, CLASH_REASON)
                             before = result.parked_by_rule.get(why, 0)
                             result.parked_by_rule[why] = before + len(clashing)
-                    rows = detector.resolve(target.table, record.table, record.op, rows)
+                    rows = detector.resolve(
+                        target.table,
+                        record.table,
+                        record.op,
+                        rows,
+                        said,
+                        partial(_park_partial, park, record.table, by_id),
+                    )
                     check = gate.after(target.table, record.table, op)
                 if record.op != "I":
                     loading[table_name] = False
@@ -402,6 +425,7 @@ def apply_buffered(
                     by_id,
                 )
             result.conflicts = detector.summary()
+            result.overwritten += detector.overwritten_lines()
             if reload is not None:
                 mirrored = _mirrored(rules)
                 for table, tdef, keys in reload.doomed(mirrored):
@@ -427,6 +451,18 @@ def apply_buffered(
             hint="fix the cause; the changeset stays buffered and is applied next cycle",
         ) from exc
     return result
+
+
+def _park_partial(
+    park: Parker,
+    tdef: TableDef,
+    by_id: dict[int, tuple[Any, ...]] | None,
+    row: tuple[Any, ...],
+    error: str,
+) -> None:
+    """Park a row of which only some columns were to apply (a conflict
+    settled column by column), as an update of the whole row."""
+    park(tdef, "U", row if by_id is None else by_id[id(row)], error)
 
 
 def _loading(

@@ -39,9 +39,9 @@ from sqlalchemy import (
     update,
 )
 
+from mailsync import conflict_notes, provision
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
-from mailsync import provision
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
@@ -59,6 +59,7 @@ from mailsync.wire.controls import (
     TableDefinitions,
 )
 from mailsync.wire.envelope import Codec, Header
+from mailsync.wire.rowinfo import KIND, row_info
 from mailsync.wire.values import convert
 
 
@@ -192,24 +193,32 @@ class _Builder:
         columns = raw_select_columns(table, self.engine.dialect)
         return select(*columns, flag.label("mailsync_in_scope"))
 
-    def write(self, name: str, op: Op, rows: list[Row[Any]]) -> None:
-        """Rows as read (the flag last), column by column in storage form."""
+    def write(
+        self, name: str, op: Op, rows: list[Row[Any]], info: list[tuple[Any, Any]] | None = None
+    ) -> None:
+        """Rows as read (the flag last), column by column in storage form;
+        ``info``: per row, its changed columns and capture time, sent ahead
+        of the batch (:mod:`mailsync.wire.rowinfo`)."""
         if rows:
             tdef = self.tdef(name)
+            if info:
+                self.writer.control(KIND, row_info(op, info))
             columns = list(zip(*rows, strict=True))[:-1]
             fns = self.wire[name]
             self.writer.columns(
                 tdef, op, [convert(list(c), f) for c, f in zip(columns, fns, strict=True)]
             )
 
-    def tombstones(self, name: str, logged: list[str], keys: list[tuple[Any, ...]]) -> None:
+    def tombstones(
+        self, name: str, logged: list[str], keys: list[tuple[Any, ...]], ats: list[Any]
+    ) -> None:
         """Keys of rows gone, as stored: SQLite's change log holds them so
         (JSON of the stored values), elsewhere the typed keys are made
         msgpack-native like any value of their columns."""
         if not keys:
             return
         if self.engine.dialect.name == "sqlite":
-            self.deletes.add(name, [tuple(json.loads(pk)) for pk in logged])
+            self.deletes.add(name, [tuple(json.loads(pk)) for pk in logged], ats)
             return
         table = self.table(name)
         at = [list(table.columns).index(c) for c in table.primary_key.columns]
@@ -221,6 +230,7 @@ class _Builder:
                 tuple(v if f is None or v is None else f(v) for f, v in zip(fns, k, strict=True))
                 for k in keys
             ],
+            ats,
         )
 
     def initial_load(self, name: str) -> None:
@@ -246,6 +256,7 @@ class _Builder:
             horizon,
             not_from=None if self.plan.direction == "up" else self.plan.peer,
             batch=self.batch,
+            width=len(table.columns),
         )
         columns = list(table.columns)
         at = [columns.index(c) for c in pk_cols]
@@ -255,18 +266,20 @@ class _Builder:
         where = stored_key_filter if stored else key_filter
         for part in batches(result, self.batch):
             keyed = [
-                (tuple(json.loads(pk)) if stored else logged_key(pk, pk_cols), op, pk)
-                for pk, op in part
+                (tuple(json.loads(pk)) if stored else logged_key(pk, pk_cols), op, pk, (cols, at))
+                for pk, op, cols, at in part
             ]
             rows = self.conn.execute(
-                self.scoped_select(table, name).where(where(table, [k for k, _, _ in keyed]))
+                self.scoped_select(table, name).where(where(table, [k[0] for k in keyed]))
             ).all()
             found = {_key_of(r, at, typers): r for r in rows}
             inserts: list[Row[Any]] = []
             updates: list[Row[Any]] = []
+            changed: list[tuple[Any, Any]] = []
             gone: list[tuple[Any, ...]] = []
             logged: list[str] = []
-            for key, first_op, pk in keyed:
+            gone_at: list[Any] = []
+            for key, first_op, pk, info in keyed:
                 row = found.get(key)
                 if row is not None:
                     if not row[-1]:
@@ -276,12 +289,14 @@ class _Builder:
                             inserts.append(row)
                     elif "U" in ops:
                         updates.append(row)
+                        changed.append(info)
                 elif first_op != "I" and "D" in ops:
                     gone.append(key)
                     logged.append(pk)
-            self.tombstones(name, logged, gone)
+                    gone_at.append(info[1])
+            self.tombstones(name, logged, gone, gone_at)
             self.write(name, "I", inserts)
-            self.write(name, "U", updates)
+            self.write(name, "U", updates, changed)
 
 
 def _key_of(row: Row[Any], at: list[int], typers: list[Any]) -> tuple[Any, ...]:
@@ -331,19 +346,20 @@ class _KeySpool:
     def __init__(self) -> None:
         self._files: dict[str, Any] = {}
 
-    def add(self, table: str, keys: list[tuple[Any, ...]]) -> None:
+    def add(self, table: str, keys: list[tuple[Any, ...]], ats: list[Any]) -> None:
+        """Keys of rows gone, with their capture times."""
         if keys:
             if table not in self._files:
                 self._files[table] = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # noqa: SIM115
-            self._files[table].write(pack(keys))
+            self._files[table].write(pack([keys, ats]))
 
-    def read(self, table: str) -> Iterator[list[tuple[Any, ...]]]:
+    def read(self, table: str) -> Iterator[tuple[list[tuple[Any, ...]], list[Any]]]:
         spool = self._files.get(table)
         if spool is None:
             return
         spool.seek(0)
-        for keys in unpack_stream(spool):
-            yield [tuple(k) for k in keys]
+        for keys, ats in unpack_stream(spool):
+            yield [tuple(k) for k in keys], ats
 
     def close(self) -> None:
         for spool in self._files.values():
@@ -411,6 +427,9 @@ def build_for_link(
             controls.append(dicts.carry)
         for control in controls:
             writer.control(control.KIND, control.payload())
+        noted = conflict_notes.take(conn, plan.peer)
+        if noted is not None:  # conflicts the peer must hear of, decisions
+            writer.control(conflict_notes.KIND, noted)
         names = [n for n in plan.rules if plan.ops(n)]
         ordered = dependency_order(conn, names) if names else []
         for name in ordered:
@@ -423,7 +442,9 @@ def build_for_link(
                 loaded = True
             builder.changes(name, horizon, cursor, loaded=loaded)
         for name in reversed(ordered):
-            for chunk in keys.read(name):
+            for chunk, ats in keys.read(name):
+                if any(a is not None for a in ats):
+                    writer.control(KIND, row_info("D", [(None, a) for a in ats]))
                 writer.rows(builder.tdef(name), "D", chunk)
         rules_hash = plan.rules_hash if plan.send_rules else None
         if writer.summary.records <= 1:

@@ -40,8 +40,6 @@ Direction = Literal["down", "up"]
 OP_NAMES = {"I": "insert", "U": "update", "D": "delete"}
 _BY_NAME = {v: k for k, v in OP_NAMES.items()}
 CONFLICT_POLICIES = ("host-wins", "remote-wins", "newest-wins", "manual")
-#: The policies :mod:`mailsync.conflicts` carries out so far.
-BUILT_POLICIES = ("host-wins", "remote-wins")
 
 
 def parse_ops(value: str, what: str = "operations") -> str:
@@ -75,9 +73,14 @@ class Rule:
     up: str
     row_filter: str | None = None
     conflict: str = "host-wins"
+    #: newest-wins: the time column compared (None: the capture times)
+    newest_by: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.newest_by is None:  # as before it existed: the same rules hash
+            del data["newest_by"]
+        return data
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Rule:
@@ -88,6 +91,7 @@ class Rule:
             up=str(data["up"]),
             row_filter=data.get("row_filter"),
             conflict=str(data.get("conflict", "host-wins")),
+            newest_by=None if data.get("newest_by") is None else str(data["newest_by"]),
         )
 
 
@@ -99,7 +103,9 @@ class Station:
 
 
 def _rule(row: Any) -> Rule:
-    return Rule(row.tbl, row.station, row.down_ops, row.up_ops, row.row_filter, row.conflict)
+    return Rule(
+        row.tbl, row.station, row.down_ops, row.up_ops, row.row_filter, row.conflict, row.newest_by
+    )
 
 
 def all_rules(conn: Connection) -> list[Rule]:
@@ -240,14 +246,19 @@ def add_rule(conn: Connection, rule: Rule) -> list[str]:
         raise RuleError(
             f"conflict policy {rule.conflict!r} is not one of {', '.join(CONFLICT_POLICIES)}"
         )
-    if rule.conflict not in BUILT_POLICIES:
+    if rule.newest_by is not None and rule.conflict != "newest-wins":
         raise RuleError(
-            f"conflict policy {rule.conflict!r} is not built yet; use "
-            + " or ".join(BUILT_POLICIES)
+            f"table {rule.table!r}: a time column (--newest-by) goes with the newest-wins "
+            f"policy, not {rule.conflict}"
         )
     if rule.station != ALL_STATIONS:
         get_station(conn, rule.station)
     table = reflect(conn, rule.table)
+    if rule.newest_by is not None and rule.newest_by not in table.c:
+        raise RuleError(
+            f"table {rule.table!r} has no column {rule.newest_by!r} (--newest-by): "
+            f"its columns are {', '.join(c.name for c in table.columns)}"
+        )
     if rule.row_filter:
         _check_filter(conn, rule.table, rule.row_filter)
     warnings: list[str] = []
@@ -267,6 +278,7 @@ def add_rule(conn: Connection, rule: Rule) -> list[str]:
         "up_ops": rule.up,
         "row_filter": rule.row_filter,
         "conflict": rule.conflict,
+        "newest_by": rule.newest_by,
     }
     where = and_(rules_table.c.tbl == rule.table, rules_table.c.station == rule.station)
     if conn.execute(select(rules_table.c.id).where(where)).first():
@@ -313,6 +325,7 @@ def replace_rules(conn: Connection, received: list[Rule]) -> list[str]:
                 up_ops=rule.up,
                 row_filter=rule.row_filter,
                 conflict=rule.conflict,
+                newest_by=rule.newest_by,
                 created_at=now(),
             )
         )

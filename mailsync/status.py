@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine, distinct, func, or_, select
+from sqlalchemy import Connection, Engine, case, distinct, func, or_, select
 
 from mailsync import capture
 from mailsync import rules as rules_mod
@@ -68,6 +68,11 @@ class Status:
     ranges: list[RangeUsage] = field(default_factory=list)
     #: conflicts recorded and not yet dropped (`mailsync conflicts list`)
     conflicts: int = 0
+    #: of those, waiting for an admin's decision (manual policy)
+    conflicts_waiting: int = 0
+    #: log lines (one per row and changeset) about local edits a peer's
+    #: version overwrote because the rules never send them
+    overwritten: int = 0
     #: log lines (one per changeset, table and reason) about incoming rows
     #: the rules refused, within the log's retention
     refused: int = 0
@@ -137,9 +142,14 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         tables = sorted({r.table for r in rules_mod.all_rules(conn)})
         missing = capture.check_capture(conn, tables) if tables else []
         parked_count = int(conn.execute(select(func.count()).select_from(parked)).scalar() or 0)
-        conflict_count = int(
-            conn.execute(select(func.count()).select_from(conflicts_table)).scalar() or 0
-        )
+        conflict_count, waiting_count = conn.execute(
+            select(
+                func.count(),
+                func.coalesce(
+                    func.sum(case((conflicts_table.c.state == "waiting", 1), else_=0)), 0
+                ),
+            ).select_from(conflicts_table)
+        ).one()
         range_usage = usage(conn)
         restored = _restored(conn, result)
         since = now() - dt.timedelta(days=config.log_retention_days)
@@ -149,7 +159,14 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
                 .where(
                     log_table.c.at >= since,
                     log_table.c.event.in_(
-                        ["rejected", "apply-failed", "refused", "control-replayed", REFUSED]
+                        [
+                            "rejected",
+                            "apply-failed",
+                            "refused",
+                            "control-replayed",
+                            "overwritten",
+                            REFUSED,
+                        ]
                     ),
                 )
                 .group_by(log_table.c.event)
@@ -168,7 +185,9 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         key_id=key_id,
         parked=parked_count,
         ranges=range_usage,
-        conflicts=conflict_count,
+        conflicts=int(conflict_count),
+        conflicts_waiting=int(waiting_count),
+        overwritten=int(counts.get("overwritten", 0)),
         refused=int(counts.get("refused", 0)),
         replayed=int(counts.get("control-replayed", 0)),
         blocks_refused=int(counts.get(REFUSED, 0)),

@@ -98,6 +98,16 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
     # no column: two new tables (mailsync_dictionaries,
     # mailsync_dictionary_samples), which ensure_schema's create_all makes
     7: (),
+    8: (
+        ("mailsync_changes", "cols"),
+        ("mailsync_changes", "at"),
+        ("mailsync_rules", "newest_by"),
+        ("mailsync_conflicts", "state"),
+        ("mailsync_conflicts", "source"),
+        ("mailsync_conflicts", "differing"),
+        ("mailsync_conflicts", "mine_from"),
+        ("mailsync_conflicts", "mine_to"),
+    ),
 }
 
 

@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import delete, select, update
 
 from mailsync.conflicts import list_conflicts
-from mailsync.errors import RuleError
 from mailsync.store.tables import conflicts_table
 from mailsync.transport.memory import MemoryPostOffice
 from tests.cluster import Cluster, customers
@@ -136,40 +135,3 @@ def cli(*args: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
-
-
-def test_policies_not_built_yet_are_refused(tmp_path: Path) -> None:
-    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
-    try:
-        for policy in ("newest-wins", "manual"):
-            with pytest.raises(RuleError, match="not built yet"):
-                c.host.add_rule("customers", down="IUD", up="IUD", conflict=policy)
-        with pytest.raises(RuleError, match="is not one of"):
-            c.host.add_rule("customers", down="IUD", up="IUD", conflict="coin-toss")
-    finally:
-        c.close()
-
-
-def test_a_changeset_fetched_after_a_later_bare_ack_is_still_tested(tmp_path: Path) -> None:
-    """koeln's edit travels slowly; meanwhile it applies the host's edit of
-    the same row and acks it bare. The host fetches the bare ack first, then
-    the old changeset: the conflict must still be seen, or the host would
-    take koeln's version while koeln took the host's."""
-    office = HoldingOffice()
-    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",), office=office)
-    try:
-        c.host.add_rule("customers", down="IUD", up="IUD")
-        c.execute("hq", customers.insert(), {"id": 1, "name": "c1"})
-        c.sync("hq", "koeln", "hq", "koeln")
-        office.holding = True
-        c.execute("koeln", update(customers).where(customers.c.id == 1).values(city="Köln"))
-        c.sync("koeln")  # its changeset is slow in the mail
-        office.holding = False
-        c.execute("hq", update(customers).where(customers.c.id == 1).values(city="HQ"))
-        c.sync("hq", "koeln")  # koeln takes the host's version and acks it, bare
-        office.release()  # the slow changeset arrives after the bare ack
-        c.sync("hq", "koeln", "hq", "koeln")
-        assert c.agree("customers") and city(c, "hq", 1) == "HQ"
-        assert recorded(c, "hq") == 1 and recorded(c, "koeln") == 1
-    finally:
-        c.close()

@@ -181,7 +181,14 @@ def table_add(
         "host-wins",
         "--conflict",
         help="A row changed on both sides before either heard of the other: "
-        "host-wins or remote-wins (the loser is kept: `mailsync conflicts list`).",
+        "host-wins, remote-wins, newest-wins or manual (the loser is kept: "
+        "`mailsync conflicts list`; manual waits for `mailsync conflicts resolve`).",
+    ),
+    newest_by: str | None = typer.Option(
+        None,
+        "--newest-by",
+        help="newest-wins: the time column compared (default: the capture times, "
+        "each node's own clock).",
     ),
 ) -> None:
     """Sync a table (or change its rule); the capture triggers are installed now."""
@@ -195,11 +202,13 @@ def table_add(
             station=station,
             row_filter=row_filter,
             conflict=conflict,
+            newest_by=newest_by,
         )
     scope = f"station {rule.station}" if station else "all stations"
     console.print(
         f"table [bold]{escape(table)}[/] ({escape(scope)}): down {describe_ops(rule.down)}, "
         f"up {describe_ops(rule.up)}, conflicts: {rule.conflict}"
+        + (f" by {escape(rule.newest_by)}" if rule.newest_by else "")
     )
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import datetime as dt
+import decimal
 import json
 import os
 import sys
@@ -160,8 +161,10 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dt.datetime):
         return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).isoformat()
-    if isinstance(value, dt.date | dt.time | dt.timedelta):
-        return str(value)
+    if isinstance(value, dt.date | dt.time | dt.timedelta | decimal.Decimal):
+        return str(value)  # a Decimal as its exact text
+    if isinstance(value, bytes):
+        return value.hex()
     return value
 
 

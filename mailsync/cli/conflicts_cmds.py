@@ -1,4 +1,4 @@
-"""``mailsync conflicts list|drop``: rows changed on two nodes at once."""
+"""``mailsync conflicts list|resolve|drop``: rows changed on two nodes at once."""
 
 from __future__ import annotations
 
@@ -32,15 +32,18 @@ def conflicts_list(
     table_name: str | None = typer.Option(None, "--table", help="Only this table's."),
     limit: int = typer.Option(50, "--limit", help="The newest N.", min=1),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable, every value."),
+    waiting: bool = typer.Option(
+        False, "--waiting", help="Only those waiting for a decision (manual policy)."
+    ),
 ) -> None:
     """Show the recorded conflicts: which version was kept, and both versions."""
     with open_node(ctx) as node:
-        found = admin.list_conflicts(node, table=table_name, limit=limit)
+        found = admin.list_conflicts(node, table=table_name, limit=limit, waiting=waiting)
     if as_json:
         print_json(found)
         return
     if not found:
-        console.print("no conflicts recorded")
+        console.print("no conflicts waiting" if waiting else "no conflicts recorded")
         return
     table = grid("id", "when", "with", "table", "key", "kept", "ours", "theirs")
     for c in found:
@@ -50,11 +53,37 @@ def conflicts_list(
             f"{escape(c.peer)} #{c.seq}",
             escape(c.table),
             escape(", ".join(map(str, c.key))),
-            f"{c.kept} ({c.policy})",
+            _kept(c.kept, c.policy, c.state),
             escape(_values(c.columns, c.ours, c.theirs)[:120]),
             escape(_values(c.columns, c.theirs, c.ours)[:120]),
         )
     console.print(table)
+
+
+def _kept(kept: str, policy: str, state: str) -> str:
+    if state == "waiting":
+        return f"WAITING ({policy}: ours stays)"
+    return f"{kept} ({'resolved' if state == 'resolved' else policy})"
+
+
+@conflicts_app.command("resolve")
+def conflicts_resolve(
+    ctx: typer.Context,
+    conflict_id: int = typer.Argument(..., help="A waiting conflict's id (`conflicts list`)."),
+    keep: str = typer.Option(..., "--keep", help="host or station: whose version stays."),
+) -> None:
+    """Decide a conflict waiting under the manual policy (on the host); the
+    station hears of it with the next sync, and both end with that version."""
+    if keep not in ("host", "station"):
+        raise typer.BadParameter("use host or station", param_hint="--keep")
+    with open_node(ctx) as node:
+        record = admin.resolve_conflict(node, conflict_id, "host" if keep == "host" else "station")
+    who = "the host's" if keep == "host" else f"{record.peer}'s"
+    console.print(
+        f"conflict {conflict_id} resolved: {who} version of {escape(record.table)} "
+        f"row {escape(', '.join(map(str, record.key)))} kept; {record.peer} hears of it "
+        "with the next sync"
+    )
 
 
 @conflicts_app.command("drop")

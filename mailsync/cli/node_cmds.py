@@ -277,6 +277,18 @@ def status(
             f"[yellow]{st.conflicts} conflict(s) recorded[/]: rows changed here and at a peer "
             "at once; the losing versions are kept (`mailsync conflicts list`)"
         )
+    if st.conflicts_waiting:
+        console.print(
+            f"[bold yellow]{st.conflicts_waiting} conflict(s) waiting for a decision[/] "
+            "(manual policy): `mailsync conflicts list --waiting`, then on the host "
+            "`mailsync conflicts resolve ID --keep host|station`"
+        )
+    if st.overwritten:
+        console.print(
+            f"[yellow]{st.overwritten} local edit(s) overwritten[/] in the last "
+            f"{retention} day(s): the rules do not send them, a peer's version replaced "
+            "them (`mailsync log`)"
+        )
     if st.parked:
         console.print(
             f"[bold red]{st.parked} row(s) could not be applied and are parked[/]: "

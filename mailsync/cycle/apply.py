@@ -280,6 +280,10 @@ def _log_applied(ctx: CycleContext, applied: Applied, conn: Connection) -> None:
             seq=seq,
             conn=conn,
         )
+    for line in applied.overwritten:
+        journal.warning(
+            "overwritten", f"changeset #{seq} from {peer}: {line}", peer=peer, seq=seq, conn=conn
+        )
     if applied.parked:
         why = "".join(
             f"; {count} of table {table}: {reason}"

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Column, Connection, Engine, Table
 
+from mailsync.wire.rowinfo import SHARED_BIT as SHARED_BIT
+
 if TYPE_CHECKING:
     from mailsync.ranges.model import RangeDef
     from mailsync.ranges.numformat import NumberFormat
@@ -103,6 +105,14 @@ def upsert_with(
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=keys)
     conn.execute(stmt, list(rows))
+
+
+def column_bits(table: Table) -> list[tuple[Column[Any], int]]:
+    """Each column of ``table`` with its bit in the change log's ``cols``
+    (the capture triggers set it when the column's value changed): column
+    i has bit i, the columns from ``SHARED_BIT`` on share that bit, as on
+    the wire (:mod:`mailsync.wire.rowinfo`)."""
+    return [(c, 1 << min(i, SHARED_BIT)) for i, c in enumerate(table.columns)]
 
 
 def pk_json(quote: str, alias: str, pk: Sequence[str], func: str) -> str:

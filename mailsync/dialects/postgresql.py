@@ -17,11 +17,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, Connection, Engine, Table, inspect, text
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Date,
+    DateTime,
+    Engine,
+    Integer,
+    Interval,
+    LargeBinary,
+    Numeric,
+    String,
+    Table,
+    Time,
+    Uuid,
+    inspect,
+    text,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from mailsync.dialects.base import (
     binding_messages,
+    column_bits,
     pk_json,
     quote_ident,
     sql_text,
@@ -76,6 +94,16 @@ def render_sql(fmt: NumberFormat | None, n: str) -> str:
     return "(" + " || ".join([*pieces(fmt.before), _digits(fmt, n), *pieces(fmt.after)]) + ")"
 
 
+#: Column types compared as they are; any other (json, xml, geometric types
+#: have no equality operator) is compared as its text.
+_COMPARABLE = (Integer, Numeric, String, Date, DateTime, Time, Boolean, LargeBinary, Interval, Uuid)
+
+
+def _compared(column: Column[Any], alias: str) -> str:
+    value = f"{alias}.{quote_ident(_Q, column.name)}"
+    return value if isinstance(column.type, _COMPARABLE) else f"{value}::text"
+
+
 def _function_name(table: str) -> str:
     return f"mailsync_capture_{table}"
 
@@ -105,22 +133,35 @@ class PostgreSQLDialect:
         lit = "'" + t.replace("'", "''") + "'"
         pk = [c.name for c in table.primary_key.columns]
         ins = "INSERT INTO mailsync_changes(tbl, pk, op, origin)"
+        timed = "INSERT INTO mailsync_changes(tbl, pk, op, origin, cols, at)"
         new_pk = pk_json(_Q, "n", pk, "json_build_array") + "::text"
         old_pk = pk_json(_Q, "o", pk, "json_build_array") + "::text"
         same = " AND ".join(f"n.{quote_ident(_Q, c)} = o.{quote_ident(_Q, c)}" for c in pk)
+        # one join of the old and new rows: an old key gone is a delete, a
+        # new key (a key moved) an update of every column (NULL), a key
+        # kept an update of the columns whose values differ
+        key = quote_ident(_Q, pk[0])
+        gone, born = f"n.{key} IS NULL", f"o.{key} IS NULL"  # key columns are NOT NULL
+        changed = " | ".join(
+            f"(CASE WHEN {_compared(c, 'n')} IS DISTINCT FROM {_compared(c, 'o')} "
+            f"THEN {bit}::int8 ELSE 0::int8 END)"
+            for c, bit in column_bits(table)
+        )
         return (
             f"CREATE OR REPLACE FUNCTION {quote_ident(_Q, _function_name(t))}() "
             "RETURNS trigger LANGUAGE plpgsql AS $mailsync$\n"
             "DECLARE origin text := NULLIF(current_setting('mailsync.origin', true), '');\n"
+            "  at int8 := (extract(epoch FROM clock_timestamp()) * 1000)::int8;\n"
             "BEGIN\n"
             "  IF TG_OP = 'INSERT' THEN\n"
             f"    {ins} SELECT {lit}, {new_pk}, 'I', origin FROM mailsync_new n;\n"
             "  ELSIF TG_OP = 'UPDATE' THEN\n"
-            f"    {ins} SELECT {lit}, {old_pk}, 'D', origin FROM mailsync_old o\n"
-            f"      WHERE NOT EXISTS (SELECT 1 FROM mailsync_new n WHERE {same});\n"
-            f"    {ins} SELECT {lit}, {new_pk}, 'U', origin FROM mailsync_new n;\n"
+            f"    {timed} SELECT {lit}, CASE WHEN {gone} THEN {old_pk} ELSE {new_pk} END,\n"
+            f"      CASE WHEN {gone} THEN 'D' ELSE 'U' END, origin,\n"
+            f"      CASE WHEN {gone} OR {born} THEN NULL ELSE {changed} END, at\n"
+            f"      FROM mailsync_old o FULL JOIN mailsync_new n ON {same};\n"
             "  ELSE\n"
-            f"    {ins} SELECT {lit}, {old_pk}, 'D', origin FROM mailsync_old o;\n"
+            f"    {timed} SELECT {lit}, {old_pk}, 'D', origin, NULL, at FROM mailsync_old o;\n"
             "  END IF;\n"
             "  RETURN NULL;\n"
             "END $mailsync$"

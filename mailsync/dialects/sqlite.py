@@ -18,6 +18,7 @@ from sqlalchemy.engine import Dialect as SADialect
 
 from mailsync.dialects.base import (
     binding_messages,
+    column_bits,
     pk_json,
     quote_ident,
     sql_text,
@@ -74,6 +75,8 @@ def render_sql(fmt: NumberFormat | None, n: str) -> str:
 
 
 _ORIGIN = "(SELECT origin FROM mailsync_applying LIMIT 1)"
+#: The capture time, ms since the epoch (one value per statement).
+_NOW = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 
 
 class ExactDecimal(TypeDecorator[decimal.Decimal]):
@@ -117,17 +120,23 @@ class SQLiteDialect:
         lit = "'" + t.replace("'", "''") + "'"
         pk = [c.name for c in table.primary_key.columns]
         ins = "INSERT INTO mailsync_changes(tbl, pk, op, origin)"
+        timed = "INSERT INTO mailsync_changes(tbl, pk, op, origin, cols, at)"
         new_pk = pk_json(q, "NEW", pk, "json_array")
         old_pk = pk_json(q, "OLD", pk, "json_array")
         moved = " OR ".join(f"OLD.{quote_ident(q, c)} IS NOT NEW.{quote_ident(q, c)}" for c in pk)
+        changed = " | ".join(
+            f"(OLD.{quote_ident(q, c.name)} IS NOT NEW.{quote_ident(q, c.name)}) * {bit}"
+            for c, bit in column_bits(table)
+        )
         return [
             f"CREATE TRIGGER {quote_ident(q, trigger_name(t, 'ai'))} AFTER INSERT ON {tq} "
             f"BEGIN {ins} VALUES ({lit}, {new_pk}, 'I', {_ORIGIN}); END",
             f"CREATE TRIGGER {quote_ident(q, trigger_name(t, 'au'))} AFTER UPDATE ON {tq} "
-            f"BEGIN {ins} SELECT {lit}, {old_pk}, 'D', {_ORIGIN} WHERE {moved}; "
-            f"{ins} VALUES ({lit}, {new_pk}, 'U', {_ORIGIN}); END",
+            f"BEGIN {timed} SELECT {lit}, {old_pk}, 'D', {_ORIGIN}, NULL, {_NOW} WHERE {moved}; "
+            f"{timed} VALUES ({lit}, {new_pk}, 'U', {_ORIGIN}, "
+            f"CASE WHEN {moved} THEN NULL ELSE {changed} END, {_NOW}); END",
             f"CREATE TRIGGER {quote_ident(q, trigger_name(t, 'ad'))} AFTER DELETE ON {tq} "
-            f"BEGIN {ins} VALUES ({lit}, {old_pk}, 'D', {_ORIGIN}); END",
+            f"BEGIN {timed} VALUES ({lit}, {old_pk}, 'D', {_ORIGIN}, NULL, {_NOW}); END",
         ]
 
     def install_capture(self, conn: Connection, table: Table) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Column, Connection, Date, DateTime, Table, Time, tuple_, type_coerce
 from sqlalchemy.types import NullType
 
+from mailsync.dialects.base import SHARED_BIT
 from mailsync.dialects.bulk import mark
 
 
@@ -77,28 +78,36 @@ def first_changes(
     *,
     not_from: str | None,
     batch: int,
-) -> Iterator[tuple[str, str]]:
-    """(key as logged, first operation) per key of ``table`` changed in the
-    log after id ``after`` up to ``upto``, in log order: local changes, and
-    (``not_from`` given) changes from any peer but that one. One statement
-    at driver level, its text built once per engine and routing."""
-    sql = _FIRST_SQL.get((conn.engine.url.drivername, not_from is None))
+    width: int = 0,
+) -> Iterator[tuple[str, str, int | None, int | None]]:
+    """(key as logged, first operation, changed columns, capture time) per
+    key of ``table`` changed in the log after id ``after`` up to ``upto``,
+    in log order: local changes, and (``not_from`` given) changes from any
+    peer but that one. The changed columns are the union of the key's
+    updates' bits over the table's ``width`` columns (None: every column —
+    an insert, a delete, a row touched, a change logged before columns
+    were); the time is the latest. One statement at driver level, its text
+    built once per engine, routing and width."""
+    bits = min(width, SHARED_BIT + 1)
+    sql = _FIRST_SQL.get((conn.engine.url.drivername, not_from is None, bits))
     if sql is None:
         m = mark(conn)
         routed = "origin IS NULL" if not_from is None else f"(origin IS NULL OR origin <> {m})"
+        union = " | ".join(f"max(cols & {1 << i})" for i in range(bits)) or "0"
         sql = (
-            "SELECT c.pk, c.op FROM mailsync_changes c JOIN (SELECT min(id) AS first "
-            f"FROM mailsync_changes WHERE tbl = {m} AND id > {m} AND id <= {m} AND {routed} "
-            "GROUP BY pk) f ON c.id = f.first ORDER BY c.id"
+            "SELECT c.pk, c.op, f.cols, f.at FROM mailsync_changes c JOIN (SELECT min(id) AS "
+            f"first, CASE WHEN count(*) > count(NULLIF(cols, 0)) THEN NULL ELSE {union} END "
+            f"AS cols, max(at) AS at FROM mailsync_changes WHERE tbl = {m} AND id > {m} "
+            f"AND id <= {m} AND {routed} GROUP BY pk) f ON c.id = f.first ORDER BY c.id"
         )
-        _FIRST_SQL[conn.engine.url.drivername, not_from is None] = sql
+        _FIRST_SQL[conn.engine.url.drivername, not_from is None, bits] = sql
     params: tuple[Any, ...] = (table, after, upto)
     if not_from is not None:
         params += (not_from,)
     result = conn.exec_driver_sql(sql, params, execution_options={"yield_per": batch})
-    for pk, op in result:
-        yield str(pk), str(op)
+    for pk, op, cols, at in result:
+        yield str(pk), str(op), None if cols is None else int(cols), None if at is None else int(at)
 
 
-#: the text of :func:`first_changes` per driver and routing
-_FIRST_SQL: dict[tuple[str, bool], str] = {}
+#: the text of :func:`first_changes` per driver, routing and width
+_FIRST_SQL: dict[tuple[str, bool, int], str] = {}

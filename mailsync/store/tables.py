@@ -38,7 +38,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -63,6 +63,10 @@ changes = Table(
     Column("pk", Text, nullable=False),
     Column("op", String(1), nullable=False),
     Column("origin", String(64)),
+    # an update's changed columns: bit i for column i (62 and on share bit
+    # 62); NULL or 0: every column (an insert, a delete, a row touched)
+    Column("cols", BigInteger),
+    Column("at", BigInteger),  # capture time, ms since the epoch (updates, deletes)
     sqlite_autoincrement=True,  # never reuse an id after a purge
 )
 
@@ -151,6 +155,7 @@ rules_table = Table(
     Column("up_ops", String(3), nullable=False),
     Column("row_filter", Text),
     Column("conflict", String(16), nullable=False, default="host-wins"),
+    Column("newest_by", String(128)),  # newest-wins: the time column compared
     Column("created_at", _Time, nullable=False),
     UniqueConstraint("tbl", "station", name="mailsync_rules_tbl_station"),
 )
@@ -237,6 +242,27 @@ conflicts_table = Table(
     Column("columns", Text, nullable=False),  # JSON: the names of both versions' values
     Column("ours", LargeBinary),  # packed values; NULL: no such row here
     Column("theirs", LargeBinary),  # packed values; NULL: the peer deleted it
+    # settled by policy, waiting for an admin (manual), or resolved by one
+    Column("state", String(8), nullable=False, default="settled"),
+    Column("source", String(8), nullable=False, default="here"),  # here, or the peer's note
+    Column("differing", Text),  # JSON: the columns both sides changed to different values
+    # detected here: our changesets that may have carried our version
+    # (after ``mine_from``, up to ``mine_to``), to know the peer's note of it
+    Column("mine_from", BigInteger),
+    Column("mine_to", BigInteger),
+    # a peer's note is matched with our record of the same row
+    Index("mailsync_conflicts_row", "peer", "tbl", "pk"),
+)
+
+# What the other side of a conflict must hear (mailsync/conflict_notes.py):
+# a conflict found here, an admin's decision; carried by the next changeset
+# to ``peer`` and forgotten in the transaction that built it.
+conflict_notes = Table(
+    "mailsync_conflict_notes",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("peer", String(64), nullable=False, index=True),
+    Column("note", LargeBinary, nullable=False),  # packed
 )
 
 # The change-log position each outbound changeset was built up to: a peer's
@@ -444,6 +470,28 @@ def _v6_to_v7(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v7_to_v8_column_conflicts(conn: Connection) -> None:
+    """Column-level conflicts, newest-wins and manual: an update's changed
+    columns and capture time in the change log, a rule's time column, a
+    conflict's state and differing columns, the notes to the other side."""
+    text_type = "TEXT"
+    for table, column, kind in (
+        ("mailsync_changes", "cols", "BIGINT"),
+        ("mailsync_changes", "at", "BIGINT"),
+        ("mailsync_rules", "newest_by", "VARCHAR(128)"),
+        ("mailsync_conflicts", "state", "VARCHAR(8) NOT NULL DEFAULT 'settled'"),
+        ("mailsync_conflicts", "source", "VARCHAR(8) NOT NULL DEFAULT 'here'"),
+        ("mailsync_conflicts", "differing", text_type),
+        ("mailsync_conflicts", "mine_from", "BIGINT"),
+        ("mailsync_conflicts", "mine_to", "BIGINT"),
+    ):
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS mailsync_conflicts_row ON mailsync_conflicts (peer, tbl, pk)"
+    )
+    conflict_notes.create(conn, checkfirst=True)
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
@@ -452,6 +500,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     4: _v4_to_v5,
     5: _v5_to_v6,
     6: _v6_to_v7,
+    7: _v7_to_v8_column_conflicts,
 }
 
 
