@@ -11,9 +11,12 @@ updates of one row travel once. Trigger DDL lives per database in
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import weakref
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -81,7 +84,8 @@ def store_marks(conn: Connection) -> bool:
     checked = _marks(conn)
     if checked == _stored.get(conn.engine):
         return False
-    set_meta(conn, MARKS_KEY, json.dumps(checked, sort_keys=True))
+    record = {"by": _writer(conn), "marks": checked}
+    set_meta(conn, MARKS_KEY, json.dumps(record, sort_keys=True))
     _stored[conn.engine] = dict(checked)
     return True
 
@@ -92,13 +96,33 @@ def _marks(conn: Connection) -> dict[str, Any]:
     checked = _checked.get(conn.engine)
     if checked is None:
         try:
-            loaded = json.loads(get_meta(conn, MARKS_KEY) or "{}")
+            record = json.loads(get_meta(conn, MARKS_KEY) or "{}")
         except ValueError:
-            loaded = {}  # damaged: every table is checked again
-        checked = loaded if isinstance(loaded, dict) else {}
+            record = {}  # damaged: every table is checked again
+        marks = record.get("marks") if isinstance(record, dict) else None
+        # marks another mailsync left (an upgrade may word its triggers
+        # otherwise) or a damaged record: every table is checked again
+        ours = isinstance(marks, dict) and record.get("by") == _writer(conn)
+        checked = marks if ours and isinstance(marks, dict) else {}
         _checked[conn.engine] = checked
         _stored[conn.engine] = dict(checked)
     return checked
+
+
+def _writer(conn: Connection) -> str:
+    """Who writes the triggers the marks vouch for: a digest of the code
+    that words them (the dialect's module and the shared base), so that a
+    mailsync whose triggers read differently — an upgrade, with no schema
+    change to move the fingerprint — checks every table again."""
+    module = type(dialect_for(conn)).__module__
+    token = _writers.get(module)
+    if token is None:
+        digest = hashlib.sha256()
+        for name in (module, "mailsync.dialects.base"):
+            source = getattr(sys.modules.get(name), "__file__", None)
+            digest.update(Path(source).read_bytes() if source else name.encode())
+        token = _writers[module] = digest.hexdigest()[:16]
+    return token
 
 
 def _plain(mark: Any) -> Any:
@@ -110,6 +134,8 @@ def _plain(mark: Any) -> Any:
 #: capture triggers whole, and what of it the database holds
 _checked: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
 _stored: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
+#: per dialect module, the digest :func:`_writer` computed
+_writers: dict[str, str] = {}
 
 
 def check_capture(conn: Connection, tables: Iterable[str]) -> list[str]:

@@ -171,5 +171,13 @@ def test_a_new_process_trusts_the_triggers_found_whole_but_not_a_changed_schema(
         sql("UPDATE mailsync_meta SET value = '{' WHERE key = 'capture_whole'")
         assert first_cycle_reflects("koeln")
         assert not first_cycle_reflects("koeln")
+        # marks another mailsync left (an upgrade that words its triggers
+        # otherwise, with no schema change to move the fingerprint)
+        sql(
+            "UPDATE mailsync_meta SET value = json_set(value, '$.by', 'an-older-one') "
+            "WHERE key = 'capture_whole'"
+        )
+        assert first_cycle_reflects("koeln")
+        assert not first_cycle_reflects("koeln")
     finally:
         c.close()
