@@ -98,6 +98,14 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
     # no column: two new tables (mailsync_dictionaries,
     # mailsync_dictionary_samples), which ensure_schema's create_all makes
     7: (),
+    8: (
+        ("mailsync_links", "paused_at"),
+        ("mailsync_links", "standing_due"),
+        ("mailsync_links", "table_request"),
+        ("mailsync_links", "request_told"),
+        ("mailsync_loads", "since_column"),
+        ("mailsync_loads", "since"),
+    ),
 }
 
 
