@@ -39,6 +39,7 @@ def test_a_filter_is_checked_when_the_rule_is_defined(tmp_path: Path) -> None:
         assert c.host.rules() == []
         # no :station needed; quoted text may hold anything
         c.host.add_rule("customers", down="IUD", up="none", row_filter="city = 'a;b select'")
+        c.host.add_rule("customers", down="IUD", up="none", row_filter="city <> 'at 10:30'")
         c.host.add_rule("customers", down="IUD", up="none", row_filter="name <> :email")
         out = c.cli("hq", "table", "add", "customers", "--filter", "nope = 1")
         assert out.returncode == 2, out
