@@ -114,6 +114,11 @@ def test_the_operators_mistakes_are_refused_and_change_nothing(tmp_path: Path) -
         )
         assert ok.returncode == 0, ok
         assert "changed since 2026-03-01" in ok.stdout
+        # a station asks for rows changed since a date: the host acts on it
+        c.nodes["koeln"].request_reload(["customers"], since=since)
+        c.sync("koeln", "hq")
+        acted = [m for m in logged(c, "hq", "reload") if "asked by the station" in m]
+        assert len(acted) == 1 and "changed since 2026-03-01" in acted[0], acted
         # a station asks only for what its rules bring it
         with pytest.raises(RuleError, match="does not come from host hq"):
             c.nodes["koeln"].request_reload(["invoices"])

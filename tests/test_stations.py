@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from mailsync.errors import ConfigError, RuleError
+from mailsync.errors import ConfigError, MessageError, RuleError
 from mailsync.store.tables import log_table
+from mailsync.wire.station_controls import (
+    RequestServed,
+    StationStanding,
+    TablesWanted,
+    parse_sequenced,
+    parse_unsequenced,
+)
 from tests.cluster import Cluster, customers
 
 
@@ -58,6 +65,10 @@ def test_a_disabled_station_gets_nothing_and_what_it_sends_waits_for_enable(
         assert not lines(c, "hq", "refused")  # and not refused
         link = next(x for x in c.host.status().links if x.peer == "koeln")
         assert link.disabled_since is not None and link.buffered == 1
+        shown = c.cli("hq", "status").stdout
+        assert "station koeln disabled" in shown and "1 changeset(s) of its held" in shown
+        listed = c.cli("hq", "station", "list").stdout
+        assert "disabled since" in listed
         # koeln was told, once, and says so
         report = c.nodes["koeln"].sync()
         assert report.exit_code == 2
@@ -120,3 +131,27 @@ def test_a_removed_station_is_told_and_its_later_mail_is_said_once(
         assert "Traceback" not in again_out.stderr
     finally:
         c.close()
+
+
+def test_the_notices_parse_strictly_and_only_from_the_side_that_sends_them() -> None:
+    told = StationStanding("disabled", "2026-11-29T10:00:00+00:00")
+    assert parse_unsequenced(told.KIND, told.payload(), from_host=True) == told
+    # a station cannot tell the host anything of its standing, nor the host ask for tables
+    assert parse_unsequenced(told.KIND, told.payload(), from_host=False) is None
+    asked = TablesWanted("abc", ("customers",), "2026-11-01T00:00:00+00:00", "touched")
+    assert parse_unsequenced(asked.KIND, asked.payload(), from_host=False) == asked
+    assert parse_unsequenced(asked.KIND, asked.payload(), from_host=True) is None
+    assert parse_sequenced("served", RequestServed("abc").payload()) == RequestServed("abc")
+    for kind, payload, from_host in (
+        ("standing", {"state": "promoted", "at": "x"}, True),
+        ("standing", ["disabled"], True),
+        ("tables?", {"id": "x" * 33, "tables": []}, False),
+        ("tables?", {"id": "r", "tables": "customers"}, False),
+        ("tables?", {"id": "r", "tables": [1]}, False),
+        ("tables?", {"id": "r", "tables": ["t"] * 10_001}, False),
+        ("tables?", {"id": "r", "tables": ["t"], "since": 5}, False),
+    ):
+        with pytest.raises(MessageError, match="malformed"):
+            parse_unsequenced(kind, payload, from_host=from_host)
+    with pytest.raises(MessageError, match="malformed"):
+        parse_sequenced("served", 42)
