@@ -20,13 +20,14 @@ conflict id) raises before any change too, so it changes nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import Connection, Engine
 
-from mailsync import inbox, trust
+from mailsync import inbox, standing, table_requests, trust
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
 from mailsync.apply import ParkedRow, list_parked, retry_parked_row
@@ -37,7 +38,7 @@ from mailsync.conflicts import Conflict
 from mailsync.conflicts import drop_conflicts as drop_conflict_records
 from mailsync.conflicts import list_conflicts as read_conflicts
 from mailsync.enroll import Bundle
-from mailsync.errors import ConfigError, RuleError
+from mailsync.errors import ConfigError
 from mailsync.inbox import Buffered
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey
@@ -45,7 +46,8 @@ from mailsync.ranges import admin as ranges_admin
 from mailsync.ranges.exchange import retire_station
 from mailsync.ranges.model import Lease, RangeDef, RangeSpec, get_range, list_leases
 from mailsync.ranges.model import list_ranges as read_ranges
-from mailsync.store.tables import ALL_STATIONS, loads
+from mailsync.store.tables import ALL_STATIONS
+from mailsync.wire.envelope import Codec, Header
 
 
 class Site(Protocol):
@@ -60,6 +62,11 @@ class Site(Protocol):
 
     @property
     def ring(self) -> KeyRing: ...
+
+    @property
+    def codec(self) -> Codec: ...
+
+    def seal(self, conn: Connection, header: Header, body: bytes) -> bytes: ...
 
 
 def _require_host(site: Site, what: str) -> None:
@@ -93,6 +100,7 @@ def add_station(
         key = pair.public
     with site.engine.begin() as conn:
         station = rules_mod.add_station(conn, station_id, email, label, host_id=site.config.node_id)
+        standing.forget_farewell(conn, station_id)  # removed once: no longer
         trust.trust_key(conn, station_id, key)
         # the bundle tells the station our current key
         links_mod.key_told(conn, station_id, site.ring.current.public.key_id)
@@ -136,9 +144,17 @@ def edit_station(
 
 def remove_station(site: Site, station_id: str) -> None:
     """Forget a station, its own rules, its link and outbox; its number
-    leases end (their unused numbers are never leased again)."""
+    leases end (their unused numbers are never leased again). It is told
+    by mail with the next cycle: the notice is sealed now, while its key is
+    known (:mod:`mailsync.standing`)."""
     _require_host(site, "a station")
     with site.engine.begin() as conn:
+        rules_mod.get_station(conn, station_id)
+        why = standing.farewell(conn, site.codec, site.seal, site.config.node_id, station_id)
+        if why is not None:
+            site.journal.warning(
+                "station", f"station {station_id} cannot be told it is removed: {why}", conn=conn
+            )
         rules_mod.remove_station(conn, station_id)
         retired = retire_station(conn, station_id)
         leases = f"; {retired} number lease(s) retired" if retired else ""
@@ -147,38 +163,28 @@ def remove_station(site: Site, station_id: str) -> None:
         )
 
 
-def reload_station(site: Site, station_id: str, tables: Iterable[str] = ()) -> list[str]:
+def reload_station(
+    site: Site,
+    station_id: str,
+    tables: Iterable[str] = (),
+    *,
+    since: dt.datetime | None = None,
+    column: str | None = None,
+) -> list[str]:
     """Send ``tables`` (default: every table the station gets inserts of)
-    to a station again in full, replacing its copy of them — rows changed,
-    deleted or added behind mailsync's back come back to the host's; what
-    the station changed itself and has not delivered yet is kept (the
-    reload machinery of :mod:`mailsync.reload`). Returns the tables."""
+    to a station again with the next sync: in full, replacing its copy —
+    rows changed, deleted or added behind mailsync's back come back to the
+    host's; what the station changed itself and has not delivered yet is
+    kept (:mod:`mailsync.reload`) — or, with ``since``, only the rows
+    changed since then by a timestamp column (:mod:`mailsync.since`).
+    Returns the tables (see :mod:`mailsync.table_requests`)."""
     _require_host(site, "a reload")
     with site.engine.begin() as conn:
-        rules_mod.get_station(conn, station_id)
-        effective = rules_mod.effective_rules(conn, station_id)
-        sent = sorted(t for t, r in effective.items() if "I" in r.down)
-        wanted = sorted(set(tables)) or sent
-        for name in wanted:
-            if name not in effective:
-                raise RuleError(
-                    f"table {name!r} does not travel to {station_id}",
-                    hint=f"`mailsync station show {station_id}` lists its tables",
-                )
-            if name not in sent:
-                raise RuleError(
-                    f"table {name!r}: the rule for {station_id} sends no inserts down, "
-                    "so it cannot be sent again in full"
-                )
-        if not wanted:
-            raise RuleError(f"no table travels to {station_id}: nothing to reload")
-        link = links_mod.one(conn, station_id)
-        conn.execute(loads.delete().where(loads.c.station == station_id, loads.c.tbl.in_(wanted)))
-        if not link.reload_wanted:
-            links_mod.reload_requested(conn, link, None)
+        wanted = table_requests.tables_for(conn, station_id, tables)
+        queued = table_requests.queue(conn, station_id, wanted, since=since, column=column)
         site.journal.info(
             "reload",
-            f"{station_id}: {', '.join(wanted)} to be sent again in full (asked by the admin)",
+            table_requests.describe(station_id, queued, since) + " (asked by the admin)",
             conn=conn,
             peer=station_id,
         )
@@ -224,15 +230,53 @@ def add_rule(
         table, station or ALL_STATIONS, down, up, row_filter or None, conflict, newest_by
     )
     with site.engine.begin() as conn:
+        before = _filters(conn, table)
         warnings = rules_mod.add_rule(conn, rule)
         site.journal.info(
             "rule",
             f"rule for {table} ({_scope(station)}): "
-            f"down {rules_mod.describe_ops(down)}, up {rules_mod.describe_ops(up)}",
+            f"down {rules_mod.describe_ops(down)}, up {rules_mod.describe_ops(up)}"
+            + (f", filter {row_filter}" if row_filter else ""),
             conn=conn,
             peer=station,
         )
+        warnings += _rescoped(site, conn, table, before)
     return rule, warnings
+
+
+def _filters(conn: Connection, table: str) -> dict[str, rules_mod.Rule | None]:
+    """Per station, the rule of ``table`` that governs it now."""
+    every = rules_mod.all_rules(conn)
+    return {
+        s.id: rules_mod.effective_from(every, s.id).get(table)
+        for s in rules_mod.list_stations(conn)
+    }
+
+
+def _rescoped(
+    site: Site, conn: Connection, table: str, before: dict[str, rules_mod.Rule | None]
+) -> list[str]:
+    """Stations whose row filter of ``table`` changed get the table again in
+    full with the next sync: what entered their scope arrives, what left it
+    is deleted there (where the rule sends deletes; else it stays, and the
+    admin is told). Returns notes for the admin."""
+    notes = []
+    for station, after in _filters(conn, table).items():
+        was = before.get(station)
+        if was is None or after is None or was.row_filter == after.row_filter:
+            continue
+        if "I" not in after.down:
+            continue  # nothing can be loaded; the next changes follow the new filter
+        table_requests.queue(conn, station, [table])
+        kept = "" if "D" in after.down else " (the rule sends no deletes: rows that left stay)"
+        site.journal.info(
+            "reload",
+            f"{station}: {table} to be sent again in full: its row filter changed{kept}",
+            conn=conn,
+            peer=station,
+        )
+        notes.append(f"{station} gets {table} again in full with the next sync{kept}")
+    return notes
 
 
 def _ops(value: str, what: str) -> str:

@@ -40,7 +40,7 @@ from mailsync.ranges.model import list_ranges
 from mailsync.ranges.numformat import NumberFormat, number_in
 from mailsync.rules import Direction, Rule, filter_predicate
 from mailsync.store.changelog import key_filter
-from mailsync.store.tables import leases
+from mailsync.store.tables import leases, links
 from mailsync.wire.changeset import TableDef
 
 Row = tuple[Any, ...]
@@ -103,6 +103,7 @@ class Gate:
         self.rules = rules
         self.refuse = refuse
         self._bounds: dict[str, list[_Bound]] = {}
+        self.address: str | None = None
 
     # ------------------------------------------------------------ the checks
 
@@ -173,7 +174,15 @@ class Gate:
         rule = self.rules.get(name)
         if self.direction != "up" or rule is None or not rule.row_filter:
             return None
-        return case((filter_predicate(rule.row_filter, self.peer), 1), else_=0)
+        email = self._address() if ":email" in rule.row_filter else ""
+        return case((filter_predicate(rule.row_filter, self.peer, email), 1), else_=0)
+
+    def _address(self) -> str:
+        """The sender's mailbox address (a filter may name it as ``:email``)."""
+        if self.address is None:
+            found = self.conn.execute(select(links.c.address).where(links.c.peer == self.peer))
+            self.address = str(found.scalar() or "")
+        return self.address
 
     @staticmethod
     def _key(tdef: TableDef, op: str, row: Row) -> Key:

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, conflict_notes, dictionaries, faults, provision
+from mailsync import capture, conflict_notes, dictionaries, faults, provision, table_requests
 from mailsync import link as links_mod
 from mailsync.admission import CLASH, CLASH_REASON, Check, Gate
 from mailsync.conflicts import Detector
@@ -61,6 +61,7 @@ from mailsync.wire.controls import (
 from mailsync.wire.envelope import Header
 from mailsync.wire.limits import DEFAULT_LIMITS
 from mailsync.wire.rowinfo import RowInfo
+from mailsync.wire.station_controls import parse_sequenced as parse_served
 
 
 @dataclass
@@ -89,6 +90,13 @@ class Applied:
     tables_created: list[str] = field(default_factory=list)
     #: tables this node has that differ from their definition, and how
     tables_differing: dict[str, list[str]] = field(default_factory=dict)
+    #: station: the host acted on our own reload request (what it asked for)
+    served: str | None = None
+
+
+class Deferred(Exception):
+    """The changeset carries a table this run leaves out (``sync --table``):
+    rolled back, it stays buffered for a run that includes it."""
 
 
 RulesFor = Callable[[Connection], dict[str, Rule]]
@@ -259,6 +267,7 @@ def apply_buffered(
     accept_rules: bool,
     on_applied: Callable[[Connection, Applied], None] | None = None,
     within: Connection | None = None,
+    only_tables: frozenset[str] | None = None,
 ) -> Applied:
     """Apply the buffered changeset ``seq`` from ``peer`` in one transaction
     (its own, or a savepoint of ``within``'s).
@@ -268,7 +277,9 @@ def apply_buffered(
 
     ``direction`` is the direction the changeset travelled (``down`` when a
     remote applies the host's changes), which picks the operations allowed.
-    Raises ApplyError (the envelope stays buffered, the link waits).
+    Raises ApplyError (the envelope stays buffered, the link waits), or
+    :class:`Deferred` (rolled back, not a failure) for a changeset with a
+    table outside ``only_tables`` (a run limited by ``sync --table``).
     ``on_applied`` runs in the transaction just before it commits: what it
     writes (the log lines saying so) commits with the rows or not at all.
     """
@@ -343,9 +354,15 @@ def apply_buffered(
                     elif isinstance(control, Dictionary):
                         limits = getattr(stream, "limits", DEFAULT_LIMITS)
                         dictionaries.received(conn, peer, control, limits, seq)
+                    elif control is None and accept_rules:
+                        answer = parse_served(record.kind, record.payload)
+                        if answer is not None:
+                            result.served = table_requests.served(conn, peer, answer.request)
                     continue
                 if isinstance(record, TableDef):
                     table_name = record.name
+                    if only_tables is not None and record.name not in only_tables:
+                        raise Deferred(record.name)
                     allowed = _ops(rules, record.name, direction)
                     targets[record.index] = (
                         _Target(conn, reflect(conn, record.name), record) if allowed else None
@@ -484,12 +501,13 @@ def _loading(
 
 
 def _mirrored(rules: dict[str, Rule]) -> Callable[[str], bool]:
-    """Tables a reload leaves equal to the host's: deletes travel down and
-    every row travels (no row filter)."""
+    """Tables a reload leaves equal to the host's: deletes travel down (a
+    row filter bounds the station's scope both ways, so a row the load of a
+    filtered table did not bring lies outside it, and leaves)."""
 
     def mirrored(table: str) -> bool:
         rule = rules.get(table)
-        return rule is not None and "D" in rule.down and not rule.row_filter
+        return rule is not None and "D" in rule.down
 
     return mirrored
 

@@ -18,6 +18,7 @@ every step on the receiver.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import secrets
 import tempfile
@@ -42,6 +43,7 @@ from sqlalchemy import (
 from mailsync import conflict_notes, provision
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
+from mailsync import since as since_mod
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
@@ -49,6 +51,7 @@ from mailsync.storage import key_typers, raw_select_columns, tag_for, wire_funct
 from mailsync.store.changelog import first_changes, key_filter, logged_key, stored_key_filter
 from mailsync.store.engine import transaction
 from mailsync.store.reflection import dependency_order, reflect
+from mailsync.store.tables import changes as changelog
 from mailsync.store.tables import horizons, loads, now, outbox
 from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
 from mailsync.wire.controls import (
@@ -60,6 +63,7 @@ from mailsync.wire.controls import (
 )
 from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.rowinfo import KIND, row_info
+from mailsync.wire.station_controls import RequestServed
 from mailsync.wire.values import convert
 
 
@@ -86,6 +90,17 @@ class LinkPlan:
     #: our database went back: the peer may miss changesets we no longer
     #: hold, so this one applies on top of whatever it has (header base 0)
     rebase: bool = False
+    #: the peer's mailbox address (a row filter may name it as ``:email``)
+    address: str = ""
+    #: host: the station is disabled: nothing is built for it
+    paused: bool = False
+    #: per table, (timestamp column, since): its rows changed since then go
+    #: again (``reload --since``, :mod:`mailsync.since`)
+    since_loads: dict[str, tuple[str, dt.datetime]] = field(default_factory=dict)
+    #: host: the station's own reload request to tell it is acted on
+    served: str | None = None
+    #: this run builds only these tables (``sync --table``); None: every one
+    only_tables: frozenset[str] | None = None
 
     @property
     def carries_controls(self) -> bool:
@@ -98,6 +113,8 @@ class LinkPlan:
             or self.initial_loads
             or self.reload
             or self.resend_all
+            or self.since_loads
+            or self.served
         )
 
     def ops(self, table: str) -> str:
@@ -105,6 +122,11 @@ class LinkPlan:
         if rule is None:
             return ""
         return rule.down if self.direction == "down" else rule.up
+
+    def builds(self, table: str) -> bool:
+        """Whether this run builds ``table`` (its rule sends something, and
+        the run is not limited to other tables)."""
+        return bool(self.ops(table)) and (self.only_tables is None or table in self.only_tables)
 
     def row_filter(self, table: str) -> str | None:
         rule = self.rules.get(table)
@@ -163,6 +185,8 @@ class _Builder:
         #: per table, per column: the driver's value → the wire's (None: as is)
         self.wire: dict[str, list[Any]] = {}
         self.deletes = deletes
+        #: per table: changed rows outside the filter the rule cannot delete
+        self.left_kept: dict[str, int] = {}
 
     def table(self, name: str) -> Table:
         if name not in self.tables:
@@ -187,7 +211,8 @@ class _Builder:
         row_filter = self.plan.row_filter(name)
         flag: Any
         if row_filter:
-            flag = case((filter_predicate(row_filter, self.plan.peer), 1), else_=0)
+            predicate = filter_predicate(row_filter, self.plan.peer, self.plan.address)
+            flag = case((predicate, 1), else_=0)
         else:
             flag = literal(1)
         columns = raw_select_columns(table, self.engine.dialect)
@@ -241,6 +266,22 @@ class _Builder:
         for part in result.partitions():
             self.write(name, "I", [r for r in part if r[-1]])
 
+    def since_load(self, name: str, column: str, since: dt.datetime) -> None:
+        """The rows in scope whose timestamp ``column`` is at or after
+        ``since``, sent again as changes (upserts where the rule sends
+        inserts and updates; inserts — never overwriting — where it sends
+        no updates)."""
+        table = self.table(name)
+        op: Op = "U" if "U" in self.plan.ops(name) else "I"
+        query = (
+            self.scoped_select(table, name)
+            .where(table.c[column] >= since_mod.bound(table, column, since))
+            .order_by(*table.primary_key.columns)
+        )
+        result = self.conn.execute(query, execution_options={"yield_per": self.batch})
+        for part in result.partitions():
+            self.write(name, op, [r for r in part if r[-1]])
+
     def changes(self, name: str, horizon: int, cursor: int, *, loaded: bool = False) -> None:
         """Route the logged changes of one table; after an initial load in the
         same changeset (``loaded``) only its tombstones still matter."""
@@ -283,7 +324,14 @@ class _Builder:
                 row = found.get(key)
                 if row is not None:
                     if not row[-1]:
-                        continue  # outside the station's row filter
+                        # outside the station's row filter: where it may
+                        # have been inside before, it leaves the station
+                        if first_op != "I" and "D" in ops:
+                            gone.append(key)
+                            logged.append(pk)
+                        elif first_op != "I":
+                            self.left_kept[name] = self.left_kept.get(name, 0) + 1
+                        continue
                     if first_op == "I":
                         if "I" in ops:
                             inserts.append(row)
@@ -366,6 +414,30 @@ class _KeySpool:
             spool.close()
 
 
+def _covered(conn: Connection, plan: LinkPlan, cursor: int, horizon: int) -> int:
+    """How far this build covers the change log: up to the horizon; in a
+    run limited to some tables (``sync --table``), only up to the first
+    change of another table the link carries, so that the cursor never
+    passes a change that did not travel (what the run did send after it
+    goes again next time: rows are read as they are then, so nothing
+    travels wrong, only twice)."""
+    upto = max(cursor, horizon)
+    if plan.only_tables is None:
+        return upto
+    others = [n for n in plan.rules if plan.ops(n) and n not in plan.only_tables]
+    if not others:
+        return upto
+    routed: Any = changelog.c.origin.is_(None)
+    if plan.direction == "down":
+        routed = routed | (changelog.c.origin != plan.peer)
+    first = conn.execute(
+        select(func.min(changelog.c.id)).where(
+            changelog.c.id > cursor, changelog.c.id <= horizon, changelog.c.tbl.in_(others), routed
+        )
+    ).scalar()
+    return upto if first is None else max(cursor, int(first) - 1)
+
+
 def build_for_link(
     engine: Engine,
     codec: Codec,
@@ -376,6 +448,7 @@ def build_for_link(
     part_size: int,
     on_built: Callable[[Connection, Built], None] | None = None,
     within: Connection | None = None,
+    on_left: Callable[[Connection, dict[str, int]], None] | None = None,
 ) -> Built | None:
     """Build, seal and queue the next changeset for ``plan.peer`` (in its
     own transaction, or in a savepoint of ``within``'s).
@@ -385,6 +458,8 @@ def build_for_link(
     is sealed on its own (``seal(conn, header, body)``) and queued. Memory
     holds a batch of rows and a part, whatever the size of the tables.
     Returns None when there is nothing to send (the cursor still advances).
+    ``on_left`` hears, per table, how many changed rows lie outside the
+    station's row filter and stay there (its rule sends no deletes).
     """
     with (
         contextlib.closing(_PartSpool(part_size)) as spool,
@@ -430,7 +505,10 @@ def build_for_link(
         noted = conflict_notes.take(conn, plan.peer)
         if noted is not None:  # conflicts the peer must hear of, decisions
             writer.control(conflict_notes.KIND, noted)
-        names = [n for n in plan.rules if plan.ops(n)]
+        if plan.served is not None:
+            writer.control(RequestServed.KIND, RequestServed(plan.served).payload())
+            links_mod.request_told(conn, plan.peer)
+        names = [n for n in plan.rules if plan.builds(n)]
         ordered = dependency_order(conn, names) if names else []
         for name in ordered:
             loaded = name in plan.initial_loads
@@ -440,7 +518,18 @@ def build_for_link(
             elif plan.resend_all and "I" in plan.ops(name):
                 builder.initial_load(name)
                 loaded = True
+            elif name in plan.since_loads:
+                builder.since_load(name, *plan.since_loads[name])
             builder.changes(name, horizon, cursor, loaded=loaded)
+        if plan.since_loads:
+            conn.execute(
+                update(loads)
+                .where(loads.c.station == plan.peer, loads.c.tbl.in_(list(plan.since_loads)))
+                .values(since=None, since_column=None)
+            )
+        upto = _covered(conn, plan, cursor, horizon)
+        if builder.left_kept and on_left is not None:
+            on_left(conn, builder.left_kept)
         for name in reversed(ordered):
             for chunk, ats in keys.read(name):
                 if any(a is not None for a in ats):
@@ -448,7 +537,7 @@ def build_for_link(
                 writer.rows(builder.tdef(name), "D", chunk)
         rules_hash = plan.rules_hash if plan.send_rules else None
         if writer.summary.records <= 1:
-            links_mod.nothing_built(conn, plan.peer, max(cursor, horizon), rules_hash)
+            links_mod.nothing_built(conn, plan.peer, upto, rules_hash)
             # nothing of ours up to here goes to this peer: its changesets
             # need not be tested against it (and the purge may drop it)
             latest = (
@@ -459,7 +548,7 @@ def build_for_link(
             conn.execute(
                 update(horizons)
                 .where(horizons.c.peer == plan.peer, horizons.c.seq == latest)
-                .values(horizon=max(cursor, horizon))
+                .values(horizon=upto)
             )
             return None
         summary = writer.close()
@@ -470,7 +559,7 @@ def build_for_link(
             conn,
             plan.peer,
             seq,
-            max(cursor, horizon),
+            upto,
             rules_hash=rules_hash,
             announced_key=plan.announce_key.key_id if plan.announce_key is not None else None,
             reload=plan.reload,
@@ -480,9 +569,7 @@ def build_for_link(
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
         conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))
-        conn.execute(
-            horizons.insert().values(peer=plan.peer, seq=seq, horizon=max(cursor, horizon))
-        )
+        conn.execute(horizons.insert().values(peer=plan.peer, seq=seq, horizon=upto))
         cid = secrets.token_hex(8)
         size = 0
         parts = spool.parts

@@ -21,6 +21,9 @@ place:
   messages, and acting on the peer's once
 - :func:`held` / :func:`released` / :func:`skipped` — the peer's changesets
   stopped applying (and why), flow again, or an admin moved past one
+- :func:`paused` / :func:`resumed` / :func:`standing_told` — an admin
+  disabled or enabled the station, and it was told by mail;
+  :func:`table_request_taken` — its own reload request was acted on
 
 What is buffered from the peer is :mod:`mailsync.inbox`'s.
 """
@@ -91,6 +94,13 @@ class Link:
     #: host: we went back; the station must report before it gets a block
     report_due: bool
     notice_sent_at: dt.datetime | None
+    #: host: the station is disabled since then (nothing goes to it, what
+    #: it sends is held); the standing it is yet to be told by mail
+    paused_at: dt.datetime | None = None
+    standing_due: str | None = None
+    #: host: the id of the station's last own reload request acted on
+    table_request: str | None = None
+    request_told: bool = True
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Link:
@@ -102,6 +112,7 @@ class Link:
             "last_sent",
             "held_since",
             "notice_sent_at",
+            "paused_at",
         )
         values = {f.name: m[f.name] for f in fields(cls)}
         for name in times:
@@ -432,3 +443,52 @@ def skipped(conn: Connection, peer: str, seq: int, cid: str) -> None:
         .values(in_seq=seq, in_cid=cid, held=None, held_since=None)
     )
     conn.execute(delete(inbox).where(inbox.c.peer == peer, inbox.c.seq <= seq))
+
+
+def paused(conn: Connection, peer: str) -> None:
+    """Host: an admin disabled the station: nothing goes to it from now on
+    (but the notice saying so), what it sends is held in the inbox."""
+    conn.execute(
+        update(links).where(links.c.peer == peer).values(paused_at=now(), standing_due="disabled")
+    )
+
+
+def resumed(conn: Connection, peer: str) -> None:
+    """Host: an admin enabled the station again; it is told so, and what
+    it sent meanwhile is applied with the next cycle."""
+    conn.execute(
+        update(links).where(links.c.peer == peer).values(paused_at=None, standing_due="enabled")
+    )
+
+
+def standing_told(conn: Connection, peer: str) -> None:
+    """Host: the notice of the station's standing is composed (it goes once)."""
+    conn.execute(update(links).where(links.c.peer == peer).values(standing_due=None))
+
+
+def table_request_taken(conn: Connection, peer: str, request: str) -> None:
+    """Host: the station's own reload request ``request`` was acted on (the
+    same id again is a duplicate)."""
+    conn.execute(
+        update(links).where(links.c.peer == peer).values(table_request=request, request_told=False)
+    )
+
+
+def request_told(conn: Connection, peer: str) -> None:
+    """Host: a changeset told the station its request was acted on."""
+    conn.execute(update(links).where(links.c.peer == peer).values(request_told=True))
+
+
+def table_request_pending(conn: Connection, peer: str, request: str) -> None:
+    """Station: we ask the host for tables again (request ``request``): it
+    goes with our next control message."""
+    conn.execute(
+        update(links).where(links.c.peer == peer).values(table_request=request, request_told=False)
+    )
+
+
+def table_request_served(conn: Connection, peer: str) -> None:
+    """Station: the host acted on our request."""
+    conn.execute(
+        update(links).where(links.c.peer == peer).values(table_request=None, request_told=True)
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -19,7 +20,7 @@ from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import admin, restore, trust
+from mailsync import admin, admin_stations, restore, standing, trust
 from mailsync import link as links_mod
 from mailsync.config import (
     NodeConfig,
@@ -30,6 +31,7 @@ from mailsync.config import (
     load_config,
     render_config,
 )
+from mailsync.cycle import selection
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.cycle.run import run_cycle
@@ -174,9 +176,19 @@ class Node:
 
     # --------------------------------------------------------------- the cycle
 
-    def sync(self) -> CycleReport:
-        """Run one cycle: receive, apply, build, send, purge."""
-        return run_cycle(self.cycle)
+    def sync(self, stations: Iterable[str] = (), tables: Iterable[str] = ()) -> CycleReport:
+        """Run one cycle: receive, apply, build, send, purge — for every link
+        and table, or limited to some (:mod:`mailsync.cycle.selection`;
+        ConfigError for one that is not there, before anything runs)."""
+        if not stations and not tables:
+            return run_cycle(self.cycle)
+        with self.engine.connect() as conn:
+            chosen = selection.choose(conn, is_host=self.is_host, stations=stations, tables=tables)
+        self.cycle.selection = chosen
+        try:
+            return run_cycle(self.cycle)
+        finally:
+            self.cycle.selection = selection.EVERYTHING
 
     def status(self) -> Status:
         """Role, peers, last contact, queues and problems, read from the database."""
@@ -213,6 +225,7 @@ class Node:
             # the bundle told the host our key
             links_mod.key_told(conn, bundle.host_id, self.ring.current.public.key_id)
             trust.trust_key(conn, bundle.host_id, bundle.host_key)
+            standing.forget(conn)  # removed or disabled once: joined again now
             self.journal.info(
                 "join",
                 f"joined host {bundle.host_id} <{bundle.host_address}>, "
@@ -236,6 +249,9 @@ class Node:
     remove_station = admin.remove_station
     edit_station = admin.edit_station
     reload_station = admin.reload_station
+    request_reload = admin_stations.request_reload
+    disable_station = admin_stations.disable_station
+    enable_station = admin_stations.enable_station
     stations = admin.list_stations
     station = admin.show_station
     add_rule = admin.add_rule

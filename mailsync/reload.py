@@ -128,10 +128,10 @@ class Reload:
         children first, to be deleted by the caller; each batch must be
         :meth:`settled` (deleted or parked) before the next is looked for.
 
-        Only tables that ``mirrored`` says follow the host's deletes with no
-        row filter: a row missing from the load of a filtered table may be
-        one outside the filter, and a table whose deletes do not travel down
-        keeps what the host deleted anyway."""
+        Only tables that ``mirrored`` says follow the host's deletes (a row
+        missing from the load of a filtered table lies outside the station's
+        scope, which bounds it both ways, so it leaves too); a table whose
+        deletes do not travel down keeps what the host deleted anyway."""
         for name in reversed(self.order):
             if not mirrored(name):
                 continue

@@ -2,10 +2,10 @@
 
 A table rule says, for one table and for all stations (``*``) or one, which
 operations travel *down* (host → remote) and *up* (remote → host), and may
-restrict the down direction to rows matching a SQL predicate that can use
-``:station``. A station-specific rule replaces the all-stations rule of the
-same table for that station. Rules live in the host's database; each
-station's effective rules travel to it with the next changeset, and a node
+bound a station's scope both ways by a row filter (:mod:`mailsync.filters`).
+A station-specific rule replaces the all-stations rule of the same table
+for that station. Rules live in the host's database; each station's
+effective rules travel to it with the next changeset, and a node
 applies only what its rules allow.
 """
 
@@ -16,13 +16,12 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Integer, TextClause, and_, delete, func, select, text, update
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy import Connection, Integer, TextClause, and_, delete, func, select, update
 
-from mailsync import capture
+from mailsync import capture, filters
 from mailsync import link as links_mod
 from mailsync.config import check_email, check_node_id
-from mailsync.errors import ConfigError, RuleError, first_line
+from mailsync.errors import ConfigError, RuleError
 from mailsync.store.reflection import reflect
 from mailsync.store.tables import (
     ALL_STATIONS,
@@ -210,30 +209,9 @@ def remove_station(conn: Connection, station_id: str) -> None:
     conn.execute(delete(stations).where(stations.c.id == station_id))
 
 
-def filter_predicate(row_filter: str, station: str) -> TextClause:
-    """A rule's row filter as SQL for ``station`` (a filter need not use ``:station``)."""
-    predicate = text(f"({row_filter})")
-    try:
-        return predicate.bindparams(station=station)
-    except ArgumentError:  # no :station in it
-        return predicate
-
-
-def _check_filter(conn: Connection, table_name: str, row_filter: str) -> None:
-    """Run the predicate once against the table so a typo fails now, not at sync."""
-    table = reflect(conn, table_name)
-    try:
-        with conn.begin_nested():
-            conn.execute(
-                select(func.count())
-                .select_from(table)
-                .where(and_(filter_predicate(row_filter, "")))
-                .limit(1)
-            )
-    except SQLAlchemyError as exc:
-        raise RuleError(
-            f"row filter for table {table_name!r} does not work: {first_line(exc)}"
-        ) from exc
+def filter_predicate(row_filter: str, station: str, email: str = "") -> TextClause:
+    """A rule's row filter as SQL for ``station`` (:func:`mailsync.filters.predicate`)."""
+    return filters.predicate(row_filter, station, email)
 
 
 def add_rule(conn: Connection, rule: Rule) -> list[str]:
@@ -260,7 +238,7 @@ def add_rule(conn: Connection, rule: Rule) -> list[str]:
             f"its columns are {', '.join(c.name for c in table.columns)}"
         )
     if rule.row_filter:
-        _check_filter(conn, rule.table, rule.row_filter)
+        filters.check(conn, rule.table, rule.row_filter)
     warnings: list[str] = []
     if "I" in rule.up:
         pk = list(table.primary_key.columns)

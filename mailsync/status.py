@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, case, distinct, func, or_, select
 
-from mailsync import capture
+from mailsync import capture, standing, table_requests
 from mailsync import rules as rules_mod
 from mailsync.config import NodeConfig, Role
 from mailsync.inbox import held_parts, missing_parts, missing_sequences, quarantined_counts
@@ -21,7 +21,15 @@ from mailsync.ranges.exchange import REFUSED
 from mailsync.ranges.model import RangeUsage
 from mailsync.restore import last_finding
 from mailsync.store.engine import redact
-from mailsync.store.tables import changes, conflicts_table, log_table, now, outbox, parked
+from mailsync.store.tables import (
+    changes,
+    conflicts_table,
+    get_meta,
+    log_table,
+    now,
+    outbox,
+    parked,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ class LinkStatus:
     held_since: dt.datetime | None = None
     #: buffered changesets no longer tried by themselves (`mailsync inbox`)
     quarantined: int = 0
+    #: host: the station is disabled since then (nothing goes to it, what
+    #: it sends is held: ``buffered``)
+    disabled_since: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,10 @@ class Status:
     #: the last time this database was found behind its restore witness (or
     #: without one): when, what was done, and whether healing is done
     restored: str | None = None
+    #: station: what the host told us of our standing (disabled, removed)
+    standing: str | None = None
+    #: station: our own reload request, still waiting for the host's answer
+    reload_asked: str | None = None
 
 
 def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
@@ -137,6 +152,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
                     held=link.held,
                     held_since=link.held_since,
                     quarantined=quarantined.get(link.peer, 0),
+                    disabled_since=link.paused_at,
                 )
             )
         tables = sorted({r.table for r in rules_mod.all_rules(conn)})
@@ -152,6 +168,8 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         ).one()
         range_usage = usage(conn)
         restored = _restored(conn, result)
+        told = standing.read(get_meta(conn, standing.META_KEY))
+        asked = table_requests.pending(conn)
         since = now() - dt.timedelta(days=config.log_retention_days)
         counts: dict[str, int] = dict(
             conn.execute(
@@ -192,6 +210,8 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         replayed=int(counts.get("control-replayed", 0)),
         blocks_refused=int(counts.get(REFUSED, 0)),
         restored=restored,
+        standing=None if told is None else told.line(),
+        reload_asked=None if asked is None else table_requests.waiting(asked),
     )
 
 

@@ -108,6 +108,14 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
         ("mailsync_conflicts", "mine_from"),
         ("mailsync_conflicts", "mine_to"),
     ),
+    9: (
+        ("mailsync_links", "paused_at"),
+        ("mailsync_links", "standing_due"),
+        ("mailsync_links", "table_request"),
+        ("mailsync_links", "request_told"),
+        ("mailsync_loads", "since_column"),
+        ("mailsync_loads", "since"),
+    ),
 }
 
 

@@ -12,6 +12,7 @@ from mailsync.enroll import new_passphrase, passphrase_from, write_bundle
 from mailsync.errors import ConfigError
 from mailsync.keys import PublicKey
 from mailsync.rules import describe_ops, parse_ops
+from mailsync.table_requests import check_options
 
 station_app = typer.Typer(help="Define the remote stations (host only).", no_args_is_help=True)
 table_app = typer.Typer(
@@ -90,10 +91,11 @@ def station_list(ctx: typer.Context) -> None:
         console.print("no stations yet: `mailsync station add ID --email ADDRESS`")
         return
     table = new_table(show_edge=False)
-    for col in ("id", "label", "email", "last contact", "out #", "in #"):
+    for col in ("id", "label", "email", "last contact", "out #", "in #", "state"):
         table.add_column(col)
     for st in stations:
         link = contact.get(st.id)
+        paused = link.disabled_since if link else None
         table.add_row(
             st.id,
             st.label,
@@ -101,6 +103,7 @@ def station_list(ctx: typer.Context) -> None:
             when(link.last_contact if link else None),
             str(link.out_seq if link else 0),
             str(link.in_seq if link else 0),
+            "enabled" if paused is None else f"disabled since {when(paused)}",
         )
     console.print(table)
 
@@ -135,13 +138,37 @@ def station_edit(
     )
 
 
+@station_app.command("disable")
+def station_disable(
+    ctx: typer.Context, station_id: str = typer.Argument(..., help="The station's id.")
+) -> None:
+    """Pause a station: nothing is sent to it, what it sends is held (not
+    refused) and applied once it is enabled; it is told by mail."""
+    with open_node(ctx) as node:
+        node.disable_station(station_id)
+    console.print(
+        f"station {escape(station_id)} disabled: nothing goes to it, what it sends is held "
+        "(`mailsync station enable` lets it sync again)"
+    )
+
+
+@station_app.command("enable")
+def station_enable(
+    ctx: typer.Context, station_id: str = typer.Argument(..., help="The station's id.")
+) -> None:
+    """Let a disabled station sync again (what it sent meanwhile is applied)."""
+    with open_node(ctx) as node:
+        node.enable_station(station_id)
+    console.print(f"station {escape(station_id)} enabled: it syncs again from the next cycle")
+
+
 @station_app.command("remove")
 def station_remove(
     ctx: typer.Context,
     station_id: str = typer.Argument(..., help="The station's id."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Remove a station, its own rules and its unsent outbox."""
+    """Remove a station, its own rules and its unsent outbox; it is told by mail."""
     if not yes:
         typer.confirm(f"Remove station {station_id} and everything queued for it?", abort=True)
     with open_node(ctx) as node:
@@ -175,7 +202,9 @@ def table_add(
     row_filter: str | None = typer.Option(
         None,
         "--filter",
-        help="Down direction only: SQL predicate a row must match; :station is the station id.",
+        help="The station's scope, both ways: one SQL predicate over the table's own columns "
+        "(:station is the station's id, :email its address). Changing it sends the station "
+        "what entered and removes what left.",
     ),
     conflict: str = typer.Option(
         "host-wins",
@@ -236,18 +265,51 @@ def table_remove(
 
 def reload(
     ctx: typer.Context,
-    station: str = typer.Option(..., "--station", help="The station to send tables to again."),
+    station: str | None = typer.Option(
+        None, "--station", help="The station to send tables to again (on the host)."
+    ),
     table: list[str] = typer.Option(
         [], "--table", help="Only this table (repeatable) [default: every table it gets]."
     ),
+    since: str | None = typer.Option(
+        None,
+        "--since",
+        help="Only rows changed since DATE (YYYY-MM-DD or YYYY-MM-DDTHH:MM, UTC), by the "
+        "table's timestamp column.",
+    ),
+    column: str | None = typer.Option(
+        None,
+        "--column",
+        help="With --since: the timestamp column [default: updated_at, modified_at, … if the "
+        "table has one].",
+    ),
+    full: bool = typer.Option(
+        False, "--full", help="In full, replacing the station's copy (the default)."
+    ),
 ) -> None:
-    """Send tables to a station again in full, replacing its copy (host).
+    """Send tables to a station again, in full or changed since a date.
 
-    Rows changed, deleted or added at the station behind mailsync's back
-    become the host's again; what the station changed itself and has not
-    delivered yet is kept. Goes with the next sync."""
+    On the host (--station S): with the next sync. In full it replaces the
+    station's copy: rows changed, deleted or added there behind mailsync's
+    back become the host's again; what the station changed itself and has
+    not delivered yet is kept. --since sends only rows changed since DATE
+    (deletes are not covered). On a station (no --station): ask the host for
+    it; the request goes with the next sync."""
+    moment = check_options(since, full)
+    if column is not None and moment is None:
+        raise ConfigError("--column goes with --since (it names the timestamp column)")
     with open_node(ctx) as node:
-        sent = node.reload_station(station, table)
+        if station is None and node.is_host:
+            raise ConfigError("on the host, name the station: --station S")
+        if station is None:
+            host, tables = node.request_reload(table, since=moment, column=column)
+            console.print(
+                f"asked host {escape(host)} to send {escape(', '.join(tables) or 'every table')} "
+                "again; the request goes with the next sync"
+            )
+            return
+        sent = node.reload_station(station, table, since=moment, column=column)
+    how = "in full" if moment is None else f"as far as changed since {moment:%Y-%m-%d %H:%M} UTC"
     console.print(
-        f"{escape(', '.join(sent))}: sent again in full to {escape(station)} with the next sync"
+        f"{escape(', '.join(sent))}: sent again {how} to {escape(station)} with the next sync"
     )

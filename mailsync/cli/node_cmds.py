@@ -88,10 +88,21 @@ def init(
 def sync(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    station: list[str] = typer.Option(
+        [], "--station", help="Host: only this station's link this run (repeatable)."
+    ),
+    table: list[str] = typer.Option(
+        [], "--table", help="Only this table's changes this run (repeatable); the rest wait."
+    ),
 ) -> None:
-    """Run one sync cycle: receive, apply, capture, send."""
+    """Run one sync cycle: receive, apply, capture, send (or limit it to
+    some stations and tables: what is left out waits, nothing is lost)."""
     with open_node(ctx) as node:
-        report = _with_progress(node) if console.is_terminal and not as_json else node.sync()
+        report = (
+            _with_progress(node, station, table)
+            if console.is_terminal and not as_json
+            else node.sync(station, table)
+        )
     if as_json:
         print_json(
             {
@@ -131,7 +142,7 @@ def sync(
         raise typer.Exit(report.exit_code)
 
 
-def _with_progress(node: Node) -> CycleReport:
+def _with_progress(node: Node, stations: list[str], tables: list[str]) -> CycleReport:
     """A cycle with a live line on the terminal: each message received,
     changeset applied and part sent as it happens."""
     done = {"received": 0, "applied": 0, "sent": 0}
@@ -157,7 +168,7 @@ def _with_progress(node: Node) -> CycleReport:
     logger.setLevel(min(level or logging.INFO, logging.INFO))
     try:
         with console.status("syncing…", spinner="dots") as spinner:
-            return node.sync()
+            return node.sync(stations, tables)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -227,6 +238,17 @@ def status(
             "no peers yet: "
             + ("add stations" if st.role == "host" else "join the host with `mailsync join BUNDLE`")
         )
+    for link in st.links:
+        if link.disabled_since is not None:
+            console.print(
+                f"[bold yellow]station {escape(link.peer)} disabled[/] since "
+                f"{when(link.disabled_since)}: nothing goes to it; {link.buffered} "
+                "changeset(s) of its held (`mailsync station enable`)"
+            )
+    if st.standing:
+        console.print(f"[bold red]{escape(st.standing)}[/]")
+    if st.reload_asked:
+        console.print(f"reload: {escape(st.reload_asked)} (waiting for its answer)")
     for use in st.ranges:
         current = use.current
         if current is None and st.role == "host":

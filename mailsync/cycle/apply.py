@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from mailsync import dictionaries, faults, inbox
 from mailsync import link as links_mod
-from mailsync.apply import Applied, Opener, apply_buffered
+from mailsync.apply import Applied, Deferred, Opener, apply_buffered
 from mailsync.cycle.contain import contained, describe
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
@@ -51,6 +51,8 @@ def apply(ctx: CycleContext, report: CycleReport) -> None:
         peer = link.peer
         if link.report_due:
             continue  # we went back to a backup: its leases first (its report), then its rows
+        if link.paused_at is not None or not ctx.selection.takes(peer):
+            continue  # disabled (held until enabled), or not in this run
         # a message of the peer's that receive could not take (a bug met
         # with it) holds the link as much as a changeset that fails here
         reason = report.peer_errors.get(peer)
@@ -132,7 +134,10 @@ def _apply_peer(ctx: CycleContext, report: CycleReport, peer: str, in_seq: int) 
                 # its log lines commit with its rows: a cycle killed after
                 # the commit still says what it applied
                 on_applied=lambda conn, applied: _log_applied(ctx, applied, conn),
+                only_tables=ctx.selection.tables,
             )
+        except Deferred:
+            return None  # carries a table this run leaves out: it waits, in order
         except MailsyncError as exc:
             if SCOPES.index(exc.scope) <= SCOPES.index("peer"):
                 _failed(ctx, peer, seq, exc)  # this changeset's fault, not the database's
@@ -250,6 +255,15 @@ def _log_applied(ctx: CycleContext, applied: Applied, conn: Connection) -> None:
             "reloaded",
             f"changeset #{seq} from {peer} replaced this database's copy of its tables "
             "(it had gone back to an older backup)",
+            peer=peer,
+            seq=seq,
+            conn=conn,
+        )
+    if applied.served is not None:
+        journal.info(
+            "reload",
+            f"changeset #{seq} from {peer}: our request to send {applied.served} again "
+            "was acted on",
             peer=peer,
             seq=seq,
             conn=conn,

@@ -11,6 +11,8 @@ whose build fails is held with its reason; the others are built.
 
 from __future__ import annotations
 
+from functools import partial
+
 from sqlalchemy import Connection
 
 from mailsync import capture
@@ -44,7 +46,11 @@ def wanted(ctx: CycleContext) -> bool:
     build (something logged past its cursor, or a control to carry)."""
     snap = ctx.snapshot
     assert snap is not None
-    return any(snap.logged > cursor or p.carries_controls for p, cursor in snap.planned)
+    return any(
+        snap.logged > cursor or p.carries_controls
+        for p, cursor in snap.planned
+        if ctx.selection.narrow(p) is not None
+    )
 
 
 def rules_now(ctx: CycleContext, report: CycleReport) -> list[Rule] | None:
@@ -83,7 +89,10 @@ def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int
         return False
     part_size = part_bytes(ctx.config.mailbox.max_message_bytes)
     done = False
-    for plan, cursor in planned:
+    for whole, cursor in planned:
+        plan = ctx.selection.narrow(whole)  # None: disabled, or not in this run
+        if plan is None:
+            continue
         if horizon <= cursor and not plan.carries_controls:
             # nothing logged since its last build, nothing else to tell it:
             # an idle link costs no statement
@@ -103,6 +112,7 @@ def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int
                 part_size,
                 on_built=lambda conn, built: _log_built(ctx, conn, built),
                 within=conn,
+                on_left=partial(_log_left, ctx, peer),
             )
             if built is None:
                 continue
@@ -128,6 +138,17 @@ def _log_built(ctx: CycleContext, conn: Connection, built: Built) -> None:
             f"definition: {why}; the station must create the table itself",
             peer=built.peer,
             seq=built.seq,
+            conn=conn,
+        )
+
+
+def _log_left(ctx: CycleContext, peer: str, conn: Connection, left: dict[str, int]) -> None:
+    for table, count in sorted(left.items()):
+        ctx.journal.info(
+            "scope",
+            f"{count} changed row(s) of table {table} lie outside {peer}'s row filter; its "
+            "rule sends no deletes, so any it holds stay there",
+            peer=peer,
             conn=conn,
         )
 

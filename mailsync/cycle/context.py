@@ -19,6 +19,7 @@ from mailsync import rules as rules_mod
 from mailsync import trust
 from mailsync.build import LinkPlan
 from mailsync.config import NodeConfig
+from mailsync.cycle.selection import EVERYTHING, Selection
 from mailsync.cycle.snapshot import Snapshot
 from mailsync.dialects import Dialect, dialect_for
 from mailsync.errors import ConfigError
@@ -107,9 +108,13 @@ class Role:
         if every is None:
             every = rules_mod.all_rules(conn)
         loaded: dict[str, set[str]] = {}
+        since: dict[str, dict[str, tuple[str, dt.datetime]]] = {}
         if self.is_host:
-            for station, table in conn.execute(select(loads.c.station, loads.c.tbl)):
+            query = select(loads.c.station, loads.c.tbl, loads.c.since_column, loads.c.since)
+            for station, table, column, moment in conn.execute(query):
                 loaded.setdefault(station, set()).add(table)
+                if column is not None and moment is not None:
+                    since.setdefault(station, {})[table] = (column, links_mod.aware(moment))
         out = []
         for link in links:
             announce = None if link.key_announced == mine.key_id else mine
@@ -130,6 +135,7 @@ class Role:
             digest = rules_mod.rules_hash(effective)
             done = loaded.get(link.peer, set())
             to_load = [t for t, r in effective.items() if "I" in r.down and t not in done]
+            resend = {t: v for t, v in since.get(link.peer, {}).items() if t in effective}
             out.append(
                 LinkPlan(
                     me,
@@ -143,6 +149,10 @@ class Role:
                     announce_key=announce,
                     reload=link.reload_wanted,
                     rebase=link.rebase,
+                    address=link.address,
+                    paused=link.paused_at is not None,
+                    since_loads=resend,
+                    served=None if link.request_told else link.table_request,
                 )
             )
         return out
@@ -203,6 +213,8 @@ class CycleContext:
     #: the node confirmed its restore witness and nothing ran since (the
     #: first cycle after ``Node.open`` need not do it again)
     witness_confirmed: bool = field(init=False, default=False)
+    #: the stations and tables this run is limited to (``sync --station``)
+    selection: Selection = field(init=False, default=EVERYTHING)
 
     def __post_init__(self) -> None:
         self.dialect = dialect_for(self.engine)

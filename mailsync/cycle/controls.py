@@ -22,7 +22,7 @@ from itertools import chain, islice
 
 from sqlalchemy import Connection
 
-from mailsync import dictionaries, inbox
+from mailsync import dictionaries, inbox, standing, table_requests
 from mailsync import link as links_mod
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
@@ -42,13 +42,19 @@ from mailsync.wire.controls import (
     RangeReport,
     ReloadRequest,
     Resend,
+    UnsequencedControl,
     Wanted,
     parse_unsequenced,
 )
 from mailsync.wire.envelope import Header
+from mailsync.wire.station_controls import StationStanding, TablesWanted
+from mailsync.wire.station_controls import parse_unsequenced as parse_station_control
 
 #: The sequence number of unsequenced (control) messages: acks, resend requests.
 CONTROL_SEQ = 0
+
+#: Controls a message may carry besides resends, ranges and reloads.
+Extra = DictionaryWanted | Dictionary | StationStanding | TablesWanted
 
 
 # ------------------------------------------------------------------- inbound
@@ -89,11 +95,16 @@ def act_on(
         return
     links_mod.acknowledged(conn, link, ack)
     report.bare_acks[peer] = max(ack, report.bare_acks.get(peer, 0))
-    controls = []
+    if link.paused_at is not None:
+        return  # disabled: its ack only (it sends again what still matters)
+    controls: list[UnsequencedControl | StationStanding | TablesWanted] = []
     for record in read_changeset(stream, origin=where):
         if not isinstance(record, Control):
             continue
-        control = parse_unsequenced(record.kind, record.payload, from_host=ctx.role.hears_from_host)
+        from_host = ctx.role.hears_from_host
+        control = parse_unsequenced(
+            record.kind, record.payload, from_host=from_host
+        ) or parse_station_control(record.kind, record.payload, from_host=from_host)
         if control is None:
             ctx.journal.info(
                 "control-ignored",
@@ -105,7 +116,11 @@ def act_on(
         else:
             controls.append(control)
     for control in controls:
-        if isinstance(control, ReloadRequest):
+        if isinstance(control, StationStanding):
+            report.standing = standing.record(conn, ctx.journal, peer, control)
+        elif isinstance(control, TablesWanted):
+            table_requests.honour(ctx.journal, conn, links_mod.one(conn, peer), control)
+        elif isinstance(control, ReloadRequest):
             _reload_requested(ctx, conn, links_mod.one(conn, peer), control)
         elif isinstance(control, HostRestored):
             _host_restored(ctx, conn, links_mod.one(conn, peer), control)
@@ -226,6 +241,10 @@ def _may_say(
 ) -> bool:
     """Whether composing for ``link`` could yield a message (a gap to ask
     for needs the inbox read: a peer with something buffered may)."""
+    if not ctx.selection.takes(link.peer):
+        return False
+    if link.paused_at is not None or link.standing_due:
+        return bool(link.standing_due)
     if link.peer in snap.waiting or link.peer in snap.ranges_due:
         return True
     return not _quiet(ctx, link, carried, report, [])
@@ -266,6 +285,14 @@ def compose_all(
         ranges_due = exchange.host_due(conn, stations, resend_after, ranges=ranges)
     for link in every:
         peer = link.peer
+        if not ctx.selection.takes(peer):
+            continue  # not in this run (`sync --station`): its controls wait
+        if link.paused_at is not None:
+            # disabled: nothing goes to it but the one notice saying so
+            if link.standing_due:
+                with for_peer(report, ctx.journal, peer, "send-failed", f"notice for {peer}"):
+                    out.append(_standing(ctx, conn, link))
+            continue
         with for_peer(report, ctx.journal, peer, "send-failed", f"controls for {peer}"):
             control = _compose(
                 ctx, conn, link, carried, report, peer in waiting, ranges, ranges_due
@@ -273,6 +300,14 @@ def compose_all(
             if control is not None:
                 out.append(control)
     return out
+
+
+def _standing(ctx: CycleContext, conn: Connection, link: Link) -> OutgoingControl:
+    """The notice of a disabled station's standing, alone (it goes once)."""
+    assert link.standing_due is not None
+    blob = standing.notice(conn, ctx.codec, ctx.seal, ctx.me, link, link.standing_due)
+    links_mod.standing_told(conn, link.peer)
+    return OutgoingControl(link.peer, link.address, blob, link.in_seq)
 
 
 def _quiet(
@@ -300,6 +335,8 @@ def _quiet(
         and not report.dictionaries_due.get(link.peer)
         and not reload
         and not notice
+        and not link.standing_due
+        and not (ctx.role.hears_from_host and table_requests.due(link))
         and (link.in_seq <= link.ack_sent or link.peer in carried)
     )
 
@@ -360,9 +397,16 @@ def _compose(
         return None  # nothing to say, nothing written: no savepoint (an idle station)
     # what composing writes is rolled back to here if it fails
     with conn.begin_nested():
-        extra: list[DictionaryWanted | Dictionary] = list(dicts_due)
+        extra: list[Extra] = list(dicts_due)
         if dicts_wanted:
             extra.append(DictionaryWanted(tuple(dicts_wanted)))
+        if link.standing_due:  # enabled again: said with the rest
+            extra.append(StationStanding(link.standing_due, now().isoformat(timespec="seconds")))
+            links_mod.standing_told(conn, link.peer)
+        if ctx.role.hears_from_host and link.table_request is not None:
+            request = table_requests.asked(conn, link)  # until the host's answer
+            if request is not None:
+                extra.append(request)
         return _write(ctx, conn, link, wanted, reload, notice, quiet, ranges, extra)
 
 
@@ -375,7 +419,7 @@ def _write(
     notice: bool,
     quiet: bool,
     ranges: list[RangeDef],
-    extra: list[DictionaryWanted | Dictionary],
+    extra: list[Extra],
 ) -> OutgoingControl | None:
     """The range traffic (a grant may be made here) and, if anything is
     due, the control message itself, sealed (with ``extra``: dictionaries
@@ -407,14 +451,5 @@ def _write(
         links_mod.reload_asked(conn, link.peer)
     writer.close()
     compressed.close()  # type: ignore[no-untyped-call]
-    header = Header(
-        ctx.me,
-        link.peer,
-        CONTROL_SEQ,
-        ack=link.in_seq,
-        ack_cid=link.in_cid,
-        acked=link.acked_seq,
-        ctl=links_mod.control_numbered(conn, link),
-    )
-    blob = ctx.seal(conn, header, buffer.getvalue())
+    blob = ctx.seal(conn, standing.control_header(conn, ctx.me, link), buffer.getvalue())
     return OutgoingControl(link.peer, link.address, blob, link.in_seq)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, delete, select
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
-from mailsync import dictionaries, faults
+from mailsync import dictionaries, faults, standing
 from mailsync import inbox as inbox_mod
 from mailsync import link as links_mod
 from mailsync.cycle import controls
@@ -31,7 +31,7 @@ from mailsync.journal import logger
 from mailsync.link import Link
 from mailsync.ranges import exchange
 from mailsync.store.tables import inbox, outbox
-from mailsync.transport import open_receiver
+from mailsync.transport import Receiver, open_receiver
 from mailsync.wire.envelope import Header, UnknownDictionary, read_header
 from mailsync.wire.limits import exceeded
 from mailsync.wire.message import extract_envelope, is_mailsync
@@ -56,7 +56,7 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                 with ctx.engine.begin() as conn:
                     link = links_mod.get(conn, header.sender)
                     if link is None:
-                        raise MessageError(f"{where}: unknown sender {header.sender!r}")
+                        raise UnknownSender(f"{where}: unknown sender {header.sender!r}")
                     keys = ctx.sender_keys(conn, header.sender)
                     header = ctx.codec.verify(blob, where, keys)
                     link = _went_back(ctx, conn, link, header)
@@ -73,6 +73,11 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
                     _log_received(ctx, conn, header, duplicate)
                     applied = not duplicate and _apply_at_once(ctx, conn, report, link, header)
             except MessageError as exc:
+                if isinstance(exc, UnknownSender) and sender is not None:
+                    first = standing.heard_from_removed(ctx.engine, sender)
+                    if first is not None:
+                        _set_aside_removed(ctx, report, rx, msg.id, msg.raw, sender, first)
+                        continue
                 if isinstance(exc, UnknownDictionary):  # asked for in this cycle's controls
                     report.dictionaries_wanted.setdefault(exc.peer, set()).add(exc.dictionary)
                 if box.forward_unrecognized:
@@ -103,6 +108,34 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
             report.duplicates += duplicate
 
 
+class UnknownSender(MessageError):
+    """Mail signed as coming from no peer of ours."""
+
+
+def _set_aside_removed(
+    ctx: CycleContext,
+    report: CycleReport,
+    rx: Receiver,
+    message: str,
+    raw: bytes,
+    sender: str,
+    first: bool,
+) -> None:
+    """Mail from a station removed on this host: set aside, said in the log
+    the first time only (:mod:`mailsync.standing`)."""
+    reason = f"message {message}: from {sender}, a station removed on this host"
+    if ctx.config.mailbox.forward_unrecognized:
+        report.forward.append(raw)
+    rx.set_aside(message, reason)
+    if first:
+        ctx.journal.warning(
+            "rejected",
+            f"set aside: {reason} (said once: its later mail is set aside quietly)",
+            peer=sender,
+        )
+        report.set_aside += 1
+
+
 def _apply_at_once(
     ctx: CycleContext, conn: Connection, report: CycleReport, link: Link, header: Header
 ) -> bool:
@@ -118,6 +151,9 @@ def _apply_at_once(
         and header.seq == link.in_seq + 1
         and link.held is None
         and not link.report_due
+        and link.paused_at is None  # disabled: held until enabled
+        and ctx.selection.takes(peer)
+        and ctx.selection.tables is None  # a limited run: the apply stage looks
         and peer not in report.peer_errors
         and apply_now(ctx, conn, report, peer, header.seq)
     ):

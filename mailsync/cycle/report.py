@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mailsync.apply import Applied
 from mailsync.build import Built
+from mailsync.standing import Told
 from mailsync.wire.controls import Dictionary
 
 
@@ -17,6 +18,9 @@ class CycleReport:
 
     received: int = 0
     duplicates: int = 0
+    #: station: what the host told us of our standing (disabled, removed),
+    #: read at the start or received in this cycle (None: in good standing)
+    standing: Told | None = None
     set_aside: int = 0
     applied: list[Applied] = field(default_factory=list)
     built: list[Built] = field(default_factory=list)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import faults
+from mailsync import faults, standing
 from mailsync.cycle import start
 from mailsync.cycle.apply import apply
 from mailsync.cycle.contain import contained
@@ -37,6 +37,11 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
             # went back to a backup is caught even on an idle or dead link;
             # and every stage's reads, in the same one transaction
             ctx.snapshot = ctx.started = start.begin(ctx)
+            report.standing = standing.read(ctx.started.standing)
+            if report.standing is not None and report.standing.state == "removed":
+                # the host forgot us: nothing to receive from it or send it
+                standing.say(report)
+                return report
             # the mailbox steps: a mailbox that cannot be reached ends its
             # stage, and the rest of the cycle goes on without it
             with contained(report, journal, scope="mailbox", event="mailbox"):
@@ -56,6 +61,7 @@ def run_cycle(ctx: CycleContext) -> CycleReport:
                 out = settle(ctx, report)
             with contained(report, journal, scope="mailbox", event="mailbox"):
                 send(ctx, report, out)
+            standing.say(report)
             if not out.settled:
                 journal.info("cycle", summary(report))
             if report.quiet:

@@ -131,6 +131,9 @@ def due_parts(ctx: CycleContext, conn: Connection) -> list[Any]:
     sizes."""
     stale = now() - dt.timedelta(minutes=ctx.config.resend_after_minutes)
     due = (outbox.c.sent_at.is_(None)) | (outbox.c.sent_at <= stale)
+    chosen = ctx.selection.stations  # `sync --station`: theirs only
+    if chosen is not None:
+        due = due & outbox.c.peer.in_(sorted(chosen))
     return list(
         conn.execute(
             select(
@@ -144,7 +147,7 @@ def due_parts(ctx: CycleContext, conn: Connection) -> list[Any]:
                 func.length(outbox.c.blob).label("size"),
             )
             .join(links, links.c.peer == outbox.c.peer)
-            .where(due)
+            .where(due, links.c.paused_at.is_(None))  # disabled: nothing goes
             .order_by(outbox.c.peer, outbox.c.seq, outbox.c.part)
         ).all()
     )

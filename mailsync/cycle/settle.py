@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, and_, delete, or_, select, tuple_
 
-from mailsync import faults, restore
+from mailsync import faults, restore, standing
 from mailsync import inbox as inbox_mod
 from mailsync import link as links_mod
 from mailsync.cycle import build as build_stage
 from mailsync.cycle import controls, purge, send
 from mailsync.cycle.context import CycleContext
+from mailsync.cycle.controls import OutgoingControl
 from mailsync.cycle.report import CycleReport
 from mailsync.cycle.send import Outgoing, Part
 from mailsync.store.tables import horizons, outbox
@@ -75,7 +76,7 @@ def _anything(ctx: CycleContext, report: CycleReport) -> bool:
     something to do (else the cycle is idle and writes nothing)."""
     snap = ctx.snapshot
     assert snap is not None
-    if report.bare_acks or snap.pending or snap.forget_upto is not None:
+    if report.bare_acks or snap.pending or snap.forget_upto is not None or snap.farewells:
         return True
     if build_stage.wanted(ctx):
         return True
@@ -114,6 +115,10 @@ def _record(
         # what can be buffered now: what was, and what receive left
         waiting = ctx.started.waiting | report.left_buffered
     composed = controls.compose_all(ctx, conn, carried, report, snap, every, waiting)
+    told = ctx.started is None or ctx.started.farewells
+    if ctx.role.is_host and told and ctx.selection.stations is None:
+        # stations removed since the last cycle: told once, sealed when removed
+        composed += [OutgoingControl(p, a, b, 0) for p, a, b in standing.farewells_due(conn)]
     out = Outgoing(controls=composed, settled=True)
     budget = READ_AHEAD_BYTES
     ahead = []

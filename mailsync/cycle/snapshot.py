@@ -46,3 +46,7 @@ class Snapshot:
     #: purge: the change-log ids no peer can need, the oldest log entry
     forget_upto: int | None = None
     oldest_log: dt.datetime | None = None
+    #: host: removal notices not sent yet; station: what the host told us
+    #: of our standing (``mailsync_meta``), as stored
+    farewells: int = 0
+    standing: str | None = None

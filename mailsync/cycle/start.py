@@ -34,7 +34,8 @@ from mailsync.cycle.snapshot import Snapshot
 from mailsync.errors import MailsyncError
 from mailsync.ranges import exchange
 from mailsync.ranges.model import list_ranges
-from mailsync.store.tables import changes, log_table
+from mailsync.standing import META_KEY
+from mailsync.store.tables import changes, farewells, log_table, meta_table
 from mailsync.store.witness import witness_path
 
 
@@ -69,10 +70,16 @@ def _read(ctx: CycleContext, conn: Connection, every: list[links_mod.Link]) -> S
     if tables and not capture.known_whole(conn, tables):
         repaired, broken = build.ensure_capture(conn, tables)
     # two subqueries: min and max in one SELECT makes SQLite scan the log
-    first, logged = conn.execute(
+    first, logged, farewell, told = conn.execute(
         select(
             select(func.min(changes.c.id)).scalar_subquery(),
             select(func.max(changes.c.id)).scalar_subquery(),
+            # the standing of a station (issue 18): riding on this one read
+            select(func.count())
+            .select_from(farewells)
+            .where(farewells.c.sent_at.is_(None))
+            .scalar_subquery(),
+            select(meta_table.c.value).where(meta_table.c.key == META_KEY).scalar_subquery(),
         )
     ).one()
     ranges = list_ranges(conn)
@@ -100,4 +107,6 @@ def _read(ctx: CycleContext, conn: Connection, every: list[links_mod.Link]) -> S
         broken=broken,
         forget_upto=limit if limit is not None and first is not None and first <= limit else None,
         oldest_log=oldest,
+        farewells=int(farewell or 0),
+        standing=told,
     )

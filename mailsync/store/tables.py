@@ -38,7 +38,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -124,6 +124,14 @@ links = Table(
     # its leases and what we lost; no block is granted it until it reports
     Column("report_due", Boolean, nullable=False, default=False),
     Column("notice_sent_at", _Time),
+    # host: the station is disabled (nothing goes to it, what it sends is
+    # held) since when; the standing it is yet to be told by mail (v8)
+    Column("paused_at", _Time),
+    Column("standing_due", String(16)),
+    # host: the id of the station's last own reload request acted on, and
+    # whether a changeset told the station so (v8)
+    Column("table_request", String(32)),
+    Column("request_told", Boolean, nullable=False, default=True),
 )
 
 peer_keys = Table(
@@ -166,6 +174,24 @@ loads = Table(
     Column("station", String(64), primary_key=True),
     Column("tbl", String(128), primary_key=True),
     Column("loaded_at", _Time, nullable=False),
+    # a resend of the rows changed since ``since`` (by the table's timestamp
+    # column ``since_column``) is due to the station (v8)
+    Column("since_column", String(128)),
+    Column("since", _Time),
+)
+
+# A station removed on the host: the sealed message telling it so (sealed
+# while its key was still known), when it went, and when its later mail was
+# first set aside (said once, then quietly).
+farewells = Table(
+    "mailsync_farewells",
+    metadata,
+    Column("peer", String(64), primary_key=True),
+    Column("address", String(320), nullable=False),
+    Column("blob", LargeBinary),
+    Column("removed_at", _Time, nullable=False),
+    Column("sent_at", _Time),
+    Column("heard_at", _Time),
 )
 
 # One row per part of a sealed changeset, kept until the peer acknowledges
@@ -492,6 +518,24 @@ def _v7_to_v8_column_conflicts(conn: Connection) -> None:
     conflict_notes.create(conn, checkfirst=True)
 
 
+def _stations_paused_told_and_partial_loads(conn: Connection) -> None:
+    """Issue 18: a station can be disabled (and is told by mail, as a
+    removed one is: ``mailsync_farewells``), a table resent to it only as
+    far as rows changed since a date, and a station may ask for a reload."""
+    time = _Time.compile(dialect=conn.dialect)
+    true = "true" if conn.dialect.name == "postgresql" else "1"
+    for table, column, kind in (
+        ("mailsync_links", "paused_at", time),
+        ("mailsync_links", "standing_due", "VARCHAR(16)"),
+        ("mailsync_links", "table_request", "VARCHAR(32)"),
+        ("mailsync_links", "request_told", f"BOOLEAN NOT NULL DEFAULT {true}"),
+        ("mailsync_loads", "since_column", "VARCHAR(128)"),
+        ("mailsync_loads", "since", time),
+    ):
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    farewells.create(conn, checkfirst=True)
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
@@ -501,6 +545,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     5: _v5_to_v6,
     6: _v6_to_v7,
     7: _v7_to_v8_column_conflicts,
+    8: _stations_paused_told_and_partial_loads,
 }
 
 
