@@ -59,6 +59,7 @@ from mailsync.wire.controls import (
 )
 from mailsync.wire.envelope import Header
 from mailsync.wire.limits import DEFAULT_LIMITS
+from mailsync.wire.verify_controls import VerifyAnswer, VerifyRequest
 
 
 @dataclass
@@ -84,6 +85,9 @@ class Applied:
     tables_created: list[str] = field(default_factory=list)
     #: tables this node has that differ from their definition, and how
     tables_differing: dict[str, list[str]] = field(default_factory=dict)
+    #: ``mailsync verify`` rounds and answers it carried, acted on by the
+    #: cycle before the transaction commits (:mod:`mailsync.cycle.verify`)
+    verify: list[VerifyRequest | VerifyAnswer] = field(default_factory=list)
 
 
 RulesFor = Callable[[Connection], dict[str, Rule]]
@@ -328,6 +332,8 @@ def apply_buffered(
                     elif isinstance(control, Dictionary):
                         limits = getattr(stream, "limits", DEFAULT_LIMITS)
                         dictionaries.received(conn, peer, control, limits, seq)
+                    elif isinstance(control, VerifyRequest | VerifyAnswer):
+                        result.verify.append(control)  # after the rows
                     continue
                 if isinstance(record, TableDef):
                     table_name = record.name

@@ -41,11 +41,17 @@ from sqlalchemy import (
 
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
-from mailsync import provision
+from mailsync import provision, verification
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
-from mailsync.storage import key_typers, raw_select_columns, tag_for, wire_functions
+from mailsync.storage import (
+    key_to_storage,
+    key_typers,
+    raw_select_columns,
+    tag_for,
+    wire_functions,
+)
 from mailsync.store.changelog import first_changes, key_filter, logged_key, stored_key_filter
 from mailsync.store.engine import transaction
 from mailsync.store.reflection import dependency_order, reflect
@@ -85,6 +91,9 @@ class LinkPlan:
     #: our database went back: the peer may miss changesets we no longer
     #: hold, so this one applies on top of whatever it has (header base 0)
     rebase: bool = False
+    #: a verification has a round, an answer or a keyed resend for the peer
+    #: (:mod:`mailsync.verification`)
+    verify_due: bool = False
 
     @property
     def carries_controls(self) -> bool:
@@ -97,6 +106,7 @@ class LinkPlan:
             or self.initial_loads
             or self.reload
             or self.resend_all
+            or self.verify_due
         )
 
     def ops(self, table: str) -> str:
@@ -283,6 +293,41 @@ class _Builder:
             self.write(name, "I", inserts)
             self.write(name, "U", updates)
 
+    def keyed(self, name: str, keys: list[tuple[Any, ...]]) -> None:
+        """The rows of ``keys`` (Python values) as they are now, for this
+        peer alone (a verification's repair): a row in scope as an update
+        (an upsert where the rule sends inserts), a key with no row here or
+        one outside the scope as a tombstone where the rule sends deletes."""
+        table = self.table(name)
+        ops = self.plan.ops(name)
+        columns = list(table.columns)
+        at = [columns.index(c) for c in table.primary_key.columns]
+        typers = key_typers(table, self.engine.dialect)
+        to_storage = key_to_storage(table, self.engine.dialect)
+        for start in range(0, len(keys), self.batch):
+            chunk = keys[start : start + self.batch]
+            rows = self.conn.execute(
+                self.scoped_select(table, name).where(key_filter(table, chunk))
+            ).all()
+            found = {_key_of(r, at, typers): r for r in rows}
+            if "U" in ops or "I" in ops:
+                self.write(
+                    name, "U", [r for k in chunk if (r := found.get(k)) is not None and r[-1]]
+                )
+            gone = [k for k in chunk if (r := found.get(k)) is None or not r[-1]]
+            if gone and "D" in ops:
+                self.tdef(name)
+                self.deletes.add(
+                    name,
+                    [
+                        tuple(
+                            v if f is None or v is None else f(v)
+                            for f, v in zip(to_storage, k, strict=True)
+                        )
+                        for k in gone
+                    ],
+                )
+
 
 def _key_of(row: Row[Any], at: list[int], typers: list[Any]) -> tuple[Any, ...]:
     """A raw row's key in the values the change log's keys are read in."""
@@ -411,6 +456,9 @@ def build_for_link(
             controls.append(dicts.carry)
         for control in controls:
             writer.control(control.KIND, control.payload())
+        verifying = verification.due(conn, plan.peer) if plan.verify_due else None
+        for kind, payload in verifying.controls if verifying else ():
+            writer.control(kind, payload)
         names = [n for n in plan.rules if plan.ops(n)]
         ordered = dependency_order(conn, names) if names else []
         for name in ordered:
@@ -422,11 +470,15 @@ def build_for_link(
                 builder.initial_load(name)
                 loaded = True
             builder.changes(name, horizon, cursor, loaded=loaded)
+            if verifying and name in verifying.resends:
+                builder.keyed(name, verifying.resends[name])
         for name in reversed(ordered):
             for chunk in keys.read(name):
                 writer.rows(builder.tdef(name), "D", chunk)
         rules_hash = plan.rules_hash if plan.send_rules else None
         if writer.summary.records <= 1:
+            if verifying is not None:
+                verification.sent(conn, plan.peer, None, verifying)
             links_mod.nothing_built(conn, plan.peer, max(cursor, horizon), rules_hash)
             # nothing of ours up to here goes to this peer: its changesets
             # need not be tested against it (and the purge may drop it)
@@ -456,6 +508,8 @@ def build_for_link(
             resent_all=plan.resend_all,
         )
         dicts_mod.after_build(conn, codec, dicts, seq)
+        if verifying is not None:
+            verification.sent(conn, plan.peer, seq, verifying)
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
         conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))

@@ -21,6 +21,7 @@ place:
   messages, and acting on the peer's once
 - :func:`held` / :func:`released` / :func:`skipped` — the peer's changesets
   stopped applying (and why), flow again, or an admin moved past one
+- :func:`verify_due` — a verification waits for the next build to the peer
 
 What is buffered from the peer is :mod:`mailsync.inbox`'s.
 """
@@ -91,6 +92,8 @@ class Link:
     #: host: we went back; the station must report before it gets a block
     report_due: bool
     notice_sent_at: dt.datetime | None
+    #: a verification has a request, an answer or a resend for the next build
+    verify_due: bool
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Link:
@@ -302,6 +305,12 @@ def built(
     if resent_all:
         values.update(resend_all=False, resent_seq=seq)
     conn.execute(update(links).where(links.c.peer == peer).values(**values))
+
+
+def verify_due(conn: Connection, peer: str, due: bool = True) -> None:
+    """A verification has something for the next build to the peer (or,
+    ``due`` False, that build carried all of it: :mod:`mailsync.verification`)."""
+    conn.execute(update(links).where(links.c.peer == peer).values(verify_due=due))
 
 
 def applied(conn: Connection, peer: str, seq: int, cid: str, *, reloaded: bool) -> None:

@@ -236,6 +236,9 @@ class Node:
     remove_station = admin.remove_station
     edit_station = admin.edit_station
     reload_station = admin.reload_station
+    verify = admin.verify
+    verifications = admin.verifications
+    verifications_of = admin.verifications_of
     stations = admin.list_stations
     station = admin.show_station
     add_rule = admin.add_rule

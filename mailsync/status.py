@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, distinct, func, or_, select
 
-from mailsync import capture
+from mailsync import capture, verification
 from mailsync import rules as rules_mod
 from mailsync.config import NodeConfig, Role
 from mailsync.inbox import held_parts, missing_parts, missing_sequences, quarantined_counts
@@ -22,6 +22,7 @@ from mailsync.ranges.model import RangeUsage
 from mailsync.restore import last_finding
 from mailsync.store.engine import redact
 from mailsync.store.tables import changes, conflicts_table, log_table, now, outbox, parked
+from mailsync.verification import Verification
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Status:
     #: the last time this database was found behind its restore witness (or
     #: without one): when, what was done, and whether healing is done
     restored: str | None = None
+    #: host: the last verification of each station and table (`mailsync verify`)
+    verifications: list[Verification] = field(default_factory=list)
 
 
 def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
@@ -142,6 +145,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         )
         range_usage = usage(conn)
         restored = _restored(conn, result)
+        verified = verification.latest(conn) if is_host else []
         since = now() - dt.timedelta(days=config.log_retention_days)
         counts: dict[str, int] = dict(
             conn.execute(
@@ -173,6 +177,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         replayed=int(counts.get("control-replayed", 0)),
         blocks_refused=int(counts.get(REFUSED, 0)),
         restored=restored,
+        verifications=verified,
     )
 
 

@@ -92,6 +92,15 @@ def canonical(value: Any) -> Any:
     return {"s": str(value)}
 
 
+def key_value(value: Any) -> Any:
+    """A canonical value as a key holds it: hashable (a ``{tag: text}``
+    map becomes a ``(tag, text)`` pair; a key travels so)."""
+    if isinstance(value, dict):
+        ((tag, text),) = value.items()
+        return (tag, text)
+    return value
+
+
 def row_hash(values: Sequence[Any]) -> bytes:
     encoded = json.dumps([canonical(v) for v in values], separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(encoded.encode()).digest()
@@ -156,8 +165,12 @@ class Side:
         """A canonical key back in the column types' Python values."""
         out = []
         for column, kind, value in zip(self.pk, self._key_types, key, strict=True):
-            out.append(literal(_from_canonical(value, kind), type_=column.type))
+            out.append(literal(from_canonical(value, kind), type_=column.type))
         return out
+
+    def python_key(self, key: Key) -> tuple[Any, ...]:
+        """A canonical key in the key columns' Python values."""
+        return tuple(from_canonical(v, kind) for kind, v in zip(self._key_types, key, strict=True))
 
     def _rows(self, span: Span) -> Iterator[tuple[Key, bytes]]:
         query = (
@@ -168,7 +181,7 @@ class Side:
         at = [list(self.table.columns).index(c) for c in self.pk]
         result = self.conn.execute(query, execution_options={"yield_per": BATCH})
         for row in result:
-            key = tuple(canonical(row[i]) for i in at)
+            key = tuple(key_value(canonical(row[i])) for i in at)
             yield key, row_hash(tuple(row))
 
     def count(self, span: Span) -> int:
@@ -229,9 +242,21 @@ def _has_python_type(column: Any) -> bool:
     return True
 
 
-def _from_canonical(value: Any, kind: type | None) -> Any:
+def _tagged(value: Any) -> tuple[str, str] | None:
+    """A canonical ``{tag: text}`` (or a key's ``(tag, text)``) apart."""
     if isinstance(value, dict):
-        (tag, text), *_ = value.items()
+        ((tag, text),) = value.items()
+        return str(tag), str(text)
+    if isinstance(value, tuple | list):
+        return str(value[0]), str(value[1])
+    return None
+
+
+def from_canonical(value: Any, kind: type | None) -> Any:
+    """A canonical key value back in its column's Python type."""
+    tagged = _tagged(value)
+    if tagged is not None:
+        tag, text = tagged
         if tag == "n":
             return decimal.Decimal(text)
         if tag == "f":
@@ -253,8 +278,9 @@ def _from_canonical(value: Any, kind: type | None) -> Any:
 def _sort_key(value: Any) -> Any:
     """Python's order of canonical key values, as the databases order them
     (text in code-point order = UTF-8 byte order; numbers numerically)."""
-    if isinstance(value, dict):
-        (tag, text), *_ = value.items()
+    tagged = _tagged(value)
+    if tagged is not None:
+        tag, text = tagged
         if tag == "n":
             return decimal.Decimal(text)
         if tag == "f":
@@ -265,6 +291,11 @@ def _sort_key(value: Any) -> Any:
 
 def _order(key: Key) -> tuple[Any, ...]:
     return tuple(_sort_key(v) for v in key)
+
+
+def key_order(key: Key) -> tuple[Any, ...]:
+    """A key's place in the order both databases read rows in."""
+    return _order(key)
 
 
 def _before(key: Key, bound: Key) -> bool:

@@ -98,6 +98,8 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
     # no column: two new tables (mailsync_dictionaries,
     # mailsync_dictionary_samples), which ensure_schema's create_all makes
     7: (),
+    # and mailsync_verifications, a new table
+    8: (("mailsync_links", "verify_due"),),
 }
 
 

@@ -124,6 +124,7 @@ class Role:
                         announce_key=announce,
                         resend_all=link.resend_all,
                         rebase=link.rebase,
+                        verify_due=link.verify_due,
                     )
                 )
                 continue
@@ -143,6 +144,7 @@ class Role:
                     announce_key=announce,
                     reload=link.reload_wanted,
                     rebase=link.rebase,
+                    verify_due=link.verify_due,
                 )
             )
         return out
