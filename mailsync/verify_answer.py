@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, delete, select, update
 
 from mailsync import link as links_mod
 from mailsync.errors import MailsyncError
@@ -66,6 +66,12 @@ def asked(conn: Connection, host: str, request: VerifyRequest) -> list[Note]:
         .values(**record)
     )
     if not done.rowcount:
+        # one row per table: an earlier verification's is done with
+        conn.execute(
+            delete(verifications).where(
+                mine.side == STATION, mine.peer == host, mine.tbl == request.table
+            )
+        )
         conn.execute(
             verifications.insert().values(
                 vid=request.vid,
