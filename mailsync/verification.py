@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Row, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import link as links_mod
-from mailsync.errors import MailsyncError
+from mailsync.errors import MailsyncError, first_line
 from mailsync.rules import Rule, effective_rules, filter_predicate
 from mailsync.store.tables import now, verifications
 from mailsync.verify import (
@@ -252,14 +253,13 @@ def start(conn: Connection, station: str, table: str, *, repair: bool) -> Verifi
     return get(conn, int(ident[0]))
 
 
-def _next_round(conn: Connection, row: Row[Any], side: Side, found: list[Found]) -> None:
+def _next_round(conn: Connection, row: Row[Any], side: Side, found: list[Found]) -> list[Note]:
     """Ask about the spans waiting: the host cuts a span it holds many rows
     of (its digests of the parts), and asks for the row hashes of one it
     holds few of (the station cuts it if it holds many)."""
     todo = [(_bound(lo), _bound(hi)) for lo, hi in json.loads(row.todo or "[]")]
     if row.rounds >= MAX_ROUNDS:
-        _fail(conn, row, f"no end after {MAX_ROUNDS} rounds: the station's answers do not agree")
-        return
+        raise Refused(f"no end after {MAX_ROUNDS} rounds: the station's answers do not agree")
     ask: list[tuple[str, Key | None, Key | None]] = []
     expect: list[Any] = []
     while todo and len(ask) + FAN_OUT <= MAX_ASK:
@@ -291,6 +291,7 @@ def _next_round(conn: Connection, row: Row[Any], side: Side, found: list[Found])
         )
     )
     links_mod.verify_due(conn, row.peer)
+    return []
 
 
 def _bound(value: Any) -> Key | None:
@@ -341,42 +342,43 @@ def answered(conn: Connection, peer: str, answer: VerifyAnswer) -> list[Note]:
     if answer.error is not None:
         _fail(conn, row, f"{peer} cannot answer: {answer.error}")
         return [("verify-failed", f"verification #{row.id} of {row.tbl} at {peer}: {answer.error}")]
+    try:
+        with conn.begin_nested():  # what fails leaves nothing half-written
+            return _advance(conn, row, peer, answer)
+    except Refused as exc:
+        why = f"answer to round {answer.round} refused: {exc}"
+    except (MailsyncError, SQLAlchemyError, ValueError, TypeError, ArithmeticError) as exc:
+        why = f"cannot go on: {first_line(exc)}"
+    _fail(conn, row, why)
+    return [("verify-failed", f"verification #{row.id} of {row.tbl} at {peer}: {why}")]
+
+
+def _advance(conn: Connection, row: Row[Any], peer: str, answer: VerifyAnswer) -> list[Note]:
+    """Compare the answer, then ask the next round, or finish."""
     side = _side(conn, peer, row.tbl)
     found = [
         Found(parse_key("verify", f["key"]), f["host"], f["station"])
         for f in json.loads(row.found or "[]")
     ]
     todo = [(_bound(lo), _bound(hi)) for lo, hi in json.loads(row.todo or "[]")]
-    try:
-        compared = _compare(side, json.loads(row.expect or "[]"), answer.items, todo, found)
-    except Refused as exc:
-        _fail(conn, row, f"answer to round {answer.round} refused: {exc}")
-        return [("verify-failed", f"verification #{row.id} of {row.tbl} at {peer}: {exc}")]
-    counts = {"rows_compared": row.rows_compared + compared, "differing": len(found)}
-    conn.execute(update(verifications).where(verifications.c.id == row.id).values(**counts))
+    compared = _compare(side, json.loads(row.expect or "[]"), answer.items, todo, found)
     if len(found) > MAX_FOUND or len(todo) > MAX_TODO:
-        _fail(
-            conn,
-            row,
+        raise Refused(
             f"more than {MAX_FOUND:,} rows differ: send the table again "
-            f"(`mailsync reload --station {peer} --table {row.tbl}`)",
+            f"(`mailsync reload --station {peer} --table {row.tbl}`)"
         )
-        return [
-            (
-                "verify-failed",
-                f"verification #{row.id} of {row.tbl} at {peer}: too many rows differ",
-            )
-        ]
+    conn.execute(
+        update(verifications)
+        .where(verifications.c.id == row.id)
+        .values(
+            rows_compared=row.rows_compared + compared,
+            differing=len(found),
+            todo=json.dumps([[wire_key(lo), wire_key(hi)] for lo, hi in todo]),
+        )
+    )
     row = conn.execute(select(verifications).where(verifications.c.id == row.id)).one()
     if todo:
-        conn.execute(
-            update(verifications)
-            .where(verifications.c.id == row.id)
-            .values(todo=json.dumps([[wire_key(lo), wire_key(hi)] for lo, hi in todo]))
-        )
-        row = conn.execute(select(verifications).where(verifications.c.id == row.id)).one()
-        _next_round(conn, row, side, found)
-        return []
+        return _next_round(conn, row, side, found)
     return _finish(conn, row, found)
 
 

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import link as links_mod
-from mailsync.errors import MailsyncError
+from mailsync.errors import MailsyncError, first_line
 from mailsync.storage import key_to_storage
 from mailsync.store.changelog import key_filter
 from mailsync.store.reflection import reflect
@@ -44,12 +45,15 @@ def asked(conn: Connection, host: str, request: VerifyRequest) -> list[Note]:
     answer waits for our next build. A repair's keys are logged as our own
     changes, so that build sends their rows (or deletes) up."""
     try:
-        side = Side(conn, request.table)
-        items = _answer(side, request)
-        touched = _touch(conn, side, request.resend) if request.resend else 0
+        with conn.begin_nested():  # what fails leaves nothing half-written
+            side = Side(conn, request.table)
+            items = _answer(side, request)
+            touched = _touch(conn, side, request.resend) if request.resend else 0
         answer = VerifyAnswer(request.vid, request.table, request.round, tuple(items))
-    except MailsyncError as exc:
-        answer = VerifyAnswer(request.vid, request.table, request.round, (), str(exc)[:1000])
+    except (MailsyncError, SQLAlchemyError, ValueError, TypeError, ArithmeticError) as exc:
+        # the host hears why, rather than wait: the link is not held for it
+        why = str(exc) if isinstance(exc, MailsyncError) else first_line(exc)
+        answer = VerifyAnswer(request.vid, request.table, request.round, (), why[:1000])
         touched = 0
     stamp = now()
     record = {
