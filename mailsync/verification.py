@@ -331,7 +331,12 @@ def answered(conn: Connection, peer: str, answer: VerifyAnswer) -> list[Note]:
                 "not its own",
             )
         ]
-    if row.state != RUNNING or row.rounds != answer.round or row.sent_seq is None:
+    if (
+        row.state != RUNNING
+        or row.rounds != answer.round
+        or row.sent_seq is None
+        or answer.table != row.tbl
+    ):
         return [
             (
                 "verify-refused",

@@ -449,3 +449,81 @@ def test_wait_runs_cycles_until_the_end_or_the_deadline(tmp_path: Path) -> None:
         assert FAN_OUT == 16  # what the rounds above were cut by
     finally:
         c.close()
+
+
+def test_a_forged_answer_by_mail_is_refused_and_logged(tmp_path: Path) -> None:
+    """berlin (buggy or stolen) sends, sealed and in sequence, an answer to
+    koeln's verification: the host refuses it and says so in its log;
+    koeln's own answer still counts."""
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln", "berlin"))
+    try:
+        c.host.add_rule("customers", down="IUD", up="")
+        c.execute("hq", customers.insert(), [customer(i) for i in range(1, 51)])
+        c.converge()
+        v, row = _started(c)
+        forged = VerifyAnswer(row["vid"], "customers", 1, (("r", ()),))
+        from mailsync import link as links_mod
+
+        with c.engines["berlin"].begin() as conn:
+            conn.execute(
+                verifications.insert().values(
+                    vid=row["vid"],
+                    side="station",
+                    peer="hq",
+                    tbl="customers",
+                    state="running",
+                    started_at=dt.datetime.now(dt.UTC),
+                    updated_at=dt.datetime.now(dt.UTC),
+                    outgoing=json.dumps([forged.KIND, forged.payload()]),
+                )
+            )
+            links_mod.verify_due(conn, "hq")
+        c.sync("berlin", "hq")
+        refused = [m for e, m in logged(c) if e == "verify-refused"]
+        assert (
+            len(refused) == 1
+            and "berlin answered the verification of customers at koeln" in refused[0]
+        )
+        assert c.host.verifications_of([v.id])[0].state == "running"
+        (done,) = run_until_finished(c, [v])
+        assert (done.state, done.rows_compared, done.differing) == ("done", 50, 0)
+    finally:
+        c.close()
+
+
+def test_a_station_without_the_table_says_so(tmp_path: Path) -> None:
+    """A station that cannot answer (its table is gone) answers with why;
+    the verification fails with it, and the host does not wait."""
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", ("koeln",))
+    try:
+        c.host.add_rule("customers", down="IUD", up="")
+        c.execute("hq", customers.insert(), [customer(i) for i in range(1, 11)])
+        c.converge()
+        v, row = _started(c)
+        request = VerifyRequest(row["vid"], "customers", 1, (("r", None, None),))
+        engine = c.engines["koeln"]
+        with engine.connect() as conn:
+            tx = conn.begin()  # SQLite's DDL rolls back: the table is gone only here
+            conn.execute(text("ALTER TABLE customers RENAME TO customers_away"))
+            assert verify_answer.asked(conn, "hq", request) == []
+            (outgoing,) = conn.execute(select(verifications.c.outgoing)).scalars()
+            tx.rollback()
+        kind, payload = json.loads(outgoing)
+        answer = parse_sequenced(kind, payload)
+        assert isinstance(answer, VerifyAnswer) and answer.error is not None
+        assert "customers" in answer.error and "does not exist" in answer.error
+        (note,) = _answer(c, "koeln", answer)
+        assert note[0] == "verify-failed" and "'customers' does not exist" in note[1]
+        failed = c.host.verifications_of([v.id])[0]
+        assert failed.state == "failed" and (failed.error or "").startswith("koeln cannot answer")
+    finally:
+        c.close()
+
+
+def test_who_repairs_follows_the_direction_and_the_policy() -> None:
+    from mailsync.rules import Rule
+
+    assert verification.owner(Rule("t", "*", "IUD", "")) == "host"
+    assert verification.owner(Rule("t", "*", "", "IU")) == "station"
+    assert verification.owner(Rule("t", "*", "IUD", "IUD")) == "host"
+    assert verification.owner(Rule("t", "*", "IUD", "IUD", conflict="remote-wins")) == "station"
