@@ -44,9 +44,11 @@ def _show(found: list[Verification], as_json: bool) -> None:
 
 def verify(
     ctx: typer.Context,
-    station: str | None = typer.Option(None, "--station", help="Only this station [default: all]."),
+    station: str | None = typer.Option(
+        None, "--station", help="Only this station (default: every station)."
+    ),
     table: str | None = typer.Option(
-        None, "--table", help="Only this table [default: every table that travels]."
+        None, "--table", help="Only this table (default: every table that travels)."
     ),
     repair: bool = typer.Option(
         False, "--repair", help="Send the differing rows again from the side that owns them."
@@ -56,7 +58,7 @@ def verify(
         "--wait",
         metavar="SECONDS",
         min=0,
-        help="Run sync cycles until the verifications end, at most this long [default: return].",
+        help="Run sync cycles until the verifications end, at most so long (0: start, return).",
     ),
     every: float = typer.Option(
         EVERY, "--every", metavar="SECONDS", min=0, help="Seconds between cycles while waiting."
