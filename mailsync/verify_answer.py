@@ -24,7 +24,8 @@ from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import link as links_mod
-from mailsync.errors import MailsyncError, first_line
+from mailsync.errors import MailsyncError, RuleError, first_line
+from mailsync.rules import effective_rules
 from mailsync.storage import key_to_storage
 from mailsync.store.changelog import key_filter
 from mailsync.store.reflection import reflect
@@ -46,6 +47,9 @@ def asked(conn: Connection, host: str, request: VerifyRequest) -> list[Note]:
     changes, so that build sends their rows (or deletes) up."""
     try:
         with conn.begin_nested():  # what fails leaves nothing half-written
+            if request.table not in effective_rules(conn, None):
+                # nothing is told about a table that does not travel
+                raise RuleError(f"table {request.table!r} is not synced here")
             side = Side(conn, request.table)
             items = _answer(side, request)
             touched = _touch(conn, side, request.resend) if request.resend else 0

@@ -512,6 +512,15 @@ def test_a_station_without_the_table_says_so(tmp_path: Path) -> None:
         answer = parse_sequenced(kind, payload)
         assert isinstance(answer, VerifyAnswer) and answer.error is not None
         assert "customers" in answer.error and "does not exist" in answer.error
+        # a table the station has but does not sync is nobody's business
+        private = VerifyRequest("0123456789abcdef", "orders", 1, (("r", None, None),))
+        with engine.begin() as conn:
+            verify_answer.asked(conn, "hq", private)
+            told = conn.execute(
+                select(verifications.c.outgoing).where(verifications.c.tbl == "orders")
+            ).scalar_one()
+        assert json.loads(told)[1]["error"] == "table 'orders' is not synced here"
+        assert json.loads(told)[1]["items"] == []
         (note,) = _answer(c, "koeln", answer)
         assert note[0] == "verify-failed" and "'customers' does not exist" in note[1]
         failed = c.host.verifications_of([v.id])[0]
