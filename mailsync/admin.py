@@ -71,6 +71,14 @@ def _require_host(site: Site, what: str) -> None:
         )
 
 
+def _verifies(site: Site) -> None:
+    if site.config.role != "host":
+        raise ConfigError(
+            f"`mailsync verify` runs on the host; {site.config.node_id!r} is a remote "
+            "(the host asks it by mail)"
+        )
+
+
 def _scope(station: str | None) -> str:
     return station or "all stations"
 
@@ -196,7 +204,7 @@ def verify(
     is a mistake: an unknown station or table, a table that does not travel
     to or from the station, a station whose link is held (its answers would
     not apply)."""
-    _require_host(site, "a verification")
+    _verifies(site)
     with site.engine.begin() as conn:
         names = [station] if station is not None else [s.id for s in rules_mod.list_stations(conn)]
         if not names:
@@ -237,7 +245,7 @@ def verifications(
     site: Site, station: str | None = None, table: str | None = None
 ) -> list[Verification]:
     """The last verification of each station and table (the host's)."""
-    _require_host(site, "a verification")
+    _verifies(site)
     with site.engine.connect() as conn:
         return verification.latest(conn, station, table)
 
