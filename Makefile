@@ -51,12 +51,14 @@ bench: $(STAMP)
 	$(PY) bench/cycle_cost.py --output docs/benchmarks.md
 	$(PY) bench/streaming_memory.py
 	$(PY) bench/compression_levels.py
+	$(PY) bench/verify.py
 
 ## the benchmarks' quick mode, once per `make test`, so that they never rot
 bench-quick: $(STAMP)
 	$(PY) bench/pipeline.py --quick > /dev/null
 	$(PY) bench/cycle_cost.py --quick > /dev/null
 	$(PY) bench/streaming_memory.py --quick > /dev/null
+	$(PY) bench/verify.py --quick > /dev/null
 
 clean:
 	rm -rf $(VENV) mailsync-demo dist build .pytest_cache .mypy_cache .ruff_cache

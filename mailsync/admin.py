@@ -21,13 +21,14 @@ conflict id) raises before any change too, so it changes nothing.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import Connection, Engine
 
-from mailsync import inbox, standing, table_requests, trust
+from mailsync import inbox, standing, table_requests, trust, verification
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
 from mailsync.apply import ParkedRow, list_parked, retry_parked_row
@@ -38,7 +39,7 @@ from mailsync.conflicts import Conflict
 from mailsync.conflicts import drop_conflicts as drop_conflict_records
 from mailsync.conflicts import list_conflicts as read_conflicts
 from mailsync.enroll import Bundle
-from mailsync.errors import ConfigError
+from mailsync.errors import ConfigError, RuleError
 from mailsync.inbox import Buffered
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey
@@ -47,6 +48,7 @@ from mailsync.ranges.exchange import retire_station
 from mailsync.ranges.model import Lease, RangeDef, RangeSpec, get_range, list_leases
 from mailsync.ranges.model import list_ranges as read_ranges
 from mailsync.store.tables import ALL_STATIONS
+from mailsync.verification import Verification
 from mailsync.wire.envelope import Codec, Header
 
 
@@ -74,6 +76,14 @@ def _require_host(site: Site, what: str) -> None:
         raise ConfigError(
             f"{what} is defined on the host; {site.config.node_id!r} is a remote "
             "(it receives its rules from the host)"
+        )
+
+
+def _verifies(site: Site) -> None:
+    if site.config.role != "host":
+        raise ConfigError(
+            f"`mailsync verify` runs on the host; {site.config.node_id!r} is a remote "
+            "(the host asks it by mail)"
         )
 
 
@@ -189,6 +199,90 @@ def reload_station(
             peer=station_id,
         )
     return wanted
+
+
+def verify(
+    site: Site, station: str | None = None, table: str | None = None, *, repair: bool = False
+) -> list[Verification]:
+    """Start verifying ``table`` (default: every table that travels) at
+    ``station`` (default: every station): the rounds go by mail with the
+    following syncs (:mod:`mailsync.verification`); ``repair`` sends the
+    differing rows again once they are named. Nothing starts if any pair
+    is a mistake: an unknown station or table, a table that does not travel
+    to or from the station, a station whose link is held (its answers would
+    not apply)."""
+    _verifies(site)
+    with site.engine.begin() as conn:
+        names = [station] if station is not None else [s.id for s in rules_mod.list_stations(conn)]
+        if not names:
+            raise RuleError("no station is defined: nothing to verify")
+        pairs: list[tuple[str, str]] = []
+        for name in names:
+            rules_mod.get_station(conn, name)
+            effective = {
+                t: r for t, r in rules_mod.effective_rules(conn, name).items() if r.down or r.up
+            }
+            if table is not None and table not in effective:
+                raise RuleError(
+                    f"table {table!r} does not travel to or from {name}: nothing to verify",
+                    hint=f"`mailsync station show {name}` lists its tables",
+                )
+            link = links_mod.get(conn, name)
+            if link is not None and link.held is not None:
+                raise RuleError(
+                    f"station {name}'s link is held ({link.held}): its answers would not apply",
+                    hint="`mailsync status` says why; fix that first, then verify",
+                )
+            pairs += [(name, t) for t in sorted(effective) if table is None or t == table]
+        if not pairs:
+            raise RuleError(f"no table travels to or from {_scope(station)}: nothing to verify")
+        started = [verification.start(conn, s, t, repair=repair) for s, t in pairs]
+        for v in started:
+            site.journal.info(
+                "verify",
+                f"verification #{v.id} of {v.table} at {v.station} started"
+                + (" (with repair)" if repair else ""),
+                conn=conn,
+                peer=v.station,
+            )
+    return started
+
+
+def verifications(
+    site: Site, station: str | None = None, table: str | None = None
+) -> list[Verification]:
+    """The last verification of each station and table (the host's)."""
+    _verifies(site)
+    with site.engine.connect() as conn:
+        return verification.latest(conn, station, table)
+
+
+def verifications_of(site: Site, ids: Iterable[int]) -> list[Verification]:
+    with site.engine.connect() as conn:
+        return [verification.get(conn, i) for i in ids]
+
+
+def wait_verified(
+    site: Site,
+    ids: list[int],
+    cycle: Callable[[], object],
+    seconds: float,
+    every: float,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[Verification]:
+    """Run ``cycle`` (a sync) every ``every`` seconds until the verifications
+    ``ids`` are finished or ``seconds`` have passed; their state then (some
+    may still run: the station has not answered yet)."""
+    deadline = clock() + seconds
+    while True:
+        cycle()
+        found = verifications_of(site, ids)
+        left = deadline - clock()
+        if all(v.finished for v in found) or left <= 0:
+            return found
+        sleep(min(every, left))
 
 
 def list_stations(site: Site) -> list[rules_mod.Station]:

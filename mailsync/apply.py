@@ -62,6 +62,7 @@ from mailsync.wire.envelope import Header
 from mailsync.wire.limits import DEFAULT_LIMITS
 from mailsync.wire.rowinfo import RowInfo
 from mailsync.wire.station_controls import parse_sequenced as parse_served
+from mailsync.wire.verify_controls import VerifyAnswer, VerifyRequest
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Applied:
     tables_differing: dict[str, list[str]] = field(default_factory=dict)
     #: station: the host acted on our own reload request (what it asked for)
     served: str | None = None
+    #: ``mailsync verify`` rounds and answers it carried, acted on by the
+    #: cycle before the transaction commits (:mod:`mailsync.cycle.verify`)
+    verify: list[VerifyRequest | VerifyAnswer] = field(default_factory=list)
 
 
 class Deferred(Exception):
@@ -358,6 +362,8 @@ def apply_buffered(
                         answer = parse_served(record.kind, record.payload)
                         if answer is not None:
                             result.served = table_requests.served(conn, peer, answer.request)
+                    elif isinstance(control, VerifyRequest | VerifyAnswer):
+                        result.verify.append(control)  # after the rows
                     continue
                 if isinstance(record, TableDef):
                     table_name = record.name

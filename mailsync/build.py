@@ -40,14 +40,20 @@ from sqlalchemy import (
     update,
 )
 
-from mailsync import conflict_notes, provision
+from mailsync import conflict_notes, provision, verification
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
 from mailsync import since as since_mod
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
-from mailsync.storage import key_typers, raw_select_columns, tag_for, wire_functions
+from mailsync.storage import (
+    key_to_storage,
+    key_typers,
+    raw_select_columns,
+    tag_for,
+    wire_functions,
+)
 from mailsync.store.changelog import first_changes, key_filter, logged_key, stored_key_filter
 from mailsync.store.engine import transaction
 from mailsync.store.reflection import dependency_order, reflect
@@ -101,6 +107,9 @@ class LinkPlan:
     served: str | None = None
     #: this run builds only these tables (``sync --table``); None: every one
     only_tables: frozenset[str] | None = None
+    #: a verification has a round, an answer or a keyed resend for the peer
+    #: (:mod:`mailsync.verification`)
+    verify_due: bool = False
 
     @property
     def carries_controls(self) -> bool:
@@ -115,6 +124,7 @@ class LinkPlan:
             or self.resend_all
             or self.since_loads
             or self.served
+            or self.verify_due
         )
 
     def ops(self, table: str) -> str:
@@ -346,6 +356,42 @@ class _Builder:
             self.write(name, "I", inserts)
             self.write(name, "U", updates, changed)
 
+    def keyed(self, name: str, keys: list[tuple[Any, ...]]) -> None:
+        """The rows of ``keys`` (Python values) as they are now, for this
+        peer alone (a verification's repair): a row in scope as an update
+        (an upsert where the rule sends inserts), a key with no row here or
+        one outside the scope as a tombstone where the rule sends deletes."""
+        table = self.table(name)
+        ops = self.plan.ops(name)
+        columns = list(table.columns)
+        at = [columns.index(c) for c in table.primary_key.columns]
+        typers = key_typers(table, self.engine.dialect)
+        to_storage = key_to_storage(table, self.engine.dialect)
+        for start in range(0, len(keys), self.batch):
+            chunk = keys[start : start + self.batch]
+            rows = self.conn.execute(
+                self.scoped_select(table, name).where(key_filter(table, chunk))
+            ).all()
+            found = {_key_of(r, at, typers): r for r in rows}
+            if "U" in ops or "I" in ops:
+                self.write(
+                    name, "U", [r for k in chunk if (r := found.get(k)) is not None and r[-1]]
+                )
+            gone = [k for k in chunk if (r := found.get(k)) is None or not r[-1]]
+            if gone and "D" in ops:
+                self.tdef(name)
+                self.deletes.add(
+                    name,
+                    [
+                        tuple(
+                            v if f is None or v is None else f(v)
+                            for f, v in zip(to_storage, k, strict=True)
+                        )
+                        for k in gone
+                    ],
+                    [None] * len(gone),  # a repair's deletes: no capture time
+                )
+
 
 def _key_of(row: Row[Any], at: list[int], typers: list[Any]) -> tuple[Any, ...]:
     """A raw row's key in the values the change log's keys are read in."""
@@ -508,6 +554,9 @@ def build_for_link(
         if plan.served is not None:
             writer.control(RequestServed.KIND, RequestServed(plan.served).payload())
             links_mod.request_told(conn, plan.peer)
+        verifying = verification.due(conn, plan.peer) if plan.verify_due else None
+        for kind, payload in verifying.controls if verifying else ():
+            writer.control(kind, payload)
         names = [n for n in plan.rules if plan.builds(n)]
         ordered = dependency_order(conn, names) if names else []
         for name in ordered:
@@ -521,6 +570,8 @@ def build_for_link(
             elif name in plan.since_loads:
                 builder.since_load(name, *plan.since_loads[name])
             builder.changes(name, horizon, cursor, loaded=loaded)
+            if verifying and name in verifying.resends:
+                builder.keyed(name, verifying.resends[name])
         if plan.since_loads:
             conn.execute(
                 update(loads)
@@ -537,6 +588,8 @@ def build_for_link(
                 writer.rows(builder.tdef(name), "D", chunk)
         rules_hash = plan.rules_hash if plan.send_rules else None
         if writer.summary.records <= 1:
+            if verifying is not None:
+                verification.sent(conn, plan.peer, None, verifying)
             links_mod.nothing_built(conn, plan.peer, upto, rules_hash)
             # nothing of ours up to here goes to this peer: its changesets
             # need not be tested against it (and the purge may drop it)
@@ -566,6 +619,8 @@ def build_for_link(
             resent_all=plan.resend_all,
         )
         dicts_mod.after_build(conn, codec, dicts, seq)
+        if verifying is not None:
+            verification.sent(conn, plan.peer, seq, verifying)
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
         conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))

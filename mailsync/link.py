@@ -24,6 +24,7 @@ place:
 - :func:`paused` / :func:`resumed` / :func:`standing_told` — an admin
   disabled or enabled the station, and it was told by mail;
   :func:`table_request_taken` — its own reload request was acted on
+- :func:`verify_due` — a verification waits for the next build to the peer
 
 What is buffered from the peer is :mod:`mailsync.inbox`'s.
 """
@@ -94,6 +95,8 @@ class Link:
     #: host: we went back; the station must report before it gets a block
     report_due: bool
     notice_sent_at: dt.datetime | None
+    #: a verification has a request, an answer or a resend for the next build
+    verify_due: bool = False
     #: host: the station is disabled since then (nothing goes to it, what
     #: it sends is held); the standing it is yet to be told by mail
     paused_at: dt.datetime | None = None
@@ -313,6 +316,12 @@ def built(
     if resent_all:
         values.update(resend_all=False, resent_seq=seq)
     conn.execute(update(links).where(links.c.peer == peer).values(**values))
+
+
+def verify_due(conn: Connection, peer: str, due: bool = True) -> None:
+    """A verification has something for the next build to the peer (or,
+    ``due`` False, that build carried all of it: :mod:`mailsync.verification`)."""
+    conn.execute(update(links).where(links.c.peer == peer).values(verify_due=due))
 
 
 def applied(conn: Connection, peer: str, seq: int, cid: str, *, reloaded: bool) -> None:

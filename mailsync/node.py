@@ -252,6 +252,9 @@ class Node:
     request_reload = admin_stations.request_reload
     disable_station = admin_stations.disable_station
     enable_station = admin_stations.enable_station
+    verify = admin.verify
+    verifications = admin.verifications
+    verifications_of = admin.verifications_of
     stations = admin.list_stations
     station = admin.show_station
     add_rule = admin.add_rule

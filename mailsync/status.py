@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, case, distinct, func, or_, select
 
-from mailsync import capture, standing, table_requests
+from mailsync import capture, standing, table_requests, verification
 from mailsync import rules as rules_mod
 from mailsync.config import NodeConfig, Role
 from mailsync.inbox import held_parts, missing_parts, missing_sequences, quarantined_counts
@@ -30,6 +30,7 @@ from mailsync.store.tables import (
     outbox,
     parked,
 )
+from mailsync.verification import Verification
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class Status:
     standing: str | None = None
     #: station: our own reload request, still waiting for the host's answer
     reload_asked: str | None = None
+    #: host: the last verification of each station and table (`mailsync verify`)
+    verifications: list[Verification] = field(default_factory=list)
 
 
 def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
@@ -170,6 +173,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         restored = _restored(conn, result)
         told = standing.read(get_meta(conn, standing.META_KEY))
         asked = table_requests.pending(conn)
+        verified = verification.latest(conn) if is_host else []
         since = now() - dt.timedelta(days=config.log_retention_days)
         counts: dict[str, int] = dict(
             conn.execute(
@@ -212,6 +216,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
         restored=restored,
         standing=None if told is None else told.line(),
         reload_asked=None if asked is None else table_requests.waiting(asked),
+        verifications=verified,
     )
 
 

@@ -107,6 +107,16 @@ def key_typers(table: Table, dialect: SADialect) -> list[Fn | None]:
     return [_result_processor(c, dialect) for c in table.primary_key.columns]
 
 
+def key_to_storage(table: Table, dialect: SADialect) -> list[Fn | None]:
+    """Per key column: a Python value → its storage form, as a build reads
+    it raw and sends it (SQLite: the value it stores; elsewhere made
+    msgpack-native). For a key no row holds any more: a keyed tombstone."""
+    pk = list(table.primary_key.columns)
+    if dialect.name == "sqlite":
+        return [_bind_processor(c, dialect) for c in pk]
+    return [to_wire(tag_for(c.type)) for c in pk]
+
+
 def _result_processor(column: Column[Any], dialect: SADialect) -> Fn | None:
     return column.type._cached_result_processor(dialect, None)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import hashlib
-import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +61,27 @@ BATCH = 2000
 Key = tuple[Any, ...]
 
 
+def _decimal(value: decimal.Decimal) -> str:
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
+
+
+def _datetime(value: dt.datetime) -> str:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value.isoformat(sep=" ")
+
+
+#: per type, its canonical ``{tag: text}``: the tag and how the text is made
+_TAGGED: dict[type, tuple[str, Any]] = {
+    float: ("f", repr),
+    dt.datetime: ("t", _datetime),
+    dt.date: ("d", dt.date.isoformat),
+    dt.time: ("h", lambda v: v.replace(tzinfo=None).isoformat()),
+    bytes: ("b", bytes.hex),
+}
+
+
 def canonical(value: Any) -> Any:
     """A value as both dialects' types agree on it (JSON-able)."""
     if value is None or isinstance(value, str):
@@ -71,30 +91,79 @@ def canonical(value: Any) -> Any:
     if isinstance(value, int):
         return value
     if isinstance(value, decimal.Decimal):
-        if not value.is_finite():
-            return str(value)
-        text = format(value.normalize(), "f")
-        return {"n": "0" if text in ("-0", "0") else text}
-    if isinstance(value, float):
-        return {"f": repr(value)}
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(dt.UTC).replace(tzinfo=None)
-        return {"t": value.isoformat(sep=" ")}
-    if isinstance(value, dt.date):
-        return {"d": value.isoformat()}
-    if isinstance(value, dt.time):
-        return {"h": value.replace(tzinfo=None).isoformat()}
-    if isinstance(value, bytes | bytearray | memoryview):
+        return {"n": _decimal(value)} if value.is_finite() else str(value)
+    for kind, (tag, text) in _TAGGED.items():
+        if isinstance(value, kind):
+            return {tag: text(value)}
+    if isinstance(value, bytearray | memoryview):
         return {"b": bytes(value).hex()}
     if isinstance(value, uuid.UUID):
         return str(value)
     return {"s": str(value)}
 
 
+def key_value(value: Any) -> Any:
+    """A canonical value as a key holds it: hashable (a ``{tag: text}``
+    map becomes a ``(tag, text)`` pair; a key travels so)."""
+    if isinstance(value, dict):
+        ((tag, text),) = value.items()
+        return (tag, text)
+    return value
+
+
+def _text(value: str) -> str:
+    return f"s{len(value)}:{value}"
+
+
+def _number(value: int) -> str:
+    return f"i{int(value)}"
+
+
+def _amount(value: decimal.Decimal) -> str:
+    if not value.is_finite():
+        return _text(str(value))
+    text = _decimal(value)
+    return f"n{len(text)}:{text}"
+
+
+def _tagger(tag: str, make: Any) -> Any:
+    def encode(value: Any) -> str:
+        text = make(value)
+        return f"{tag}{len(text)}:{text}"
+
+    return encode
+
+
+#: the encodings of the common types, looked up by type (no isinstance
+#: chain per value: a verification hashes every row of a table); each is
+#: :func:`canonical`'s form as text
+_PLAIN: dict[type, Any] = {
+    type(None): lambda _: "N",
+    str: _text,
+    int: _number,
+    bool: _number,
+    decimal.Decimal: _amount,
+    **{kind: _tagger(tag, make) for kind, (tag, make) in _TAGGED.items()},
+}
+
+
+def _encoded(value: Any) -> str:
+    """One value's canonical form as unambiguous text (lengths before texts)."""
+    plain = _PLAIN.get(type(value))
+    if plain is not None:
+        return str(plain(value))
+    form = canonical(value)
+    if isinstance(form, dict):
+        ((tag, text),) = form.items()
+        return f"{tag}{len(text)}:{text}"
+    return str(_PLAIN[type(form)](form))
+
+
 def row_hash(values: Sequence[Any]) -> bytes:
-    encoded = json.dumps([canonical(v) for v in values], separators=(",", ":"), sort_keys=True)
-    return hashlib.sha256(encoded.encode()).digest()
+    """A row's hash from its values' canonical forms: equal values give
+    equal hashes on every dialect."""
+    encoded = "\x1f".join(map(_encoded, values))
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).digest()
 
 
 @dataclass(frozen=True)
@@ -156,8 +225,12 @@ class Side:
         """A canonical key back in the column types' Python values."""
         out = []
         for column, kind, value in zip(self.pk, self._key_types, key, strict=True):
-            out.append(literal(_from_canonical(value, kind), type_=column.type))
+            out.append(literal(from_canonical(value, kind), type_=column.type))
         return out
+
+    def python_key(self, key: Key) -> tuple[Any, ...]:
+        """A canonical key in the key columns' Python values."""
+        return tuple(from_canonical(v, kind) for kind, v in zip(self._key_types, key, strict=True))
 
     def _rows(self, span: Span) -> Iterator[tuple[Key, bytes]]:
         query = (
@@ -168,7 +241,7 @@ class Side:
         at = [list(self.table.columns).index(c) for c in self.pk]
         result = self.conn.execute(query, execution_options={"yield_per": BATCH})
         for row in result:
-            key = tuple(canonical(row[i]) for i in at)
+            key = tuple(key_value(canonical(row[i])) for i in at)
             yield key, row_hash(tuple(row))
 
     def count(self, span: Span) -> int:
@@ -229,9 +302,21 @@ def _has_python_type(column: Any) -> bool:
     return True
 
 
-def _from_canonical(value: Any, kind: type | None) -> Any:
+def _tagged(value: Any) -> tuple[str, str] | None:
+    """A canonical ``{tag: text}`` (or a key's ``(tag, text)``) apart."""
     if isinstance(value, dict):
-        (tag, text), *_ = value.items()
+        ((tag, text),) = value.items()
+        return str(tag), str(text)
+    if isinstance(value, tuple | list):
+        return str(value[0]), str(value[1])
+    return None
+
+
+def from_canonical(value: Any, kind: type | None) -> Any:
+    """A canonical key value back in its column's Python type."""
+    tagged = _tagged(value)
+    if tagged is not None:
+        tag, text = tagged
         if tag == "n":
             return decimal.Decimal(text)
         if tag == "f":
@@ -253,8 +338,9 @@ def _from_canonical(value: Any, kind: type | None) -> Any:
 def _sort_key(value: Any) -> Any:
     """Python's order of canonical key values, as the databases order them
     (text in code-point order = UTF-8 byte order; numbers numerically)."""
-    if isinstance(value, dict):
-        (tag, text), *_ = value.items()
+    tagged = _tagged(value)
+    if tagged is not None:
+        tag, text = tagged
         if tag == "n":
             return decimal.Decimal(text)
         if tag == "f":
@@ -265,6 +351,11 @@ def _sort_key(value: Any) -> Any:
 
 def _order(key: Key) -> tuple[Any, ...]:
     return tuple(_sort_key(v) for v in key)
+
+
+def key_order(key: Key) -> tuple[Any, ...]:
+    """A key's place in the order both databases read rows in."""
+    return _order(key)
 
 
 def _before(key: Key, bound: Key) -> bool:

@@ -116,6 +116,8 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
         ("mailsync_loads", "since_column"),
         ("mailsync_loads", "since"),
     ),
+    # and mailsync_verifications, a new table
+    10: (("mailsync_links", "verify_due"),),
 }
 
 

@@ -427,6 +427,7 @@ def test_every_command_has_help(site: Path) -> None:
         ("serve",),
         ("schedule",),
         ("log",),
+        ("verify",),
     ):
         out = mailsync(*args, "--help", cwd=site).stdout
         assert "Usage" in out, args

@@ -23,6 +23,7 @@ from mailsync.cli import (
     node_cmds,
     range_cmds,
     service_cmds,
+    verify_cmd,
 )
 from mailsync.cli.common import LazyConsole, State, escape
 from mailsync.errors import INTERRUPTED, MailsyncError
@@ -85,6 +86,7 @@ errors_cmds.register(app)
 inbox_cmds.register(app)
 conflicts_cmds.register(app)
 demo_cmd.register(app)
+verify_cmd.register(app)
 
 
 class _Interrupted(BaseException):

@@ -18,6 +18,7 @@ from mailsync.store.tables import now
 
 if TYPE_CHECKING:
     from mailsync.service import ServiceState
+    from mailsync.verification import Verification
 
 
 class RoleChoice(StrEnum):
@@ -311,11 +312,25 @@ def status(
             f"{retention} day(s): the rules do not send them, a peer's version replaced "
             "them (`mailsync log`)"
         )
+    for v in st.verifications:
+        console.print(_verified(v))
     if st.parked:
         console.print(
             f"[bold red]{st.parked} row(s) could not be applied and are parked[/]: "
             "`mailsync errors list`, then `errors retry` or `errors drop`"
         )
+
+
+def _verified(v: Verification) -> str:
+    """One line per station and table: its last verification."""
+    head = f"verify {escape(v.station)} {escape(v.table)} #{v.id} ({when(v.started_at)}): "
+    found = f"{v.rows_compared:,} rows equal, {v.differing} differ"
+    if v.state == "failed":
+        return head + f"[bold red]failed[/]: {escape(v.error or '')}"
+    if not v.finished:
+        return head + f"{v.state}, round {v.rounds} (waiting for the mail)"
+    colour = "green" if v.differing == 0 else "bold yellow"
+    return head + f"[{colour}]{v.state}[/] {when(v.finished_at)}: {found}"
 
 
 def _missing(seqs: tuple[int, ...], parts: tuple[tuple[int, int], ...]) -> str:

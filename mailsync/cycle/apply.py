@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from mailsync import dictionaries, faults, inbox
 from mailsync import link as links_mod
 from mailsync.apply import Applied, Deferred, Opener, apply_buffered
+from mailsync.cycle import verify
 from mailsync.cycle.contain import contained, describe
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
@@ -242,6 +243,7 @@ def _opener(ctx: CycleContext, peer: str, seq: int, parts: int) -> Opener:
 
 
 def _log_applied(ctx: CycleContext, applied: Applied, conn: Connection) -> None:
+    verify.on_applied(ctx, conn, applied)  # its rounds, after the rows
     peer, seq, journal = applied.peer, applied.seq, ctx.journal
     journal.info(
         "applied",

@@ -129,6 +129,7 @@ class Role:
                         announce_key=announce,
                         resend_all=link.resend_all,
                         rebase=link.rebase,
+                        verify_due=link.verify_due,
                     )
                 )
                 continue
@@ -153,6 +154,7 @@ class Role:
                     paused=link.paused_at is not None,
                     since_loads=resend,
                     served=None if link.request_told else link.table_request,
+                    verify_due=link.verify_due,
                 )
             )
         return out

@@ -38,7 +38,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -125,13 +125,16 @@ links = Table(
     Column("report_due", Boolean, nullable=False, default=False),
     Column("notice_sent_at", _Time),
     # host: the station is disabled (nothing goes to it, what it sends is
-    # held) since when; the standing it is yet to be told by mail (v8)
+    # held) since when; the standing it is yet to be told by mail (v9)
     Column("paused_at", _Time),
     Column("standing_due", String(16)),
     # host: the id of the station's last own reload request acted on, and
-    # whether a changeset told the station so (v8)
+    # whether a changeset told the station so (v9)
     Column("table_request", String(32)),
     Column("request_told", Boolean, nullable=False, default=True),
+    # a verification has something for this peer: a request, an answer or
+    # a keyed resend waits for the next build (v10, mailsync/verification.py)
+    Column("verify_due", Boolean, nullable=False, default=False),
 )
 
 peer_keys = Table(
@@ -415,6 +418,34 @@ leases = Table(
     Index("mailsync_leases_of", "holder", "first"),  # a station's leases, every cycle
 )
 
+# ``mailsync verify`` (v8): on the host one row per verification of a table
+# at a station (its rounds, what it found, the repair); on a station one
+# row per verification the host asked for (the answer waiting to go).
+verifications = Table(
+    "mailsync_verifications",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("vid", String(32), nullable=False),  # the verification's name on the wire
+    Column("side", String(8), nullable=False),  # "host" (asks) or "station" (answers)
+    Column("peer", String(64), nullable=False),
+    Column("tbl", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("repair", Boolean, nullable=False, default=False),
+    Column("started_at", _Time, nullable=False),
+    Column("updated_at", _Time, nullable=False),
+    Column("finished_at", _Time),
+    Column("rounds", Integer, nullable=False, default=0),
+    Column("rows_compared", BigInteger, nullable=False, default=0),
+    Column("differing", Integer, nullable=False, default=0),
+    Column("outgoing", Text),  # JSON: what the next build carries for it
+    Column("sent_seq", BigInteger),  # the changeset that carried it
+    Column("expect", Text),  # JSON: the host's side of the round asked
+    Column("todo", Text),  # JSON: spans still to look at
+    Column("found", Text),  # JSON: the differing keys named so far
+    Column("error", Text),
+    Index("mailsync_verifications_of", "side", "peer", "tbl"),
+)
+
 # The one ``mailsync serve`` that runs this node: where, since when, and how
 # its last cycle went. A row whose heartbeat is stale is a service that died.
 service_table = Table(
@@ -536,6 +567,16 @@ def _stations_paused_told_and_partial_loads(conn: Connection) -> None:
     farewells.create(conn, checkfirst=True)
 
 
+def _v9_to_v10_verify(conn: Connection) -> None:
+    """``mailsync verify``: the verifications table, and a link's flag that
+    a verification has something for the next build."""
+    verifications.create(conn, checkfirst=True)
+    false = "false" if conn.dialect.name == "postgresql" else "0"
+    conn.exec_driver_sql(
+        f"ALTER TABLE mailsync_links ADD COLUMN verify_due BOOLEAN NOT NULL DEFAULT {false}"
+    )
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
@@ -546,6 +587,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     6: _v6_to_v7,
     7: _v7_to_v8_column_conflicts,
     8: _stations_paused_told_and_partial_loads,
+    9: _v9_to_v10_verify,
 }
 
 

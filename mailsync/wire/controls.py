@@ -30,7 +30,11 @@ Sequenced changesets (applied with the rows, in the same transaction):
 ``rules``     :class:`RulesUpdate`     a station's effective table rules
 ``reload``    :class:`FullLoad`        these tables follow in full: replace
 ``dict``      :class:`Dictionary`      a zstd dictionary for this link's bodies
+``verify?``   ``VerifyRequest``        a round of ``mailsync verify`` (host)
+``verify``    ``VerifyAnswer``         the station's answer to it
 ============  =======================  =====================================
+
+(the two ``verify`` kinds live in :mod:`mailsync.wire.verify_controls`)
 
 The wire keeps the name ``reload`` for both a request and a full load (older
 nodes read it so); which one is meant follows from whether the message is
@@ -46,6 +50,7 @@ from typing import Any
 from mailsync.errors import ConfigError, MessageError
 from mailsync.ranges.numformat import MAX_FORMAT, parse_format
 from mailsync.wire.envelope import MAX_WIRE_INT, dictionary_id
+from mailsync.wire.verify_controls import VerifyAnswer, VerifyRequest
 
 #: At most this many sequence numbers or parts are asked for in one request.
 MAX_RESEND_REQUEST = 10_000
@@ -542,7 +547,15 @@ class TableDefinitions:
         return cls(tuple(out))
 
 
-SequencedControl = KeyAnnouncement | RulesUpdate | FullLoad | Dictionary | TableDefinitions
+SequencedControl = (
+    KeyAnnouncement
+    | RulesUpdate
+    | FullLoad
+    | Dictionary
+    | TableDefinitions
+    | VerifyRequest
+    | VerifyAnswer
+)
 
 _SEQUENCED: dict[
     str,
@@ -550,8 +563,21 @@ _SEQUENCED: dict[
     | type[RulesUpdate]
     | type[FullLoad]
     | type[Dictionary]
-    | type[TableDefinitions],
-] = {c.KIND: c for c in (KeyAnnouncement, RulesUpdate, FullLoad, Dictionary, TableDefinitions)}
+    | type[TableDefinitions]
+    | type[VerifyRequest]
+    | type[VerifyAnswer],
+] = {
+    c.KIND: c
+    for c in (
+        KeyAnnouncement,
+        RulesUpdate,
+        FullLoad,
+        Dictionary,
+        TableDefinitions,
+        VerifyRequest,
+        VerifyAnswer,
+    )
+}
 
 
 def parse_sequenced(kind: str, payload: Any) -> SequencedControl | None:
