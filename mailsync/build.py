@@ -39,9 +39,10 @@ from sqlalchemy import (
     update,
 )
 
+from mailsync import definitions, provision
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
-from mailsync import provision
+from mailsync.definitions import Standing
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
@@ -85,6 +86,13 @@ class LinkPlan:
     #: our database went back: the peer may miss changesets we no longer
     #: hold, so this one applies on top of whatever it has (header base 0)
     rebase: bool = False
+    #: host: the station's tables against the host's definitions now
+    #: (columns added, breaking changes, resyncs: :mod:`mailsync.definitions`)
+    schema: Standing = field(default_factory=Standing)
+    #: a station that joined and has no rules yet (the host's first
+    #: changeset has not come): what it logs waits for them, its cursor
+    #: does not move (:mod:`mailsync.joined`)
+    waits_for_rules: bool = False
 
     @property
     def carries_controls(self) -> bool:
@@ -97,12 +105,13 @@ class LinkPlan:
             or self.initial_loads
             or self.reload
             or self.resend_all
+            or self.schema.anything
         )
 
     def ops(self, table: str) -> str:
         rule = self.rules.get(table)
-        if rule is None:
-            return ""
+        if rule is None or table in self.schema.stopped or table in self.schema.stopping:
+            return ""  # a table a breaking change stopped sends nothing
         return rule.down if self.direction == "down" else rule.up
 
     def row_filter(self, table: str) -> str | None:
@@ -377,8 +386,13 @@ def build_for_link(
     ):
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor
+        # where the cursor goes: the horizon, unless the changes wait for rules
+        moved = cursor if plan.waits_for_rules else max(cursor, horizon)
         bulk.read_as_text(conn)
-        loading = bool(plan.initial_loads or plan.reload or plan.resend_all)
+        # tables whose definition changed (columns added) or that the admin
+        # asked for afresh: definition, then every row again
+        fresh = [t for t in plan.schema.refresh if plan.ops(t) and t not in plan.initial_loads]
+        loading = bool(plan.initial_loads or plan.reload or plan.resend_all or fresh)
         dicts = (  # no rows may go (a station without up rules): no read
             dicts_mod.for_build(
                 conn, codec, plan.peer, acked=link.acked_seq, out_seq=link.out_seq, bulk=loading
@@ -394,19 +408,26 @@ def build_for_link(
         controls: list[SequencedControl] = []
         if plan.announce_key is not None:
             controls.append(KeyAnnouncement(plan.announce_key.token()))
+        if plan.send_rules:
+            # first: a station creates only tables its rules name
+            controls.append(RulesUpdate(tuple(r.to_wire() for r in plan.rules.values())))
         undescribed: dict[str, str] = {}
-        if plan.initial_loads and plan.direction == "down":
-            # first, so that a station lacking a table has it before its rule
-            # (whose capture needs it) and its rows
+        digests: dict[str, str] = {}
+        if (plan.initial_loads or fresh) and plan.direction == "down":
+            # before the rows, so that a station lacking a table has it
             defined, undescribed = provision.describe_each(
-                conn, plan.initial_loads, among=list(plan.rules)
+                conn, [*plan.initial_loads, *fresh], among=list(plan.rules)
             )
             if defined:
                 controls.append(TableDefinitions(tuple(defined)))
-        if plan.reload:
-            controls.append(FullLoad(tuple(plan.initial_loads)))
-        if plan.send_rules:
-            controls.append(RulesUpdate(tuple(r.to_wire() for r in plan.rules.values())))
+            digests = {str(d["table"]): definitions.remember(conn, d) for d in defined}
+        for table, key in plan.schema.baseline.items():
+            definitions.record(conn, plan.peer, table, key)
+        if plan.reload or fresh:
+            # a refresh is no restore: its changeset keeps its place in the
+            # sequence (base -1), only its tables are replaced
+            whole = tuple(plan.initial_loads) if plan.reload else ()
+            controls.append(FullLoad(whole + tuple(fresh)))
         if dicts.carry is not None:
             controls.append(dicts.carry)
         for control in controls:
@@ -417,7 +438,15 @@ def build_for_link(
             loaded = name in plan.initial_loads
             if loaded:
                 builder.initial_load(name)
-                conn.execute(loads.insert().values(station=plan.peer, tbl=name, loaded_at=now()))
+                conn.execute(
+                    loads.insert().values(
+                        station=plan.peer, tbl=name, loaded_at=now(), digest=digests.get(name)
+                    )
+                )
+            elif name in fresh:
+                builder.initial_load(name)
+                definitions.record(conn, plan.peer, name, digests.get(name))
+                loaded = True
             elif plan.resend_all and "I" in plan.ops(name):
                 builder.initial_load(name)
                 loaded = True
@@ -427,7 +456,7 @@ def build_for_link(
                 writer.rows(builder.tdef(name), "D", chunk)
         rules_hash = plan.rules_hash if plan.send_rules else None
         if writer.summary.records <= 1:
-            links_mod.nothing_built(conn, plan.peer, max(cursor, horizon), rules_hash)
+            links_mod.nothing_built(conn, plan.peer, moved, rules_hash)
             # nothing of ours up to here goes to this peer: its changesets
             # need not be tested against it (and the purge may drop it)
             latest = (
@@ -438,7 +467,7 @@ def build_for_link(
             conn.execute(
                 update(horizons)
                 .where(horizons.c.peer == plan.peer, horizons.c.seq == latest)
-                .values(horizon=max(cursor, horizon))
+                .values(horizon=moved)
             )
             return None
         summary = writer.close()
@@ -449,7 +478,7 @@ def build_for_link(
             conn,
             plan.peer,
             seq,
-            max(cursor, horizon),
+            moved,
             rules_hash=rules_hash,
             announced_key=plan.announce_key.key_id if plan.announce_key is not None else None,
             reload=plan.reload,
@@ -459,9 +488,7 @@ def build_for_link(
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
         conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))
-        conn.execute(
-            horizons.insert().values(peer=plan.peer, seq=seq, horizon=max(cursor, horizon))
-        )
+        conn.execute(horizons.insert().values(peer=plan.peer, seq=seq, horizon=moved))
         cid = secrets.token_hex(8)
         size = 0
         parts = spool.parts

@@ -19,8 +19,9 @@ from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import admin, restore, trust
+from mailsync import admin, joined, restore, trust
 from mailsync import link as links_mod
+from mailsync import rules as rules_mod
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -213,10 +214,17 @@ class Node:
             # the bundle told the host our key
             links_mod.key_told(conn, bundle.host_id, self.ring.current.public.key_id)
             trust.trust_key(conn, bundle.host_id, bundle.host_key)
+            # what this station changes before its rules come is not lost
+            captured = [] if rules_mod.all_rules(conn) else joined.capture_all(conn)
             self.journal.info(
                 "join",
                 f"joined host {bundle.host_id} <{bundle.host_address}>, "
-                f"host key {bundle.host_key.key_id}",
+                f"host key {bundle.host_key.key_id}"
+                + (
+                    f"; changes to {len(captured)} table(s) captured until the rules come"
+                    if captured
+                    else ""
+                ),
                 conn=conn,
             )
 
@@ -236,6 +244,7 @@ class Node:
     remove_station = admin.remove_station
     edit_station = admin.edit_station
     reload_station = admin.reload_station
+    resync_table = admin.resync_table
     stations = admin.list_stations
     station = admin.show_station
     add_rule = admin.add_rule

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, distinct, func, or_, select
 from mailsync import capture
 from mailsync import rules as rules_mod
 from mailsync.config import NodeConfig, Role
+from mailsync.definitions import TableVersion, versions
 from mailsync.inbox import held_parts, missing_parts, missing_sequences, quarantined_counts
 from mailsync.link import Link, all_links
 from mailsync.ranges.admin import usage
@@ -50,6 +51,9 @@ class LinkStatus:
     held_since: dt.datetime | None = None
     #: buffered changesets no longer tried by themselves (`mailsync inbox`)
     quarantined: int = 0
+    #: the definition of each table the station has (host: against the
+    #: host's table now; a station: as the host sent it)
+    tables: tuple[TableVersion, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
     with engine.begin() as conn:
         result = []
         quarantined = quarantined_counts(conn)
+        defined = versions(conn, is_host)
         for link in all_links(conn):
             routed = (
                 or_(changes.c.origin.is_(None), changes.c.origin != link.peer)
@@ -132,6 +137,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
                     held=link.held,
                     held_since=link.held_since,
                     quarantined=quarantined.get(link.peer, 0),
+                    tables=tuple(defined.get(link.peer, ())),
                 )
             )
         tables = sorted({r.table for r in rules_mod.all_rules(conn)})

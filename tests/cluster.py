@@ -98,6 +98,8 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
     # no column: two new tables (mailsync_dictionaries,
     # mailsync_dictionary_samples), which ensure_schema's create_all makes
     7: (),
+    # and a new table, mailsync_definitions
+    8: (("mailsync_loads", "digest"), ("mailsync_loads", "stopped")),
 }
 
 

@@ -14,9 +14,9 @@ from typing import Literal
 
 from sqlalchemy import Connection, Engine, event, select
 
+from mailsync import definitions, joined, trust
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
-from mailsync import trust
 from mailsync.build import LinkPlan
 from mailsync.config import NodeConfig
 from mailsync.cycle.snapshot import Snapshot
@@ -106,10 +106,10 @@ class Role:
         once for all of them."""
         if every is None:
             every = rules_mod.all_rules(conn)
-        loaded: dict[str, set[str]] = {}
+        watch = None
         if self.is_host:
-            for station, table in conn.execute(select(loads.c.station, loads.c.tbl)):
-                loaded.setdefault(station, set()).add(table)
+            read = select(loads.c.station, loads.c.tbl, loads.c.digest, loads.c.stopped)
+            watch = definitions.Watch(conn, conn.execute(read).all())
         out = []
         for link in links:
             announce = None if link.key_announced == mine.key_id else mine
@@ -124,11 +124,13 @@ class Role:
                         announce_key=announce,
                         resend_all=link.resend_all,
                         rebase=link.rebase,
+                        waits_for_rules=not effective and joined.waiting(conn),
                     )
                 )
                 continue
             digest = rules_mod.rules_hash(effective)
-            done = loaded.get(link.peer, set())
+            assert watch is not None
+            done = watch.loaded(link.peer)
             to_load = [t for t, r in effective.items() if "I" in r.down and t not in done]
             out.append(
                 LinkPlan(
@@ -143,6 +145,7 @@ class Role:
                     announce_key=announce,
                     reload=link.reload_wanted,
                     rebase=link.rebase,
+                    schema=watch.standing(link.peer, effective),
                 )
             )
         return out

@@ -38,7 +38,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -155,12 +155,31 @@ rules_table = Table(
     UniqueConstraint("tbl", "station", name="mailsync_rules_tbl_station"),
 )
 
+# A synced table's definition as it reached a station (host: one row per
+# station and table loaded; a station: one per table whose definition the
+# host sent, ``station`` the host's id). ``digest`` names the definition in
+# ``mailsync_definitions`` (NULL: loaded before definitions were kept;
+# ``definitions.RESYNC``: the admin asked for the table again); ``stopped``
+# says why a breaking change on the host stops the table for this station.
 loads = Table(
     "mailsync_loads",
     metadata,
     Column("station", String(64), primary_key=True),
     Column("tbl", String(128), primary_key=True),
     Column("loaded_at", _Time, nullable=False),
+    Column("digest", String(64)),
+    Column("stopped", Text),
+)
+
+# Every definition a station was sent (portable JSON, :mod:`mailsync.provision`),
+# by its digest: what a station has is compared with what the host has now.
+definitions = Table(
+    "mailsync_definitions",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("tbl", String(128), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", _Time, nullable=False),
 )
 
 # One row per part of a sealed changeset, kept until the peer acknowledges
@@ -444,6 +463,15 @@ def _v6_to_v7(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v7_to_v8(conn: Connection) -> None:
+    """The schema travels: which definition of a table each station has
+    (and whether a breaking change stopped it), and the definitions sent
+    (``create_all`` in :func:`ensure_schema` makes ``mailsync_definitions``)."""
+    for column in ("digest VARCHAR(64)", "stopped TEXT"):
+        conn.exec_driver_sql(f"ALTER TABLE mailsync_loads ADD COLUMN {column}")
+    definitions.create(conn, checkfirst=True)
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
@@ -452,6 +480,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     4: _v4_to_v5,
     5: _v5_to_v6,
     6: _v6_to_v7,
+    7: _v7_to_v8,
 }
 
 
