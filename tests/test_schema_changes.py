@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy import Engine, inspect, select, text, update
 
 from mailsync import admin
+from mailsync.definitions import changes, digest
 from mailsync.errors import RuleError
 from mailsync.provision import provision
 from mailsync.store.engine import open_engine
-from mailsync.store.tables import conflicts_table, log_table
+from mailsync.store.tables import conflicts_table, loads, log_table
 from tests.cluster import TABLES, Cluster, customers, invoices, schema
 from tests.test_sync import cluster, customer  # noqa: F401  (cluster: the fixture)
 
@@ -286,3 +287,57 @@ def test_forged_definitions_are_refused(tmp_path: Path) -> None:
         assert columns(engine, "mine") == ["id", "c1", "c2"]
     finally:
         engine.dispose()
+
+
+def test_what_counts_as_breaking() -> None:
+    """Each kind of change, in words that name table and column."""
+    old = {
+        "table": "t",
+        "columns": [
+            {"name": "id", "type": "Integer", "not_null": True},
+            {"name": "name", "type": "String", "length": 40},
+            {"name": "price", "type": "Numeric", "precision": 12, "scale": 2},
+        ],
+        "primary_key": ["id"],
+    }
+
+    def changed(**edit: Any) -> tuple[list[str], list[str]]:
+        new = json.loads(json.dumps(old))
+        for name, column in edit.items():
+            new["columns"] = [c for c in new["columns"] if c["name"] != name]
+            if column is not None:
+                new["columns"].append({"name": name, **column})
+        return changes(old, new)
+
+    assert changed() == ([], [])
+    assert changed(note={"type": "Text"}) == (["note"], [])
+    assert changed(n={"type": "Integer", "not_null": True, "default": "0"}) == (["n"], [])
+    assert changed(n={"type": "Integer", "not_null": True})[1] == [
+        "column t.n was added NOT NULL without a default"
+    ]
+    assert changed(name=None)[1] == ["column t.name was dropped or renamed on the host"]
+    assert changed(price={"type": "Numeric", "precision": 12, "scale": 4})[1] == [
+        "column t.price changed type from Numeric(precision=12, scale=2) to "
+        "Numeric(precision=12, scale=4)"
+    ]
+    assert changed(name={"type": "String", "length": 40, "not_null": True})[1] == [
+        "column t.name became NOT NULL"
+    ]
+    rekeyed = {**old, "primary_key": ["id", "name"]}
+    assert changes(old, rekeyed)[1] == ["table t: primary key changed from (id) to (id, name)"]
+    assert digest(old) != digest(rekeyed)
+    assert digest(old) == digest({**old, "unique": [["name"]], "foreign_keys": []})
+
+
+def test_a_load_from_before_definitions_were_kept_gets_a_baseline(site: Cluster) -> None:
+    """After the upgrade (loads without a digest) nothing is sent again:
+    the host's definition now is taken as the station's, once."""
+    c = site
+    synced(c)
+    c.execute("hq", update(loads).values(digest=None))
+    reports = c.sync("hq")
+    assert reports["hq"].sent == 0
+    with c.engines["hq"].connect() as conn:
+        kept = conn.execute(select(loads.c.digest)).scalars().all()
+    assert kept and all(kept)
+    assert table_state(c, "hq", "koeln", "customers") == "current"
