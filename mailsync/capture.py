@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from mailsync.dialects import dialect_for
+from mailsync.errors import SchemaError
 from mailsync.store.reflection import fingerprint, reflect
 from mailsync.store.tables import changes
 
@@ -66,9 +67,19 @@ _checked: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDic
 
 
 def check_capture(conn: Connection, tables: Iterable[str]) -> list[str]:
-    """The tables whose triggers are missing or not as this mailsync writes them."""
+    """The tables whose triggers are missing or not as this mailsync writes
+    them (a table that is gone, or lost its key, among them: ``status``
+    says so rather than failing)."""
     dialect = dialect_for(conn)
-    return [n for n in tables if not dialect.capture_installed(conn, reflect(conn, n))]
+    out = []
+    for name in tables:
+        try:
+            whole = dialect.capture_installed(conn, reflect(conn, name))
+        except SchemaError:
+            whole = False
+        if not whole:
+            out.append(name)
+    return out
 
 
 def drop_capture(conn: Connection, table: str) -> None:

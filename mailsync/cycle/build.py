@@ -103,7 +103,8 @@ def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int
             )
         with for_peer(report, ctx.journal, peer, "build-failed", f"building for {peer}"):
             for table in plan.rules:
-                if table in broken:  # its capture cannot be trusted: hold the link
+                # its capture cannot be trusted: hold the link, if it sends the table
+                if table in broken and plan.ops(table):
                     raise broken[table]
             built = build_for_link(
                 ctx.engine,
