@@ -28,7 +28,7 @@ from typing import Protocol
 
 from sqlalchemy import Connection, Engine
 
-from mailsync import inbox, standing, table_requests, trust, verification
+from mailsync import definitions, inbox, standing, table_requests, trust, verification
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
 from mailsync.apply import ParkedRow, list_parked, retry_parked_row
@@ -389,6 +389,23 @@ def remove_rule(site: Site, table: str, station: str | None = None) -> None:
         site.journal.info(
             "rule", f"rule for {table} ({_scope(station)}) removed", conn=conn, peer=station
         )
+
+
+def resync_table(site: Site, table: str, station: str | None = None) -> list[str]:
+    """After a breaking change to ``table`` was fixed: its definition and
+    every row go again to ``station`` (or every station that has it), and
+    the stop is lifted (:func:`mailsync.definitions.resync`). The stations."""
+    _require_host(site, "a resync")
+    with site.engine.begin() as conn:
+        stations = definitions.resync(conn, table, station)
+        site.journal.info(
+            "resync",
+            f"table {table}: definition and rows to be sent again to "
+            f"{', '.join(stations) or 'no station yet'} (asked by the admin)",
+            conn=conn,
+            peer=station,
+        )
+    return stations
 
 
 def list_rules(site: Site) -> list[rules_mod.Rule]:

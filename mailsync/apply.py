@@ -26,19 +26,28 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, conflict_notes, dictionaries, faults, provision, table_requests
+from mailsync import (
+    capture,
+    conflict_notes,
+    definitions,
+    dictionaries,
+    faults,
+    joined,
+    provision,
+    table_requests,
+)
 from mailsync import link as links_mod
-from mailsync.admission import CLASH, CLASH_REASON, Check, Gate
+from mailsync.admission import CLASH, CLASH_REASON, Gate
 from mailsync.conflicts import Detector
 from mailsync.dialects import bulk, dialect_for
-from mailsync.errors import ApplyError, MailsyncError, SchemaError, first_line
+from mailsync.errors import ApplyError, MailsyncError, first_line
 from mailsync.keys import PublicKey
 from mailsync.reload import Reload
 from mailsync.rules import OP_NAMES, Direction, Rule, replace_rules
-from mailsync.storage import Columns
 from mailsync.store.engine import transaction
-from mailsync.store.reflection import reflect
+from mailsync.store.reflection import reflect, table_names
 from mailsync.store.tables import now, parked
+from mailsync.target import Parker, Target
 from mailsync.trust import trust_key
 from mailsync.wire import rowinfo
 from mailsync.wire.changeset import (
@@ -97,6 +106,18 @@ class Applied:
     #: cycle before the transaction commits (:mod:`mailsync.cycle.verify`)
     verify: list[VerifyRequest | VerifyAnswer] = field(default_factory=list)
 
+    #: columns added here from the definitions a changeset brought, per table
+    columns_added: dict[str, list[str]] = field(default_factory=dict)
+    #: definitions refused (a table outside this node's rules, a bad name), why
+    tables_refused: dict[str, str] = field(default_factory=dict)
+    #: tables sent again in full for a new definition or a resync (not a restore)
+    tables_refreshed: list[str] = field(default_factory=list)
+    #: per table, the sender's columns this node does not have (ignored)
+    columns_ignored: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: per table whose rows do not fit here (a column missing, another key): why;
+    #: its rows are parked, the rest of the changeset applies
+    tables_stopped: dict[str, str] = field(default_factory=dict)
+
 
 class Deferred(Exception):
     """The changeset carries a table this run leaves out (``sync --table``):
@@ -110,136 +131,6 @@ RELOAD_BATCH = 1000
 #: Opens the buffered changeset in the apply transaction: (conn, origin) →
 #: its verified header and a stream of its records.
 Opener = Callable[[Connection, str], tuple[Header, Source]]
-
-
-class _Target:
-    """A local table matched against the sender's declaration; its rows are
-    written at driver level (:mod:`mailsync.dialects.bulk`) in this
-    database's storage form (:class:`mailsync.storage.Columns`)."""
-
-    def __init__(self, conn: Connection, table: Table, tdef: TableDef) -> None:
-        local = {c.name for c in table.columns}
-        missing = [c for c in tdef.column_names if c not in local]
-        if missing:
-            raise SchemaError(
-                f"table {tdef.name!r} here lacks column(s) {', '.join(missing)} "
-                "that the sender has",
-                hint="bring this database's schema up to the sender's",
-            )
-        pk = tuple(c.name for c in table.primary_key.columns)
-        if pk != tdef.pk:
-            raise SchemaError(
-                f"table {tdef.name!r}: primary key here is ({', '.join(pk)}), "
-                f"the sender's is ({', '.join(tdef.pk)})"
-            )
-        self.table = table
-        self.tdef = tdef
-        self.columns = Columns(table, tdef, conn.dialect)
-        self.sql = bulk.statements(conn, table, tdef.column_names)
-
-    def run(self, conn: Connection, op: str, rows: list[tuple[Any, ...]]) -> None:
-        """``op``: D delete, I upsert, U update only (no insert right), L
-        insert into a table that holds none of the keys (a load); rows in
-        storage form."""
-        if op == "I":
-            bulk.run(conn, self.sql.upsert, rows)
-        elif op == "L":
-            bulk.load(conn, self.sql, rows)
-        elif op == "U":
-            if self.sql.update is not None:  # else nothing but the key: nothing to change
-                bulk.run(conn, self.sql.update, self.sql.update_params(rows))
-        else:
-            bulk.run(conn, self.sql.delete, rows)
-
-    def guarded(
-        self,
-        conn: Connection,
-        op: str,
-        rows: list[tuple[Any, ...]],
-        park: Parker,
-        check: Check | None = None,
-        outside: Callable[[int], None] | None = None,
-        stored: dict[int, tuple[Any, ...]] | None = None,
-    ) -> int:
-        """Apply a batch; if it fails, row by row, parking the rows that fail
-        (constraint, foreign key, type) so that they never stall the link.
-
-        ``check`` (a row filter to keep) names the rows the batch, written
-        in its savepoint, left outside; then nothing of the batch stays, those
-        rows are counted by ``outside`` and the rest is applied again.
-        ``stored``: ``rows`` are Python values (for the checks); what is
-        written, and parked, is each one's storage form, by ``id``."""
-
-        def run(rows: list[tuple[Any, ...]]) -> None:
-            self.run(conn, op, rows if stored is None else [stored[id(r)] for r in rows])
-
-        while rows:
-            try:
-                with conn.begin_nested():
-                    run(rows)
-                    if check is not None and (bad := check(rows)):
-                        raise _Outside(bad)
-                return len(rows)
-            except _Outside as out:
-                gone = {id(r) for r in out.rows}
-                rows = [r for r in rows if id(r) not in gone]
-                if outside is not None:
-                    outside(len(gone))
-            except (SQLAlchemyError, OverflowError):  # sqlite3: an int beyond 64 bits
-                break
-        done = 0
-        for row in rows:
-            try:
-                with conn.begin_nested():
-                    run([row])
-                    if check is not None and check([row]):
-                        raise _Outside([row])
-                done += 1
-            except _Outside:
-                if outside is not None:
-                    outside(1)
-            except (SQLAlchemyError, OverflowError) as exc:
-                park(self.tdef, op, row if stored is None else stored[id(row)], first_line(exc))
-        return done
-
-    def prepared(
-        self, batch: RowBatch, typed: bool, park: Parker
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """The batch's rows (storage form, and — when ``typed`` — Python
-        values, else the same list); a row with a value this database's type
-        cannot take is parked."""
-        try:
-            stored = self.columns.stored(batch)
-            return stored, (self.columns.typed(batch) if typed else stored)
-        except _BAD_VALUE:
-            pass
-        good: list[tuple[Any, ...]] = []
-        good_typed: list[tuple[Any, ...]] = []
-        for row in batch.rows:
-            one = RowBatch(batch.table, batch.op, [row], [[v] for v in row])
-            try:
-                stored = self.columns.stored(one)
-                good_typed += self.columns.typed(one) if typed else stored
-                good += stored
-            except _BAD_VALUE as exc:
-                park(batch.table, batch.op, row, f"a value this database cannot take: {exc}")
-        return good, good_typed if typed else good
-
-
-#: what converting a value to a column's type raises when it cannot be
-_BAD_VALUE = (ValueError, TypeError, ArithmeticError, OverflowError)
-
-
-class _Outside(Exception):
-    """Rows a batch left outside the sender's row filter (its savepoint is
-    rolled back)."""
-
-    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
-        super().__init__(f"{len(rows)} row(s) outside the row filter")
-        self.rows = rows
-
-
-Parker = Callable[[TableDef, str, tuple[Any, ...], str], None]
 
 
 def park_row(
@@ -298,7 +189,7 @@ def apply_buffered(
             if header.sender != peer or header.recipient != me or header.seq != seq:
                 raise ApplyError(f"{origin}: header does not match the buffered entry")
             rules = rules_for(conn)
-            targets: dict[int, _Target | None] = {}
+            targets: dict[int, Target | None] = {}
             reload: Reload | None = None
             detector = Detector(
                 conn,
@@ -323,6 +214,11 @@ def apply_buffered(
             loading: dict[str, bool] = {}
             #: tables loaded with their capture triggers off (see _loading)
             loads: list[str] = []
+            #: the tables a ``reload`` control names; all of them (and the
+            #: rows of every table go ungated) only for a restored station's
+            #: full reload (header base 0), else a refresh of these tables
+            reloading: set[str] = set()
+            whole = False
 
             #: what the sender says of the rows of its next batch
             info: RowInfo | None = None
@@ -339,6 +235,9 @@ def apply_buffered(
                     control = parse_sequenced(record.kind, record.payload)
                     if isinstance(control, FullLoad) and accept_rules and reload is None:
                         reload = Reload(conn, peer, list(control.tables), RELOAD_BATCH)
+                        reloading, whole = set(control.tables), header.base == 0
+                        if not whole:
+                            result.tables_refreshed += list(control.tables)
                     elif isinstance(control, KeyAnnouncement):
                         # signed with the key we trust now: the peer's next one
                         trust_key(conn, peer, PublicKey.parse(control.token))
@@ -346,15 +245,23 @@ def apply_buffered(
                     elif isinstance(control, RulesUpdate) and accept_rules:
                         received = [Rule.from_wire(r) for r in control.rules]
                         tables = replace_rules(conn, received)
-                        capture.ensure_capture(conn, tables)
+                        # a table its definition is yet to create gets its
+                        # capture when it is created
+                        present = set(table_names(conn))
+                        capture.ensure_capture(conn, [t for t in tables if t in present])
+                        joined.narrow(conn, tables)
                         rules = rules_for(conn)
                         gate.rules = rules
                         result.rules_received = True
                     elif isinstance(control, TableDefinitions) and accept_rules:
-                        # before the rules (their capture needs the tables)
-                        made, differing = provision.provision(conn, list(control.tables))
-                        result.tables_created += made
-                        result.tables_differing.update(differing)
+                        # after the rules: only tables they name are made
+                        done = provision.provision(conn, list(control.tables), allowed=rules)
+                        capture.ensure_capture(conn, [t for t in done.created if t in rules])
+                        definitions.received(conn, peer, done.accepted)
+                        result.tables_created += done.created
+                        result.tables_differing.update(done.differing)
+                        result.columns_added.update(done.added)
+                        result.tables_refused.update(done.refused)
                     elif isinstance(control, Dictionary):
                         limits = getattr(stream, "limits", DEFAULT_LIMITS)
                         dictionaries.received(conn, peer, control, limits, seq)
@@ -370,14 +277,26 @@ def apply_buffered(
                     if only_tables is not None and record.name not in only_tables:
                         raise Deferred(record.name)
                     allowed = _ops(rules, record.name, direction)
-                    targets[record.index] = (
-                        _Target(conn, reflect(conn, record.name), record) if allowed else None
+                    made = (
+                        Target(conn, reflect(conn, record.name), record, lenient=direction == "up")
+                        if allowed
+                        else None
                     )
+                    targets[record.index] = made
+                    if made is not None and made.ignored and made.broken is None:
+                        result.columns_ignored[record.name] = made.ignored
                     continue
                 assert isinstance(record, RowBatch)
                 table_name = record.table.name
                 said, info = info, None
                 target = targets.get(record.table.index)
+                if target is not None and target.broken is not None:
+                    for row in record.rows:  # held, not lost: retried once fixed
+                        park(record.table, record.op, row, target.broken)
+                    result.tables_stopped[table_name] = target.broken
+                    continue
+                if target is not None:
+                    record = target.project(record)
                 allowed = _ops(rules, table_name, direction)
                 if target is None or record.op not in allowed:
                     refuse(
@@ -391,8 +310,9 @@ def apply_buffered(
                     op = "I"
                 clash_test = record.op == "I" and "U" not in allowed
                 detector.rules = rules  # they may have come with this changeset
+                reloaded = reload is not None and (whole or table_name in reloading)
                 checked = (
-                    reload is not None
+                    reloaded
                     or clash_test
                     or gate.needed(target.table, record.table, record.op)
                     or bool(detector.pending(target.table))
@@ -404,10 +324,10 @@ def apply_buffered(
                     else {id(t): r for t, r in zip(rows, stored, strict=True)}
                 )
                 check = None
-                if reload is not None and record.op == "I":
+                if reload is not None and reloaded and record.op == "I":
                     as_stored = None if by_id is None else [by_id[id(r)] for r in rows]
                     rows = reload.loaded(record.table, rows, as_stored)
-                elif reload is None:
+                elif not reloaded:
                     rows = gate.before(target.table, record.table, record.op, rows)
                     if clash_test:
                         # before the conflict test: no policy may overwrite
@@ -452,10 +372,18 @@ def apply_buffered(
             if reload is not None:
                 mirrored = _mirrored(rules)
                 for table, tdef, keys in reload.doomed(mirrored):
-                    result.rows += _Target(conn, table, tdef).guarded(conn, "D", keys, park)
+                    result.rows += Target(conn, table, tdef).guarded(conn, "D", keys, park)
                     reload.settled(table, keys)
                 reload.close()
-                result.reloaded = True
+                result.reloaded = whole
+                if not whole:  # a refresh brings what older changesets parked of it
+                    conn.execute(
+                        delete(parked).where(
+                            parked.c.peer == peer,
+                            parked.c.seq < seq,
+                            parked.c.tbl.in_(sorted(reloading)),
+                        )
+                    )
             for name in loads:  # capture as it was, in the same transaction
                 dialect.install_capture(conn, reflect(conn, name))
             # the sequence number, its parts and anything older they supersede
@@ -581,7 +509,7 @@ def retry_parked_row(conn: Connection, row_id: int) -> tuple[bool, str | None]:
     error = None
     try:
         table = reflect(conn, r.tbl)
-        target = _Target(conn, table, tdef)
+        target = Target(conn, table, tdef)
         with conn.begin_nested():
             target.run(conn, r.op, [_stored(conn, table, names if r.op != "D" else pk, values)])
         conn.execute(delete(parked).where(parked.c.id == r.id))

@@ -40,10 +40,11 @@ from sqlalchemy import (
     update,
 )
 
-from mailsync import conflict_notes, provision, verification
+from mailsync import conflict_notes, definitions, provision, verification
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
 from mailsync import since as since_mod
+from mailsync.definitions import Standing
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
@@ -110,6 +111,13 @@ class LinkPlan:
     #: a verification has a round, an answer or a keyed resend for the peer
     #: (:mod:`mailsync.verification`)
     verify_due: bool = False
+    #: host: the station's tables against the host's definitions now
+    #: (columns added, breaking changes, resyncs: :mod:`mailsync.definitions`)
+    schema: Standing = field(default_factory=Standing)
+    #: a station that joined and has no rules yet (the host's first
+    #: changeset has not come): what it logs waits for them, its cursor
+    #: does not move (:mod:`mailsync.joined`)
+    waits_for_rules: bool = False
 
     @property
     def carries_controls(self) -> bool:
@@ -125,12 +133,13 @@ class LinkPlan:
             or self.since_loads
             or self.served
             or self.verify_due
+            or self.schema.anything
         )
 
     def ops(self, table: str) -> str:
         rule = self.rules.get(table)
-        if rule is None:
-            return ""
+        if rule is None or table in self.schema.stopped or table in self.schema.stopping:
+            return ""  # a table a breaking change stopped sends nothing
         return rule.down if self.direction == "down" else rule.up
 
     def builds(self, table: str) -> bool:
@@ -467,6 +476,8 @@ def _covered(conn: Connection, plan: LinkPlan, cursor: int, horizon: int) -> int
     passes a change that did not travel (what the run did send after it
     goes again next time: rows are read as they are then, so nothing
     travels wrong, only twice)."""
+    if plan.waits_for_rules:
+        return cursor  # what a station logged before its rules waits for them
     upto = max(cursor, horizon)
     if plan.only_tables is None:
         return upto
@@ -515,7 +526,10 @@ def build_for_link(
         link = links_mod.one(conn, plan.peer)
         cursor = link.change_cursor
         bulk.read_as_text(conn)
-        loading = bool(plan.initial_loads or plan.reload or plan.resend_all)
+        # tables whose definition changed (columns added) or that the admin
+        # asked for afresh: definition, then every row again
+        fresh = [t for t in plan.schema.refresh if plan.ops(t) and t not in plan.initial_loads]
+        loading = bool(plan.initial_loads or plan.reload or plan.resend_all or fresh)
         dicts = (  # no rows may go (a station without up rules): no read
             dicts_mod.for_build(
                 conn, codec, plan.peer, acked=link.acked_seq, out_seq=link.out_seq, bulk=loading
@@ -531,19 +545,26 @@ def build_for_link(
         controls: list[SequencedControl] = []
         if plan.announce_key is not None:
             controls.append(KeyAnnouncement(plan.announce_key.token()))
+        if plan.send_rules:
+            # first: a station creates only tables its rules name
+            controls.append(RulesUpdate(tuple(r.to_wire() for r in plan.rules.values())))
         undescribed: dict[str, str] = {}
-        if plan.initial_loads and plan.direction == "down":
-            # first, so that a station lacking a table has it before its rule
-            # (whose capture needs it) and its rows
+        digests: dict[str, str] = {}
+        if (plan.initial_loads or fresh) and plan.direction == "down":
+            # before the rows, so that a station lacking a table has it
             defined, undescribed = provision.describe_each(
-                conn, plan.initial_loads, among=list(plan.rules)
+                conn, [*plan.initial_loads, *fresh], among=list(plan.rules)
             )
             if defined:
                 controls.append(TableDefinitions(tuple(defined)))
-        if plan.reload:
-            controls.append(FullLoad(tuple(plan.initial_loads)))
-        if plan.send_rules:
-            controls.append(RulesUpdate(tuple(r.to_wire() for r in plan.rules.values())))
+            digests = {str(d["table"]): definitions.remember(conn, d) for d in defined}
+        for table, key in plan.schema.baseline.items():
+            definitions.record(conn, plan.peer, table, key)
+        if plan.reload or fresh:
+            # a refresh is no restore: its changeset keeps its place in the
+            # sequence (base -1), only its tables are replaced
+            whole = tuple(plan.initial_loads) if plan.reload else ()
+            controls.append(FullLoad(whole + tuple(fresh)))
         if dicts.carry is not None:
             controls.append(dicts.carry)
         for control in controls:
@@ -563,7 +584,15 @@ def build_for_link(
             loaded = name in plan.initial_loads
             if loaded:
                 builder.initial_load(name)
-                conn.execute(loads.insert().values(station=plan.peer, tbl=name, loaded_at=now()))
+                conn.execute(
+                    loads.insert().values(
+                        station=plan.peer, tbl=name, loaded_at=now(), digest=digests.get(name)
+                    )
+                )
+            elif name in fresh:
+                builder.initial_load(name)
+                definitions.record(conn, plan.peer, name, digests.get(name))
+                loaded = True
             elif plan.resend_all and "I" in plan.ops(name):
                 builder.initial_load(name)
                 loaded = True

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from mailsync.dialects import dialect_for
+from mailsync.errors import SchemaError
 from mailsync.store.reflection import fingerprint, reflect
 from mailsync.store.tables import changes, get_meta, set_meta
 
@@ -139,9 +140,19 @@ _writers: dict[str, str] = {}
 
 
 def check_capture(conn: Connection, tables: Iterable[str]) -> list[str]:
-    """The tables whose triggers are missing or not as this mailsync writes them."""
+    """The tables whose triggers are missing or not as this mailsync writes
+    them (a table that is gone, or lost its key, among them: ``status``
+    says so rather than failing)."""
     dialect = dialect_for(conn)
-    return [n for n in tables if not dialect.capture_installed(conn, reflect(conn, n))]
+    out = []
+    for name in tables:
+        try:
+            whole = dialect.capture_installed(conn, reflect(conn, name))
+        except SchemaError:
+            whole = False
+        if not whole:
+            out.append(name)
+    return out
 
 
 def drop_capture(conn: Connection, table: str) -> None:

@@ -20,8 +20,9 @@ from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import admin, admin_stations, restore, standing, trust
+from mailsync import admin, admin_stations, joined, restore, standing, trust
 from mailsync import link as links_mod
+from mailsync import rules as rules_mod
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -226,10 +227,17 @@ class Node:
             links_mod.key_told(conn, bundle.host_id, self.ring.current.public.key_id)
             trust.trust_key(conn, bundle.host_id, bundle.host_key)
             standing.forget(conn)  # removed or disabled once: joined again now
+            # what this station changes before its rules come is not lost
+            captured = [] if rules_mod.all_rules(conn) else joined.capture_all(conn)
             self.journal.info(
                 "join",
                 f"joined host {bundle.host_id} <{bundle.host_address}>, "
-                f"host key {bundle.host_key.key_id}",
+                f"host key {bundle.host_key.key_id}"
+                + (
+                    f"; changes to {len(captured)} table(s) captured until the rules come"
+                    if captured
+                    else ""
+                ),
                 conn=conn,
             )
 
@@ -255,6 +263,7 @@ class Node:
     verify = admin.verify
     verifications = admin.verifications
     verifications_of = admin.verifications_of
+    resync_table = admin.resync_table
     stations = admin.list_stations
     station = admin.show_station
     add_rule = admin.add_rule

@@ -5,7 +5,9 @@ host describes each synced table — columns with portable types, primary key,
 NOT NULL, portable defaults, unique constraints, foreign keys among the
 synced tables — and a station that lacks a table creates it in its own
 dialect from that description, parents before children. A station whose
-table exists but differs is told how (:func:`differences`), not altered.
+table exists but lacks columns the host added gets them (:func:`add_columns`,
+nullable or with a default: nothing is dropped or changed); any other
+difference is told in words (:func:`differences`), not altered.
 
 The description is plain JSON-able data (it travels inside a sealed
 changeset) built from SQLAlchemy's generic types (``TypeEngine.as_generic``):
@@ -20,7 +22,8 @@ from number ranges, never from a station's own counter).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -52,11 +55,13 @@ from sqlalchemy import (
     inspect,
     text,
 )
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.types import TypeEngine
 
 from mailsync.dialects import dialect_for
 from mailsync.errors import SchemaError
-from mailsync.store.reflection import dependency_order, reflect
+from mailsync.store.reflection import dependency_order, forget, reflect
 
 #: the generic types a definition may name, and the arguments each keeps
 _TYPES: dict[str, tuple[type[TypeEngine[Any]], tuple[str, ...]]] = {
@@ -235,9 +240,20 @@ def table_of(definition: dict[str, Any], metadata: MetaData) -> Table:
     return Table(name, metadata, *columns, *constraints)
 
 
+#: a name a definition may give a table or column: letters, digits, ``_``
+#: and ``$``, not starting with a digit; mailsync's own prefix is refused
+_IDENTIFIER = re.compile(r"^[^\W\d]\w*\$?\w*$")
+
+
 def _name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 128:
-        raise SchemaError(f"{what}: not a name")
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 128
+        or not _IDENTIFIER.match(value)
+        or value.lower().startswith("mailsync_")
+    ):
+        raise SchemaError(f"{what}: {str(value)[:40]!r} is not a name a synced table may have")
     return value
 
 
@@ -321,21 +337,81 @@ def describe_each(
     return made, failed
 
 
+@dataclass
+class Provisioned:
+    """What :func:`provision` did with the definitions a changeset brought."""
+
+    #: the definitions taken (created, altered, or compared)
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    #: per table, the columns added to it
+    added: dict[str, list[str]] = field(default_factory=dict)
+    #: per table, how it still differs (reported, not altered)
+    differing: dict[str, list[str]] = field(default_factory=dict)
+    #: per definition refused, why (not in this node's rules, a bad name)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 def provision(
-    conn: Connection, definitions: Sequence[dict[str, Any]]
-) -> tuple[list[str], dict[str, list[str]]]:
-    """On a station: create the described tables it lacks; for the ones it
-    has, how they differ (reported, never altered). Returns both."""
-    existing = set(inspect(conn).get_table_names())
-    created = create_missing(conn, definitions)
-    differing = {}
+    conn: Connection, definitions: Sequence[dict[str, Any]], allowed: Collection[str]
+) -> Provisioned:
+    """On a station: create the described tables it lacks and add to those
+    it has the columns they lack that can be added (nullable, or with a
+    default); report how they still differ, never drop or change anything.
+    Only tables in ``allowed`` (the station's rules) are touched: a
+    definition of any other is refused, whoever signed it."""
+    done = Provisioned()
+    taken = []
     for definition in definitions:
-        name = str(definition.get("table"))
-        if name in existing:
-            try:
-                found = differences(conn, definition)
-            except SchemaError as exc:  # e.g. the station's table has no key
-                found = [str(exc)]
-            if found:
-                differing[name] = found
-    return created, differing
+        name = str(definition.get("table"))[:128]
+        try:
+            table_of(definition, MetaData())  # checked before anything is made
+        except SchemaError as exc:
+            done.refused[name] = str(exc)
+            continue
+        if name not in allowed:
+            done.refused[name] = f"table {name} is not synced to this station (no rule)"
+            continue
+        taken.append(definition)
+    existing = set(inspect(conn).get_table_names())
+    done.created = create_missing(conn, taken)
+    done.accepted = taken
+    for definition in taken:
+        name = str(definition["table"])
+        if name not in existing:
+            continue
+        try:
+            added = add_columns(conn, definition)
+            if added:
+                done.added[name] = added
+            found = differences(conn, definition)
+        except SchemaError as exc:  # e.g. the station's table has no key
+            found = [str(exc)]
+        if found:
+            done.differing[name] = found
+    return done
+
+
+def add_columns(conn: Connection, definition: dict[str, Any]) -> list[str]:
+    """Add to an existing table the described columns it lacks that can be
+    added to a table with rows (nullable, or with a default), each with
+    ``ALTER TABLE … ADD COLUMN`` in this database's dialect; the names added.
+    One the database refuses (SQLite takes no current-time default on an
+    added column) is left out and reported by :func:`differences`."""
+    wanted = table_of(definition, MetaData())
+    here = {c["name"] for c in inspect(conn).get_columns(wanted.name)}
+    quote = conn.dialect.identifier_preparer.quote
+    added = []
+    for column in wanted.columns:
+        if column.name in here or (not column.nullable and column.server_default is None):
+            continue
+        ddl = CreateColumn(column).compile(dialect=conn.dialect)
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(f"ALTER TABLE {quote(wanted.name)} ADD COLUMN {ddl}")
+        except SQLAlchemyError:
+            continue
+        added.append(column.name)
+    if added:
+        forget(conn)
+    return added

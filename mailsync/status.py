@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, case, distinct, func, or_, select
 from mailsync import capture, standing, table_requests, verification
 from mailsync import rules as rules_mod
 from mailsync.config import NodeConfig, Role
+from mailsync.definitions import TableVersion, versions
 from mailsync.inbox import held_parts, missing_parts, missing_sequences, quarantined_counts
 from mailsync.link import Link, all_links
 from mailsync.ranges.admin import usage
@@ -62,6 +63,9 @@ class LinkStatus:
     #: host: the station is disabled since then (nothing goes to it, what
     #: it sends is held: ``buffered``)
     disabled_since: dt.datetime | None = None
+    #: the definition of each table the station has (host: against the
+    #: host's table now; a station: as the host sent it)
+    tables: tuple[TableVersion, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
     with engine.begin() as conn:
         result = []
         quarantined = quarantined_counts(conn)
+        defined = versions(conn, is_host)
         for link in all_links(conn):
             routed = (
                 or_(changes.c.origin.is_(None), changes.c.origin != link.peer)
@@ -156,6 +161,7 @@ def node_status(engine: Engine, config: NodeConfig, key_id: str) -> Status:
                     held_since=link.held_since,
                     quarantined=quarantined.get(link.peer, 0),
                     disabled_since=link.paused_at,
+                    tables=tuple(defined.get(link.peer, ())),
                 )
             )
         tables = sorted({r.table for r in rules_mod.all_rules(conn)})

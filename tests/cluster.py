@@ -118,6 +118,8 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
     ),
     # and mailsync_verifications, a new table
     10: (("mailsync_links", "verify_due"),),
+    # and a new table, mailsync_definitions
+    11: (("mailsync_loads", "digest"), ("mailsync_loads", "stopped")),
 }
 
 

@@ -263,6 +263,28 @@ def table_remove(
     console.print(f"rule for {escape(table)} removed")
 
 
+@table_app.command("resync")
+def table_resync(
+    ctx: typer.Context,
+    table: str = typer.Argument(..., help="The synced table."),
+    station: str | None = typer.Option(
+        None, "--station", help="Only this station [default: every station that has it]."
+    ),
+) -> None:
+    """Send a table's definition and rows again (host), after a breaking change.
+
+    A dropped or renamed column, another type or key stops the table for the
+    stations that have the old one; fix their table (or take the change
+    back), then resync: the stop is lifted and definition and rows go with
+    the next sync, replacing the station's copy."""
+    with open_node(ctx) as node:
+        stations = node.resync_table(table, station)
+    where = ", ".join(stations) if stations else "no station has it yet"
+    console.print(
+        f"{escape(table)}: definition and rows go again with the next sync ({escape(where)})"
+    )
+
+
 def reload(
     ctx: typer.Context,
     station: str | None = typer.Option(

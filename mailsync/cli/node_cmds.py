@@ -234,6 +234,14 @@ def status(
                     f"[bold red]{link.quarantined} changeset(s) from {escape(link.peer)} "
                     f"quarantined[/] (`mailsync inbox list {escape(link.peer)}`)"
                 )
+            for t in link.tables:  # a table's definition: the host says what is not current
+                if st.role == "host" and t.state == "current":
+                    continue
+                colour = "red" if t.state.startswith("stopped") else "default"
+                console.print(
+                    f"  table {escape(t.table)} with {escape(link.peer)}: definition "
+                    f"{t.version or '(not known yet)'} [{colour}]{escape(t.state)}[/]"
+                )
     else:
         console.print(
             "no peers yet: "

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
-from mailsync import dictionaries, faults, inbox
+from mailsync import definitions, dictionaries, faults, inbox
 from mailsync import link as links_mod
 from mailsync.apply import Applied, Deferred, Opener, apply_buffered
 from mailsync.cycle import verify
@@ -287,6 +287,10 @@ def _log_applied(ctx: CycleContext, applied: Applied, conn: Connection) -> None:
             peer=peer,
             seq=seq,
             conn=conn,
+        )
+    for level, text in definitions.applied_notes(conn, applied):
+        journal.write(
+            level, "schema", f"changeset #{seq} from {peer}: {text}", peer=peer, seq=seq, conn=conn
         )
     for line in applied.conflicts:
         journal.warning(

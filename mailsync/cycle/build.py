@@ -15,7 +15,7 @@ from functools import partial
 
 from sqlalchemy import Connection
 
-from mailsync import capture
+from mailsync import capture, definitions
 from mailsync import link as links_mod
 from mailsync.build import Built, LinkPlan, build_for_link
 from mailsync.cycle.contain import for_peer
@@ -47,7 +47,7 @@ def wanted(ctx: CycleContext) -> bool:
     snap = ctx.snapshot
     assert snap is not None
     return any(
-        snap.logged > cursor or p.carries_controls
+        (snap.logged > cursor and not p.waits_for_rules) or p.carries_controls
         for p, cursor in snap.planned
         if ctx.selection.narrow(p) is not None
     )
@@ -93,14 +93,24 @@ def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int
         plan = ctx.selection.narrow(whole)  # None: disabled, or not in this run
         if plan is None:
             continue
-        if horizon <= cursor and not plan.carries_controls:
+        if (horizon <= cursor or plan.waits_for_rules) and not plan.carries_controls:
             # nothing logged since its last build, nothing else to tell it:
             # an idle link costs no statement
             continue
         peer = plan.peer
+        for table, why in sorted(plan.schema.stopping.items()):
+            definitions.stop(conn, peer, table, why)
+            ctx.journal.warning(
+                "schema-stopped",
+                f"table {table} stopped for {peer}: {why}; its rows wait until {peer}'s "
+                f"table matches, then `mailsync table resync {table} --station {peer}`",
+                peer=peer,
+                conn=conn,
+            )
         with for_peer(report, ctx.journal, peer, "build-failed", f"building for {peer}"):
             for table in plan.rules:
-                if table in broken:  # its capture cannot be trusted: hold the link
+                # its capture cannot be trusted: hold the link, if it sends the table
+                if table in broken and plan.ops(table):
                     raise broken[table]
             built = build_for_link(
                 ctx.engine,

@@ -14,9 +14,9 @@ from typing import Literal
 
 from sqlalchemy import Connection, Engine, event, select
 
+from mailsync import definitions, joined, trust
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
-from mailsync import trust
 from mailsync.build import LinkPlan
 from mailsync.config import NodeConfig
 from mailsync.cycle.selection import EVERYTHING, Selection
@@ -107,14 +107,24 @@ class Role:
         once for all of them."""
         if every is None:
             every = rules_mod.all_rules(conn)
-        loaded: dict[str, set[str]] = {}
         since: dict[str, dict[str, tuple[str, dt.datetime]]] = {}
+        watch = None
         if self.is_host:
-            query = select(loads.c.station, loads.c.tbl, loads.c.since_column, loads.c.since)
-            for station, table, column, moment in conn.execute(query):
-                loaded.setdefault(station, set()).add(table)
+            # one read of the loads for every station: what goes again since
+            # a date, which tables were loaded with which definition
+            query = select(
+                loads.c.station,
+                loads.c.tbl,
+                loads.c.since_column,
+                loads.c.since,
+                loads.c.digest,
+                loads.c.stopped,
+            )
+            rows = conn.execute(query).all()
+            for station, table, column, moment, _, _ in rows:
                 if column is not None and moment is not None:
                     since.setdefault(station, {})[table] = (column, links_mod.aware(moment))
+            watch = definitions.Watch(conn, [(r[0], r[1], r[4], r[5]) for r in rows])
         out = []
         for link in links:
             announce = None if link.key_announced == mine.key_id else mine
@@ -130,11 +140,13 @@ class Role:
                         resend_all=link.resend_all,
                         rebase=link.rebase,
                         verify_due=link.verify_due,
+                        waits_for_rules=not effective and joined.waiting(conn),
                     )
                 )
                 continue
             digest = rules_mod.rules_hash(effective)
-            done = loaded.get(link.peer, set())
+            assert watch is not None
+            done = watch.loaded(link.peer)
             to_load = [t for t, r in effective.items() if "I" in r.down and t not in done]
             resend = {t: v for t, v in since.get(link.peer, {}).items() if t in effective}
             out.append(
@@ -155,6 +167,7 @@ class Role:
                     since_loads=resend,
                     served=None if link.request_told else link.table_request,
                     verify_due=link.verify_due,
+                    schema=watch.standing(link.peer, effective),
                 )
             )
         return out

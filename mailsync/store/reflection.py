@@ -69,6 +69,12 @@ def _memo(conn: Connection) -> _Memo:
     return memo
 
 
+def forget(conn: Connection) -> None:
+    """mailsync altered a table in this transaction (a column the host
+    added): what the transaction learnt of the schema is asked again."""
+    conn.info.pop(_MEMO, None)
+
+
 def fingerprint(conn: Connection, name: str) -> Any:
     """The dialect's schema fingerprint for ``name``, asked once per
     transaction (once for all tables where it covers the whole database)."""

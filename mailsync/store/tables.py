@@ -38,7 +38,7 @@ from sqlalchemy import (
 from mailsync.errors import DatabaseError
 from mailsync.store.engine import describe_db_error
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -171,6 +171,12 @@ rules_table = Table(
     UniqueConstraint("tbl", "station", name="mailsync_rules_tbl_station"),
 )
 
+# A synced table's definition as it reached a station (host: one row per
+# station and table loaded; a station: one per table whose definition the
+# host sent, ``station`` the host's id). ``digest`` names the definition in
+# ``mailsync_definitions`` (NULL: loaded before definitions were kept;
+# ``definitions.RESYNC``: the admin asked for the table again); ``stopped``
+# says why a breaking change on the host stops the table for this station.
 loads = Table(
     "mailsync_loads",
     metadata,
@@ -178,9 +184,13 @@ loads = Table(
     Column("tbl", String(128), primary_key=True),
     Column("loaded_at", _Time, nullable=False),
     # a resend of the rows changed since ``since`` (by the table's timestamp
-    # column ``since_column``) is due to the station (v8)
+    # column ``since_column``) is due to the station (v9)
     Column("since_column", String(128)),
     Column("since", _Time),
+    # which definition of the table the station holds, and why a breaking
+    # change stopped it (v11, mailsync/definitions.py)
+    Column("digest", String(64)),
+    Column("stopped", Text),
 )
 
 # A station removed on the host: the sealed message telling it so (sealed
@@ -195,6 +205,17 @@ farewells = Table(
     Column("removed_at", _Time, nullable=False),
     Column("sent_at", _Time),
     Column("heard_at", _Time),
+)
+
+# Every definition a station was sent (portable JSON, :mod:`mailsync.provision`),
+# by its digest: what a station has is compared with what the host has now.
+definitions = Table(
+    "mailsync_definitions",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("tbl", String(128), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", _Time, nullable=False),
 )
 
 # One row per part of a sealed changeset, kept until the peer acknowledges
@@ -577,6 +598,15 @@ def _v9_to_v10_verify(conn: Connection) -> None:
     )
 
 
+def _v10_to_v11_definitions(conn: Connection) -> None:
+    """The schema travels: which definition of a table each station has
+    (and whether a breaking change stopped it), and the definitions sent
+    (``create_all`` in :func:`ensure_schema` makes ``mailsync_definitions``)."""
+    for column in ("digest VARCHAR(64)", "stopped TEXT"):
+        conn.exec_driver_sql(f"ALTER TABLE mailsync_loads ADD COLUMN {column}")
+    definitions.create(conn, checkfirst=True)
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
@@ -588,6 +618,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     7: _v7_to_v8_column_conflicts,
     8: _stations_paused_told_and_partial_loads,
     9: _v9_to_v10_verify,
+    10: _v10_to_v11_definitions,
 }
 
 
