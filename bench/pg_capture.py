@@ -23,7 +23,7 @@ from pipeline import Figure
 
 from mailsync.capture import ensure_capture
 from mailsync.store.engine import open_engine
-from mailsync.store.tables import ensure_schema
+from mailsync.store.migrations import ensure_schema
 from mailsync.tools import samples
 
 ROW = "1, 1, 1, 'x', 1.000, 9.99, 0.00, 9.99, NULL, NULL"

@@ -21,9 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import secrets
-import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
@@ -44,10 +42,10 @@ from mailsync import conflict_notes, definitions, provision, verification
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
 from mailsync import since as since_mod
-from mailsync.definitions import Standing
 from mailsync.dialects import bulk
-from mailsync.keys import PublicKey
-from mailsync.rules import Direction, Rule, filter_predicate
+from mailsync.linkplan import Built, LinkPlan
+from mailsync.rules import filter_predicate
+from mailsync.spools import KeySpool, PartSpool
 from mailsync.storage import (
     key_to_storage,
     key_typers,
@@ -60,7 +58,7 @@ from mailsync.store.engine import transaction
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import changes as changelog
 from mailsync.store.tables import horizons, loads, now, outbox
-from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches, pack, unpack_stream
+from mailsync.wire.changeset import ChangesetWriter, Op, TableDef, batches
 from mailsync.wire.controls import (
     FullLoad,
     KeyAnnouncement,
@@ -72,99 +70,6 @@ from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.rowinfo import KIND, row_info
 from mailsync.wire.station_controls import RequestServed
 from mailsync.wire.values import convert
-
-
-@dataclass
-class LinkPlan:
-    """What may travel on one link in this build."""
-
-    me: str
-    peer: str
-    direction: Direction
-    rules: dict[str, Rule]
-    send_rules: bool = False
-    rules_hash: str | None = None
-    initial_loads: list[str] = field(default_factory=list)
-    #: our new public key, when this peer has not been told about it yet
-    announce_key: PublicKey | None = None
-    #: the peer lost what it had applied (a restored backup): this build is a
-    #: full load of ``initial_loads`` that replaces its copy, applied on top
-    #: of whatever it has (header base 0)
-    reload: bool = False
-    #: remote, after the host went back to a backup: every row we send up
-    #: goes again (the host lost some), applied on top of whatever it has
-    resend_all: bool = False
-    #: our database went back: the peer may miss changesets we no longer
-    #: hold, so this one applies on top of whatever it has (header base 0)
-    rebase: bool = False
-    #: the peer's mailbox address (a row filter may name it as ``:email``)
-    address: str = ""
-    #: host: the station is disabled: nothing is built for it
-    paused: bool = False
-    #: per table, (timestamp column, since): its rows changed since then go
-    #: again (``reload --since``, :mod:`mailsync.since`)
-    since_loads: dict[str, tuple[str, dt.datetime]] = field(default_factory=dict)
-    #: host: the station's own reload request to tell it is acted on
-    served: str | None = None
-    #: this run builds only these tables (``sync --table``); None: every one
-    only_tables: frozenset[str] | None = None
-    #: a verification has a round, an answer or a keyed resend for the peer
-    #: (:mod:`mailsync.verification`)
-    verify_due: bool = False
-    #: host: the station's tables against the host's definitions now
-    #: (columns added, breaking changes, resyncs: :mod:`mailsync.definitions`)
-    schema: Standing = field(default_factory=Standing)
-    #: a station that joined and has no rules yet (the host's first
-    #: changeset has not come): what it logs waits for them, its cursor
-    #: does not move (:mod:`mailsync.joined`)
-    waits_for_rules: bool = False
-
-    @property
-    def carries_controls(self) -> bool:
-        """Something goes even with no change to send: our key, the rules,
-        a table's initial load, a full reload, every row again (the host
-        went back)."""
-        return bool(
-            self.announce_key is not None
-            or self.send_rules
-            or self.initial_loads
-            or self.reload
-            or self.resend_all
-            or self.since_loads
-            or self.served
-            or self.verify_due
-            or self.schema.anything
-        )
-
-    def ops(self, table: str) -> str:
-        rule = self.rules.get(table)
-        if rule is None or table in self.schema.stopped or table in self.schema.stopping:
-            return ""  # a table a breaking change stopped sends nothing
-        return rule.down if self.direction == "down" else rule.up
-
-    def builds(self, table: str) -> bool:
-        """Whether this run builds ``table`` (its rule sends something, and
-        the run is not limited to other tables)."""
-        return bool(self.ops(table)) and (self.only_tables is None or table in self.only_tables)
-
-    def row_filter(self, table: str) -> str | None:
-        rule = self.rules.get(table)
-        return rule.row_filter if rule is not None and self.direction == "down" else None
-
-
-@dataclass(frozen=True)
-class Built:
-    """An outbox entry that was just created."""
-
-    peer: str
-    seq: int
-    rows: int
-    raw_size: int
-    size: int
-    parts: int = 1
-    #: loaded tables whose definition could not travel, and why (the
-    #: station must create them itself)
-    undescribed: dict[str, str] = field(default_factory=dict)
 
 
 class _CountingSink:
@@ -192,7 +97,7 @@ class _Builder:
         plan: LinkPlan,
         writer: ChangesetWriter,
         batch: int,
-        deletes: _KeySpool,
+        deletes: KeySpool,
     ) -> None:
         self.conn = conn
         self.engine = engine
@@ -413,62 +318,6 @@ def _key_of(row: Row[Any], at: list[int], typers: list[Any]) -> tuple[Any, ...]:
 Sealer = Callable[[Connection, Header, bytes], bytes]
 
 
-class _PartSpool:
-    """The compressed changeset, cut into parts as it is written.
-
-    It is spooled to a temporary file (in memory up to one part), because a
-    part's header names the number of parts, known only at the end.
-    """
-
-    def __init__(self, part_size: int) -> None:
-        self.part_size = part_size
-        self.size = 0
-        self._file = tempfile.SpooledTemporaryFile(max_size=part_size)  # noqa: SIM115
-
-    def write(self, data: bytes, /) -> int:
-        self.size += len(data)
-        return self._file.write(data)
-
-    @property
-    def parts(self) -> int:
-        return max(1, -(-self.size // self.part_size))
-
-    def chunks(self) -> Iterator[bytes]:
-        self._file.seek(0)
-        for _ in range(self.parts):
-            yield self._file.read(self.part_size)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _KeySpool:
-    """Tombstone keys of one build, kept on disk until the upserts are written
-    (deletes go last, children first): a mass delete never sits in memory."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, Any] = {}
-
-    def add(self, table: str, keys: list[tuple[Any, ...]], ats: list[Any]) -> None:
-        """Keys of rows gone, with their capture times."""
-        if keys:
-            if table not in self._files:
-                self._files[table] = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # noqa: SIM115
-            self._files[table].write(pack([keys, ats]))
-
-    def read(self, table: str) -> Iterator[tuple[list[tuple[Any, ...]], list[Any]]]:
-        spool = self._files.get(table)
-        if spool is None:
-            return
-        spool.seek(0)
-        for keys, ats in unpack_stream(spool):
-            yield [tuple(k) for k in keys], ats
-
-    def close(self) -> None:
-        for spool in self._files.values():
-            spool.close()
-
-
 def _covered(conn: Connection, plan: LinkPlan, cursor: int, horizon: int) -> int:
     """How far this build covers the change log: up to the horizon; in a
     run limited to some tables (``sync --table``), only up to the first
@@ -519,8 +368,8 @@ def build_for_link(
     station's row filter and stay there (its rule sends no deletes).
     """
     with (
-        contextlib.closing(_PartSpool(part_size)) as spool,
-        contextlib.closing(_KeySpool()) as keys,
+        contextlib.closing(PartSpool(part_size)) as spool,
+        contextlib.closing(KeySpool()) as keys,
         transaction(engine, within) as conn,
     ):
         link = links_mod.one(conn, plan.peer)

@@ -43,7 +43,8 @@ from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, w
 from mailsync.ranges.draw import next_number
 from mailsync.status import LinkStatus, Status, node_status
 from mailsync.store.engine import check_connection, describe_db_error, open_engine, redact
-from mailsync.store.tables import ensure_schema, get_meta, set_meta
+from mailsync.store.migrations import ensure_schema
+from mailsync.store.tables import get_meta, set_meta
 from mailsync.store.witness import witness_path
 from mailsync.transport import TransportContext
 from mailsync.wire.envelope import Codec, DictionarySettings, Header

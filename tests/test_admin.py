@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from mailsync import admin
+from mailsync import admin, admin_queues
 from mailsync.errors import SchemaError
 from mailsync.keys import KeyPair
 from mailsync.ranges.model import RangeSpec
@@ -75,7 +75,7 @@ def work_to_do(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def parked_id(c: Cluster) -> int:
-    (row,) = admin.parked_rows(c.host)
+    (row,) = admin_queues.parked_rows(c.host)
     return row.id
 
 

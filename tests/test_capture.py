@@ -10,7 +10,8 @@ from sqlalchemy import Engine, delete, event, select, text, update
 from mailsync import capture
 from mailsync.dialects import dialect_for
 from mailsync.store.engine import open_engine
-from mailsync.store.tables import changes, ensure_schema
+from mailsync.store.migrations import ensure_schema
+from mailsync.store.tables import changes
 from tests.cluster import customers, notes, schema
 
 

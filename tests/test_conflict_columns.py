@@ -451,7 +451,8 @@ def test_hostile_notes(tmp_path: Path) -> None:
     from mailsync.conflict_notes import received
     from mailsync.errors import MessageError
     from mailsync.store.engine import open_engine
-    from mailsync.store.tables import conflicts_table, ensure_schema
+    from mailsync.store.migrations import ensure_schema
+    from mailsync.store.tables import conflicts_table
 
     engine = open_engine(f"sqlite:///{tmp_path / 'hq.db'}")
     ensure_schema(engine)

@@ -190,7 +190,7 @@ def test_a_gap_is_asked_for(tmp_path: Path) -> None:
 
 
 def test_a_row_that_cannot_be_applied_is_parked_not_stalling(tmp_path: Path, db_url: str) -> None:
-    from mailsync import admin
+    from mailsync import admin_queues
     from mailsync.apply import list_parked
 
     c = Cluster(tmp_path, db_url, ("koeln",))
@@ -221,15 +221,15 @@ def test_a_row_that_cannot_be_applied_is_parked_not_stalling(tmp_path: Path, db_
         c.execute("koeln", customers.insert(), {"id": 4, "name": "d", "city": "Aachen"})
         c.sync("koeln", "hq")
         assert 4 in [r[0] for r in c.rows("hq", customers)]
-        assert admin.retry_parked(c.host, None) == (0, 1)  # cause not fixed yet
+        assert admin_queues.retry_parked(c.host, None) == (0, 1)  # cause not fixed yet
         with c.engines["hq"].begin() as conn:
             conn.exec_driver_sql("DROP INDEX one_per_city")
-        assert admin.retry_parked(c.host, [row.id]) == (1, 0)
+        assert admin_queues.retry_parked(c.host, [row.id]) == (1, 0)
         assert 2 in [r[0] for r in c.rows("hq", customers)]
         assert c.host.status().parked == 0
         c.sync("hq", "koeln")
         assert c.agree("customers")
-        assert admin.drop_parked(c.host, None) == 0
+        assert admin_queues.drop_parked(c.host, None) == 0
     finally:
         c.close()
 
@@ -367,7 +367,8 @@ def test_a_reload_replaces_the_copy_but_keeps_undelivered_changes(db_url: str) -
     from mailsync.reload import Reload
     from mailsync.rules import Rule
     from mailsync.store.engine import open_engine
-    from mailsync.store.tables import changes, ensure_schema
+    from mailsync.store.migrations import ensure_schema
+    from mailsync.store.tables import changes
     from mailsync.wire.changeset import TableDef
     from tests.cluster import schema
 

@@ -115,7 +115,8 @@ def test_the_parts_of_a_thousand_stations_are_read_without_hitting_sqlites_depth
     chunks of stations."""
     from mailsync.cycle.settle import _blobs
     from mailsync.store.engine import open_engine
-    from mailsync.store.tables import ensure_schema, outbox
+    from mailsync.store.migrations import ensure_schema
+    from mailsync.store.tables import outbox
 
     engine = open_engine(f"sqlite:///{tmp_path / 'hq.db'}")
     try:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, select, update
 
-from mailsync import CycleReport, admin
+from mailsync import CycleReport, admin_queues
 from mailsync.apply import ParkedRow, list_parked
 from mailsync.dialects import dialect_for
 from mailsync.ranges import admin as ranges_admin
@@ -138,8 +138,8 @@ def test_an_id_collision_under_an_insert_only_rule_no_longer_destroys_the_host_r
         assert any("2 row(s)" in m for m in logged)
     # the admin decides: retry takes koeln's version, drop keeps the host's
     by_key = {r.values["id"]: r.id for r in found}
-    assert admin.retry_parked(c.host, [by_key[500]]) == (1, 0)
-    assert admin.drop_parked(c.host, [by_key[504]]) == 1
+    assert admin_queues.retry_parked(c.host, [by_key[500]]) == (1, 0)
+    assert admin_queues.drop_parked(c.host, [by_key[504]]) == 1
     assert names(c, "hq")[500] == ("Koeln Kunde", "koeln")
     assert names(c, "hq")[504] == ("HQ neu", "koeln")
     assert parked(c) == []

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, inspect, select, text, update
 
-from mailsync import admin
+from mailsync import admin_queues
 from mailsync.definitions import changes, digest
 from mailsync.errors import RuleError
 from mailsync.provision import provision
@@ -177,13 +177,13 @@ def test_a_station_missing_a_hosts_column_parks_only_that_tables_rows(site: Clus
     c.execute("hq", invoices.insert(), {"id": 11, "customer_id": 1, "total": Decimal("5")})
     report = c.sync("hq", "koeln")["koeln"]
     assert not report.errors and len(c.rows("koeln", invoices)) == 11
-    parked = admin.parked_rows(c.nodes["koeln"])
+    parked = admin_queues.parked_rows(c.nodes["koeln"])
     assert [p.table for p in parked] == ["customers"] and "city" in parked[0].error
     ddl(c, "koeln", "ALTER TABLE customers RENAME COLUMN town TO city")
     c.host.resync_table("customers")
     c.sync("hq", "koeln")
     assert query(c, "koeln", "SELECT city FROM customers WHERE id = 3") == [("bonn",)]
-    assert admin.parked_rows(c.nodes["koeln"]) == []  # the refresh brought them
+    assert admin_queues.parked_rows(c.nodes["koeln"]) == []  # the refresh brought them
 
 
 def test_a_station_starts_from_an_empty_database(tmp_path: Path, db_url: str) -> None:

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from mailsync.build import _PartSpool
 from mailsync.enroll import Bundle, write_bundle
 from mailsync.errors import TransportError
 from mailsync.journal import read_log
 from mailsync.keys import KeyPair
 from mailsync.node import init_node
+from mailsync.spools import PartSpool
 from mailsync.store.engine import open_engine
 from mailsync.transport import TransportContext, open_receiver, open_sender
 from mailsync.transport.maildir import deliver
@@ -115,7 +115,7 @@ def test_maildir_delivery_writes_owner_only_files_and_folders(tmp_path: Path) ->
 
 
 def test_spool_files_on_disk_are_owner_only() -> None:
-    spool = _PartSpool(part_size=16)
+    spool = PartSpool(part_size=16)
     try:
         spool.write(b"x" * 64)  # past one part: the spool is now a file on disk
         file = spool._file._file  # the rolled-over temporary file

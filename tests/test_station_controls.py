@@ -39,10 +39,9 @@ from mailsync import link as links_mod
 from mailsync.ranges import admin, model
 from mailsync.ranges.draw import next_number
 from mailsync.store.engine import open_engine
+from mailsync.store.migrations import MIGRATIONS, ensure_schema
 from mailsync.store.tables import (
-    MIGRATIONS,
     SCHEMA_VERSION,
-    ensure_schema,
     leases,
     links,
     log_table,

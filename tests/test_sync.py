@@ -135,7 +135,8 @@ def test_remote_refuses_what_its_rules_do_not_allow(cluster: Cluster) -> None:
     cluster.sync("hq", "koeln")
     # the host's rule changes, but koeln has not heard yet: forge what a stale
     # host would send by building with a wider plan than koeln holds
-    from mailsync.build import LinkPlan, build_for_link
+    from mailsync.build import build_for_link
+    from mailsync.linkplan import LinkPlan
     from mailsync.rules import Rule
 
     cluster.execute("hq", notes.insert(), {"owner": "hq", "topic": "x", "body": "y"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mailsync import admin
+from mailsync import admin_queues
 from mailsync.cli.common import chosen_ids, console, escape, grid, open_node, print_json, when
 
 conflicts_app = typer.Typer(
@@ -38,7 +38,7 @@ def conflicts_list(
 ) -> None:
     """Show the recorded conflicts: which version was kept, and both versions."""
     with open_node(ctx) as node:
-        found = admin.list_conflicts(node, table=table_name, limit=limit, waiting=waiting)
+        found = admin_queues.list_conflicts(node, table=table_name, limit=limit, waiting=waiting)
     if as_json:
         print_json(found)
         return
@@ -77,7 +77,9 @@ def conflicts_resolve(
     if keep not in ("host", "station"):
         raise typer.BadParameter("use host or station", param_hint="--keep")
     with open_node(ctx) as node:
-        record = admin.resolve_conflict(node, conflict_id, "host" if keep == "host" else "station")
+        record = admin_queues.resolve_conflict(
+            node, conflict_id, "host" if keep == "host" else "station"
+        )
     who = "the host's" if keep == "host" else f"{record.peer}'s"
     console.print(
         f"conflict {conflict_id} resolved: {who} version of {escape(record.table)} "
@@ -95,7 +97,7 @@ def conflicts_drop(
     """Forget recorded conflicts once dealt with (the rows stay as they are)."""
     chosen = chosen_ids(ids, all_, "conflicts", "conflicts list")
     with open_node(ctx) as node:
-        gone = admin.drop_conflicts(node, chosen)
+        gone = admin_queues.drop_conflicts(node, chosen)
     console.print(f"{gone} conflict record(s) dropped")
 
 

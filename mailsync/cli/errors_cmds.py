@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mailsync import admin
+from mailsync import admin_queues
 from mailsync.cli.common import chosen_ids, console, escape, grid, open_node, when
 
 errors_app = typer.Typer(
@@ -21,7 +21,7 @@ def _ids(ids: list[int] | None, all_: bool) -> list[int] | None:
 def errors_list(ctx: typer.Context) -> None:
     """Show the parked rows: where they came from, their values and the error."""
     with open_node(ctx) as node:
-        rows = admin.parked_rows(node)
+        rows = admin_queues.parked_rows(node)
     if not rows:
         console.print("no parked rows")
         return
@@ -49,7 +49,7 @@ def errors_retry(
     """Apply parked rows again (after fixing the cause)."""
     chosen = _ids(ids, all_)
     with open_node(ctx) as node:
-        done, failed = admin.retry_parked(node, chosen)
+        done, failed = admin_queues.retry_parked(node, chosen)
     console.print(f"{done} row(s) applied, {failed} still parked")
     if failed:
         raise typer.Exit(5)
@@ -64,7 +64,7 @@ def errors_drop(
     """Forget parked rows (their change is given up on this node)."""
     chosen = _ids(ids, all_)
     with open_node(ctx) as node:
-        dropped = admin.drop_parked(node, chosen)
+        dropped = admin_queues.drop_parked(node, chosen)
     console.print(f"{dropped} parked row(s) dropped")
 
 

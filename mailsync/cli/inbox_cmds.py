@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mailsync import admin
+from mailsync import admin_queues
 from mailsync.cli.common import age, console, escape, grid, open_node, print_json, when
 from mailsync.inbox import Buffered
 
@@ -51,7 +51,7 @@ def inbox_list(
 ) -> None:
     """Show what waits in the inbox, per peer, and why."""
     with open_node(ctx) as node:
-        found = admin.inbox_list(node, peer)
+        found = admin_queues.inbox_list(node, peer)
     if as_json:
         print_json([_record(b) for b in found])
         return
@@ -82,7 +82,7 @@ def inbox_show(
 ) -> None:
     """Show one buffered changeset: parts, size, failures, why it waits."""
     with open_node(ctx) as node:
-        b = admin.inbox_show(node, peer, seq)
+        b = admin_queues.inbox_show(node, peer, seq)
     if as_json:
         print_json(_record(b))
         return
@@ -109,7 +109,7 @@ def inbox_retry(
     """Try a peer's waiting changesets again with the next sync (after fixing
     the cause): failures forgotten, quarantine lifted, missing parts asked for."""
     with open_node(ctx) as node:
-        chosen = admin.inbox_retry(node, peer, seq)
+        chosen = admin_queues.inbox_retry(node, peer, seq)
     console.print(
         f"{len(chosen)} changeset(s) from {escape(peer)} are tried again with the next sync"
     )
@@ -129,7 +129,7 @@ def inbox_drop(
     """Drop a buffered changeset. One waiting for its turn is asked for again;
     the one next in line needs --skip, and its rows are then missing here."""
     with open_node(ctx) as node:
-        admin.inbox_drop(node, peer, seq, skip=skip)
+        admin_queues.inbox_drop(node, peer, seq, skip=skip)
     if skip:
         console.print(
             f"[bold yellow]changeset #{seq} from {escape(peer)} skipped[/]: its rows are not "

@@ -17,12 +17,13 @@ from sqlalchemy import Connection
 
 from mailsync import capture, definitions
 from mailsync import link as links_mod
-from mailsync.build import Built, LinkPlan, build_for_link
+from mailsync.build import build_for_link
 from mailsync.cycle.contain import for_peer
 from mailsync.cycle.context import CycleContext
 from mailsync.cycle.report import CycleReport
 from mailsync.errors import MailsyncError
 from mailsync.link import Link
+from mailsync.linkplan import Built, LinkPlan
 from mailsync.rules import Rule
 from mailsync.wire.message import part_bytes
 

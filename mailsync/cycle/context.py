@@ -17,7 +17,6 @@ from sqlalchemy import Connection, Engine, event, select
 from mailsync import definitions, joined, trust
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
-from mailsync.build import LinkPlan
 from mailsync.config import NodeConfig
 from mailsync.cycle.selection import EVERYTHING, Selection
 from mailsync.cycle.snapshot import Snapshot
@@ -26,6 +25,7 @@ from mailsync.errors import ConfigError
 from mailsync.journal import Journal
 from mailsync.keys import KeyRing, PublicKey
 from mailsync.link import Link
+from mailsync.linkplan import LinkPlan
 from mailsync.ranges import exchange
 from mailsync.ranges.model import RangeDef
 from mailsync.rules import Direction, Rule

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from mailsync.apply import Applied
-from mailsync.build import Built
+from mailsync.linkplan import Built
 from mailsync.standing import Told
 from mailsync.wire.controls import Dictionary
 

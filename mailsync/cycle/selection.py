@@ -34,8 +34,8 @@ from sqlalchemy import Connection
 
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
-from mailsync.build import LinkPlan
 from mailsync.errors import ConfigError
+from mailsync.linkplan import LinkPlan
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailsync.build import LinkPlan
 from mailsync.errors import MailsyncError
 from mailsync.link import Link
+from mailsync.linkplan import LinkPlan
 from mailsync.ranges.model import RangeDef
 from mailsync.rules import Rule
 
