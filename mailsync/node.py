@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -21,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import admin, restore, trust
 from mailsync import link as links_mod
+from mailsync.alerts.notify import Watcher, send_test
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -64,6 +66,10 @@ class Node:
             ),
         )
         self.cycle = CycleContext(config, engine, ring, codec, self.journal, memory=memory)
+        #: the [alerts] check after each cycle (nothing without [alerts])
+        self.watch = Watcher(config, engine, self.journal, self.cycle.transport_context)
+        #: seconds the last cycle of this process took (metrics)
+        self.last_cycle_seconds: float | None = None
 
     @property
     def ring(self) -> KeyRing:
@@ -175,8 +181,20 @@ class Node:
     # --------------------------------------------------------------- the cycle
 
     def sync(self) -> CycleReport:
-        """Run one cycle: receive, apply, build, send, purge."""
-        return run_cycle(self.cycle)
+        """Run one cycle: receive, apply, build, send, purge; then, with
+        ``[alerts]``, tell a person what needs one (:mod:`mailsync.alerts`:
+        never fails the cycle, costs nothing without it)."""
+        started = time.monotonic()
+        report = run_cycle(self.cycle)
+        self.last_cycle_seconds = time.monotonic() - started
+        self.watch.after_cycle()
+        return report
+
+    def test_alerts(self) -> list[str]:
+        """Send a test alert to every ``[alerts] to`` address through the
+        node's own send account; the addresses it went to (TransportError
+        when none, ConfigError without ``[alerts]``)."""
+        return send_test(self.config, self.cycle.transport_context)
 
     def status(self) -> Status:
         """Role, peers, last contact, queues and problems, read from the database."""

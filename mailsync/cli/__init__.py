@@ -15,6 +15,7 @@ import typer
 
 from mailsync.cli import (
     admin,
+    alerts_cmds,
     conflicts_cmds,
     demo_cmd,
     errors_cmds,
@@ -85,6 +86,7 @@ errors_cmds.register(app)
 inbox_cmds.register(app)
 conflicts_cmds.register(app)
 demo_cmd.register(app)
+alerts_cmds.register(app)
 
 
 class _Interrupted(BaseException):
