@@ -9,6 +9,7 @@ never sees the node: it gets a :class:`~mailsync.cycle.context.CycleContext`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -39,10 +40,11 @@ from mailsync.enroll import Bundle
 from mailsync.errors import ConfigError, DatabaseError
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
+from mailsync.metrics import record_cycle
 from mailsync.ranges.draw import next_number
 from mailsync.status import LinkStatus, Status, node_status
 from mailsync.store.engine import check_connection, describe_db_error, open_engine, redact
-from mailsync.store.tables import ensure_schema, get_meta, set_meta
+from mailsync.store.tables import ensure_schema, get_meta, now, set_meta
 from mailsync.store.witness import witness_path
 from mailsync.transport import TransportContext
 from mailsync.wire.envelope import Codec, DictionarySettings, Header
@@ -185,10 +187,22 @@ class Node:
         ``[alerts]``, tell a person what needs one (:mod:`mailsync.alerts`:
         never fails the cycle, costs nothing without it)."""
         started = time.monotonic()
-        report = run_cycle(self.cycle)
-        self.last_cycle_seconds = time.monotonic() - started
+        try:
+            report = run_cycle(self.cycle)
+        finally:
+            self.last_cycle_seconds = time.monotonic() - started
         self.watch.after_cycle()
         return report
+
+    def remember_cycle(self, ok: bool) -> None:
+        """Record when the last cycle ended, how long it took and whether it
+        succeeded, for ``status --format openmetrics``: ``sync`` and ``serve``
+        call it after each cycle (one small commit, outside the cycle; a
+        database that fails here fails nothing)."""
+        if self.last_cycle_seconds is None:
+            return
+        with contextlib.suppress(SQLAlchemyError):
+            record_cycle(self.engine, now(), self.last_cycle_seconds, ok)
 
     def test_alerts(self) -> list[str]:
         """Send a test alert to every ``[alerts] to`` address through the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -91,7 +92,12 @@ def sync(
 ) -> None:
     """Run one sync cycle: receive, apply, capture, send."""
     with open_node(ctx) as node:
-        report = _with_progress(node) if console.is_terminal and not as_json else node.sync()
+        try:
+            report = _with_progress(node) if console.is_terminal and not as_json else node.sync()
+        except Exception:
+            node.remember_cycle(False)
+            raise
+        node.remember_cycle(not report.errors)
     if as_json:
         print_json(
             {
@@ -163,9 +169,20 @@ def _with_progress(node: Node) -> CycleReport:
         logger.setLevel(level)
 
 
+class StatusFormat(StrEnum):
+    text = "text"
+    json = "json"
+    openmetrics = "openmetrics"
+
+
 def status(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    fmt: StatusFormat = typer.Option(
+        StatusFormat.text,
+        "--format",
+        help="text, json (= --json), or openmetrics (for the node exporter's textfile collector).",
+    ),
 ) -> None:
     """Show role, peers, last contact, pending changes, outbox and problems."""
     with open_node(ctx) as node:
@@ -176,7 +193,19 @@ def status(
         zone = parse_zone(node.config.timezone, str(node.config.path))
         upcoming = next_runs(node.config.schedules, now(), zone, 1)
         retention = node.config.log_retention_days
-    if as_json:
+        if fmt is StatusFormat.openmetrics:
+            from mailsync.metrics import openmetrics, read_extra
+
+            text = openmetrics(
+                st,
+                read_extra(node.engine),
+                service_running=service.running,
+                service_crashed=service.crashed,
+            )
+    if fmt is StatusFormat.openmetrics:
+        sys.stdout.write(text)
+        return
+    if as_json or fmt is StatusFormat.json:
         print_json({"node": st, "service": service})
         return
     console.print(
