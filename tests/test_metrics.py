@@ -11,8 +11,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from sqlalchemy import insert
 
 from mailsync.metrics import escape
-from mailsync.store.tables import now, parked
+from mailsync.store.tables import now
 from tests.cluster import Cluster, customers
+from tests.test_alerts import park_one
 
 #: a label an admin may well type: quotes, a backslash, a line break, umlauts
 LABEL = 'Köln "Süd" \\ Lager\nHalle 2'
@@ -46,20 +47,7 @@ def test_openmetrics_of_a_host_and_a_station(tmp_path: Path, db_url: str) -> Non
         for node in ("hq", "koeln", "hq"):
             done = c.cli(node, "sync")
             assert done.returncode == 0, done.stderr
-        with c.host.engine.begin() as conn:
-            conn.execute(
-                insert(parked),
-                {
-                    "peer": "koeln",
-                    "seq": 1,
-                    "tbl": "customers",
-                    "op": "I",
-                    "columns": "[]",
-                    "row": b"",
-                    "error": "boom",
-                    "parked_at": now(),
-                },
-            )
+        park_one(c)
         done = c.cli("hq", "status", "--format", "openmetrics")
         assert done.returncode == 0, done.stderr
         text = done.stdout
