@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsync import capture, dictionaries, faults, provision
+from mailsync import capture, dictionaries, faults, progress, provision
 from mailsync import link as links_mod
 from mailsync.admission import CLASH, CLASH_REASON, Check, Gate
 from mailsync.conflicts import Detector
@@ -401,6 +401,7 @@ def apply_buffered(
                     partial(gate.refused_after, table_name),
                     by_id,
                 )
+                progress.tick("applying", peer, seq, result.rows, getattr(stream, "total", 0))
             result.conflicts = detector.summary()
             if reload is not None:
                 mirrored = _mirrored(rules)

@@ -41,7 +41,7 @@ from sqlalchemy import (
 
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
-from mailsync import provision
+from mailsync import progress, provision
 from mailsync.dialects import bulk
 from mailsync.keys import PublicKey
 from mailsync.rules import Direction, Rule, filter_predicate
@@ -201,6 +201,8 @@ class _Builder:
             self.writer.columns(
                 tdef, op, [convert(list(c), f) for c, f in zip(columns, fns, strict=True)]
             )
+            summary = self.writer.summary
+            progress.tick("packing", self.plan.peer, None, summary.rows, summary.bytes)
 
     def tombstones(self, name: str, logged: list[str], keys: list[tuple[Any, ...]]) -> None:
         """Keys of rows gone, as stored: SQLite's change log holds them so

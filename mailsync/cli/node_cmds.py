@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import sys
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -11,9 +10,10 @@ from typing import TYPE_CHECKING
 import typer
 
 from mailsync.cli.common import State, age, console, escape, new_table, open_node, print_json, when
+from mailsync.cli.progress_view import with_progress
 from mailsync.config import config_path
 from mailsync.keys import key_path, load_keyring
-from mailsync.node import CycleReport, Node, init_node
+from mailsync.node import init_node
 from mailsync.schedule import next_runs, parse_zone
 from mailsync.store.tables import now
 
@@ -93,7 +93,7 @@ def sync(
     """Run one sync cycle: receive, apply, capture, send."""
     with open_node(ctx) as node:
         try:
-            report = _with_progress(node) if console.is_terminal and not as_json else node.sync()
+            report = with_progress(node) if console.is_terminal and not as_json else node.sync()
         except Exception:
             node.remember_cycle(False)
             raise
@@ -135,38 +135,6 @@ def sync(
         console.print(f"[bold red]error:[/] {escape(error)}")
     if report.errors:
         raise typer.Exit(report.exit_code)
-
-
-def _with_progress(node: Node) -> CycleReport:
-    """A cycle with a live line on the terminal: each message received,
-    changeset applied and part sent as it happens."""
-    done = {"received": 0, "applied": 0, "sent": 0}
-
-    class Show(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            # the journal's structured fields, not its wording
-            key = {"received": "received", "applied": "applied", "sent": "sent"}.get(
-                str(getattr(record, "event", ""))
-            )
-            if key is not None:
-                done[key] += 1
-            text = record.getMessage().split(": ", 1)[-1]
-            spinner.update(
-                f"received {done['received']}, applied {done['applied']}, "
-                f"sent {done['sent']} — {escape(text[:90])}"
-            )
-
-    handler = Show(logging.INFO)
-    logger = logging.getLogger("mailsync")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(min(level or logging.INFO, logging.INFO))
-    try:
-        with console.status("syncing…", spinner="dots") as spinner:
-            return node.sync()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 class StatusFormat(StrEnum):
