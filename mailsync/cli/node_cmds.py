@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from mailsync.cli.common import State, age, console, escape, new_table, open_node, print_json, when
+from mailsync.cli.init_questions import ask_mailbox, interactive
 from mailsync.cli.progress_view import with_progress
 from mailsync.config import config_path
 from mailsync.keys import key_path, load_keyring
@@ -34,10 +35,11 @@ def init(
         ..., "--db", help="Application database (SQLAlchemy URL), e.g. sqlite:///shop.db."
     ),
     address: str = typer.Option(..., "--address", help="This node's e-mail address."),
-    mail: str = typer.Option(
-        "maildir:mail",
+    mail: str | None = typer.Option(
+        None,
         "--mail",
-        help="Mailbox URL for sending and receiving; maildir:PATH is a local post office.",
+        help="Mailbox URL for sending and receiving; maildir:PATH is a local post office "
+        "\\[default: asked on a terminal, else maildir:mail].",
     ),
     send: str | None = typer.Option(
         None, "--send", help="Where mail is sent, e.g. smtp+starttls://USER@HOST:587 [--mail]."
@@ -56,13 +58,18 @@ def init(
     """Create a node: write its config and the mailsync tables in its database."""
     state: State = ctx.obj
     path = config_path(state.config)
+    if mail is None and send is None and receive is None and interactive():
+        asked = ask_mailbox(address, path.parent)
+        send, receive = asked.send, asked.receive
+        password_env = password_env or asked.password_env
+        password_file = password_file or asked.password_file
     cfg = init_node(
         path,
         role=role.value,
         node_id=node_id,
         database=db,
         address=address,
-        mail=mail,
+        mail=mail or "maildir:mail",
         force=force,
         send=send,
         receive=receive,
