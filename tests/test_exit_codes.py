@@ -278,3 +278,9 @@ def test_every_command_has_help_and_a_row_in_the_readme(tmp_path: Path) -> None:
         assert mine, f"no README row for mailsync {' '.join(path)}"
         if len(path) > 1:
             assert any(re.search(rf"\b{re.escape(path[1])}\b", r) for r in mine), path
+
+
+def test_every_command_has_a_case() -> None:
+    """A new command without a case in CASES fails here."""
+    covered = {p for p in _commands() for _, _, args, _ in CASES if tuple(args[: len(p)]) == p}
+    assert set(_commands()) == covered, set(_commands()) - covered
