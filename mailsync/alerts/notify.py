@@ -248,7 +248,10 @@ class Watcher:
         except (MailsyncError, SQLAlchemyError, OSError) as exc:
             text = first_line(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
             self._failed(f"alerts could not be checked or sent: {text}")
-            return []
+        except Exception as exc:  # a bug must not cost the cycle: said, with its traceback
+            logger.error("%s: alerts failed", self.config.node_id, exc_info=True)
+            self._failed(f"alerts failed: unexpected {type(exc).__name__}: {exc}")
+        return []
 
     def check(self, at: dt.datetime) -> list[Alert]:
         """Evaluate, claim, mail; give the claims back when nobody got it."""
