@@ -151,6 +151,7 @@ CASES: list[tuple[str, str, tuple[str, ...], int]] = [
     ("station add twice", "hq", ("station", "add", "bonn", "--email", "bonn2@x.test"), 2),
     ("station edit unknown", "hq", ("station", "edit", "nobody", "--label", "x"), 2),
     ("station remove unknown", "hq", ("station", "remove", "nobody", "--yes"), 2),
+    ("station list on a remote", "koeln", ("station", "list"), 2),
     ("demo into a folder in use", ".", ("demo", "demo-taken"), 2),
     (
         "init over a config",
