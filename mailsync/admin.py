@@ -279,6 +279,9 @@ def wait_verified(
 
 
 def list_stations(site: Site) -> list[rules_mod.Station]:
+    """The host's stations; a remote has none to list (its one peer is
+    the host): refused like ``station add``, not "no stations yet"."""
+    _require_host(site, "a station")
     with site.engine.connect() as conn:
         return rules_mod.list_stations(conn)
 

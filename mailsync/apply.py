@@ -33,6 +33,7 @@ from mailsync import (
     dictionaries,
     faults,
     joined,
+    progress,
     provision,
     table_requests,
 )
@@ -367,6 +368,7 @@ def apply_buffered(
                     partial(gate.refused_after, table_name),
                     by_id,
                 )
+                progress.tick("applying", peer, seq, result.rows, getattr(stream, "total", 0))
             result.conflicts = detector.summary()
             result.overwritten += detector.overwritten_lines()
             if reload is not None:

@@ -38,7 +38,7 @@ from sqlalchemy import (
     update,
 )
 
-from mailsync import conflict_notes, definitions, provision, verification
+from mailsync import conflict_notes, definitions, progress, provision, verification
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
 from mailsync import since as since_mod
@@ -157,6 +157,8 @@ class _Builder:
             self.writer.columns(
                 tdef, op, [convert(list(c), f) for c, f in zip(columns, fns, strict=True)]
             )
+            summary = self.writer.summary
+            progress.tick("packing", self.plan.peer, None, summary.rows, summary.bytes)
 
     def tombstones(
         self, name: str, logged: list[str], keys: list[tuple[Any, ...]], ats: list[Any]

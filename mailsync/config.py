@@ -26,6 +26,7 @@ from typing import Any, Literal
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from mailsync.alerts.settings import AlertSettings, read_alerts, render_alerts
 from mailsync.errors import ConfigError
 from mailsync.keys import DEFAULT_GRACE_DAYS
 from mailsync.schedule import Schedule, parse_schedule, parse_zone
@@ -34,7 +35,7 @@ from mailsync.wire.limits import DEFAULT_LIMITS, LIMIT_KEYS, Limits
 
 DEFAULT_CONFIG = "mailsync.toml"
 #: the tables a config file may have
-SECTIONS = ("node", "mailbox", "schedule", "limits")
+SECTIONS = ("node", "mailbox", "schedule", "limits", "alerts")
 CONFIG_ENV = "MAILSYNC_CONFIG"
 DEFAULT_COMPRESSION_LEVEL = 3
 #: small changesets, compressed with the link's dictionary (see
@@ -122,6 +123,8 @@ class NodeConfig:
     #: where the database's password comes from, when not from libpq's own
     #: PGPASSWORD / ~/.pgpass (never the config: ``database_password_*``)
     database_secret: Secret = field(default_factory=Secret)
+    #: who is told when something needs a person ([alerts]; off without it)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def database_url(self) -> str:
         """The database URL with its password filled in from its source."""
@@ -193,7 +196,12 @@ class _Section(dict[str, Any]):
 
 
 #: a type as the config's reader would say it
-_WORDS = {int: "a whole number", str: "text in quotes", bool: "true or false"}
+_WORDS: dict[Any, str] = {
+    int: "a whole number",
+    str: "text in quotes",
+    bool: "true or false",
+    str | list: "an address in quotes or a list of them",
+}
 
 
 def _at(table: dict[str, Any], key: str, where: str) -> str:
@@ -365,6 +373,7 @@ def load_config(path: Path) -> NodeConfig:
     )
     _refuse_unknown(box, where)
     _check_urls(mailbox, where)
+    alerts = _alerts(data.get("alerts"), path, text, mailbox.address)
     return NodeConfig(
         path=path,
         node_id=node_id,
@@ -385,7 +394,23 @@ def load_config(path: Path) -> NodeConfig:
         timezone=timezone,
         limits=limits,
         database_secret=database_secret,
+        alerts=alerts,
     )
+
+
+def _alerts(value: Any, path: Path, text: str, own_address: str) -> AlertSettings:
+    """The [alerts] table (:mod:`mailsync.alerts.settings`); none: alerts off."""
+    if value is None:
+        return AlertSettings()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: alerts must be an [alerts] table")
+    section = _Section(value, text, "alerts")
+    where = f"{path} [alerts]"
+    settings = read_alerts(
+        lambda key, kind, default: _get(section, key, kind, where, default), where, own_address
+    )
+    _refuse_unknown(section, where)
+    return settings
 
 
 def _check_urls(box: MailboxConfig, where: str) -> None:
@@ -527,5 +552,7 @@ def render_config(
         "# admit what mailsync writes with a wide margin (see the README).",
         "# [limits]",
         *(f"# {key} = {getattr(DEFAULT_LIMITS, key)}" for key in LIMIT_KEYS),
+        "",
+        *render_alerts(),
     ]
     return "\n".join(lines) + "\n"

@@ -30,6 +30,10 @@ boundary with ``raise ... from exc`` so the cause stays inspectable.
 A raiser that knows better than its class passes ``scope=`` (an SMTP server
 refusing one recipient is a ``"peer"`` matter, not the mailbox's). The
 cycle confines each error with :func:`mailsync.cycle.contain.contained`.
+
+The command line's exit codes are :data:`EXIT_CODES`, one table for every
+command (the README prints it; ``tests/test_exit_codes.py`` runs each
+command into each code it can give).
 """
 
 from __future__ import annotations
@@ -51,6 +55,20 @@ def first_line(exc: BaseException) -> str:
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return detail[0] if detail else type(exc).__name__
 
+
+#: The command line's exit codes: one table, true for every command. An
+#: error's class gives its code (``exit_code`` below); typer's own usage
+#: errors (an unknown option, a missing argument) are 2 like a bad config.
+EXIT_CODES: dict[int, str] = {
+    0: "done",
+    1: "a message that is not a mailsync message (`inspect`), or a bug: report it",
+    2: "bad config file or command-line argument, or a rule that cannot be defined",
+    3: "the database: cannot be opened, is not a mailsync node, lacks a table or a key",
+    4: "a mailbox: server down, login refused, a message it would not take",
+    5: "a changeset failed to apply (the link waits; `mailsync inbox`)",
+    6: "a number range has no number left here",
+    130: "interrupted (Ctrl-C): nothing lost, run the command again",
+}
 
 #: what a Ctrl-C says (the command line): every step commits before the
 #: next relies on it, so an interrupted command is simply run again

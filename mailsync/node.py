@@ -9,8 +9,10 @@ never sees the node: it gets a :class:`~mailsync.cycle.context.CycleContext`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mailsync import admin, admin_stations, joined, restore, standing, trust
 from mailsync import link as links_mod
 from mailsync import rules as rules_mod
+from mailsync.alerts.notify import Watcher, send_test
 from mailsync.config import (
     NodeConfig,
     Role,
@@ -40,11 +43,12 @@ from mailsync.enroll import Bundle
 from mailsync.errors import ConfigError, DatabaseError
 from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
+from mailsync.metrics import record_cycle
 from mailsync.ranges.draw import next_number
 from mailsync.status import LinkStatus, Status, node_status
 from mailsync.store.engine import check_connection, describe_db_error, open_engine, redact
 from mailsync.store.migrations import ensure_schema
-from mailsync.store.tables import get_meta, set_meta
+from mailsync.store.tables import get_meta, now, set_meta
 from mailsync.store.witness import witness_path
 from mailsync.transport import TransportContext
 from mailsync.wire.envelope import Codec, DictionarySettings, Header
@@ -68,6 +72,10 @@ class Node:
             ),
         )
         self.cycle = CycleContext(config, engine, ring, codec, self.journal, memory=memory)
+        #: the [alerts] check after each cycle (nothing without [alerts])
+        self.watch = Watcher(config, engine, self.journal, self.cycle.transport_context)
+        #: seconds the last cycle of this process took (metrics)
+        self.last_cycle_seconds: float | None = None
 
     @property
     def ring(self) -> KeyRing:
@@ -181,7 +189,19 @@ class Node:
     def sync(self, stations: Iterable[str] = (), tables: Iterable[str] = ()) -> CycleReport:
         """Run one cycle: receive, apply, build, send, purge — for every link
         and table, or limited to some (:mod:`mailsync.cycle.selection`;
-        ConfigError for one that is not there, before anything runs)."""
+        ConfigError for one that is not there, before anything runs); then,
+        with ``[alerts]``, tell a person what needs one
+        (:mod:`mailsync.alerts`: never fails the cycle, costs nothing
+        without it)."""
+        started = time.monotonic()
+        try:
+            report = self._cycle(stations, tables)
+        finally:
+            self.last_cycle_seconds = time.monotonic() - started
+        self.watch.after_cycle()
+        return report
+
+    def _cycle(self, stations: Iterable[str], tables: Iterable[str]) -> CycleReport:
         if not stations and not tables:
             return run_cycle(self.cycle)
         with self.engine.connect() as conn:
@@ -191,6 +211,22 @@ class Node:
             return run_cycle(self.cycle)
         finally:
             self.cycle.selection = selection.EVERYTHING
+
+    def remember_cycle(self, ok: bool) -> None:
+        """Record when the last cycle ended, how long it took and whether it
+        succeeded, for ``status --format openmetrics``: ``sync`` and ``serve``
+        call it after each cycle (one small commit, outside the cycle; a
+        database that fails here fails nothing)."""
+        if self.last_cycle_seconds is None:
+            return
+        with contextlib.suppress(SQLAlchemyError):
+            record_cycle(self.engine, now(), self.last_cycle_seconds, ok)
+
+    def test_alerts(self) -> list[str]:
+        """Send a test alert to every ``[alerts] to`` address through the
+        node's own send account; the addresses it went to (TransportError
+        when none, ConfigError without ``[alerts]``)."""
+        return send_test(self.config, self.cycle.transport_context)
 
     def status(self) -> Status:
         """Role, peers, last contact, queues and problems, read from the database."""

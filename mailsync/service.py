@@ -288,6 +288,7 @@ def _cycle(node: Node, say: Callable[[str], None]) -> bool:
     except Exception as exc:  # a bug must not stop the service: log it, retry later
         line, ok, raised = f"failed: {type(exc).__name__}: {exc}", False, True
         say(f"{name}: unexpected error:\n{traceback.format_exc()}")
+    node.remember_cycle(ok)  # for metrics: when, how long, whether it succeeded
     if raised:
         with contextlib.suppress(SQLAlchemyError):  # the database may be what failed
             node.journal.error("cycle", f"sync cycle {line}")

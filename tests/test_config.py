@@ -211,6 +211,7 @@ def test_a_new_config_names_every_setting_and_each_loads(tmp_path: Path) -> None
     path.write_text(opened)
     full = load_config(path)
     assert full.schedules and full.timezone == "Europe/Berlin"
+    assert full.alerts.to == ("admin@example.com",) and full.alerts.silent_days == 3
     assert full.limits == load_config(path).limits
     with pytest.raises(ConfigError, match="only one of --password-env and --password-file"):
         render_config(

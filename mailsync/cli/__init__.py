@@ -15,6 +15,7 @@ import typer
 
 from mailsync.cli import (
     admin,
+    alerts_cmds,
     conflicts_cmds,
     demo_cmd,
     errors_cmds,
@@ -87,6 +88,7 @@ inbox_cmds.register(app)
 conflicts_cmds.register(app)
 demo_cmd.register(app)
 verify_cmd.register(app)
+alerts_cmds.register(app)
 
 
 class _Interrupted(BaseException):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
+import sys
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import typer
 
 from mailsync.cli.common import State, age, console, escape, new_table, open_node, print_json, when
+from mailsync.cli.init_questions import ask_mailbox, interactive
+from mailsync.cli.progress_view import with_progress
 from mailsync.config import config_path
 from mailsync.keys import key_path, load_keyring
-from mailsync.node import CycleReport, Node, init_node
+from mailsync.node import init_node
 from mailsync.schedule import next_runs, parse_zone
 from mailsync.store.tables import now
 
@@ -34,10 +36,11 @@ def init(
         ..., "--db", help="Application database (SQLAlchemy URL), e.g. sqlite:///shop.db."
     ),
     address: str = typer.Option(..., "--address", help="This node's e-mail address."),
-    mail: str = typer.Option(
-        "maildir:mail",
+    mail: str | None = typer.Option(
+        None,
         "--mail",
-        help="Mailbox URL for sending and receiving; maildir:PATH is a local post office.",
+        help="Mailbox URL for sending and receiving; maildir:PATH is a local post office "
+        "\\[default: asked on a terminal, else maildir:mail].",
     ),
     send: str | None = typer.Option(
         None, "--send", help="Where mail is sent, e.g. smtp+starttls://USER@HOST:587 [--mail]."
@@ -56,13 +59,18 @@ def init(
     """Create a node: write its config and the mailsync tables in its database."""
     state: State = ctx.obj
     path = config_path(state.config)
+    if mail is None and send is None and receive is None and interactive():
+        asked = ask_mailbox(address, path.parent)
+        send, receive = asked.send, asked.receive
+        password_env = password_env or asked.password_env
+        password_file = password_file or asked.password_file
     cfg = init_node(
         path,
         role=role.value,
         node_id=node_id,
         database=db,
         address=address,
-        mail=mail,
+        mail=mail or "maildir:mail",
         force=force,
         send=send,
         receive=receive,
@@ -99,11 +107,16 @@ def sync(
     """Run one sync cycle: receive, apply, capture, send (or limit it to
     some stations and tables: what is left out waits, nothing is lost)."""
     with open_node(ctx) as node:
-        report = (
-            _with_progress(node, station, table)
-            if console.is_terminal and not as_json
-            else node.sync(station, table)
-        )
+        try:
+            report = (
+                with_progress(node, station, table)
+                if console.is_terminal and not as_json
+                else node.sync(station, table)
+            )
+        except Exception:
+            node.remember_cycle(False)
+            raise
+        node.remember_cycle(not report.errors)
     if as_json:
         print_json(
             {
@@ -143,41 +156,20 @@ def sync(
         raise typer.Exit(report.exit_code)
 
 
-def _with_progress(node: Node, stations: list[str], tables: list[str]) -> CycleReport:
-    """A cycle with a live line on the terminal: each message received,
-    changeset applied and part sent as it happens."""
-    done = {"received": 0, "applied": 0, "sent": 0}
-
-    class Show(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            # the journal's structured fields, not its wording
-            key = {"received": "received", "applied": "applied", "sent": "sent"}.get(
-                str(getattr(record, "event", ""))
-            )
-            if key is not None:
-                done[key] += 1
-            text = record.getMessage().split(": ", 1)[-1]
-            spinner.update(
-                f"received {done['received']}, applied {done['applied']}, "
-                f"sent {done['sent']} — {escape(text[:90])}"
-            )
-
-    handler = Show(logging.INFO)
-    logger = logging.getLogger("mailsync")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(min(level or logging.INFO, logging.INFO))
-    try:
-        with console.status("syncing…", spinner="dots") as spinner:
-            return node.sync(stations, tables)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+class StatusFormat(StrEnum):
+    text = "text"
+    json = "json"
+    openmetrics = "openmetrics"
 
 
 def status(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    fmt: StatusFormat = typer.Option(
+        StatusFormat.text,
+        "--format",
+        help="text, json (= --json), or openmetrics (for the node exporter's textfile collector).",
+    ),
 ) -> None:
     """Show role, peers, last contact, pending changes, outbox and problems."""
     with open_node(ctx) as node:
@@ -188,7 +180,19 @@ def status(
         zone = parse_zone(node.config.timezone, str(node.config.path))
         upcoming = next_runs(node.config.schedules, now(), zone, 1)
         retention = node.config.log_retention_days
-    if as_json:
+        if fmt is StatusFormat.openmetrics:
+            from mailsync.metrics import openmetrics, read_extra
+
+            text = openmetrics(
+                st,
+                read_extra(node.engine),
+                service_running=service.running,
+                service_crashed=service.crashed,
+            )
+    if fmt is StatusFormat.openmetrics:
+        sys.stdout.write(text)
+        return
+    if as_json or fmt is StatusFormat.json:
         print_json({"node": st, "service": service})
         return
     console.print(

@@ -201,6 +201,8 @@ class Summary:
 
     rows: int = 0
     records: int = 0
+    #: bytes of the body written so far, before compression
+    bytes: int = 0
     per_table: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count(self, table: str, op: str, n: int) -> None:
@@ -229,8 +231,10 @@ class ChangesetWriter:
         self._write([MAGIC, VERSION, meta or {}])
 
     def _write(self, obj: Any) -> None:
-        self._sink.write(self._packer.pack(obj))
+        data = self._packer.pack(obj)
+        self._sink.write(data)
         self.summary.records += 1
+        self.summary.bytes += len(data)
 
     def table(
         self,
