@@ -51,13 +51,21 @@ def ddl(c: Cluster, node: str, sql: str) -> None:
 
 
 def drop_column(c: Cluster, node: str, table: str, column: str) -> None:
-    """As the README says: on SQLite the capture's update trigger names every
-    column, so it is dropped in the same transaction (the next cycle puts it
-    back); PostgreSQL's trigger survives the drop."""
+    """As the README says: the capture's update trigger names every column,
+    so it is dropped in the column's transaction and the node's next cycle
+    (run at once, before writes resume) puts it back."""
     with c.engines[node].begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql(f'DROP TRIGGER "mailsync_{table}_au"')
+        on = f" ON {table}" if conn.dialect.name == "postgresql" else ""
+        conn.exec_driver_sql(f'DROP TRIGGER "mailsync_{table}_au"{on}')
         conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+    c.sync(node)
+    with c.engines[node].connect() as conn:
+        found = (
+            "SELECT count(*) FROM pg_trigger WHERE tgname = :t"
+            if conn.dialect.name == "postgresql"
+            else "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = :t"
+        )
+        assert conn.execute(text(found), {"t": f"mailsync_{table}_au"}).scalar() == 1
 
 
 def query(c: Cluster, node: str, sql: str) -> list[tuple[Any, ...]]:

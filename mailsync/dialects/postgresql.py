@@ -18,10 +18,20 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Connection,
+    Date,
+    DateTime,
     Engine,
+    Integer,
+    Interval,
+    LargeBinary,
+    Numeric,
+    String,
     Table,
+    Time,
+    Uuid,
     inspect,
     text,
 )
@@ -84,9 +94,14 @@ def render_sql(fmt: NumberFormat | None, n: str) -> str:
     return "(" + " || ".join([*pieces(fmt.before), _digits(fmt, n), *pieces(fmt.after)]) + ")"
 
 
-def _literal(name: str) -> str:
-    """``name`` as a SQL string literal."""
-    return "'" + name.replace("'", "''") + "'"
+#: Column types compared as they are; any other (json, xml, geometric types
+#: have no equality operator) is compared as its text.
+_COMPARABLE = (Integer, Numeric, String, Date, DateTime, Time, Boolean, LargeBinary, Interval, Uuid)
+
+
+def _compared(column: Column[Any], alias: str) -> str:
+    value = f"{alias}.{quote_ident(_Q, column.name)}"
+    return value if isinstance(column.type, _COMPARABLE) else f"{value}::text"
 
 
 def _function_name(table: str) -> str:
@@ -127,12 +142,8 @@ class PostgreSQLDialect:
         # kept an update of the columns whose values differ
         key = quote_ident(_Q, pk[0])
         gone, born = f"n.{key} IS NULL", f"o.{key} IS NULL"  # key columns are NOT NULL
-        # each column read by name from the rows as JSON, not as ``n.col``: a
-        # column dropped later (an ERP upgrade) reads as NULL on both sides
-        # instead of failing every UPDATE of the table until the triggers
-        # are installed again
         changed = " | ".join(
-            f"(CASE WHEN j.nj -> {_literal(c.name)} IS DISTINCT FROM j.oj -> {_literal(c.name)} "
+            f"(CASE WHEN {_compared(c, 'n')} IS DISTINCT FROM {_compared(c, 'o')} "
             f"THEN {bit}::int8 ELSE 0::int8 END)"
             for c, bit in column_bits(table)
         )
@@ -148,8 +159,7 @@ class PostgreSQLDialect:
             f"    {timed} SELECT {lit}, CASE WHEN {gone} THEN {old_pk} ELSE {new_pk} END,\n"
             f"      CASE WHEN {gone} THEN 'D' ELSE 'U' END, origin,\n"
             f"      CASE WHEN {gone} OR {born} THEN NULL ELSE {changed} END, at\n"
-            f"      FROM mailsync_old o FULL JOIN mailsync_new n ON {same}\n"
-            "      CROSS JOIN LATERAL (SELECT to_jsonb(n) AS nj, to_jsonb(o) AS oj) j;\n"
+            f"      FROM mailsync_old o FULL JOIN mailsync_new n ON {same};\n"
             "  ELSE\n"
             f"    {timed} SELECT {lit}, {old_pk}, 'D', origin, NULL, at FROM mailsync_old o;\n"
             "  END IF;\n"
