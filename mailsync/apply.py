@@ -144,11 +144,20 @@ def park_row(
             tbl=tdef.name,
             op=op,
             columns=json.dumps([list(tdef.column_names if op != "D" else tdef.pk), list(tdef.pk)]),
-            row=pack(list(row)),
+            row=pack([_parkable(v) for v in row]),
             error=error,
             parked_at=now(),
         )
     )
+
+
+def _parkable(value: Any) -> Any:
+    """A row's value as a parked row keeps it: a driver's wrapper (psycopg
+    wraps bytes in ``Binary`` on their way to PostgreSQL) gives back what it
+    wraps, so that a row a PostgreSQL table refuses is parked, not a
+    changeset stalled by a value the changeset codec does not know."""
+    inner = getattr(value, "obj", None)
+    return inner if inner is not None and type(value).__name__ == "Binary" else value
 
 
 def apply_buffered(

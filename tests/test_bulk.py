@@ -90,3 +90,24 @@ def test_a_load_that_fails_leaves_the_triggers_in_place(cluster: Cluster) -> Non
     assert report.rows_parked == 5, report
     with c.engines["koeln"].connect() as conn:
         assert check_capture(conn, ["customers"]) == []
+
+
+def test_a_row_with_driver_wrapped_bytes_is_parked_not_stalled() -> None:
+    """A row a PostgreSQL table refuses is parked as it was going to be
+    written; psycopg's ``Binary`` around bytes must not stop that (it made
+    the whole changeset fail with "a value of type Binary cannot travel")."""
+    import psycopg
+    from sqlalchemy import create_engine, select
+
+    from mailsync.apply import park_row
+    from mailsync.store.migrations import ensure_schema
+    from mailsync.store.tables import parked
+    from mailsync.wire.changeset import TableDef, unpack
+
+    engine = create_engine("sqlite://")
+    ensure_schema(engine)
+    tdef = TableDef(0, "files", (("id", "INTEGER"), ("body", "BLOB")), ("id",))
+    with engine.begin() as conn:
+        park_row(conn, "hq", 3, tdef, "I", (7, psycopg.Binary(b"\x00\xff")), "refused")
+        stored = conn.execute(select(parked.c.row)).scalar_one()
+    assert unpack(stored) == [7, b"\x00\xff"]
