@@ -345,7 +345,7 @@ def floor_updates(database: Path, changesets: int) -> float:
 def capture_cost(root: Path, rows: int, runs: int) -> dict[str, Figure]:
     """Inserts and updates of invoice lines, with the capture triggers vs. without."""
     from mailsync.store.engine import open_engine
-    from mailsync.store.tables import ensure_schema
+    from mailsync.store.migrations import ensure_schema
 
     def one(triggers: bool | None, what: str) -> float:
         """``triggers`` None: no trigger, and the application writes one
