@@ -28,6 +28,7 @@ definition keeps its constraints).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import weakref
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy.exc import IntegrityError
 
 from mailsync import provision
 from mailsync import rules as rules_mod
@@ -98,14 +100,17 @@ def remember(conn: Connection, definition: dict[str, Any]) -> str:
             select(definitions.c.digest).where(definitions.c.digest == key)
         ).first()
         if found is None:
-            conn.execute(
-                definitions.insert().values(
-                    digest=key,
-                    tbl=str(definition.get("table")),
-                    body=json.dumps(definition, sort_keys=True),
-                    created_at=now(),
+            # in a savepoint: another worker of the host (``serve
+            # --workers``) may be keeping the same body at this moment
+            with contextlib.suppress(IntegrityError), conn.begin_nested():
+                conn.execute(
+                    definitions.insert().values(
+                        digest=key,
+                        tbl=str(definition.get("table")),
+                        body=json.dumps(definition, sort_keys=True),
+                        created_at=now(),
+                    )
                 )
-            )
     return key
 
 

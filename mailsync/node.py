@@ -52,6 +52,8 @@ from mailsync.store.tables import get_meta, now, set_meta
 from mailsync.store.witness import witness_path
 from mailsync.transport import TransportContext
 from mailsync.wire.envelope import Codec, DictionarySettings, Header
+from mailsync.workers.claims import Claimant
+from mailsync.workers.registry import any_alive as workers_alive
 
 
 class Node:
@@ -186,22 +188,41 @@ class Node:
 
     # --------------------------------------------------------------- the cycle
 
-    def sync(self, stations: Iterable[str] = (), tables: Iterable[str] = ()) -> CycleReport:
+    def sync(
+        self,
+        stations: Iterable[str] = (),
+        tables: Iterable[str] = (),
+        *,
+        claimant: Claimant | None = None,
+    ) -> CycleReport:
         """Run one cycle: receive, apply, build, send, purge — for every link
         and table, or limited to some (:mod:`mailsync.cycle.selection`;
         ConfigError for one that is not there, before anything runs); then,
         with ``[alerts]``, tell a person what needs one
         (:mod:`mailsync.alerts`: never fails the cycle, costs nothing
-        without it)."""
+        without it). ``claimant``: this process is one of several workers
+        of the node, and the cycle serves the links it can claim
+        (:mod:`mailsync.workers`)."""
         started = time.monotonic()
         try:
-            report = self._cycle(stations, tables)
+            if claimant is not None:
+                report = self._share_cycle(claimant)
+            else:
+                report = self._cycle(stations, tables)
         finally:
             self.last_cycle_seconds = time.monotonic() - started
         self.watch.after_cycle()
         return report
 
     def _cycle(self, stations: Iterable[str], tables: Iterable[str]) -> CycleReport:
+        if self.is_host and workers_alive(self.engine):
+            # they hold the links between them: a cycle of its own here
+            # would build, apply and send beside them on the same links
+            raise ConfigError(
+                f"{self.config.path}: workers serve this node (`mailsync serve --workers`): "
+                "they sync it",
+                hint="`mailsync status` lists them; stop them to sync by hand",
+            )
         if not stations and not tables:
             return run_cycle(self.cycle)
         with self.engine.connect() as conn:
@@ -211,6 +232,20 @@ class Node:
             return run_cycle(self.cycle)
         finally:
             self.cycle.selection = selection.EVERYTHING
+
+    def _share_cycle(self, claimant: Claimant) -> CycleReport:
+        """One worker's cycle: its share of the links, claimed for the cycle."""
+        share = claimant.claim()
+        self.cycle.share = share
+        self.cycle.selection = selection.Selection(stations=share.peers)
+        try:
+            report = run_cycle(self.cycle)
+            report.links_served, report.coordinated = len(share.peers), share.coordinator
+            return report
+        finally:
+            self.cycle.share = None
+            self.cycle.selection = selection.EVERYTHING
+            claimant.release(share)
 
     def remember_cycle(self, ok: bool) -> None:
         """Record when the last cycle ended, how long it took and whether it

@@ -38,6 +38,7 @@ from mailsync.errors import ConfigError, MailsyncError, first_line
 from mailsync.node import CycleReport, Node
 from mailsync.schedule import next_run, parse_zone
 from mailsync.store.tables import now, service_table
+from mailsync.workers.registry import any_alive
 
 #: Seconds between heartbeats of a running service.
 HEARTBEAT = 30.0
@@ -127,6 +128,11 @@ def service_state(node: Node) -> ServiceState:
 def claim(engine: Engine, where: str) -> None:
     """Record this process as the node's service, or refuse: one runs already."""
     host, pid = socket.gethostname(), os.getpid()
+    if any_alive(engine):
+        raise ConfigError(
+            f"{where}: workers serve this node already (`mailsync serve --workers`)",
+            hint="`mailsync status` lists them; add workers rather than a second service",
+        )
     with engine.begin() as conn:
         # a write first: it takes SQLite's write lock (a row lock on
         # PostgreSQL), so two services starting at once cannot both pass

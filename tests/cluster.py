@@ -120,6 +120,7 @@ SCHEMA_ADDED: dict[int, tuple[tuple[str, str], ...]] = {
     10: (("mailsync_links", "verify_due"),),
     # and a new table, mailsync_definitions
     11: (("mailsync_loads", "digest"), ("mailsync_loads", "stopped")),
+    # 12: two new tables, mailsync_workers and mailsync_mailbag
 }
 
 

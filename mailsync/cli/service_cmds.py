@@ -31,6 +31,12 @@ def serve(
     once: bool = typer.Option(
         False, "--once", help="One cycle of each node now, then exit (for cron or a timer)."
     ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        help="Serve a PostgreSQL host with N worker processes that share out the stations; "
+        "other machines may run theirs against the same database.",
+    ),
 ) -> None:
     """Sync on the node's schedule until stopped (SIGTERM/SIGINT finish the cycle first)."""
     state: State = ctx.obj
@@ -40,7 +46,14 @@ def serve(
     from mailsync.service import stop_on_signals
 
     stop_on_signals(stop, console.print)
-    failed = run_service(paths, once=once, say=console.print, stop=stop)
+    if workers is not None:
+        if len(paths) != 1:
+            raise ConfigError("--workers serves one node: give one --config")
+        from mailsync.workers.pool import serve_workers
+
+        failed = serve_workers(paths[0], workers, once=once, say=console.print, stop=stop)
+    else:
+        failed = run_service(paths, once=once, say=console.print, stop=stop)
     if once and failed:
         raise typer.Exit(5)
 

@@ -31,11 +31,13 @@ from mailsync.ranges.model import RangeDef
 from mailsync.rules import Direction, Rule
 from mailsync.store.seen import SeenInDatabase
 from mailsync.store.tables import loads
-from mailsync.transport import TransportContext
+from mailsync.transport import Receiver, TransportContext, open_receiver
 from mailsync.transport.keep import Keeper
 from mailsync.wire.controls import RangeGrants, RangeReport
 from mailsync.wire.envelope import Codec, Header
 from mailsync.wire.limits import Limits
+from mailsync.workers.claims import Share
+from mailsync.workers.mailbag import SharedMailbox
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,10 @@ class CycleContext:
     witness_confirmed: bool = field(init=False, default=False)
     #: the stations and tables this run is limited to (``sync --station``)
     selection: Selection = field(init=False, default=EVERYTHING)
+    #: one of several workers (``serve --workers``): the links this cycle
+    #: holds and whether it coordinates (:mod:`mailsync.workers`); None: the
+    #: only process serving the node
+    share: Share | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.dialect = dialect_for(self.engine)
@@ -253,6 +259,26 @@ class CycleContext:
     def limits(self) -> Limits:
         """The bounds on decoding what peers send (the codec applies them)."""
         return self.codec.limits
+
+    @property
+    def coordinating(self) -> bool:
+        """Whether this cycle does the node's own chores: reading the
+        mailbox, purging, the removed stations' farewells (one worker of
+        several does, each cycle: the one holding the intake)."""
+        return self.share is None or self.share.coordinator
+
+    def open_mailbox(self) -> Receiver:
+        """What receive reads: the node's mailbox, or for one of several
+        workers its links' share of it (:mod:`mailsync.workers.mailbag`)."""
+        box = self.config.mailbox.receive
+        if self.share is None:
+            return open_receiver(box, self.transport_context())
+        return SharedMailbox(
+            self.engine,
+            self.me,
+            self.share,
+            lambda: open_receiver(box, self.transport_context()),
+        )
 
     def transport_context(self) -> TransportContext:
         box = self.config.mailbox

@@ -31,7 +31,7 @@ from mailsync.journal import logger
 from mailsync.link import Link
 from mailsync.ranges import exchange
 from mailsync.store.tables import inbox, outbox
-from mailsync.transport import Receiver, open_receiver
+from mailsync.transport import Receiver
 from mailsync.wire.envelope import Header, UnknownDictionary, read_header
 from mailsync.wire.limits import exceeded
 from mailsync.wire.message import extract_envelope, is_mailsync
@@ -41,7 +41,7 @@ def receive(ctx: CycleContext, report: CycleReport) -> None:
     """Read every message in the mailbox once (one connection per cycle)."""
     me = ctx.me
     box = ctx.config.mailbox
-    with open_receiver(box.receive, ctx.transport_context()) as rx:
+    with ctx.open_mailbox() as rx:
         for msg in rx.fetch():
             where = f"message {msg.id}"
             sender: str | None = None  # named in the log once the header is read

@@ -46,6 +46,10 @@ class CycleReport:
     #: do not hold (asked for), and ours it asked for (sent again)
     dictionaries_wanted: dict[str, set[int]] = field(default_factory=dict)
     dictionaries_due: dict[str, list[Dictionary]] = field(default_factory=dict)
+    #: one of several workers: the links its cycle held, and whether it
+    #: read the mailbox (None: the only process serving the node)
+    links_served: int | None = None
+    coordinated: bool = False
 
     def peer_outcomes(self) -> dict[str, str]:
         """One line per peer something happened with in this cycle."""

@@ -59,7 +59,8 @@ def settle(ctx: CycleContext, report: CycleReport) -> Outgoing:
         # the links as the builds left them: for controls, purge, witness
         every = links_mod.all_links(conn)
         out = _record(ctx, report, conn, every)
-        purge.purge(ctx, conn, build_stage.rules_now(ctx, report), every)
+        if ctx.coordinating:  # one worker of several does the node's chores
+            purge.purge(ctx, conn, build_stage.rules_now(ctx, report), every)
         # leases granted and sequence numbers moved in this cycle
         restore.check(conn, witness_path(ctx.config.path), ctx.journal, every=every)
         ctx.journal.info("cycle", summary(report, out))
@@ -76,13 +77,16 @@ def _anything(ctx: CycleContext, report: CycleReport) -> bool:
     something to do (else the cycle is idle and writes nothing)."""
     snap = ctx.snapshot
     assert snap is not None
-    if report.bare_acks or snap.pending or snap.forget_upto is not None or snap.farewells:
+    pending = [r for r in snap.pending if ctx.selection.takes(r.peer)]
+    if report.bare_acks or pending:
+        return True
+    if ctx.coordinating and (snap.forget_upto is not None or snap.farewells):
         return True
     if build_stage.wanted(ctx):
         return True
-    if purge.log_due(ctx, snap.oldest_log):
+    if ctx.coordinating and purge.log_due(ctx, snap.oldest_log):
         return True
-    carried = {r.peer for r in snap.pending if r.ack >= r.in_seq}
+    carried = {r.peer for r in pending if r.ack >= r.in_seq}
     return controls.may_say(ctx, carried, report, snap)
 
 
@@ -116,7 +120,8 @@ def _record(
         waiting = ctx.started.waiting | report.left_buffered
     composed = controls.compose_all(ctx, conn, carried, report, snap, every, waiting)
     told = ctx.started is None or ctx.started.farewells
-    if ctx.role.is_host and told and ctx.selection.stations is None:
+    everyone = ctx.selection.stations is None or ctx.share is not None
+    if ctx.role.is_host and told and everyone and ctx.coordinating:
         # stations removed since the last cycle: told once, sealed when removed
         composed += [OutgoingControl(p, a, b, 0) for p, a, b in standing.farewells_due(conn)]
     out = Outgoing(controls=composed, settled=True)

@@ -27,9 +27,11 @@ from mailsync.store.tables import (
     dictionary_samples,
     farewells,
     get_meta,
+    mailbag,
     meta_table,
     metadata,
     verifications,
+    workers_table,
 )
 
 
@@ -155,6 +157,13 @@ def _v10_to_v11_definitions(conn: Connection) -> None:
     definitions.create(conn, checkfirst=True)
 
 
+def _v11_to_v12_workers(conn: Connection) -> None:
+    """Several host workers (``serve --workers``): who they are, and the
+    mail one took from the mailbox for another (both new tables)."""
+    workers_table.create(conn, checkfirst=True)
+    mailbag.create(conn, checkfirst=True)
+
+
 #: Steps that bring the schema from version N to N + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_to_v2,
@@ -167,6 +176,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     8: _stations_paused_told_and_partial_loads,
     9: _v9_to_v10_verify,
     10: _v10_to_v11_definitions,
+    11: _v11_to_v12_workers,
 }
 
 

@@ -31,8 +31,9 @@ from sqlalchemy import (
     UniqueConstraint,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 PREFIX = "mailsync_"
 ALL_STATIONS = "*"
 
@@ -478,6 +479,41 @@ service_table = Table(
     Column("stopped_at", _Time),
 )
 
+#: ``serve --workers``: one row per worker process that ever joined the node
+#: (PostgreSQL). Alive is not a column: a live worker holds an advisory
+#: lock on its row's id (:mod:`mailsync.dialects.pg_locks`), which the
+#: database lets go the moment the process or its machine dies.
+workers_table = Table(
+    "mailsync_workers",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", _Time, nullable=False),
+    Column("heartbeat_at", _Time, nullable=False),
+    Column("stopped_at", _Time),
+    Column("cycles", Integer, nullable=False, default=0),
+    #: links it served in its last cycle, and whether it read the mailbox
+    Column("links", Integer, nullable=False, default=0),
+    Column("coordinated_at", _Time),
+    Column("last_cycle_at", _Time),
+    Column("last_outcome", Text),
+)
+
+#: Mail taken from the node's mailbox by the worker that read it, for the
+#: worker that holds the sender's link (:mod:`mailsync.workers.mailbag`).
+#: ``aside``: the owner set it aside (why); kept for an admin to look at.
+mailbag = Table(
+    "mailsync_mailbag",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("peer", String(64), nullable=False),
+    Column("raw", LargeBinary, nullable=False),
+    Column("taken_at", _Time, nullable=False),
+    Column("aside", Text),
+    Index("mailsync_mailbag_peer", "peer", "id"),
+)
+
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -490,6 +526,13 @@ def get_meta(conn: Connection, key: str) -> str | None:
 
 def set_meta(conn: Connection, key: str, value: str) -> None:
     """Write ``key`` (one statement where it exists: update first)."""
-    done = conn.execute(meta_table.update().where(meta_table.c.key == key).values(value=value))
-    if not done.rowcount:
-        conn.execute(meta_table.insert().values(key=key, value=value))
+    update = meta_table.update().where(meta_table.c.key == key).values(value=value)
+    if conn.execute(update).rowcount:
+        return
+    try:
+        # a savepoint: another process (a second worker of the host) may
+        # be writing the same new key at this moment; then it is an update
+        with conn.begin_nested():
+            conn.execute(meta_table.insert().values(key=key, value=value))
+    except IntegrityError:
+        conn.execute(update)
