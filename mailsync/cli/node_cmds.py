@@ -21,6 +21,7 @@ from mailsync.store.tables import now
 if TYPE_CHECKING:
     from mailsync.service import ServiceState
     from mailsync.verification import Verification
+    from mailsync.workers.registry import WorkerRow
 
 
 class RoleChoice(StrEnum):
@@ -177,6 +178,9 @@ def status(
         from mailsync.service import service_state  # the service's machinery: only here
 
         service = service_state(node)
+        from mailsync.workers.registry import listing
+
+        workers = listing(node.engine)
         zone = parse_zone(node.config.timezone, str(node.config.path))
         upcoming = next_runs(node.config.schedules, now(), zone, 1)
         retention = node.config.log_retention_days
@@ -193,7 +197,7 @@ def status(
         sys.stdout.write(text)
         return
     if as_json or fmt is StatusFormat.json:
-        print_json({"node": st, "service": service})
+        print_json({"node": st, "service": service, "workers": workers})
         return
     console.print(
         f"[bold]{escape(st.node_id)}[/] ({st.role}) <{escape(st.address)}>  "
@@ -201,6 +205,8 @@ def status(
     )
     console.print(f"tables synced: {', '.join(st.tables) or 'none yet'}")
     console.print("service: " + _service_line(service, upcoming))
+    if workers:
+        _print_workers(workers)
     for peer, line in service.last_peers.items():
         colour = "red" if line.startswith("failed") else "green"
         console.print(f"  with {escape(peer)}: [{colour}]{escape(line)}[/]")
@@ -348,6 +354,38 @@ def _verified(v: Verification) -> str:
 def _missing(seqs: tuple[int, ...], parts: tuple[tuple[int, int], ...]) -> str:
     shown = [f"#{s}" for s in seqs] + [f"#{s} part {p}" for s, p in parts]
     return ", ".join(shown[:10]) + (" …" if len(shown) > 10 else "")
+
+
+def _print_workers(workers: list[WorkerRow]) -> None:
+    """``serve --workers``: the workers alive, and those gone within a day."""
+    alive = sum(w.alive for w in workers)
+    console.print(f"workers: {alive} alive (serve --workers)")
+    table = new_table(show_edge=False)
+    for col in ("worker", "machine", "pid", "state", "since", "heartbeat", "links", "cycles"):
+        table.add_column(
+            col, justify="right" if col in ("worker", "pid", "links", "cycles") else "left"
+        )
+    table.add_column("last cycle")
+    for w in workers:
+        state = (
+            "[green]alive[/]"
+            if w.alive
+            else ("stopped" if w.stopped_at is not None else "[red]gone[/] (died or killed)")
+        )
+        if w.alive and w.coordinated_at is not None and w.coordinated_at == w.last_cycle_at:
+            state += ", read the mailbox"
+        table.add_row(
+            str(w.id),
+            escape(w.host),
+            str(w.pid),
+            state,
+            when(w.started_at),
+            when(w.heartbeat_at),
+            str(w.links),
+            str(w.cycles),
+            escape(w.last_outcome or "none yet"),
+        )
+    console.print(table)
 
 
 def _service_line(service: ServiceState, upcoming: list[dt.datetime]) -> str:

@@ -33,9 +33,9 @@ from sqlalchemy import Engine, delete, select, update
 from mailsync.errors import MessageError
 from mailsync.store.tables import mailbag, now
 from mailsync.transport.base import Incoming, Receiver
-from mailsync.workers.claims import Share
 from mailsync.wire.envelope import read_header
 from mailsync.wire.message import extract_envelope, is_mailsync
+from mailsync.workers.claims import Share
 
 #: Messages bagged in one commit, and the bytes of one batch at most.
 BATCH_MESSAGES = 200

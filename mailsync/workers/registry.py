@@ -31,6 +31,7 @@ class WorkerRow:
     started_at: dt.datetime
     heartbeat_at: dt.datetime
     alive: bool
+    stopped_at: dt.datetime | None
     cycles: int
     links: int
     coordinated_at: dt.datetime | None
@@ -119,6 +120,7 @@ def listing(engine: Engine, *, recent: dt.timedelta = dt.timedelta(days=1)) -> l
             r.started_at,
             r.heartbeat_at,
             r.id in alive,
+            r.stopped_at,
             r.cycles,
             r.links,
             r.coordinated_at,
