@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from sqlalchemy import Connection, Engine, delete, func, select, update
 from mailsync import faults
 from mailsync import link as links_mod
 from mailsync.dialects import dialect_for
+from mailsync.errors import ConfigError
 from mailsync.journal import Journal
 from mailsync.ranges.model import Lease, as_lease, this_node
 from mailsync.store.tables import (
@@ -67,6 +69,7 @@ from mailsync.store.witness import (
     set_damaged_aside,
     write_witness,
 )
+from mailsync.workers import registry
 
 #: ``mailsync_meta`` keys: the database's id, its witness generation, where
 #: its witness lives (for ``next_number`` given only an engine), and what
@@ -106,6 +109,10 @@ def check(
         set_damaged_aside(path)
         witness, damaged = None, True
     found = Finding("in step")
+    if (witness is None and generation > 0) or (
+        witness is not None and generation > witness.generation
+    ):
+        _not_shared(conn, path)
     if witness is None and (generation > 0 or damaged):
         found = _lost(conn, path, journal, damaged)
     elif witness is not None and generation < witness.generation:
@@ -144,6 +151,21 @@ def reserve(conn: Connection) -> bool:
     me, _ = this_node(conn)
     check(conn, path, Journal(conn.engine, me))
     return True
+
+
+def _not_shared(conn: Connection, path: Path) -> None:
+    """A witness missing or behind here while workers of this node run on
+    another machine (``serve --workers``): that machine writes the witness
+    this one does not see. Healing would end every lease (a lost witness)
+    or hide a restore; refused instead, with what to do."""
+    others = sorted(registry.live_hosts(conn) - {socket.gethostname()})
+    if others:
+        raise ConfigError(
+            f"{path}: this node's restore witness is missing or older here, and workers of "
+            f"the node run on {', '.join(others)}: every machine serving one node must "
+            "share its directory (config, key file and witness)",
+            hint="put the node's directory on storage every machine mounts at the same path",
+        )
 
 
 def _locked_generation(conn: Connection) -> tuple[int, str, str | None]:

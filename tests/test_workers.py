@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync.errors import ConfigError
 from mailsync.node import Node
-from mailsync.store.tables import inbox, links, mailbag, outbox
+from mailsync.store.tables import inbox, links, mailbag, outbox, workers_table
 from mailsync.transport.memory import MemoryPostOffice
 from mailsync.workers import registry
 from mailsync.workers.claims import Claimant
@@ -330,3 +330,26 @@ def _settled(c: Cluster) -> bool:
                 if conn.execute(select(func.count()).select_from(table)).scalar():
                     return False
     return c.agree("customers")
+
+
+def test_a_machine_without_the_shared_witness_is_refused(cluster: Cluster) -> None:
+    """Workers on another machine write the witness; a machine that does not
+    see it (a missing file would end every lease) refuses to act."""
+    c = cluster
+    path = c.root / "hq" / "mailsync.toml"
+    elsewhere = Claimant(c.engines["hq"], str(path))
+    try:
+        c.execute("hq", update(workers_table).values(host="other-machine"))
+        c.host.close()
+        witness = path.with_suffix(".witness")
+        assert witness.exists()
+        witness.rename(witness.with_suffix(".moved"))
+        with pytest.raises(ConfigError, match="workers of the node run on other-machine"):
+            Node.open(path, memory=c.office)
+        out = c.cli("hq", "status")
+        assert out.returncode == 2 and "share its directory" in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        elsewhere.close()
+    # that machine's workers gone: the witness is lost as before (healed)
+    c.nodes["hq"] = Node.open(path, memory=c.office)

@@ -131,6 +131,17 @@ def listing(engine: Engine, *, recent: dt.timedelta = dt.timedelta(days=1)) -> l
     ]
 
 
+def live_hosts(conn: Connection) -> set[str]:
+    """The machines live workers of this node run on (none off PostgreSQL)."""
+    if conn.dialect.name != "postgresql":
+        return set()
+    alive = pg_locks.held(conn, pg_locks.WORKER)
+    if not alive:
+        return set()
+    rows = conn.execute(select(workers_table.c.host).where(workers_table.c.id.in_(sorted(alive))))
+    return {r[0] for r in rows}
+
+
 def any_alive(engine: Engine) -> bool:
     """Whether a worker serves this node now (a plain ``serve`` or ``sync``
     must then give way)."""
