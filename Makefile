@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/streaming_memory.py
 	$(PY) bench/compression_levels.py
 	$(PY) bench/verify.py
+	$(PY) bench/profile_steady.py --output docs/benchmarks.md
 
 ## the benchmarks' quick mode, once per `make test`, so that they never rot
 bench-quick: $(STAMP)
