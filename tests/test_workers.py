@@ -23,10 +23,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from mailsync.errors import ConfigError
 from mailsync.node import Node
 from mailsync.store.tables import inbox, links, mailbag, outbox, workers_table
+from mailsync.transport.base import Incoming
 from mailsync.transport.memory import MemoryPostOffice
 from mailsync.workers import registry
-from mailsync.workers.claims import Claimant
-from mailsync.workers.mailbag import sender_of
+from mailsync.workers.claims import Claimant, Share
+from mailsync.workers.mailbag import SharedMailbox, sender_of
 from tests.cluster import ChaosPostOffice, Cluster, customers
 from tests.test_delivery import SHARED, workload
 
@@ -179,7 +180,7 @@ def test_mail_for_another_workers_link_waits_in_the_bag_for_it(cluster: Cluster)
         w.close()
 
 
-def test_a_forged_message_in_the_bag_is_set_aside_and_kept(cluster: Cluster) -> None:
+def test_a_forged_message_is_set_aside_at_the_intake_not_bagged(cluster: Cluster) -> None:
     c = cluster
     office = c.office
     assert isinstance(office, MemoryPostOffice)
@@ -196,16 +197,68 @@ def test_a_forged_message_in_the_bag_is_set_aside_and_kept(cluster: Cluster) -> 
         cut = raw.rstrip().rfind(b"\r\n", 0, len(raw) - 10)
         flip = b"A" if raw[cut - 5 : cut - 4] != b"A" else b"B"
         office.deliver("hq@example.test", raw[: cut - 5] + flip + raw[cut - 4 :])
+        aside = len(office.aside.get("hq@example.test", []))
         before = _bagged(c, peer="s5")
-        w.cycle(0)  # the coordinator bags both for s5's holder, unverified
-        assert _bagged(c, peer="s5") == before + 2
-        w.cycle(1)  # the holder: the real one applied, the forged one set aside
-        assert _bagged(c, peer="s5") == 0 and _bagged(c, aside=True) == 1
-        w.cycle(1)  # and it is never fetched again
-        assert _bagged(c, aside=True) == 1
+        w.cycle(0)  # the coordinator: s5 is not its link
+        # the real one bagged for s5's holder, the forged one set aside at once
+        assert _bagged(c, peer="s5") == before + 1
+        assert len(office.aside["hq@example.test"]) == aside + 1
+        w.cycle(1)  # the holder applies it
+        assert _bagged(c, peer="s5") == 0 and _bagged(c, aside=True) == 0
         assert 501 in {r[0] for r in c.rows("hq", customers)}
     finally:
         w.close()
+
+
+class _Box:
+    """A mailbox of a few messages, remembering what was taken out."""
+
+    def __init__(self, messages: list[tuple[str, bytes]]) -> None:
+        self.messages = dict(messages)
+        self.gone: list[str] = []
+
+    def __enter__(self) -> _Box:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def fetch(self) -> Iterator[Incoming]:
+        for key, raw in list(self.messages.items()):
+            yield Incoming(key, raw)
+
+    def processed(self, message_id: str) -> None:
+        self.gone.append(message_id)
+        del self.messages[message_id]
+
+    def set_aside(self, message_id: str, reason: str) -> None:
+        raise AssertionError(reason)
+
+
+def test_a_flood_from_one_station_fills_its_bag_only_to_its_cap(cluster: Cluster) -> None:
+    """A station (or its stolen key) sending more than its inbox may hold:
+    the rest waits in the mailbox, the database does not fill up."""
+    c = cluster
+    office = c.office
+    assert isinstance(office, MemoryPostOffice)
+    c.sync("hq", "s5")  # its load, and its ack back
+    raw = next(r for r in office.boxes["hq@example.test"].values() if sender_of(r, "hq") == "s5")
+    box = _Box([(f"m{i}", raw) for i in range(10)])
+    share = Share(frozenset({"s1"}), True, frozenset(STATIONS))
+    signed: list[str] = []
+    mailbox = SharedMailbox(
+        c.engines["hq"],
+        "hq",
+        share,
+        lambda: box,  # type: ignore[arg-type,return-value]
+        lambda blob, where, peer: signed.append(peer),
+        cap=3 * len(raw) + 10,
+    )
+    with mailbox as rx:
+        assert list(rx.fetch()) == []  # nothing of its own
+    assert signed == ["s5"] * 10  # every one checked before it is kept
+    assert _bagged(c, peer="s5") == 3 and len(box.gone) == 3
+    assert len(box.messages) == 7  # the rest waits in the mailbox
 
 
 def test_a_plain_cycle_gives_way_to_the_workers(cluster: Cluster, tmp_path: Path) -> None:

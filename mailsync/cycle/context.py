@@ -278,7 +278,15 @@ class CycleContext:
             self.me,
             self.share,
             lambda: open_receiver(box, self.transport_context()),
+            self._signed_by,
+            self.limits.max_changeset_bytes + self.limits.max_buffered_bytes,
         )
+
+    def _signed_by(self, blob: bytes, where: str, peer: str) -> object:
+        """``blob``'s header, if ``peer`` signed it (MessageError if not)."""
+        with self.engine.connect() as conn:
+            keys = self.sender_keys(conn, peer)
+        return self.codec.verify(blob, where, keys)
 
     def transport_context(self) -> TransportContext:
         box = self.config.mailbox

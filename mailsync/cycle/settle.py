@@ -38,6 +38,7 @@ from mailsync.cycle.send import Outgoing, Part
 from mailsync.store.tables import horizons, outbox
 from mailsync.store.witness import witness_path
 from mailsync.wire.envelope import read_header
+from mailsync.workers import mailbag
 
 #: Bytes of outbox parts read into memory in the settling transaction; the
 #: rest are read one by one as they are sent. Steady-state changesets are
@@ -61,6 +62,8 @@ def settle(ctx: CycleContext, report: CycleReport) -> Outgoing:
         out = _record(ctx, report, conn, every)
         if ctx.coordinating:  # one worker of several does the node's chores
             purge.purge(ctx, conn, build_stage.rules_now(ctx, report), every)
+            if ctx.share is not None:
+                mailbag.forget_aside(conn)
         # leases granted and sequence numbers moved in this cycle
         restore.check(conn, witness_path(ctx.config.path), ctx.journal, every=every)
         ctx.journal.info("cycle", summary(report, out))

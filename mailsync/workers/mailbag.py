@@ -14,21 +14,28 @@ then receives its links' bagged mail through the same stage, before the
 mailbox's: :class:`SharedMailbox` is the :class:`~mailsync.transport.
 Receiver` the cycle reads from.
 
-Nothing here is trusted: the header is read unverified, only to route.
-The owner's receive stage checks the signature, the sequence and the
-rules exactly as for mail from the mailbox; a message bagged twice (a
-crash between the bag's commit and the mailbox's delete) is a duplicate
-there, as a message delivered twice is. What the owner sets aside stays
-in the bag with the reason (``aside``), for an admin, never fetched again.
+Only what its peer signed is bagged: the intake checks the signature
+against the peer's keys (what fails goes through receive and is set
+aside in the mailbox, as before), and a peer's bag holds at most what
+its inbox may (``max_changeset_bytes`` + ``max_buffered_bytes``): more
+waits in the mailbox for a later cycle, so a station — or its stolen key
+— cannot fill the database through the bag. The owner's receive stage
+still checks everything (signature, sequence, rules) as for mail from the
+mailbox; a message bagged twice (a crash between the bag's commit and the
+mailbox's delete) is a duplicate there, as a message delivered twice is.
+What the owner sets aside stays in the bag with the reason (``aside``)
+for :data:`ASIDE_DAYS`, for an admin, never fetched again; the purge
+forgets it after (:func:`forget_aside`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Self
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Connection, Engine, delete, func, select, update
 
 from mailsync.errors import MessageError
 from mailsync.store.tables import mailbag, now
@@ -42,6 +49,20 @@ BATCH_MESSAGES = 200
 BATCH_BYTES = 16 * 1024 * 1024
 
 _BAG, _BOX = "bag:", "box:"
+
+#: Days a message set aside from the bag is kept for an admin.
+ASIDE_DAYS = 14
+
+
+def forget_aside(conn: Connection) -> None:
+    """Set-aside bag mail past :data:`ASIDE_DAYS` (the coordinator's purge)."""
+    cutoff = now() - dt.timedelta(days=ASIDE_DAYS)
+    conn.execute(delete(mailbag).where(mailbag.c.aside.is_not(None), mailbag.c.taken_at < cutoff))
+
+
+#: Checks a message's signature for the peer it names: the envelope, or
+#: MessageError (:meth:`CycleContext.open_mailbox` binds the codec and keys).
+Check = Callable[[bytes, str, str], object]
 
 
 def sender_of(raw: bytes, me: str) -> str | None:
@@ -61,12 +82,21 @@ class SharedMailbox:
     (holding the intake) the mailbox, whose mail for other links is bagged."""
 
     def __init__(
-        self, engine: Engine, me: str, share: Share, mailbox: Callable[[], Receiver]
+        self,
+        engine: Engine,
+        me: str,
+        share: Share,
+        mailbox: Callable[[], Receiver],
+        check: Check,
+        cap: int,
     ) -> None:
         self.engine = engine
         self.me = me
         self.share = share
         self._open_mailbox = mailbox
+        self._check = check
+        #: bytes a peer's bag may hold; what is over waits in the mailbox
+        self._cap = cap
         self._box: Receiver | None = None
         #: messages bagged for other workers this cycle
         self.bagged = 0
@@ -115,11 +145,24 @@ class SharedMailbox:
         another worker's link is bagged, a batch per commit."""
         batch: list[tuple[str, str, bytes]] = []
         size = 0
+        held = self._held()
         for msg in box.fetch():
             peer = sender_of(msg.raw, self.me)
             if peer is None or peer in self.share.peers or peer not in self.share.known:
                 yield Incoming(f"{_BOX}{msg.id}", msg.raw)
                 continue
+            try:
+                # only what its peer signed is kept for it: anything else is
+                # set aside here, by receive, as mail from the mailbox is
+                self._check(
+                    extract_envelope(msg.raw, f"message {msg.id}"), f"message {msg.id}", peer
+                )
+            except MessageError:
+                yield Incoming(f"{_BOX}{msg.id}", msg.raw)
+                continue
+            if held.get(peer, 0) + len(msg.raw) > self._cap:
+                continue  # its holder has enough to take: this waits in the mailbox
+            held[peer] = held.get(peer, 0) + len(msg.raw)
             batch.append((msg.id, peer, msg.raw))
             size += len(msg.raw)
             if len(batch) >= BATCH_MESSAGES or size >= BATCH_BYTES:
@@ -127,6 +170,16 @@ class SharedMailbox:
                 batch, size = [], 0
         if batch:
             self._bag(box, batch)
+
+    def _held(self) -> dict[str, int]:
+        """Bytes waiting in the bag per peer (one statement)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(mailbag.c.peer, func.sum(func.length(mailbag.c.raw)))
+                .where(mailbag.c.aside.is_(None))
+                .group_by(mailbag.c.peer)
+            )
+            return {peer: int(total or 0) for peer, total in rows}
 
     def _bag(self, box: Receiver, batch: list[tuple[str, str, bytes]]) -> None:
         stamp = now()
