@@ -26,8 +26,10 @@ OPS_HELP = "Comma list of insert, update, delete; or all / none."
 @station_app.command("add")
 def station_add(
     ctx: typer.Context,
-    station_id: str = typer.Argument(..., help="The station's node id, e.g. koeln."),
-    email: str = typer.Option(..., "--email", help="The station's mailbox address."),
+    station_id: str | None = typer.Argument(
+        None, help="The station's node id, e.g. koeln (not with --csv)."
+    ),
+    email: str | None = typer.Option(None, "--email", help="The station's mailbox address."),
     label: str = typer.Option("", "--label", help="A name for people, e.g. 'Filiale Köln'."),
     key: str | None = typer.Option(
         None,
@@ -42,13 +44,41 @@ def station_add(
         None,
         "--passphrase-file",
         help="Passphrase for a sealed bundle (else $MAILSYNC_PASSPHRASE, else a new one is made "
-        "and printed).",
+        "and printed; with --csv, one per station, listed in DIR-passphrases.csv).",
+    ),
+    csv_path: Path | None = typer.Option(
+        None,
+        "--csv",
+        help="Add every station of a CSV file (header id,email[,label][,key]), all or none.",
+    ),
+    bundles: Path | None = typer.Option(
+        None, "--bundles", help="With --csv: the folder for the bundles [default: FILE-bundles]."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="With --csv: check the file and the folder, change nothing."
     ),
 ) -> None:
     """Add a station and write its enrollment bundle for `mailsync join`.
 
-    It gets its rules and an initial load with the next sync.
+    It gets its rules and an initial load with the next sync. With --csv
+    FILE, every station of the file at once (or none, if a row is wrong).
     """
+    if csv_path is not None:
+        given = [n for n, v in (("ID", station_id), ("--email", email), ("--key", key)) if v]
+        given += ["--label"] * bool(label) + ["--bundle"] * (bundle_path is not None)
+        if given:
+            raise ConfigError(f"--csv takes the stations from the file: {given[0]} goes without it")
+        from mailsync.cli.enroll_cmd import add_from_csv
+
+        add_from_csv(ctx, csv_path, bundles, passphrase_file, dry_run)
+        return
+    if bundles is not None or dry_run:
+        raise ConfigError(f"{'--bundles' if bundles else '--dry-run'} goes with --csv FILE")
+    if station_id is None or email is None:
+        raise ConfigError(
+            "give the station's ID and --email (or --csv FILE for many)",
+            hint="mailsync station add koeln --email koeln@example.com",
+        )
     public = PublicKey.parse(key, "--key") if key else None
     target = bundle_path or Path(f"{station_id}.bundle")
     if target.exists():
