@@ -11,7 +11,7 @@ No private key is ever lost. A station whose keys mailsync makes exists
 only with its bundle, so the order is:
 
 1. every bundle (and the passphrase list) is written into a staging
-   folder inside the bundle folder and fsync'ed;
+   folder inside the bundle folder, and synced to the disk;
 2. the stations, their links, keys and log lines commit in **one**
    transaction (a handful of executemany statements, not a transaction or
    a dozen statements per station: 10,000 stations take seconds);
@@ -48,12 +48,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync import capture, standing, trust
 from mailsync import link as links_mod
 from mailsync.admin import Site
 from mailsync.enroll import MADE_UP_SCRYPT_N, Bundle, Sealer, new_passphrase, write_bundle
-from mailsync.errors import ConfigError
+from mailsync.errors import ConfigError, DatabaseError, first_line
 from mailsync.keys import KeyPair, PublicKey
 from mailsync.station_csv import StationListError, StationRow, check_against, read_stations
 from mailsync.store.tables import farewells, now, peer_keys, stations
@@ -103,11 +104,11 @@ def add_stations(
         )
     rows = read_stations(csv_path)
     with site.engine.connect() as conn:
-        known = dict(conn.execute(select(stations.c.id, stations.c.email)).tuples().all())
+        known = {r.id: r.email for r in conn.execute(select(stations.c.id, stations.c.email))}
         current = select(peer_keys.c.key_id, peer_keys.c.peer).where(
             peer_keys.c.replaced_at.is_(None)
         )
-        keys = dict(conn.execute(current).tuples().all())
+        keys = {r.key_id: r.peer for r in conn.execute(current)}
     problems = check_against(
         csv_path,
         rows,
@@ -252,7 +253,7 @@ def _write_bundles(
     listed: Path | None,
 ) -> None:
     """Every bundle into the staging folder, and the made-up passphrases
-    (``id,email,bundle,passphrase``) into ``listed``; each file fsync'ed."""
+    (``id,email,bundle,passphrase``) into ``listed``; all on the disk."""
     host_key = site.ring.current.public
     shared = Sealer.derive(passphrase) if passphrase and made else None
     table = io.StringIO()
@@ -272,14 +273,15 @@ def _write_bundles(
             own = new_passphrase()
             sealer = Sealer.derive(own, n=MADE_UP_SCRYPT_N)
             out.writerow([row.id, row.email, f"{row.id}.bundle", own])
-        write_bundle(stage / f"{row.id}.bundle", bundle, sealer)
+        write_bundle(stage / f"{row.id}.bundle", bundle, sealer, durable=False)
     if listed is not None:
         fd = os.open(listed, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(table.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
+    # one sync(2) for the batch, which returns once the data is written
+    # (Linux): an fsync per file took 25 s of 39 for 10,000 bundles here
+    os.sync()
 
 
 # ---------------------------------------------------------------- database
@@ -294,36 +296,45 @@ def _commit(
     made: dict[str, KeyPair],
 ) -> None:
     """Every station, link, key and log line in one transaction."""
-    host_key = site.ring.current.public.key_id
     keys: list[tuple[str, PublicKey]] = [
         (r.id, made[r.id].public if r.key is None else r.key) for r in rows
     ]
-    with site.engine.begin() as conn:
-        at = now()
-        conn.execute(
-            stations.insert(),
-            [{"id": r.id, "label": r.label, "email": r.email, "created_at": at} for r in rows],
-        )
-        cursor = conn.execute(select(func.coalesce(func.max(capture.changes.c.id), 0))).scalar()
-        links_mod.create_many(
-            conn, [(r.id, r.email) for r in rows], change_cursor=int(cursor or 0), key_told=host_key
-        )
-        _trust(conn, keys, at)
-        _forget_farewells(conn, [r.id for r in rows])
-        site.journal.info(
-            "station",
-            f"{len(rows)} stations added from {csv_path.name} ({len(made)} with keys made here); "
-            f"bundles in {folder} (staged in {stage.name} until this commit)",
-            conn=conn,
-        )
-        site.journal.info_many(
-            "station",
-            [
-                (peer, f"station {peer} <{r.email}> added, key {key.key_id} (from {csv_path.name})")
-                for r, (peer, key) in zip(rows, keys, strict=True)
-            ],
-            conn=conn,
-        )
+    source = csv_path.name
+    each = [
+        (peer, f"station {peer} <{r.email}> added, key {key.key_id} (from {source})")
+        for r, (peer, key) in zip(rows, keys, strict=True)
+    ]
+    try:
+        with site.engine.begin() as conn:
+            at = now()
+            conn.execute(
+                stations.insert(),
+                [{"id": r.id, "label": r.label, "email": r.email, "created_at": at} for r in rows],
+            )
+            cursor = conn.execute(select(func.coalesce(func.max(capture.changes.c.id), 0))).scalar()
+            links_mod.create_many(
+                conn,
+                [(r.id, r.email) for r in rows],
+                change_cursor=int(cursor or 0),
+                key_told=site.ring.current.public.key_id,
+            )
+            _trust(conn, keys, at)
+            _forget_farewells(conn, [r.id for r in rows])
+            site.journal.info(
+                "station",
+                f"{len(rows)} stations added from {source} ({len(made)} with keys made "
+                f"here); bundles in {folder} (staged in {stage.name} until this commit)",
+                conn=conn,
+            )
+            site.journal.info_many("station", each, conn=conn)
+    except SQLAlchemyError as exc:
+        # another admin added one of these stations since the check, or the
+        # database went away: the transaction is undone
+        raise DatabaseError(
+            f"the stations of {csv_path} could not be added ({first_line(exc)}): "
+            "no station added, no bundle written",
+            hint="run the command again: its check names what is in the way",
+        ) from exc
 
 
 def _trust(conn: Connection, keys: Sequence[tuple[str, PublicKey]], at: object) -> None:

@@ -39,14 +39,15 @@ def add_from_csv(
                     print(f"  … and {len(exc.problems) - SHOWN_PROBLEMS} more", file=sys.stderr)
             raise
     made = f" ({done.sealed} with keys made here)" if done.sealed else ""
+    count = f"{done.stations} station{'s' if done.stations != 1 else ''}"
     folder = escape(str(done.bundles))
     if done.dry_run:
         console.print(
-            f"{escape(str(csv_path))}: {done.stations} stations can be added{made}; "
+            f"{escape(str(csv_path))}: {count} can be added{made}; "
             f"bundles would go to {folder} (--dry-run: nothing added, nothing written)"
         )
         return
-    console.print(f"{done.stations} stations added from {escape(str(csv_path))}{made}")
+    console.print(f"{count} added from {escape(str(csv_path))}{made}")
     console.print(f"bundles in {folder}: one per station, ID.bundle")
     if done.passphrases is not None:
         console.print(
