@@ -113,6 +113,7 @@ def add_stations(
         csv_path,
         rows,
         host_id=site.config.node_id,
+        host_key=site.ring.current.public.key_id,
         host_address=site.config.mailbox.address,
         stations=known,
         keys=keys,
@@ -130,6 +131,7 @@ def add_stations(
     with _staging(folder, listed) as stage:
         _write_bundles(site, stage.path, rows, made, passphrase, listed and stage.listed)
         stage.sync()
+        stage.committing = True
         _commit(site, csv_path, folder, stage.path, rows, made)
         stage.committed = True
         stage.publish(folder, [f"{r.id}.bundle" for r in rows], listed)
@@ -147,7 +149,8 @@ def _check_targets(folder: Path, rows: Sequence[StationRow], listed: Path | None
         raise ConfigError(f"{folder} is not a folder: cannot write the bundles into it")
     if not folder.exists() and not folder.parent.is_dir():
         raise ConfigError(f"cannot make the bundle folder {folder}: {folder.parent} is no folder")
-    taken = [folder / f"{r.id}.bundle" for r in rows if (folder / f"{r.id}.bundle").exists()]
+    # lexists: a dangling symbolic link is in the way too (it is not followed)
+    taken = [folder / f"{r.id}.bundle" for r in rows if os.path.lexists(folder / f"{r.id}.bundle")]
     if listed is not None and os.path.lexists(listed):
         taken.insert(0, listed)
     if taken:
@@ -162,6 +165,7 @@ def _check_targets(folder: Path, rows: Sequence[StationRow], listed: Path | None
 class _Stage:
     path: Path  # the staging folder, inside the bundle folder
     listed: Path | None  # the staged passphrase list, beside its final place
+    committing: bool = False  # the transaction began: a failure may come after its commit
     committed: bool = False
 
     def sync(self) -> None:
@@ -210,7 +214,8 @@ def _fsync_dir(path: Path) -> None:
 def _staging(folder: Path, listed: Path | None) -> Iterator[_Stage]:
     """A staging folder (owner-only) in the bundle folder, made first; on a
     failure before the commit it goes (and the bundle folder, if made
-    here), after the commit it stays: the bundles in it hold keys."""
+    here), after the commit — or when it cannot be told whether the commit
+    happened — it stays: the bundles in it hold keys."""
     made_folder = not folder.exists()
     try:
         if made_folder:
@@ -230,7 +235,9 @@ def _staging(folder: Path, listed: Path | None) -> Iterator[_Stage]:
             stage.listed = Path(name)
         yield stage
     except BaseException as exc:
-        if not stage.committed:
+        # a DatabaseError from the commit means it was undone; anything else
+        # once it began (a Ctrl-C) may have come after it: keep the bundles
+        if not stage.committed and (not stage.committing or isinstance(exc, DatabaseError)):
             shutil.rmtree(stage.path, ignore_errors=True)
             if stage.listed is not None:
                 stage.listed.unlink(missing_ok=True)

@@ -235,12 +235,14 @@ def check_against(
     rows: list[StationRow],
     *,
     host_id: str,
+    host_key: str,
     host_address: str,
     stations: Mapping[str, str],
     keys: Mapping[str, str],
 ) -> list[str]:
-    """The rows' problems with what the host holds already: ``stations``
-    (id → address) and the peers' current ``keys`` (key id → peer)."""
+    """The rows' problems with what the host holds already: its own id, key
+    id and address, ``stations`` (id → address) and the peers' current
+    ``keys`` (key id → peer)."""
     taken = {email.casefold(): sid for sid, email in stations.items()}
     problems: list[str] = []
     for row in rows:
@@ -254,7 +256,9 @@ def check_against(
             problems.append(f"{where}: email: {row.email} is the host's own address")
         elif owner is not None:
             problems.append(f"{where}: email: {row.email} belongs to station {owner} already")
-        if row.key is not None and keys.get(row.key.key_id, row.id) != row.id:
+        if row.key is not None and row.key.key_id == host_key:
+            problems.append(f"{where}: key: {host_key} is the host's own key")
+        elif row.key is not None and keys.get(row.key.key_id, row.id) != row.id:
             problems.append(
                 f"{where}: key: {row.key.key_id} is {keys[row.key.key_id]}'s key already"
             )

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, func, select
 
-from mailsync import bulk_enroll
+from mailsync import bulk_enroll, trust
 from mailsync.bulk_enroll import STAGING_PREFIX, add_stations
 from mailsync.enroll import MADE_UP_SCRYPT_N, SCRYPT_N, read_bundle
 from mailsync.errors import ConfigError, DatabaseError
@@ -30,7 +30,7 @@ from mailsync.keys import KeyPair
 from mailsync.node import Node, init_node
 from mailsync.station_csv import StationListError
 from mailsync.store.engine import open_engine
-from mailsync.store.tables import links, log_table, peer_keys, stations
+from mailsync.store.tables import farewells, links, log_table, peer_keys, stations
 from tests.cluster import DOMAIN, Cluster, customers, schema
 
 
@@ -262,9 +262,18 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
 
 
 def test_every_mistake_in_the_file_is_refused_and_nothing_is_written(hq: Cluster) -> None:
-    hq.host.add_station("old", "old@x.test")
+    _, bundle = hq.host.add_station("old", "old@x.test")
+    assert bundle.station_keys is not None
+    theirs, ours = bundle.station_keys.public, hq.host.public_key
+    keys = [
+        ("another station's key", theirs, f"bad.csv:2: key: {theirs.key_id} is old's key already"),
+        ("the host's own key", ours, f"bad.csv:2: key: {ours.key_id} is the host's own key"),
+    ]
     before, seen = state(hq), files(hq.root)
-    for what, data, says in BAD_FILES:
+    for what, data, says in BAD_FILES + [
+        (what, f"id,email,key\nnew,new@x.test,{key.token()}\n".encode(), says)
+        for what, key, says in keys
+    ]:
         source = write_csv(hq.root / "bad.csv", data)
         with pytest.raises(StationListError) as caught:
             add_stations(hq.host, source)
@@ -290,19 +299,23 @@ def test_every_problem_is_reported_at_once(hq: Cluster) -> None:
     assert state(hq)[0] == 0
 
 
-@pytest.mark.parametrize("which", ["bundle", "passphrase list"])
+@pytest.mark.parametrize("which", ["bundle", "passphrase list", "dangling link"])
 def test_an_existing_file_is_never_overwritten(hq: Cluster, which: str) -> None:
     source = write_csv(hq.root / "s.csv", f"id,email\na,a@{DOMAIN}\nb,b@{DOMAIN}\n")
     folder = hq.root / "out"
     folder.mkdir()
-    there = folder / "b.bundle" if which == "bundle" else hq.root / "out-passphrases.csv"
-    there.write_text("the admin's own")
+    there = hq.root / "out-passphrases.csv" if which == "passphrase list" else folder / "b.bundle"
+    if which == "dangling link":
+        there.symlink_to(hq.root / "elsewhere")
+    else:
+        there.write_text("the admin's own")
     before = state(hq)
     with pytest.raises(ConfigError, match=re.escape(f"{there} exists already: no station added")):
         add_stations(hq.host, source, bundles=folder)
-    assert there.read_text() == "the admin's own"
+    assert os.path.lexists(there) and not (hq.root / "elsewhere").exists()
+    assert which == "dangling link" or there.read_text() == "the admin's own"
     assert state(hq) == before and sorted(p.name for p in folder.iterdir()) == (
-        ["b.bundle"] if which == "bundle" else []
+        [] if which == "passphrase list" else ["b.bundle"]
     )
 
 
@@ -401,6 +414,51 @@ def test_bundles_not_put_in_place_after_the_commit_stay_staged_and_named(
     assert [r[0] for r in hq.rows("koeln", customers)] == [7]
 
 
+def test_a_ctrl_c_keeps_the_bundles_once_the_commit_began(
+    hq: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted while writing: nothing added, nothing left. Interrupted
+    once the transaction began (here: just after its commit), it cannot be
+    told whether the stations are in: their bundles stay staged."""
+    source = write_csv(hq.root / "s.csv", f"id,email\na,a@{DOMAIN}\nb,b@{DOMAIN}\n")
+    seen = files(hq.root)
+
+    def interrupted(*args: Any, **kw: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(bulk_enroll, "write_bundle", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            add_stations(hq.host, source)
+    assert state(hq)[0] == 0 and files(hq.root) == seen
+    real = bulk_enroll._commit
+
+    def committed_then_interrupted(*args: Any) -> None:
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bulk_enroll, "_commit", committed_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        add_stations(hq.host, source)
+    assert sorted(s.id for s in hq.host.stations()) == ["a", "b"]
+    (stage,) = (hq.root / "s-bundles").glob(f"{STAGING_PREFIX}*")
+    assert sorted(p.name for p in stage.iterdir()) == ["a.bundle", "b.bundle"]
+    assert len(list(hq.root.glob(".s-bundles-passphrases.csv.*"))) == 1
+    logged = [e.message for e in read_log(hq.host.engine) if "2 stations added" in e.message]
+    assert len(logged) == 1 and stage.name in logged[0]  # where to find them
+
+
+def test_a_removed_stations_id_can_be_added_again_with_a_new_key(hq: Cluster) -> None:
+    hq.host.add_station("old", "old@x.test")
+    hq.host.remove_station("old")
+    fresh = KeyPair.generate().public
+    source = write_csv(hq.root / "s.csv", f"id,email,key\nold,old@x.test,{fresh.token()}\n")
+    add_stations(hq.host, source)
+    with hq.host.engine.connect() as conn:
+        assert trust.current_key(conn, "old") == fresh
+        assert conn.execute(select(farewells.c.peer)).all() == []
+
+
 def test_only_the_host_adds_stations(tmp_path: Path) -> None:
     c = Cluster(tmp_path, f"sqlite:///{tmp_path / 'hq.db'}", stations=())
     try:
@@ -429,7 +487,7 @@ def test_the_command_prints_every_problem_then_one_error_line(hq: Cluster) -> No
     assert sum(line.startswith("error:") for line in lines) == 1
     write_csv(hq.root / "ok.csv", f"id,email\nkoeln,koeln@{DOMAIN}\n")
     mixed = hq.cli("hq", "station", "add", "koeln", "--csv", "ok.csv")
-    assert mixed.returncode == 2 and "ID goes without it" in mixed.stderr
+    assert mixed.returncode == 2 and "ID is for one station; --csv FILE" in mixed.stderr
     alone = hq.cli("hq", "station", "add", "--dry-run")
     assert alone.returncode == 2 and "--dry-run goes with --csv" in alone.stderr
     dry = hq.cli("hq", "station", "add", "--csv", "ok.csv", "--dry-run")

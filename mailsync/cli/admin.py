@@ -67,7 +67,10 @@ def station_add(
         given = [n for n, v in (("ID", station_id), ("--email", email), ("--key", key)) if v]
         given += ["--label"] * bool(label) + ["--bundle"] * (bundle_path is not None)
         if given:
-            raise ConfigError(f"--csv takes the stations from the file: {given[0]} goes without it")
+            raise ConfigError(
+                f"{given[0]} is for one station; --csv FILE takes every station from the file",
+                hint="--bundles DIR says where their bundles go" if bundle_path else None,
+            )
         from mailsync.cli.enroll_cmd import add_from_csv
 
         add_from_csv(ctx, csv_path, bundles, passphrase_file, dry_run)
