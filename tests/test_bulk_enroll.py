@@ -496,3 +496,25 @@ def test_the_command_prints_every_problem_then_one_error_line(hq: Cluster) -> No
     assert real.returncode == 0, real.stderr
     assert "1 station added from ok.csv" in real.stdout
     assert "ok-bundles-passphrases.csv" in real.stdout
+
+
+def test_one_station_is_added_only_once_its_bundle_is_written(
+    hq: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-station ``station add`` too: its bundle is written before
+    the commit, so a failed write adds no station whose keys are nowhere."""
+
+    def full(bundle: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError):
+        hq.host.add_station("koeln", f"koeln@{DOMAIN}", keep=full)
+    assert hq.host.stations() == []
+    done = hq.cli("hq", "station", "add", "koeln", "--email", "k@x.test", "--bundle", "/proc/k.b")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    # root passes the CLI's check of the folder and fails at the write itself
+    assert done.stderr.startswith("error: ") and "/proc/k.b" in done.stderr, done.stderr
+    assert hq.host.stations() == []
+    done = hq.cli("hq", "station", "add", "koeln", "--email", "k@x.test", "--bundle", "k.bundle")
+    assert done.returncode == 0 and (hq.root / "k.bundle").exists(), done.stderr
+    assert [s.id for s in hq.host.stations()] == ["koeln"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from mailsync.cli.common import console, escape, new_table, open_node
-from mailsync.enroll import new_passphrase, passphrase_from, write_bundle
+from mailsync.enroll import Bundle, new_passphrase, passphrase_from, write_bundle
 from mailsync.errors import ConfigError
 from mailsync.keys import PublicKey
 from mailsync.rules import describe_ops, parse_ops
@@ -96,9 +96,24 @@ def station_add(
         passphrase = passphrase_from(passphrase_file)
         if passphrase is None:
             passphrase, made_up = new_passphrase(), True
+    written: list[Path] = []
+
+    def keep(bundle: Bundle) -> None:  # before the commit: no station without its keys
+        try:
+            write_bundle(target, bundle, passphrase)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the bundle {target}: {exc.strerror}; station not added"
+            ) from None
+        written.append(target)
+
     with open_node(ctx) as node:
-        station, bundle = node.add_station(station_id, email, label, key=public)
-        write_bundle(target, bundle, passphrase)
+        try:
+            station, _ = node.add_station(station_id, email, label, key=public, keep=keep)
+        except Exception:
+            for path in written:  # the commit failed after the write: a bundle for nobody
+                path.unlink(missing_ok=True)
+            raise
     console.print(f"station [bold]{escape(station.id)}[/] <{escape(station.email)}> added")
     if public is None:
         console.print(f"bundle {escape(str(target))} holds the station's new private keys, sealed.")
