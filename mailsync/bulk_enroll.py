@@ -120,7 +120,10 @@ def add_stations(
     )
     if problems:
         raise StationListError(str(csv_path), problems)
-    folder = bundles if bundles is not None else default_bundles(csv_path)
+    # absolute and normal: `--bundles .` or `out/..` names a folder too
+    folder = Path(os.path.abspath(bundles if bundles is not None else default_bundles(csv_path)))
+    if not folder.name:
+        raise ConfigError(f"{folder} cannot hold the bundles: name a folder below it")
     sealed = sum(1 for r in rows if r.key is None)
     listed = passphrase_list(folder) if sealed and passphrase is None else None
     _check_targets(folder, rows, listed)

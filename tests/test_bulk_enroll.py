@@ -164,6 +164,23 @@ def test_one_passphrase_seals_the_batch_stretched_once(hq: Cluster) -> None:
     assert len(salts) == 1  # derived once for the batch, each bundle its own nonce
 
 
+def test_the_bundle_folder_may_be_named_relative_or_as_dot(
+    hq: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--bundles .`: the bundles in the current folder, the list beside it."""
+    work = hq.root / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    write_csv(work / "s.csv", f"id,email\na,a@{DOMAIN}\n")
+    done = add_stations(hq.host, Path("s.csv"), bundles=Path("."))
+    assert done.bundles == work and (work / "a.bundle").exists()
+    assert done.passphrases == hq.root / "work-passphrases.csv" and done.passphrases.exists()
+    other = write_csv(work / "t.csv", f"id,email\nb,b@{DOMAIN}\n")
+    with pytest.raises(ConfigError, match="name a folder below it"):
+        add_stations(hq.host, other, bundles=Path("/"))
+    assert [s.id for s in hq.host.stations()] == ["a"]
+
+
 def test_dry_run_checks_everything_and_writes_nothing(hq: Cluster) -> None:
     source = write_csv(hq.root / "s.csv", f"id,email\na,a@{DOMAIN}\nb,b@{DOMAIN}\n")
     before, seen = state(hq), files(hq.root)
