@@ -88,19 +88,35 @@ def _scope(station: str | None) -> str:
 
 
 def add_station(
-    site: Site, station_id: str, email: str, label: str = "", *, key: PublicKey | None = None
+    site: Site,
+    station_id: str,
+    email: str,
+    label: str = "",
+    *,
+    key: PublicKey | None = None,
+    keep: Callable[[Bundle], None] | None = None,
 ) -> tuple[rules_mod.Station, Bundle]:
     """Define a station; returns it and its enrollment bundle.
 
     With the station's public ``key`` (it made its own keys) the bundle
     holds only public data. Without one, mailsync makes the station's
-    keys and the bundle carries them: write it with a passphrase.
+    keys and the bundle carries them: write it with a passphrase. ``keep``
+    (writing the bundle) runs before the commit: should it fail, the
+    station is not added — its new private keys would be nowhere else.
     """
     _require_host(site, "a station")
     pair = None
     if key is None:
         pair = KeyPair.generate()
         key = pair.public
+    bundle = Bundle(
+        host_id=site.config.node_id,
+        host_address=site.config.mailbox.address,
+        host_key=site.ring.current.public,
+        station_id=station_id,
+        station_address=email,
+        station_keys=pair,
+    )
     with site.engine.begin() as conn:
         station = rules_mod.add_station(conn, station_id, email, label, host_id=site.config.node_id)
         standing.forget_farewell(conn, station_id)  # removed once: no longer
@@ -113,14 +129,8 @@ def add_station(
             conn=conn,
             peer=station_id,
         )
-    bundle = Bundle(
-        host_id=site.config.node_id,
-        host_address=site.config.mailbox.address,
-        host_key=site.ring.current.public,
-        station_id=station_id,
-        station_address=email,
-        station_keys=pair,
-    )
+        if keep is not None:
+            keep(bundle)
     return station, bundle
 
 

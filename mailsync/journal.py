@@ -114,6 +114,26 @@ class Journal:
             with self._engine.begin() as own:
                 own.execute(log_table.insert().values(**values))
 
+    def info_many(self, event: str, lines: list[tuple[str, str]], *, conn: Connection) -> None:
+        """One INFO entry per (peer, message), written by one executemany in
+        ``conn``'s transaction (a batch of thousands of stations enrolled)."""
+        at = now()
+        for peer, message in lines:
+            logger.info(
+                "%s: %s",
+                self._node,
+                message,
+                extra={"node": self._node, "event": event, "peer": peer, "seq": None},
+            )
+        if lines:
+            conn.execute(
+                log_table.insert(),
+                [
+                    {"at": at, "level": "info", "event": event, "peer": peer, "message": message}
+                    for peer, message in lines
+                ],
+            )
+
     def info(self, event: str, message: str, **kw: object) -> None:
         self.write("info", event, message, **kw)  # type: ignore[arg-type]
 

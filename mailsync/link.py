@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -151,6 +152,22 @@ def peers(conn: Connection) -> list[str]:
 def create(conn: Connection, peer: str, address: str, *, change_cursor: int = 0) -> None:
     """A new link: a station enrolled on the host, the host joined on a remote."""
     conn.execute(insert(links).values(peer=peer, address=address, change_cursor=change_cursor))
+
+
+def create_many(
+    conn: Connection, entries: Sequence[tuple[str, str]], *, change_cursor: int, key_told: str
+) -> None:
+    """Links for a batch of stations enrolled at once (``station add --csv``):
+    one executemany of (peer, address), each peer told our key ``key_told``
+    by its bundle (what :func:`create` and :func:`key_told` do one by one)."""
+    if entries:
+        conn.execute(
+            insert(links),
+            [
+                {"peer": p, "address": a, "change_cursor": change_cursor, "key_announced": key_told}
+                for p, a in entries
+            ],
+        )
 
 
 def readdress(conn: Connection, peer: str, address: str) -> None:

@@ -64,6 +64,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         shutil.copy(hq / "mailsync.key", root / name / "mailsync.key")
     (root / "garbage.eml").write_bytes(b"From: someone\r\n\r\nnot ours\r\n")
+    (root / "stores.csv").write_text("id,email,label\nbonn2,bonn2@x.test,Bonn\nulm,ulm@x.test,\n")
+    (root / "bad-stores.csv").write_text("id,email\nulm,ulm\nulm,u@x.test\n")
     (root / "demo-taken").mkdir()
     (root / "demo-taken" / "mine.txt").write_text("keep me")
     return root
@@ -157,6 +159,17 @@ CASES: list[tuple[str, str, tuple[str, ...], int]] = [
     ("range set-block zero", "hq", ("range", "set-block", "kd_no", "0"), 2),
     ("station add", "hq", ("station", "add", "bonn", "--email", "bonn@x.test"), 0),
     ("station add twice", "hq", ("station", "add", "bonn", "--email", "bonn2@x.test"), 2),
+    (
+        "station add --csv --dry-run",
+        "hq",
+        ("station", "add", "--csv", "../stores.csv", "--dry-run"),
+        0,
+    ),
+    ("station add --csv", "hq", ("station", "add", "--csv", "../stores.csv"), 0),
+    ("station add --csv again", "hq", ("station", "add", "--csv", "../stores.csv"), 2),
+    ("station add --csv, rows wrong", "hq", ("station", "add", "--csv", "../bad-stores.csv"), 2),
+    ("station add --csv with an ID", "hq", ("station", "add", "x", "--csv", "../stores.csv"), 2),
+    ("station add --csv on a remote", "koeln", ("station", "add", "--csv", "../stores.csv"), 2),
     ("station disable", "hq", ("station", "disable", "bonn"), 0),
     ("station disable twice", "hq", ("station", "disable", "bonn"), 2),
     ("station enable", "hq", ("station", "enable", "bonn"), 0),

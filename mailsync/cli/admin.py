@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from mailsync.cli.common import console, escape, new_table, open_node
-from mailsync.enroll import new_passphrase, passphrase_from, write_bundle
+from mailsync.enroll import Bundle, new_passphrase, passphrase_from, write_bundle
 from mailsync.errors import ConfigError
 from mailsync.keys import PublicKey
 from mailsync.rules import describe_ops, parse_ops
@@ -26,8 +26,10 @@ OPS_HELP = "Comma list of insert, update, delete; or all / none."
 @station_app.command("add")
 def station_add(
     ctx: typer.Context,
-    station_id: str = typer.Argument(..., help="The station's node id, e.g. koeln."),
-    email: str = typer.Option(..., "--email", help="The station's mailbox address."),
+    station_id: str | None = typer.Argument(
+        None, help="The station's node id, e.g. koeln (not with --csv)."
+    ),
+    email: str | None = typer.Option(None, "--email", help="The station's mailbox address."),
     label: str = typer.Option("", "--label", help="A name for people, e.g. 'Filiale Köln'."),
     key: str | None = typer.Option(
         None,
@@ -42,13 +44,44 @@ def station_add(
         None,
         "--passphrase-file",
         help="Passphrase for a sealed bundle (else $MAILSYNC_PASSPHRASE, else a new one is made "
-        "and printed).",
+        "and printed; with --csv, one per station, listed in DIR-passphrases.csv).",
+    ),
+    csv_path: Path | None = typer.Option(
+        None,
+        "--csv",
+        help="Add every station of a CSV file (header id,email[,label][,key]), all or none.",
+    ),
+    bundles: Path | None = typer.Option(
+        None, "--bundles", help="With --csv: the folder for the bundles [default: FILE-bundles]."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="With --csv: check the file and the folder, change nothing."
     ),
 ) -> None:
     """Add a station and write its enrollment bundle for `mailsync join`.
 
-    It gets its rules and an initial load with the next sync.
+    It gets its rules and an initial load with the next sync. With --csv
+    FILE, every station of the file at once (or none, if a row is wrong).
     """
+    if csv_path is not None:
+        given = [n for n, v in (("ID", station_id), ("--email", email), ("--key", key)) if v]
+        given += ["--label"] * bool(label) + ["--bundle"] * (bundle_path is not None)
+        if given:
+            raise ConfigError(
+                f"{given[0]} is for one station; --csv FILE takes every station from the file",
+                hint="--bundles DIR says where their bundles go" if bundle_path else None,
+            )
+        from mailsync.cli.enroll_cmd import add_from_csv
+
+        add_from_csv(ctx, csv_path, bundles, passphrase_file, dry_run)
+        return
+    if bundles is not None or dry_run:
+        raise ConfigError(f"{'--bundles' if bundles else '--dry-run'} goes with --csv FILE")
+    if station_id is None or email is None:
+        raise ConfigError(
+            "give the station's ID and --email (or --csv FILE for many)",
+            hint="mailsync station add koeln --email koeln@example.com",
+        )
     public = PublicKey.parse(key, "--key") if key else None
     target = bundle_path or Path(f"{station_id}.bundle")
     if target.exists():
@@ -63,9 +96,24 @@ def station_add(
         passphrase = passphrase_from(passphrase_file)
         if passphrase is None:
             passphrase, made_up = new_passphrase(), True
+    written: list[Path] = []
+
+    def keep(bundle: Bundle) -> None:  # before the commit: no station without its keys
+        try:
+            write_bundle(target, bundle, passphrase)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the bundle {target}: {exc.strerror}; station not added"
+            ) from None
+        written.append(target)
+
     with open_node(ctx) as node:
-        station, bundle = node.add_station(station_id, email, label, key=public)
-        write_bundle(target, bundle, passphrase)
+        try:
+            station, _ = node.add_station(station_id, email, label, key=public, keep=keep)
+        except Exception:
+            for path in written:  # the commit failed after the write: a bundle for nobody
+                path.unlink(missing_ok=True)
+            raise
     console.print(f"station [bold]{escape(station.id)}[/] <{escape(station.email)}> added")
     if public is None:
         console.print(f"bundle {escape(str(target))} holds the station's new private keys, sealed.")
