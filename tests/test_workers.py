@@ -294,6 +294,11 @@ def test_serve_workers_refuses_what_cannot_work(tmp_path: Path, pg_url: str) -> 
         assert out.returncode == 2 and "memory: mailbox lives in one process" in out.stderr
         out = pg.cli("hq", "serve", "--workers", "0", "--once")
         assert out.returncode == 2 and "--workers 0" in out.stderr
+        pg.set_mailbox(
+            "hq", {"address": "hq@example.test", "send": "maildir:/x", "receive": "maildir:/x"}
+        )
+        out = pg.cli("hq", "serve", "--workers", "2")  # no [[schedule]], no --once
+        assert out.returncode == 2 and "no [[schedule]] for the workers" in out.stderr
         assert all("Traceback" not in x for x in (out.stderr, out.stdout))
     finally:
         pg.close()
@@ -406,3 +411,32 @@ def test_a_machine_without_the_shared_witness_is_refused(cluster: Cluster) -> No
         elsewhere.close()
     # that machine's workers gone: the witness is lost as before (healed)
     c.nodes["hq"] = Node.open(path, memory=c.office)
+
+
+def test_a_dead_mailbox_still_lets_a_worker_take_its_bag(cluster: Cluster) -> None:
+    """The intake's mailbox cannot be reached: this worker's bagged mail is
+    taken first, then the mailbox's failure ends the stage."""
+    from mailsync.errors import TransportError
+    from mailsync.store.tables import now
+
+    with cluster.engines["hq"].begin() as conn:
+        conn.execute(mailbag.insert().values(peer="s1", raw=b"bagged", taken_at=now()))
+
+    def down() -> _Box:
+        raise TransportError("imap://hq@localhost: connection refused")
+
+    share = Share(frozenset({"s1"}), True, frozenset(STATIONS))
+    mailbox = SharedMailbox(
+        cluster.engines["hq"],
+        "hq",
+        share,
+        down,
+        lambda *a: None,
+        cap=1 << 20,  # type: ignore[arg-type]
+    )
+    seen = []
+    with pytest.raises(TransportError), mailbox as rx:
+        for msg in rx.fetch():
+            seen.append(msg.raw)
+            rx.processed(msg.id)
+    assert seen == [b"bagged"] and _bagged(cluster) == 0

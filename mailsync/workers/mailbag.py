@@ -102,8 +102,6 @@ class SharedMailbox:
         self.bagged = 0
 
     def __enter__(self) -> Self:
-        if self.share.coordinator:
-            self._box = self._open_mailbox().__enter__()
         return self
 
     def __exit__(
@@ -117,8 +115,11 @@ class SharedMailbox:
             box.__exit__(exc_type, exc, tb)
 
     def fetch(self) -> Iterator[Incoming]:
+        # the bag first: a mailbox that cannot be reached (opened only
+        # now) ends the stage after this worker's bagged mail is taken
         yield from self._from_bag()
-        if self._box is not None:
+        if self.share.coordinator:
+            self._box = self._open_mailbox().__enter__()
             yield from self._from_mailbox(self._box)
 
     def _from_bag(self) -> Iterator[Incoming]:

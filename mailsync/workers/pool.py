@@ -41,13 +41,20 @@ HEARTBEAT = 30.0
 MAX_RESTART_PAUSE = 60.0
 
 
-def check(path: Path, workers: int, memory: object | None = None) -> None:
+def check(path: Path, workers: int, memory: object | None = None, *, once: bool = False) -> None:
     """Refuse what cannot run before any process starts: not a host, not
-    PostgreSQL, an in-process mailbox, a plain ``serve`` already running."""
+    PostgreSQL, an in-process mailbox, no schedule to keep (without
+    ``once``), a plain ``serve`` already running."""
     where = str(path)
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least 1")
     with Node.open(path, memory=memory) as node:
+        if not once and not node.config.schedules:
+            raise ConfigError(
+                f"{where}: no [[schedule]] for the workers to keep",
+                hint='add e.g. [[schedule]] every = "5m", or run `serve --workers N --once` '
+                "from a timer",
+            )
         if not node.is_host:
             raise ConfigError(
                 f"{where}: --workers serves a host's stations; a remote has one link",
@@ -79,7 +86,7 @@ def serve_workers(
     """Run ``workers`` worker processes for the node at ``path`` until
     ``stop`` is set; the number of worker processes that failed (``once``:
     one cycle each, now)."""
-    check(path, workers)
+    check(path, workers, once=once)
     stop = stop or threading.Event()
     context = multiprocessing.get_context("spawn")
     halt = context.Event()
@@ -201,9 +208,10 @@ def worker_cycle(node: Node, claimant: Claimant, say: Callable[[str], None]) -> 
     except SQLAlchemyError as exc:
         line, ok = f"failed: database: {first_line(exc)}", False
     node.remember_cycle(ok)
-    values: dict[str, object] = {"last_cycle_at": now(), "last_outcome": line, "links": links}
+    stamp = now()
+    values: dict[str, object] = {"last_cycle_at": stamp, "last_outcome": line, "links": links}
     if coordinated:
-        values["coordinated_at"] = now()
+        values["coordinated_at"] = stamp  # the same instant: status says "read the mailbox"
     with contextlib.suppress(SQLAlchemyError):
         registry.finished_cycle(node.engine, claimant.id, **values)
     say(f"{line} ({links} links, {time.monotonic() - started:.2f} s)")
