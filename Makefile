@@ -60,6 +60,7 @@ bench-quick: $(STAMP)
 	$(PY) bench/cycle_cost.py --quick > /dev/null
 	$(PY) bench/streaming_memory.py --quick > /dev/null
 	$(PY) bench/verify.py --quick > /dev/null
+	$(PY) bench/profile_steady.py --quick > /dev/null
 
 clean:
 	rm -rf $(VENV) mailsync-demo dist build .pytest_cache .mypy_cache .ruff_cache

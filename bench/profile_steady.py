@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cycle_cost import merge
 from pipeline import ROWS_PER_CHANGESET, Site, _changed_lines, _commit, machine
 from sqlalchemy import update
 from streaming_memory import run_child
@@ -120,19 +121,6 @@ def markdown(buckets: dict[str, float], total: float, changesets: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def merge(path: Path, block: str) -> None:
-    """Put ``block`` between this script's markers in ``path`` (at its end
-    the first time), leaving the rest of the file as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    wrapped = f"{BEGIN}\n{block}{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + wrapped + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + wrapped
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a smoke run")
@@ -145,7 +133,7 @@ def main() -> None:
     block = markdown(buckets, total, n)
     print(block)
     if args.output:
-        merge(args.output, block)
+        merge(args.output, block, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,21 @@ def workload(
             c.execute(name, delete(customers).where(customers.c.id == row))
 
 
+def applied_once(c: Cluster, owned: dict[str, list[int]]) -> None:
+    """Everything each node sent was applied by its peer, once, in order,
+    and the host holds exactly the rows the workload left."""
+    for name in c.names[1:]:
+        with c.engines[name].connect() as conn:
+            station = conn.execute(select(links.c.out_seq, links.c.in_seq)).one()
+        with c.engines["hq"].connect() as conn:
+            host = conn.execute(
+                select(links.c.out_seq, links.c.in_seq).where(links.c.peer == name)
+            ).one()
+        assert station.in_seq == host.out_seq and host.in_seq == station.out_seq
+    expected = sorted([*SHARED, *(i for rows in owned.values() for i in rows)])
+    assert [r[0] for r in c.rows("hq", customers)] == expected
+
+
 def settled(c: Cluster) -> bool:
     for engine in c.engines.values():
         with engine.connect() as conn:
@@ -111,17 +126,7 @@ def test_chaos_converges_exactly_once(tmp_path: Path, seed: int, limit: int | No
                 break
             c.sync(*c.names)
         assert settled(c), "did not converge"
-        # everything each node sent was applied by its peer, once, in order
-        for name in c.names[1:]:
-            with c.engines[name].connect() as conn:
-                station = conn.execute(select(links.c.out_seq, links.c.in_seq)).one()
-            with c.engines["hq"].connect() as conn:
-                host = conn.execute(
-                    select(links.c.out_seq, links.c.in_seq).where(links.c.peer == name)
-                ).one()
-            assert station.in_seq == host.out_seq and host.in_seq == station.out_seq
-        expected = sorted([*SHARED, *(i for rows in owned.values() for i in rows)])
-        assert [r[0] for r in c.rows("hq", customers)] == expected
+        applied_once(c, owned)
         # concurrent edits of the shared rows were conflicts, each kept with
         # both versions, and settled the same way everywhere (checked above)
         found = []
