@@ -38,6 +38,11 @@ def plans(
     (``every`` and ``rules``: the links and rules, where read already)."""
     if every is None:
         every = links_mod.all_links(conn)
+    if ctx.selection.stations is not None:
+        # one worker's share (or `sync --station`): the other links are
+        # not built in this run, and planning them is most of an idle
+        # cycle's work per link
+        every = [x for x in every if ctx.selection.takes(x.peer)]
     planned = ctx.role.plans(conn, ctx.me, every, ctx.ring.current.public, rules)
     return [(plan, link.change_cursor) for plan, link in zip(planned, every, strict=True)]
 
