@@ -21,7 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -38,7 +38,7 @@ from sqlalchemy import (
     update,
 )
 
-from mailsync import conflict_notes, definitions, progress, provision, verification
+from mailsync import conflict_notes, definitions, progress, provision, routing, verification
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
 from mailsync import since as since_mod
@@ -98,8 +98,11 @@ class _Builder:
         writer: ChangesetWriter,
         batch: int,
         deletes: KeySpool,
+        routes: routing.Routes | None = None,
     ) -> None:
         self.conn = conn
+        #: the reads this build shares with the other links of its cycle
+        self.routes = routes
         self.engine = engine
         self.plan = plan
         self.writer = writer
@@ -216,15 +219,25 @@ class _Builder:
         ops = self.plan.ops(name)
         if loaded:
             ops = ops.replace("I", "").replace("U", "")
-        result = first_changes(
-            self.conn,
-            name,
-            cursor,
-            horizon,
-            not_from=None if self.plan.direction == "up" else self.plan.peer,
-            batch=self.batch,
-            width=len(table.columns),
+        not_from = None if self.plan.direction == "up" else self.plan.peer
+        routes = self.routes
+        # shared with the other links at this cursor (routing.py), or read alone
+        window = (
+            routes.window(self.conn, name, cursor, horizon, len(table.columns)) if routes else None
         )
+        result: Iterable[tuple[str, str, int | None, int | None]]
+        if window is not None:
+            result = window.first_changes(not_from)
+        else:
+            result = first_changes(
+                self.conn,
+                name,
+                cursor,
+                horizon,
+                not_from=not_from,
+                batch=self.batch,
+                width=len(table.columns),
+            )
         columns = list(table.columns)
         at = [columns.index(c) for c in pk_cols]
         # SQLite's change log holds keys as stored: they are looked up so
@@ -233,13 +246,34 @@ class _Builder:
         where = stored_key_filter if stored else key_filter
         for part in batches(result, self.batch):
             keyed = [
-                (tuple(json.loads(pk)) if stored else logged_key(pk, pk_cols), op, pk, (cols, at))
+                (
+                    routing.Routes.key(window, pk, table, stored)
+                    if window is not None
+                    else tuple(json.loads(pk))
+                    if stored
+                    else logged_key(pk, pk_cols),
+                    op,
+                    pk,
+                    (cols, at),
+                )
                 for pk, op, cols, at in part
             ]
-            rows = self.conn.execute(
-                self.scoped_select(table, name).where(where(table, [k[0] for k in keyed]))
-            ).all()
-            found = {_key_of(r, at, typers): r for r in rows}
+            keys = [k[0] for k in keyed]
+            found: Mapping[tuple[Any, ...], Any] | None = None
+            if routes is not None and window is not None:
+                found = routes.found(
+                    self.conn,
+                    table,
+                    keys,
+                    self.plan.row_filter(name),
+                    self.plan.peer,
+                    self.plan.address,
+                )
+            if found is None:
+                rows = self.conn.execute(
+                    self.scoped_select(table, name).where(where(table, keys))
+                ).all()
+                found = {_key_of(r, at, typers): r for r in rows}
             inserts: list[Row[Any]] = []
             updates: list[Row[Any]] = []
             changed: list[tuple[Any, Any]] = []
@@ -357,6 +391,7 @@ def build_for_link(
     on_built: Callable[[Connection, Built], None] | None = None,
     within: Connection | None = None,
     on_left: Callable[[Connection, dict[str, int]], None] | None = None,
+    routes: routing.Routes | None = None,
 ) -> Built | None:
     """Build, seal and queue the next changeset for ``plan.peer`` (in its
     own transaction, or in a savepoint of ``within``'s).
@@ -368,6 +403,8 @@ def build_for_link(
     Returns None when there is nothing to send (the cursor still advances).
     ``on_left`` hears, per table, how many changed rows lie outside the
     station's row filter and stay there (its rule sends no deletes).
+    ``routes``: the change log and rows read once for all the links built
+    in ``within``'s transaction (:mod:`mailsync.routing`).
     """
     with (
         contextlib.closing(PartSpool(part_size)) as spool,
@@ -392,7 +429,7 @@ def build_for_link(
         counter = _CountingSink(dicts.tap(compressed))
         meta = {"from": plan.me, "to": plan.peer, "dialect": engine.dialect.name}
         writer = ChangesetWriter(counter, meta)
-        builder = _Builder(conn, engine, plan, writer, batch_rows, keys)
+        builder = _Builder(conn, engine, plan, writer, batch_rows, keys, routes)
         controls: list[SequencedControl] = []
         if plan.announce_key is not None:
             controls.append(KeyAnnouncement(plan.announce_key.token()))
