@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailsync.dialects.base import SHARED_BIT
 from mailsync.dialects.bulk import mark
+from mailsync.linkplan import LinkPlan
 from mailsync.storage import key_typers, raw_select_columns
 from mailsync.store.changelog import coerce_key, key_filter, stored_key_filter
 from mailsync.store.tables import links
@@ -209,34 +210,16 @@ class Routes:
         self.held += window.size
         return window
 
-    @staticmethod
-    def key(window: Window, pk: str, table: Table, stored: bool) -> tuple[Any, ...]:
-        """A logged key parsed once for every link (as stored on SQLite,
-        else in the columns' Python types)."""
-        parsed = window.keys.get(pk)
-        if parsed is None:
-            values = json.loads(pk) if stored else json.loads(pk, parse_float=Decimal)
-            parsed = (
-                tuple(values) if stored else coerce_key(values, list(table.primary_key.columns))
-            )
-            window.keys[pk] = parsed
-        return parsed
-
     def found(
-        self,
-        conn: Connection,
-        table: Table,
-        keys: list[tuple[Any, ...]],
-        row_filter: str | None,
-        peer: str,
-        address: str,
+        self, conn: Connection, table: Table, keys: list[tuple[Any, ...]], plan: LinkPlan
     ) -> dict[tuple[Any, ...], tuple[Any, ...]] | None:
-        """The rows of ``keys`` as the build reads them (storage form, an
-        in-scope flag last), for a link without a row filter or with an
-        equality one; None where the link must query for itself."""
+        """The rows of ``keys`` as ``plan``'s build reads them (storage
+        form, an in-scope flag last), for a link without a row filter or
+        with an equality one; None where the link must query for itself."""
         rows = self._rows(conn, table, keys)
         if rows is None:
             return None
+        row_filter, peer, address = plan.row_filter(table.name), plan.peer, plan.address
         if not row_filter:
             return {k: (*r, 1) for k in keys if (r := rows.get(k)) is not None}
         eq = equality(row_filter, table, conn.dialect.name)
@@ -309,6 +292,19 @@ class Routes:
             have.setdefault(str(row[-1]), set()).add(key)
         done.update(missing)
         return have
+
+
+def parse_key(window: Window | None, pk: str, table: Table, stored: bool) -> tuple[Any, ...]:
+    """A key as the change log holds it, as the build looks it up: as stored
+    (``stored``: SQLite's log holds the stored values), else in the columns'
+    Python types; parsed once for every link where a ``window`` is shared."""
+    parsed = window.keys.get(pk) if window is not None else None
+    if parsed is None:
+        values = json.loads(pk) if stored else json.loads(pk, parse_float=Decimal)
+        parsed = tuple(values) if stored else coerce_key(values, list(table.primary_key.columns))
+        if window is not None:
+            window.keys[pk] = parsed
+    return parsed
 
 
 def _key_of(row: Any, at: list[int], typers: list[Any]) -> tuple[Any, ...]:

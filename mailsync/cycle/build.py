@@ -26,6 +26,7 @@ from mailsync.link import Link
 from mailsync.linkplan import Built, LinkPlan
 from mailsync.routing import Routes
 from mailsync.rules import Rule
+from mailsync.shared_reads import SharedReads
 from mailsync.wire.message import part_bytes
 
 
@@ -94,6 +95,8 @@ def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int
     due = _due(ctx, planned, horizon)
     # the change log and changed rows read once for the links that share them
     routes = Routes.for_links(horizon, ctx.config.batch_rows, [cursor for _, cursor in due])
+    # and what each build would read of its own link, once for all
+    reads = SharedReads.read(conn, [plan.peer for plan, _ in due])
     for plan, _ in due:
         peer = plan.peer
         for table, why in sorted(plan.schema.stopping.items()):
@@ -122,6 +125,7 @@ def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int
                 within=conn,
                 on_left=partial(_log_left, ctx, peer),
                 routes=routes,
+                reads=reads,
             )
             if built is None:
                 continue
