@@ -216,19 +216,19 @@ class Routes:
         """The rows of ``keys`` as ``plan``'s build reads them (storage
         form, an in-scope flag last), for a link without a row filter or
         with an equality one; None where the link must query for itself."""
+        row_filter = plan.row_filter(table.name)
+        eq = equality(row_filter, table, conn.dialect.name) if row_filter else None
+        if row_filter and eq is None:
+            return None  # a filter only the database can apply, per station
         rows = self._rows(conn, table, keys)
         if rows is None:
             return None
-        row_filter, peer, address = plan.row_filter(table.name), plan.peer, plan.address
-        if not row_filter:
-            return {k: (*r, 1) for k in keys if (r := rows.get(k)) is not None}
-        eq = equality(row_filter, table, conn.dialect.name)
         if eq is None:
-            return None
+            return {k: (*r, 1) for k in keys if (r := rows.get(k)) is not None}
         buckets = self._buckets(conn, table, eq, keys)
         if buckets is None:
             return None
-        mine = buckets.get(peer if eq[1] == "station" else address, set())
+        mine = buckets.get(plan.peer if eq[1] == "station" else plan.address, set())
         return {k: (*r, int(k in mine)) for k in keys if (r := rows.get(k)) is not None}
 
     def _typed(self, conn: Connection, table: Table) -> tuple[list[int], list[Any], Any]:
