@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) bench/compression_levels.py
 	$(PY) bench/verify.py
 	$(PY) bench/profile_steady.py --output docs/benchmarks.md
+	$(PY) bench/fanout.py
 
 ## the benchmarks' quick mode, once per `make test`, so that they never rot
 bench-quick: $(STAMP)
@@ -61,6 +62,7 @@ bench-quick: $(STAMP)
 	$(PY) bench/streaming_memory.py --quick > /dev/null
 	$(PY) bench/verify.py --quick > /dev/null
 	$(PY) bench/profile_steady.py --quick > /dev/null
+	$(PY) bench/fanout.py --quick --runs 1 > /dev/null
 
 clean:
 	rm -rf $(VENV) mailsync-demo dist build .pytest_cache .mypy_cache .ruff_cache

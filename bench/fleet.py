@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -90,27 +92,34 @@ class FleetRun:
     counts: list[Counts]  # per idle host cycle
 
 
-def idle_fleet(stations: int, runs: int) -> FleetRun:
-    """The host's idle cycle with ``stations`` stations: CPU seconds and counts."""
+@contextmanager
+def settled(stations: int) -> Iterator[Node]:
+    """The host of a fleet of ``stations``, every station loaded and idle
+    (closed when done)."""
     office = MemoryPostOffice()
     with TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         hq, configs = build(Path(tmp), stations, office)
         try:
             settle(hq, configs, office)
-            setup_s = time.perf_counter() - t0
-            counter = SqlCounter(hq.engine)
-            cpu: list[float] = []
-            counts: list[Counts] = []
-            for _ in range(runs):
-                counter.start()
-                t1 = time.process_time()
-                report = hq.sync()
-                cpu.append(time.process_time() - t1)
-                counts.append(counter.stop())
-                if report.received or report.sent or report.errors:
-                    raise SystemExit(f"the host's cycle was not idle: {report}")
+            print(f"  {stations} stations: set up in {time.perf_counter() - t0:.0f} s", flush=True)
+            yield hq
         finally:
             hq.close()
-    print(f"  {stations} stations: set up in {setup_s:.0f} s", flush=True)
+
+
+def idle_fleet(stations: int, runs: int) -> FleetRun:
+    """The host's idle cycle with ``stations`` stations: CPU seconds and counts."""
+    with settled(stations) as hq:
+        counter = SqlCounter(hq.engine)
+        cpu: list[float] = []
+        counts: list[Counts] = []
+        for _ in range(runs):
+            counter.start()
+            t1 = time.process_time()
+            report = hq.sync()
+            cpu.append(time.process_time() - t1)
+            counts.append(counter.stop())
+            if report.received or report.sent or report.errors:
+                raise SystemExit(f"the host's cycle was not idle: {report}")
     return FleetRun(stations, Figure(cpu), counts)

@@ -21,7 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -38,13 +38,14 @@ from sqlalchemy import (
     update,
 )
 
-from mailsync import conflict_notes, definitions, progress, provision, verification
+from mailsync import conflict_notes, definitions, progress, provision, routing, verification
 from mailsync import dictionaries as dicts_mod
 from mailsync import link as links_mod
 from mailsync import since as since_mod
 from mailsync.dialects import bulk
 from mailsync.linkplan import Built, LinkPlan
 from mailsync.rules import filter_predicate
+from mailsync.shared_reads import Sealer, SharedReads
 from mailsync.spools import KeySpool, PartSpool
 from mailsync.storage import (
     key_to_storage,
@@ -53,7 +54,7 @@ from mailsync.storage import (
     tag_for,
     wire_functions,
 )
-from mailsync.store.changelog import first_changes, key_filter, logged_key, stored_key_filter
+from mailsync.store.changelog import first_changes, key_filter, stored_key_filter
 from mailsync.store.engine import transaction
 from mailsync.store.reflection import dependency_order, reflect
 from mailsync.store.tables import changes as changelog
@@ -98,8 +99,11 @@ class _Builder:
         writer: ChangesetWriter,
         batch: int,
         deletes: KeySpool,
+        routes: routing.Routes | None = None,
     ) -> None:
         self.conn = conn
+        #: the reads this build shares with the other links of its cycle
+        self.routes = routes
         self.engine = engine
         self.plan = plan
         self.writer = writer
@@ -216,14 +220,17 @@ class _Builder:
         ops = self.plan.ops(name)
         if loaded:
             ops = ops.replace("I", "").replace("U", "")
-        result = first_changes(
-            self.conn,
-            name,
-            cursor,
-            horizon,
-            not_from=None if self.plan.direction == "up" else self.plan.peer,
-            batch=self.batch,
-            width=len(table.columns),
+        not_from = None if self.plan.direction == "up" else self.plan.peer
+        routes = self.routes
+        # shared with the other links at this cursor (routing.py), or read alone
+        width = len(table.columns)
+        window = routes.window(self.conn, name, cursor, horizon, width) if routes else None
+        result: Iterable[routing.First] = (
+            window.first_changes(not_from)
+            if window is not None
+            else first_changes(
+                self.conn, name, cursor, horizon, not_from=not_from, batch=self.batch, width=width
+            )
         )
         columns = list(table.columns)
         at = [columns.index(c) for c in pk_cols]
@@ -233,13 +240,18 @@ class _Builder:
         where = stored_key_filter if stored else key_filter
         for part in batches(result, self.batch):
             keyed = [
-                (tuple(json.loads(pk)) if stored else logged_key(pk, pk_cols), op, pk, (cols, at))
+                (routing.parse_key(window, pk, table, stored), op, pk, (cols, at))
                 for pk, op, cols, at in part
             ]
-            rows = self.conn.execute(
-                self.scoped_select(table, name).where(where(table, [k[0] for k in keyed]))
-            ).all()
-            found = {_key_of(r, at, typers): r for r in rows}
+            keys = [k[0] for k in keyed]
+            found: Mapping[tuple[Any, ...], Any] | None = None
+            if routes is not None and window is not None:
+                found = routes.found(self.conn, table, keys, self.plan)
+            if found is None:
+                rows = self.conn.execute(
+                    self.scoped_select(table, name).where(where(table, keys))
+                ).all()
+                found = {_key_of(r, at, typers): r for r in rows}
             inserts: list[Row[Any]] = []
             updates: list[Row[Any]] = []
             changed: list[tuple[Any, Any]] = []
@@ -317,9 +329,6 @@ def _key_of(row: Row[Any], at: list[int], typers: list[Any]) -> tuple[Any, ...]:
     )
 
 
-Sealer = Callable[[Connection, Header, bytes], bytes]
-
-
 def _covered(conn: Connection, plan: LinkPlan, cursor: int, horizon: int) -> int:
     """How far this build covers the change log: up to the horizon; in a
     run limited to some tables (``sync --table``), only up to the first
@@ -357,6 +366,8 @@ def build_for_link(
     on_built: Callable[[Connection, Built], None] | None = None,
     within: Connection | None = None,
     on_left: Callable[[Connection, dict[str, int]], None] | None = None,
+    routes: routing.Routes | None = None,
+    reads: SharedReads | None = None,
 ) -> Built | None:
     """Build, seal and queue the next changeset for ``plan.peer`` (in its
     own transaction, or in a savepoint of ``within``'s).
@@ -368,13 +379,17 @@ def build_for_link(
     Returns None when there is nothing to send (the cursor still advances).
     ``on_left`` hears, per table, how many changed rows lie outside the
     station's row filter and stay there (its rule sends no deletes).
+    ``routes``: the change log and rows read once for all the links built
+    in ``within``'s transaction (:mod:`mailsync.routing`); ``reads``: the
+    link's own facts, read once for all of them (:mod:`mailsync.shared_reads`).
     """
     with (
         contextlib.closing(PartSpool(part_size)) as spool,
         contextlib.closing(KeySpool()) as keys,
         transaction(engine, within) as conn,
     ):
-        link = links_mod.one(conn, plan.peer)
+        shared = reads.link(plan.peer) if reads is not None else None
+        link = shared or links_mod.one(conn, plan.peer)
         cursor = link.change_cursor
         bulk.read_as_text(conn)
         # tables whose definition changed (columns added) or that the admin
@@ -383,7 +398,13 @@ def build_for_link(
         loading = bool(plan.initial_loads or plan.reload or plan.resend_all or fresh)
         dicts = (  # no rows may go (a station without up rules): no read
             dicts_mod.for_build(
-                conn, codec, plan.peer, acked=link.acked_seq, out_seq=link.out_seq, bulk=loading
+                conn,
+                codec,
+                plan.peer,
+                acked=link.acked_seq,
+                out_seq=link.out_seq,
+                bulk=loading,
+                known=reads.dictionaries.get(plan.peer, []) if reads and shared else None,
             )
             if any(plan.ops(n) for n in plan.rules)
             else dicts_mod.BuildDictionaries(plan.peer)
@@ -392,7 +413,7 @@ def build_for_link(
         counter = _CountingSink(dicts.tap(compressed))
         meta = {"from": plan.me, "to": plan.peer, "dialect": engine.dialect.name}
         writer = ChangesetWriter(counter, meta)
-        builder = _Builder(conn, engine, plan, writer, batch_rows, keys)
+        builder = _Builder(conn, engine, plan, writer, batch_rows, keys, routes)
         controls: list[SequencedControl] = []
         if plan.announce_key is not None:
             controls.append(KeyAnnouncement(plan.announce_key.token()))
@@ -420,7 +441,11 @@ def build_for_link(
             controls.append(dicts.carry)
         for control in controls:
             writer.control(control.KIND, control.payload())
-        noted = conflict_notes.take(conn, plan.peer)
+        noted = (
+            conflict_notes.take(conn, plan.peer)
+            if reads is None or not shared or plan.peer in reads.noted
+            else None
+        )
         if noted is not None:  # conflicts the peer must hear of, decisions
             writer.control(conflict_notes.KIND, noted)
         if plan.served is not None:
@@ -498,16 +523,23 @@ def build_for_link(
             reload=plan.reload,
             resent_all=plan.resend_all,
         )
-        dicts_mod.after_build(conn, codec, dicts, seq)
+        samples = reads.samples.get(plan.peer, 0) if reads is not None and shared else None
+        dicts_mod.after_build(conn, codec, dicts, seq, samples)
         if verifying is not None:
             verification.sent(conn, plan.peer, seq, verifying)
         # what this changeset covers of our change log, for conflict tests
         # (a number reused after a restore replaces its old row)
-        conn.execute(delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq))
+        if reads is None or reads.may_hold_horizon(plan.peer, seq):
+            conn.execute(
+                delete(horizons).where(horizons.c.peer == plan.peer, horizons.c.seq >= seq)
+            )
         conn.execute(horizons.insert().values(peer=plan.peer, seq=seq, horizon=upto))
         cid = secrets.token_hex(8)
         size = 0
         parts = spool.parts
+        # the link as sealing reads it, where read for every link at once
+        announced = plan.announce_key is not None
+        known = reads.after_built(plan.peer, seq, announced) if reads is not None else None
         for number, body in enumerate(spool.chunks(), start=1):
             header = Header(
                 sender=plan.me,
@@ -522,7 +554,10 @@ def build_for_link(
                 acked=link.acked_seq,
                 dictionary=dicts.use,
             )
-            blob = seal(conn, header, body)
+            known = (
+                reads.after_built(plan.peer, seq, plan.announce_key is not None) if reads else None
+            )
+            blob = seal(conn, header, body, known)
             size += len(blob)
             conn.execute(
                 outbox.insert().values(

@@ -114,19 +114,33 @@ class _Tap:
 
 
 def for_build(
-    conn: Connection, codec: Codec, peer: str, *, acked: int, out_seq: int, bulk: bool
+    conn: Connection,
+    codec: Codec,
+    peer: str,
+    *,
+    acked: int,
+    out_seq: int,
+    bulk: bool,
+    known: list[Any] | None = None,
 ) -> BuildDictionaries:
     """Decide, in the build's transaction, which dictionary the next body of
     the link to ``peer`` uses (the newest the peer has acknowledged), whether
     it carries a new one, and whether the body is kept as a sample — one
-    read; a build that makes nothing costs no more. ``bulk``: a load or
-    reload (no dictionary, no sample)."""
+    read (none where ``known`` holds the link's rows: id, seq, first_seq,
+    read for every link at once); a build that makes nothing costs no more.
+    ``bulk``: a load or reload (no dictionary, no sample)."""
     settings = codec.dictionaries
     plan = BuildDictionaries(peer)
     if not settings.enabled:
         return plan
     d = dictionaries.c
-    rows = conn.execute(select(d.id, d.seq, d.first_seq).where(d.peer == peer, d.way == OUT)).all()
+    rows = (
+        known
+        if known is not None
+        else conn.execute(
+            select(d.id, d.seq, d.first_seq).where(d.peer == peer, d.way == OUT)
+        ).all()
+    )
     unsent = [r for r in rows if r.seq is None]
     pending = [r for r in rows if r.seq is not None and r.seq > acked]
     active = max((r for r in rows if r.seq is not None and r.seq <= acked), key=_seq, default=None)
@@ -147,11 +161,14 @@ def for_build(
     return plan
 
 
-def after_build(conn: Connection, codec: Codec, plan: BuildDictionaries, seq: int) -> None:
+def after_build(
+    conn: Connection, codec: Codec, plan: BuildDictionaries, seq: int, samples: int | None = None
+) -> None:
     """Record, in the build's transaction, what changeset ``seq`` did: the
     dictionary it carried or used first, its body as a sample; and once
     there are samples enough, train the next dictionary (the next build
-    carries it)."""
+    carries it). ``samples``: how many the link held before, where read
+    for every link at once."""
     d = dictionaries.c
     mine = (d.peer == plan.peer, d.way == OUT)
     if plan.carry is not None:
@@ -165,7 +182,10 @@ def after_build(conn: Connection, codec: Codec, plan: BuildDictionaries, seq: in
     settings = codec.dictionaries
     if not plan.train:
         return
-    count = conn.execute(select(func.count()).where(s.peer == plan.peer)).scalar() or 0
+    if samples is not None:
+        count = samples + 1  # and the one just kept
+    else:
+        count = conn.execute(select(func.count()).where(s.peer == plan.peer)).scalar() or 0
     if count < settings.samples:
         return
     bodies = [

@@ -38,7 +38,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import Connection, Row, case, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 
 from mailsync.store.tables import inbox, links, now, outbox
 
@@ -376,25 +387,41 @@ def sent(conn: Connection, peer: str, seq: int, part: int, ack: int) -> None:
     ack_sent(conn, peer, ack)
 
 
-def sending(conn: Connection, peer: str, parts: list[tuple[int, int]], ack: int) -> None:
-    """``parts`` of ours (and perhaps a control message: ``ack`` is what
-    they carry) are handed to the mail system right after this commits;
-    two statements for all of them. A send that fails after the commit is
-    taken back (:func:`not_sent`); one lost in a crash counts as mail lost
-    on the way (sent again after ``resend_after_minutes``, or when the
-    peer asks)."""
-    if parts:
+def sending(conn: Connection, due: list[tuple[str, list[tuple[int, int]], int]]) -> None:
+    """Per peer in ``due``, its ``parts`` of ours (and perhaps a control
+    message: ``ack`` is what they carry) are handed to the mail system right
+    after this commits; at most three statements for all peers (each an
+    ``executemany``: a fanout to a thousand stations records them at once).
+    A send that fails after the commit is taken back (:func:`not_sent`); one
+    lost in a crash counts as mail lost on the way (sent again after
+    ``resend_after_minutes``, or when the peer asks)."""
+    at = now()
+    sent = [
+        {"b_peer": peer, "b_seq": seq, "b_part": part, "b_at": at}
+        for peer, parts, _ in due
+        for seq, part in parts
+    ]
+    if sent:
         conn.execute(
             update(outbox)
-            .where(outbox.c.peer == peer, tuple_(outbox.c.seq, outbox.c.part).in_(parts))
-            .values(sent_at=now(), send_count=outbox.c.send_count + 1)
+            .where(
+                outbox.c.peer == bindparam("b_peer"),
+                outbox.c.seq == bindparam("b_seq"),
+                outbox.c.part == bindparam("b_part"),
+            )
+            .values(sent_at=bindparam("b_at"), send_count=outbox.c.send_count + 1),
+            sent,
         )
-    values: dict[str, Any] = {
-        "ack_sent": case((links.c.ack_sent < ack, ack), else_=links.c.ack_sent)
-    }
-    if parts:
-        values["last_sent"] = now()
-    conn.execute(update(links).where(links.c.peer == peer).values(**values))
+    acked = case(
+        (links.c.ack_sent < bindparam("b_ack"), bindparam("b_ack")), else_=links.c.ack_sent
+    )
+    told = update(links).where(links.c.peer == bindparam("b_peer"))
+    with_parts = [{"b_peer": p, "b_ack": a, "b_at": at} for p, parts, a in due if parts]
+    if with_parts:
+        conn.execute(told.values(ack_sent=acked, last_sent=bindparam("b_at")), with_parts)
+    only_acks = [{"b_peer": p, "b_ack": a} for p, parts, a in due if not parts]
+    if only_acks:
+        conn.execute(told.values(ack_sent=acked), only_acks)
 
 
 def not_sent(conn: Connection, peer: str, parts: list[tuple[int, int]], ack_before: int) -> None:

@@ -45,6 +45,7 @@ from mailsync.journal import Journal
 from mailsync.keys import KeyPair, KeyRing, PublicKey, key_path, load_keyring, write_keyring
 from mailsync.metrics import record_cycle
 from mailsync.ranges.draw import next_number
+from mailsync.shared_reads import Sealing
 from mailsync.status import LinkStatus, Status, node_status
 from mailsync.store.engine import check_connection, describe_db_error, open_engine, redact
 from mailsync.store.migrations import ensure_schema
@@ -182,9 +183,11 @@ class Node:
     def transport_context(self) -> TransportContext:
         return self.cycle.transport_context()
 
-    def seal(self, conn: Connection, header: Header, body: bytes) -> bytes:
+    def seal(
+        self, conn: Connection, header: Header, body: bytes, /, known: Sealing | None = None
+    ) -> bytes:
         """Seal a changeset for its recipient (see :meth:`CycleContext.seal`)."""
-        return self.cycle.seal(conn, header, body)
+        return self.cycle.seal(conn, header, body, known)
 
     # --------------------------------------------------------------- the cycle
 

@@ -24,7 +24,9 @@ from mailsync.cycle.report import CycleReport
 from mailsync.errors import MailsyncError
 from mailsync.link import Link
 from mailsync.linkplan import Built, LinkPlan
+from mailsync.routing import Routes
 from mailsync.rules import Rule
+from mailsync.shared_reads import SharedReads
 from mailsync.wire.message import part_bytes
 
 
@@ -95,14 +97,12 @@ def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int
         return False
     part_size = part_bytes(ctx.config.mailbox.max_message_bytes)
     done = False
-    for whole, cursor in planned:
-        plan = ctx.selection.narrow(whole)  # None: disabled, or not in this run
-        if plan is None:
-            continue
-        if (horizon <= cursor or plan.waits_for_rules) and not plan.carries_controls:
-            # nothing logged since its last build, nothing else to tell it:
-            # an idle link costs no statement
-            continue
+    due = _due(ctx, planned, horizon)
+    # the change log and changed rows read once for the links that share them
+    routes = Routes.for_links(horizon, ctx.config.batch_rows, [cursor for _, cursor in due])
+    # and what each build would read of its own link, once for all
+    reads = SharedReads.read(conn, [plan.peer for plan, _ in due])
+    for plan, _ in due:
         peer = plan.peer
         for table, why in sorted(plan.schema.stopping.items()):
             definitions.stop(conn, peer, table, why)
@@ -129,12 +129,31 @@ def build(ctx: CycleContext, report: CycleReport, conn: Connection, horizon: int
                 on_built=lambda conn, built: _log_built(ctx, conn, built),
                 within=conn,
                 on_left=partial(_log_left, ctx, peer),
+                routes=routes,
+                reads=reads,
             )
             if built is None:
                 continue
             done = True
             report.built.append(built)
     return done
+
+
+def _due(
+    ctx: CycleContext, planned: list[tuple[LinkPlan, int]], horizon: int
+) -> list[tuple[LinkPlan, int]]:
+    """The links this run builds for, with their cursors: a link with
+    nothing logged since its last build and nothing else to tell it is left
+    out (an idle link costs no statement)."""
+    out = []
+    for whole, cursor in planned:
+        plan = ctx.selection.narrow(whole)  # None: disabled, or not in this run
+        if plan is None:
+            continue
+        if (horizon <= cursor or plan.waits_for_rules) and not plan.carries_controls:
+            continue
+        out.append((plan, cursor))
+    return out
 
 
 def _log_built(ctx: CycleContext, conn: Connection, built: Built) -> None:

@@ -29,6 +29,7 @@ from mailsync.linkplan import LinkPlan
 from mailsync.ranges import exchange
 from mailsync.ranges.model import RangeDef
 from mailsync.rules import Direction, Rule
+from mailsync.shared_reads import Sealing
 from mailsync.store.seen import SeenInDatabase
 from mailsync.store.tables import loads
 from mailsync.transport import Receiver, TransportContext, open_receiver
@@ -316,17 +317,21 @@ class CycleContext:
         """The peer's keys that may sign what it sends now."""
         return trust.usable_keys(conn, peer, self.config.key_grace_days)
 
-    def seal(self, conn: Connection, header: Header, body: bytes) -> bytes:
+    def seal(
+        self, conn: Connection, header: Header, body: bytes, /, known: Sealing | None = None
+    ) -> bytes:
         """Encrypt for the peer's current key; sign with our old key until the
-        peer has acknowledged the message that announced our new one."""
-        peer = trust.current_key(conn, header.recipient)
+        peer has acknowledged the message that announced our new one. The
+        link and the peer's key are read unless ``known`` (a build stage
+        reads them once for all links: :mod:`mailsync.shared_reads`)."""
+        peer = known.key if known is not None else trust.current_key(conn, header.recipient)
         if peer is None:
             raise ConfigError(
                 f"no public key for {header.recipient!r}",
                 hint="enroll it again (`mailsync station add --key` / `mailsync join`)",
                 scope="peer",
             )
-        link = links_mod.one(conn, header.recipient)
+        link = known.link if known is not None else links_mod.one(conn, header.recipient)
         signer = self.ring.current.sign
         previous = self.ring.usable_previous(self.config.key_grace_days)
         if previous and link.acked_seq < link.key_announced_seq:

@@ -144,11 +144,13 @@ def _record(
     peers = {c.peer for c in out.controls} | {peer for peer, _, _ in ahead}
     ack_before = {x.peer: x.ack_sent for x in every if x.peer in peers}
     out.ack_before = ack_before
+    due = []
     for peer in sorted(peers):
         parts = [(s, p) for q, s, p in ahead if q == peer]
         acks = [c.ack for c in out.controls if c.peer == peer]
         acks += [x.ack for x in out.parts if x.peer == peer and x.blob is not None]
-        links_mod.sending(conn, peer, parts, max(acks))
+        due.append((peer, parts, max(acks)))
+    links_mod.sending(conn, due)  # all peers at once
     for part in out.parts:
         if part.blob is not None:
             _log_sending(ctx, conn, part)
