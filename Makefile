@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/streaming_memory.py
 	$(PY) bench/compression_levels.py
 	$(PY) bench/verify.py
+	$(PY) bench/workers.py --output docs/benchmarks.md
 
 ## the benchmarks' quick mode, once per `make test`, so that they never rot
 bench-quick: $(STAMP)
@@ -59,6 +60,7 @@ bench-quick: $(STAMP)
 	$(PY) bench/cycle_cost.py --quick > /dev/null
 	$(PY) bench/streaming_memory.py --quick > /dev/null
 	$(PY) bench/verify.py --quick > /dev/null
+	$(PY) bench/workers.py --quick > /dev/null
 
 clean:
 	rm -rf $(VENV) mailsync-demo dist build .pytest_cache .mypy_cache .ruff_cache

@@ -319,14 +319,15 @@ def _growth(small: FleetRun, large: FleetRun) -> str:
     return "\n".join(lines)
 
 
-def merge(path: Path, block: str) -> None:
-    """Put ``block`` between this script's markers in ``path`` (at its end
-    the first time), leaving the rest of the file as it is."""
+def merge(path: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``block`` between a script's markers (this script's unless
+    given) in ``path`` (at its end the first time), leaving the rest of
+    the file as it is."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    wrapped = f"{BEGIN}\n{block}{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + wrapped + rest.split(END, 1)[1].lstrip("\n")
+    wrapped = f"{begin}\n{block}{end}\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + wrapped + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + wrapped
     path.write_text(text)
