@@ -92,7 +92,7 @@ BEGIN, END = "<!-- bench/workers.py: begin -->", "<!-- bench/workers.py: end -->
 DOMAIN = "bench.test"
 WORKERS = (1, 2, 4)
 FULL_STATIONS = 10_000
-QUICK_STATIONS = 200
+QUICK_STATIONS = 100
 #: a worker that says nothing for this long is taken for hung
 REPLY_TIMEOUT = 3600.0
 
@@ -418,19 +418,28 @@ def markdown(
             )
     cores = os.cpu_count() or 1
     cpu = (_fig(one.change, "cpu").median + _fig(one.change, "server_cpu").median) / stations
-    ceiling = cores / cpu
+    alone = 1 / cpu  # one worker waits for its backend: their CPU adds up
     rate = stations / base["change"]
-    warm = ", ".join(f"{f.workers}: {f.warm.wall:.1f} s" for f in figures)
+    flat = ", ".join(f"{_fig(f.change, 'cpu', per).median:.1f}" for f in figures)
     out += [
         "",
         f"What {cores} cores allow: one change to all costs {cpu * 1000:.1f} ms CPU per "
-        f"station (workers and server, 1 worker), so {cores} cores carry at most "
-        f"{ceiling:,.0f} stations/s; 1 worker reached {rate:,.0f} stations/s, so no "
-        f"number of workers can beat {ceiling / rate:.2f}× here. 4 workers on "
-        f"{cores} cores share them with the PostgreSQL backends: past {cores} they "
-        "gain only from overlapping waits (commits, the Maildir's fsyncs); more "
-        "cores or machines scale further (docs/sizing.md).",
+        "station (the worker's and its PostgreSQL backend's, which take turns), so one "
+        f"worker alone on the machine reaches at most {alone:,.0f} stations/s and "
+        f"{cores} cores at most {cores * alone:,.0f}: {cores:.0f}× is their ceiling. "
+        f"Here 1 worker reached {rate:,.0f} stations/s ({rate / alone:.0%} of its "
+        f"ceiling{': other work shared the machine, see the load' if rate < 0.8 * alone else ''}"
+        "). Workers cost each other "
+        f"little: the workers' CPU per station with {', '.join(str(f.workers) for f in figures)} "
+        f"workers was {flat} ms. Past {cores} workers they gain only from overlapping "
+        "waits (commits, the Maildir's fsyncs); more cores or machines scale further "
+        "(docs/sizing.md). Commits per cycle grow past a few per worker when one "
+        "worker's changesets exceed `READ_AHEAD_BYTES` (cycle/settle.py): the rest are "
+        "read and recorded one commit each.",
         "",
+    ]
+    warm = ", ".join(f"{f.workers}: {f.warm.wall:.1f} s" for f in figures)
+    out += [
         f"The warm-up cycle (idle, a fresh group's first), wall: {warm}.",
     ]
     return "\n".join(out) + "\n"
@@ -438,8 +447,8 @@ def markdown(
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="a smoke run: ~200 stations")
-    parser.add_argument("--stations", type=int, help="stations (default 10,000; quick 200)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 100 stations")
+    parser.add_argument("--stations", type=int, help="stations (default 10,000; quick 100)")
     parser.add_argument("--runs", type=int, default=1, help="timed cycles per case")
     parser.add_argument("--output", type=Path, help="merge the markdown into this file")
     args = parser.parse_args()
