@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/verify.py
 	$(PY) bench/profile_steady.py --output docs/benchmarks.md
 	$(PY) bench/fanout.py
+	$(PY) bench/workers.py --output docs/benchmarks.md
 
 ## the benchmarks' quick mode, once per `make test`, so that they never rot
 bench-quick: $(STAMP)
@@ -63,6 +64,7 @@ bench-quick: $(STAMP)
 	$(PY) bench/verify.py --quick > /dev/null
 	$(PY) bench/profile_steady.py --quick > /dev/null
 	$(PY) bench/fanout.py --quick --runs 1 > /dev/null
+	$(PY) bench/workers.py --quick > /dev/null
 
 clean:
 	rm -rf $(VENV) mailsync-demo dist build .pytest_cache .mypy_cache .ruff_cache
