@@ -126,6 +126,24 @@ def test_claims_share_the_links_and_one_worker_takes_the_intake(cluster: Cluster
         w.close()
 
 
+def test_two_stations_never_share_a_lock(cluster: Cluster) -> None:
+    """s05246 and s53995 have the same 32-bit hashtext: on one lock, the
+    second would wait for a worker that does not serve it."""
+    from mailsync.dialects import pg_locks
+
+    engine = cluster.engines["hq"]
+    with engine.connect() as a, engine.connect() as b:
+        clash = a.execute(text("SELECT hashtext('s05246') = hashtext('s53995')")).scalar()
+        assert clash  # the pair the bench found
+        assert pg_locks.claim_links(a, ["s05246"], 1) == ["s05246"]
+        assert pg_locks.claim_links(b, ["s53995"], 1) == ["s53995"]
+        assert pg_locks.claim_links(b, ["s05246"], 1) == []  # that one is held
+        pg_locks.release_links(a, ["s05246"])
+        pg_locks.release_links(b, ["s53995"])
+        a.commit()
+        b.commit()
+
+
 def test_a_dead_worker_lets_go_of_its_links_at_once(cluster: Cluster) -> None:
     w = Workers(cluster)
     try:

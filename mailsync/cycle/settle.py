@@ -144,12 +144,17 @@ def _record(
     peers = {c.peer for c in out.controls} | {peer for peer, _, _ in ahead}
     ack_before = {x.peer: x.ack_sent for x in every if x.peer in peers}
     out.ack_before = ack_before
-    due = []
-    for peer in sorted(peers):
-        parts = [(s, p) for q, s, p in ahead if q == peer]
-        acks = [c.ack for c in out.controls if c.peer == peer]
-        acks += [x.ack for x in out.parts if x.peer == peer and x.blob is not None]
-        due.append((peer, parts, max(acks)))
+    # per peer in one pass each (a worker's share may be thousands of peers)
+    parts_of: dict[str, list[tuple[int, int]]] = {}
+    for q, seq, number in ahead:
+        parts_of.setdefault(q, []).append((seq, number))
+    acks_of: dict[str, list[int]] = {}
+    for c in out.controls:
+        acks_of.setdefault(c.peer, []).append(c.ack)
+    for x in out.parts:
+        if x.blob is not None:
+            acks_of.setdefault(x.peer, []).append(x.ack)
+    due = [(peer, parts_of.get(peer, []), max(acks_of[peer])) for peer in sorted(peers)]
     links_mod.sending(conn, due)  # all peers at once
     for part in out.parts:
         if part.blob is not None:

@@ -6,13 +6,16 @@ in one). The database lets go of them the moment that connection ends —
 a worker killed, its machine gone — so a dead worker's links and its
 registration free themselves, with no timeout to wait out.
 
-Three kinds, told apart by the first key (the second is what is locked):
+Three kinds (the worker and the intake on two 32-bit keys, told apart by
+the first; a link on one 64-bit key, which PostgreSQL keeps apart from
+both):
 
 - :data:`WORKER`, the worker's row id in ``mailsync_workers``: held for the
   worker's life; whether it is held is whether the worker lives;
-- :data:`LINK`, ``hashtext(peer)``: held by the worker serving that link in
-  its cycle (two peers of one hash share a lock: then one worker serves
-  both, which is still one worker per link);
+- a link: held by the worker serving it in its cycle, on one 64-bit key,
+  ``hashtextextended(peer, LINK)`` (the one-key form of the lock: a 32-bit
+  hash would give two of 10,000 stations one lock about once in a hundred
+  hosts, and the second would wait for a worker that does not serve it);
 - :data:`INTAKE`, 0: held by the worker reading the node's mailbox in its
   cycle (the coordinator's duties: the mailbox, the purge, farewells).
 
@@ -59,7 +62,7 @@ def claim_links(conn: Connection, peers: Sequence[str], limit: int) -> list[str]
         text(
             "SELECT p FROM (SELECT p, i FROM unnest(CAST(:peers AS text[])) "
             "WITH ORDINALITY AS t(p, i) ORDER BY i OFFSET 0) AS s "
-            "WHERE pg_try_advisory_lock(:k, hashtext(p)) LIMIT :n"
+            "WHERE pg_try_advisory_lock(hashtextextended(p, :k)) LIMIT :n"
         ),
         {"peers": list(peers), "k": LINK, "n": limit},
     )
@@ -71,7 +74,8 @@ def release_links(conn: Connection, peers: Sequence[str]) -> None:
     if peers:
         conn.execute(
             text(
-                "SELECT pg_advisory_unlock(:k, hashtext(p)) FROM unnest(CAST(:peers AS text[])) p"
+                "SELECT pg_advisory_unlock(hashtextextended(p, :k)) "
+                "FROM unnest(CAST(:peers AS text[])) p"
             ),
             {"peers": list(peers), "k": LINK},
         )
