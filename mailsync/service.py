@@ -191,6 +191,16 @@ def outcome(report: CycleReport) -> str:
     return "ok: " + text
 
 
+def backoff(failures: int) -> dt.timedelta:
+    """The pause added before the next slot after ``failures`` failed cycles
+    in a row: none for one, then a minute doubling up to :data:`MAX_BACKOFF`,
+    so that a dead mailbox or database is not hammered."""
+    if failures <= 1:
+        return dt.timedelta(0)
+    pause: dt.timedelta = dt.timedelta(minutes=1) * 2 ** (failures - 2)
+    return min(pause, MAX_BACKOFF)
+
+
 class _Served:
     """One node under the service: its schedule, next run, failures."""
 
@@ -208,10 +218,7 @@ class _Served:
         self.next: dt.datetime | None = None
 
     def plan(self, after: dt.datetime) -> None:
-        pause = dt.timedelta(0)
-        if self.failures > 1:
-            pause = min(dt.timedelta(minutes=1) * 2 ** (self.failures - 2), MAX_BACKOFF)
-        self.next = next_run(self.node.config.schedules, after + pause, self.zone)
+        self.next = next_run(self.node.config.schedules, after + backoff(self.failures), self.zone)
         with contextlib.suppress(SQLAlchemyError):  # only shown by status: not worth a stop
             record(self.node.engine, next_run_at=self.next)
 

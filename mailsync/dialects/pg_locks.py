@@ -93,17 +93,3 @@ def held(conn: Connection, kind: int) -> set[int]:
         {"k": kind},
     )
     return {int(r[0]) for r in rows}
-
-
-def holders(conn: Connection, kind: int, keys: Sequence[int]) -> dict[int, int]:
-    """Which backend pid holds each of ``keys`` (of ``kind``)."""
-    rows = conn.execute(
-        text(
-            "SELECT objid, pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND classid = CAST(:k AS oid) AND objsubid = 2 "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        ),
-        {"k": kind},
-    )
-    wanted = set(keys)
-    return {int(r[0]): int(r[1]) for r in rows if int(r[0]) in wanted}

@@ -16,7 +16,6 @@ refuse a plain one (:func:`mailsync.service.claim`).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import multiprocessing
 import signal
 import threading
@@ -30,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mailsync.errors import ConfigError, MailsyncError, first_line
 from mailsync.node import Node
 from mailsync.schedule import next_run, parse_zone
-from mailsync.service import MAX_BACKOFF, outcome, service_state
+from mailsync.service import backoff, outcome, service_state
 from mailsync.store.tables import now
 from mailsync.workers import registry
 from mailsync.workers.claims import Claimant
@@ -179,10 +178,7 @@ def run_worker(
         failures = 0 if ok else failures + 1
         if once:
             break
-        after = now()
-        if failures > 1:  # a dead mailbox or database is not hammered
-            after += min(dt.timedelta(minutes=1) * 2 ** (failures - 2), MAX_BACKOFF)
-        following = next_run(node.config.schedules, after, zone)
+        following = next_run(node.config.schedules, now() + backoff(failures), zone)
         if following is None:
             say("no schedule has another run: stopping")
             break
